@@ -1,0 +1,188 @@
+package wal
+
+import (
+	"encoding/binary"
+	"hash/crc64"
+	"sync"
+)
+
+// PageChecksum returns the checksum of one page as LiteFS's LTX format
+// defines it: CRC64-ISO over the page number (4 bytes, big-endian) followed
+// by the page bytes. Including the page number makes moving a page detectable.
+// (LTX additionally sets the top bit; we do not.) The whole-database checksum
+// is the XOR of PageChecksum over all pages, so it can be updated one page at
+// a time.
+func PageChecksum(pgno uint32, page []byte) uint64 {
+	var pn [4]byte
+	binary.BigEndian.PutUint32(pn[:], pgno)
+	return crc64.Update(crc64.Update(0, crcTable, pn[:]), crcTable, page)
+}
+
+// zeroTable makes the checksum of a zero-filled page cheap. For messages of
+// one length, CRC is affine over GF(2): crc(a^b) = crc(a)^crc(b)^crc(0). So
+// PageChecksum(pgno, zeros) is base (pgno 0) XOR one delta per set bit of
+// pgno, with 33 CRCs computed once per page size instead of one per page.
+// That keeps growing a database by many pages O(pages), not O(bytes).
+type zeroTable struct {
+	base  uint64
+	delta [32]uint64
+}
+
+var zeroTables sync.Map // page size (uint32) -> *zeroTable
+
+func zeroTableFor(pageSize uint32) *zeroTable {
+	if z, ok := zeroTables.Load(pageSize); ok {
+		return z.(*zeroTable)
+	}
+	zero := make([]byte, pageSize)
+	z := &zeroTable{base: PageChecksum(0, zero)}
+	for i := range z.delta {
+		z.delta[i] = PageChecksum(1<<i, zero) ^ z.base
+	}
+	actual, _ := zeroTables.LoadOrStore(pageSize, z)
+	return actual.(*zeroTable)
+}
+
+func (z *zeroTable) sum(pgno uint32) uint64 {
+	s := z.base
+	for i := 0; pgno != 0; i, pgno = i+1, pgno>>1 {
+		if pgno&1 != 0 {
+			s ^= z.delta[i]
+		}
+	}
+	return s
+}
+
+// ChecksumTable keeps the checksum of every page of one database and their
+// XOR, so the whole-database checksum can be maintained incrementally as page
+// sets are applied, and a set's PreChecksum/PostChecksum checked without
+// rereading the database. A slot that comes into existence by growing the
+// database holds the checksum of a zero-filled page, because that is what
+// SQLite reads past the old end of file.
+//
+// A ChecksumTable is not safe for concurrent use; Clone it to share.
+type ChecksumTable struct {
+	pageSize uint32
+	zero     *zeroTable
+	pages    []uint64 // index pgno-1
+	sum      uint64
+}
+
+// NewChecksumTable returns an empty table (0 pages, checksum 0) for a
+// database with the given page size.
+func NewChecksumTable(pageSize uint32) *ChecksumTable {
+	return &ChecksumTable{pageSize: pageSize, zero: zeroTableFor(pageSize)}
+}
+
+// Sum returns the whole-database checksum: the XOR of every page's checksum.
+func (t *ChecksumTable) Sum() uint64 { return t.sum }
+
+// Pages returns the database size in pages.
+func (t *ChecksumTable) Pages() uint32 { return uint32(len(t.pages)) }
+
+// PageSize returns the page size used for zero-filled slots.
+func (t *ChecksumTable) PageSize() uint32 { return t.pageSize }
+
+// Page returns the checksum of page pgno, or 0 if pgno is out of range.
+func (t *ChecksumTable) Page(pgno uint32) uint64 {
+	if pgno == 0 || uint64(pgno) > uint64(len(t.pages)) {
+		return 0
+	}
+	return t.pages[pgno-1]
+}
+
+// Set records crc as the checksum of page pgno, growing the table (with
+// zero-page checksums) if pgno is past the end. Page 0 does not exist and is
+// ignored.
+func (t *ChecksumTable) Set(pgno uint32, crc uint64) {
+	if pgno == 0 {
+		return
+	}
+	if uint64(pgno) > uint64(len(t.pages)) {
+		t.Resize(pgno)
+	}
+	t.sum ^= t.pages[pgno-1] ^ crc
+	t.pages[pgno-1] = crc
+}
+
+// Resize sets the database size: shrinking XORs the removed pages out of the
+// sum, growing adds zero-filled pages.
+func (t *ChecksumTable) Resize(nPages uint32) {
+	n := uint32(len(t.pages))
+	switch {
+	case nPages < n:
+		for _, c := range t.pages[nPages:] {
+			t.sum ^= c
+		}
+		t.pages = t.pages[:nPages]
+	case nPages > n:
+		t.pages = append(t.pages, make([]uint64, nPages-n)...)
+		// Counting with i < nPages cannot wrap at the uint32 limit.
+		for i := n; i < nPages; i++ {
+			c := t.zero.sum(i + 1)
+			t.pages[i] = c
+			t.sum ^= c
+		}
+	}
+}
+
+// Preview returns what Sum would be after Apply(ps), without changing t, in
+// O(len(ps.Pages) + |size change|) page checksums. It lets a replica check a
+// set's PostChecksum before committing to it. ps must be valid (Validate) and,
+// unless it is a snapshot, have the table's page size.
+func (t *ChecksumTable) Preview(ps *PageSet) uint64 {
+	if ps.Flags&FlagSnapshot != 0 {
+		var s uint64
+		for _, p := range ps.Pages {
+			s ^= PageChecksum(p.Pgno, p.Data)
+		}
+		return s
+	}
+	s := t.sum
+	n := uint32(len(t.pages))
+	if ps.DBSize < n {
+		for _, c := range t.pages[ps.DBSize:] {
+			s ^= c
+		}
+	} else {
+		for i := n; i < ps.DBSize; i++ {
+			s ^= t.zero.sum(i + 1)
+		}
+	}
+	for _, p := range ps.Pages {
+		var old uint64
+		if p.Pgno <= n && p.Pgno <= ps.DBSize {
+			old = t.pages[p.Pgno-1]
+		} else {
+			old = t.zero.sum(p.Pgno)
+		}
+		s ^= old ^ PageChecksum(p.Pgno, p.Data)
+	}
+	return s
+}
+
+// Apply updates t with ps: Resize to ps.DBSize, then Set each page. A
+// snapshot first resets the table (and adopts ps.PageSize), since it replaces
+// the database whatever its previous state. ps must be valid (Validate) and,
+// unless it is a snapshot, have the table's page size.
+func (t *ChecksumTable) Apply(ps *PageSet) {
+	if ps.Flags&FlagSnapshot != 0 {
+		t.pages = t.pages[:0]
+		t.sum = 0
+		if t.pageSize != ps.PageSize {
+			t.pageSize = ps.PageSize
+			t.zero = zeroTableFor(ps.PageSize)
+		}
+	}
+	t.Resize(ps.DBSize)
+	for _, p := range ps.Pages {
+		t.Set(p.Pgno, PageChecksum(p.Pgno, p.Data))
+	}
+}
+
+// Clone returns an independent copy of t.
+func (t *ChecksumTable) Clone() *ChecksumTable {
+	c := *t
+	c.pages = append([]uint64(nil), t.pages...)
+	return &c
+}
