@@ -1,0 +1,74 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+)
+
+func TestMutateRebaseConfirm(t *testing.T) {
+	ctx := context.Background()
+	reg := testRegistry(t)
+	a := newAuthority(t, reg)
+	r := openReplica(t, filepath.Join(t.TempDir(), "r.db"), reg)
+	catchUp(t, a, r)
+	if st := r.Status(); st.Version != 1 || st.Checksum != a.Checksum() {
+		t.Fatalf("after catch-up: %+v, server checksum %x", st, a.Checksum())
+	}
+	h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 2))
+	if err != nil || h.LocalErr() != nil {
+		t.Fatal(err, h.LocalErr())
+	}
+	if got := categories(t, r.DB()); got["Food"] != 2 {
+		t.Fatalf("optimistic state %v", got)
+	}
+	ps := push(t, a, r)
+	if err := r.Rebase(ctx, ps); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Wait(ctx); err != nil {
+		t.Fatalf("wait: %v", err)
+	}
+	if st := r.Status(); st.Pending != 0 || st.Checksum != a.Checksum() || st.Version != a.Version() {
+		t.Fatalf("status %+v, server v%d %x", st, a.Version(), a.Checksum())
+	}
+	if got := categories(t, r.DB()); got["Food"] != 2 {
+		t.Fatalf("confirmed state %v", got)
+	}
+}
+
+func TestRejectedMutationDisappears(t *testing.T) {
+	ctx := context.Background()
+	reg := testRegistry(t)
+	a := newAuthority(t, reg)
+	r := openReplica(t, filepath.Join(t.TempDir(), "r.db"), reg)
+	catchUp(t, a, r)
+	h1, _ := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	h2, err := r.Mutate(ctx, "fail", []byte(`"no way"`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h2.LocalErr() == nil {
+		t.Fatal("local run of fail succeeded")
+	}
+	h3, _ := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err := r.Rebase(ctx, push(t, a, r)); err != nil {
+		t.Fatal(err)
+	}
+	if err := h1.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var rej *RejectedError
+	if err := h2.Wait(ctx); !errors.As(err, &rej) || rej.Message == "" {
+		t.Fatalf("h2: %v", err)
+	}
+	if err := h3.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := categories(t, r.DB()); got["Food"] != 2 {
+		t.Fatalf("state %v", got)
+	}
+}

@@ -1,0 +1,528 @@
+package vfs
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/wal"
+)
+
+// Durability says what survives what, in the spirit of SQLite's synchronous.
+type Durability int
+
+const (
+	// Normal survives a crash of the process (kill -9) with no fsync on the
+	// rebase path. A power failure can lose the last versions or tear the main
+	// file; Open detects that by checksum and refuses the file, so it is
+	// never served, and the server can send it again.
+	Normal Durability = iota
+	// Full also survives power loss: the apply journal and the main file are
+	// fsynced on every rebase.
+	Full
+)
+
+func (d Durability) String() string {
+	if d == Full {
+		return "full"
+	}
+	return "normal"
+}
+
+// Errors a caller may branch on. Each is wrapped with the details.
+var (
+	// ErrDiverged means the main file is not the server's database at any
+	// version this replica can vouch for (a torn write after power loss, or
+	// a file changed behind our back). It must be restored from the server.
+	ErrDiverged = errors.New("vfs: main file does not match its last applied version")
+	// ErrVersion means a page set does not follow the replica's version.
+	ErrVersion = errors.New("vfs: page set does not follow the replica's version")
+	// ErrChecksum means a page set's checksums do not match the replica's
+	// state or its own pages.
+	ErrChecksum = errors.New("vfs: checksum mismatch")
+	// ErrPageSize means a page set's page size differs from the database's.
+	ErrPageSize = errors.New("vfs: page size mismatch")
+)
+
+// Offsets of the wal-index locks in -shm (SQLite's WAL_WRITE_LOCK and
+// friends, at byte 120) and of the main file's lock bytes.
+const (
+	shmLockWrite   = 120
+	shmLockCkpt    = 121
+	shmLocksAll    = 8 // WRITE, CKPT, RECOVER, READ0..READ4
+	shmLockDMS     = 128
+	shmRegionSize  = 32 << 10
+	pendingByte    = 0x40000000
+	sharedFirst    = pendingByte + 2
+	sharedSize     = 510
+	walTruncateMin = 4 << 20 // keep a smaller WAL file to reuse its blocks, as journal_size_limit does
+)
+
+// Replica owns the files of one replica database underneath SQLite.
+//
+// Locks it holds for its whole life: a SHARED lock on the main file (so that
+// no connection can ever get the EXCLUSIVE lock that a close-time checkpoint
+// needs), the CKPT wal-index lock (so no checkpoint or recovery can start),
+// and a shared DMS lock (so SQLite never reinitialises -shm under us). During
+// a rebase it also holds WRITE, RECOVER and READ0..READ4: no connection can
+// then read or write, whatever it does.
+//
+// A Replica is not safe for concurrent use; the replica package serialises
+// rebases. The caller must own the database exclusively (the replica
+// package's ownership lock) before calling [OpenReplica].
+type Replica struct {
+	path       string
+	durability Durability
+	main       *os.File
+	shm        *os.File
+	walPath    string
+	pageSize   uint32
+	version    uint64
+	sums       *wal.ChecksumTable
+	change     uint32 // last wal-index change counter written
+}
+
+// OpenReplica opens the replica database at path, creating it at version 0
+// (the empty database) if it does not exist. It repairs an interrupted apply
+// from the journal, verifies the main file against the last applied version,
+// drops the whole WAL (on open every frame is pending by definition: the
+// pending queue replays it), and takes the locks that forbid checkpoints.
+// Open it before any SQLite connection to it.
+func OpenReplica(path string, d Durability) (*Replica, error) {
+	if !supported {
+		return nil, ErrUnsupported
+	}
+	r := &Replica{path: path, durability: d, walPath: path + "-wal"}
+	if err := r.open(); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("open replica %s: %w", path, err)
+	}
+	return r, nil
+}
+
+func (r *Replica) open() error {
+	var err error
+	r.main, err = os.OpenFile(r.path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := readLock(r.main, sharedFirst, sharedSize); err != nil {
+		return fmt.Errorf("shared lock on main file: %w", err)
+	}
+	st, err := r.main.Stat()
+	if err != nil {
+		return err
+	}
+	if st.Size() == 0 {
+		if err := r.writeEmpty(); err != nil {
+			return fmt.Errorf("create version 0: %w", err)
+		}
+	}
+	expVersion, expSum, err := r.recoverJournal()
+	if err != nil {
+		return err
+	}
+	if err := r.scan(); err != nil {
+		return err
+	}
+	if r.sums.Sum() != expSum {
+		return fmt.Errorf("%w: version %d should have checksum %016x, the file has %016x",
+			ErrDiverged, expVersion, expSum, r.sums.Sum())
+	}
+	r.version = expVersion
+	if err := r.openShm(); err != nil {
+		return fmt.Errorf("wal-index: %w", err)
+	}
+	// Every frame in the WAL is pending by definition: drop them all.
+	if err := r.lockAll(context.Background()); err != nil {
+		return err
+	}
+	defer r.unlockAll()
+	return r.resetWAL(true)
+}
+
+// writeEmpty makes the main file the empty database of version 0.
+func (r *Replica) writeEmpty() error {
+	if _, err := r.main.WriteAt(wal.EmptyDatabase(wal.DefaultPageSize), 0); err != nil {
+		return err
+	}
+	return r.main.Sync()
+}
+
+func (r *Replica) journalPath() string { return r.path + "-apply" }
+
+// recoverJournal re-applies the last journaled page set, which repairs an
+// apply that a crash interrupted (writing the same pages again is
+// idempotent), and returns the version and checksum the main file must now
+// have. Without a journal the file must still be the empty database.
+func (r *Replica) recoverJournal() (uint64, uint64, error) {
+	b, err := os.ReadFile(r.journalPath())
+	if errors.Is(err, fs.ErrNotExist) {
+		empty := wal.EmptyDatabase(wal.DefaultPageSize)
+		return 0, wal.PageChecksum(1, empty), nil
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("read apply journal: %w", err)
+	}
+	ps, err := wal.DecodePageSet(b, wal.Limits{MaxBytes: len(b)})
+	if err != nil {
+		// The journal is renamed into place only when complete, so a bad
+		// one means the disk lost or tore writes: nothing can be vouched for.
+		return 0, 0, fmt.Errorf("%w: apply journal: %v", ErrDiverged, err)
+	}
+	if err := r.writePages(ps); err != nil {
+		return 0, 0, fmt.Errorf("re-apply journaled version %d: %w", ps.Version, err)
+	}
+	return ps.Version, ps.PostChecksum, nil
+}
+
+// scan reads the whole main file and builds its checksum table.
+func (r *Replica) scan() error {
+	var hdr [100]byte
+	if _, err := r.main.ReadAt(hdr[:], 0); err != nil {
+		return fmt.Errorf("%w: read header: %v", ErrDiverged, err)
+	}
+	if !bytes.HasPrefix(hdr[:], []byte("SQLite format 3\x00")) {
+		return fmt.Errorf("%w: not a SQLite database", ErrDiverged)
+	}
+	ps := uint32(binary.BigEndian.Uint16(hdr[16:]))
+	if ps == 1 {
+		ps = 65536
+	}
+	if ps < 512 || ps&(ps-1) != 0 {
+		return fmt.Errorf("%w: bad page size %d", ErrDiverged, ps)
+	}
+	st, err := r.main.Stat()
+	if err != nil {
+		return err
+	}
+	if st.Size()%int64(ps) != 0 {
+		return fmt.Errorf("%w: file size %d is not a multiple of the page size %d", ErrDiverged, st.Size(), ps)
+	}
+	r.pageSize = ps
+	r.sums = wal.NewChecksumTable(ps)
+	n := uint32(st.Size() / int64(ps))
+	r.sums.Resize(n)
+	buf := make([]byte, 256*int(ps))
+	for first := uint32(1); first <= n; {
+		k := min(n-first+1, 256)
+		chunk := buf[:int(k)*int(ps)]
+		if _, err := r.main.ReadAt(chunk, int64(first-1)*int64(ps)); err != nil {
+			return fmt.Errorf("read main file: %w", err)
+		}
+		for i := uint32(0); i < k; i++ {
+			r.sums.Set(first+i, wal.PageChecksum(first+i, chunk[int(i)*int(ps):int(i+1)*int(ps)]))
+		}
+		first += k
+	}
+	return nil
+}
+
+// openShm opens our own handle on -shm and takes the locks we hold for life.
+// No other process can be using the database (the caller owns it), and no
+// connection of ours is open yet, so we initialise -shm as the first
+// connection would.
+func (r *Replica) openShm() error {
+	var err error
+	r.shm, err = os.OpenFile(r.path+"-shm", os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := writeLock(r.shm, shmLockDMS, 1); err != nil {
+		return fmt.Errorf("-shm is in use by another connection: %w", err)
+	}
+	if err := r.shm.Truncate(0); err != nil {
+		return err
+	}
+	if err := r.shm.Truncate(shmRegionSize); err != nil {
+		return err
+	}
+	var seed [4]byte
+	rand.Read(seed[:])
+	r.change = binary.LittleEndian.Uint32(seed[:])
+	if err := readLock(r.shm, shmLockDMS, 1); err != nil { // downgrade: SQLite joins instead of reinitialising
+		return err
+	}
+	if err := writeLock(r.shm, shmLockCkpt, 1); err != nil {
+		return err
+	}
+	return nil
+}
+
+// lockAll takes every wal-index lock, waiting while a connection still holds
+// one. With all of them held no connection can begin a read or a write.
+func (r *Replica) lockAll(ctx context.Context) error {
+	delay := 50 * time.Microsecond
+	for {
+		err := writeLock(r.shm, shmLockWrite, shmLocksAll)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, errBusy) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for wal-index locks: %w", ctx.Err())
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 5*time.Millisecond)
+	}
+}
+
+// unlockAll releases the locks a rebase took and keeps CKPT.
+func (r *Replica) unlockAll() error {
+	if err := unlock(r.shm, shmLockWrite, 1); err != nil {
+		return err
+	}
+	return unlock(r.shm, shmLockCkpt+1, shmLocksAll-2)
+}
+
+// resetWAL makes the WAL empty: it truncates a large -wal file, and writes a
+// wal-index header for an empty WAL with a fresh change counter (so every
+// connection drops its page cache) and fresh salts (so frames left in a file
+// we did not truncate are invalid to SQLite). The caller holds every lock.
+func (r *Replica) resetWAL(truncate bool) error {
+	if !truncate {
+		if st, err := os.Stat(r.walPath); err == nil && st.Size() > walTruncateMin {
+			truncate = true
+		}
+	}
+	if truncate {
+		if err := os.Truncate(r.walPath, 0); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("truncate WAL: %w", err)
+		}
+	}
+	var salts [8]byte
+	rand.Read(salts[:])
+	r.change++
+	h, ci := wal.EmptyIndex(wal.IndexHeader{Change: r.change - 1}, r.pageSize, r.sums.Pages(),
+		binary.LittleEndian.Uint32(salts[:4]), binary.LittleEndian.Uint32(salts[4:]))
+	if _, err := r.shm.WriteAt(wal.EncodeIndex(h, ci), 0); err != nil {
+		return fmt.Errorf("write wal-index header: %w", err)
+	}
+	return nil
+}
+
+// Version is the server version the main file holds.
+func (r *Replica) Version() uint64 { return r.version }
+
+// Checksum is the whole-database checksum of the main file.
+func (r *Replica) Checksum() uint64 { return r.sums.Sum() }
+
+// PageSize is the database's page size.
+func (r *Replica) PageSize() uint32 { return r.pageSize }
+
+// Pages is the database size in pages.
+func (r *Replica) Pages() uint32 { return r.sums.Pages() }
+
+// SchemaCookie reads the schema cookie of the main file (the server's).
+func (r *Replica) SchemaCookie() (uint32, error) {
+	var b [4]byte
+	if _, err := r.main.ReadAt(b[:], 40); err != nil {
+		return 0, fmt.Errorf("read schema cookie: %w", err)
+	}
+	return binary.BigEndian.Uint32(b[:]), nil
+}
+
+// Check validates page sets against the replica without changing anything:
+// versions follow on from the replica's, page sizes match, each set's pre
+// checksum is the previous state's, and the pages yield the post checksum the
+// server claims. It returns the sets merged into one.
+func (r *Replica) Check(sets ...*wal.PageSet) (*wal.PageSet, error) {
+	if len(sets) == 0 {
+		return nil, nil
+	}
+	// A snapshot replaces everything before it.
+	start := 0
+	for i, ps := range sets {
+		if ps == nil {
+			return nil, fmt.Errorf("%w: nil page set", ErrVersion)
+		}
+		if ps.Flags&wal.FlagSnapshot != 0 {
+			start = i
+		}
+	}
+	sets = sets[start:]
+	prevVersion, prevSum := r.version, r.sums.Sum()
+	for i, ps := range sets {
+		if err := ps.Validate(); err != nil {
+			return nil, fmt.Errorf("version %d: %w", ps.Version, err)
+		}
+		snapshot := i == 0 && ps.Flags&wal.FlagSnapshot != 0
+		switch {
+		case snapshot && ps.Version < r.version:
+			return nil, fmt.Errorf("%w: snapshot of version %d would take the replica back from %d", ErrVersion, ps.Version, r.version)
+		case !snapshot && ps.Version != prevVersion+1:
+			return nil, fmt.Errorf("%w: got version %d, want %d", ErrVersion, ps.Version, prevVersion+1)
+		case !snapshot && ps.PageSize != r.pageSize:
+			return nil, fmt.Errorf("%w: version %d has pages of %d bytes, the database %d", ErrPageSize, ps.Version, ps.PageSize, r.pageSize)
+		case !snapshot && ps.PreChecksum != prevSum:
+			return nil, fmt.Errorf("%w: version %d applies to checksum %016x, the replica has %016x", ErrChecksum, ps.Version, ps.PreChecksum, prevSum)
+		}
+		prevVersion, prevSum = ps.Version, ps.PostChecksum
+	}
+	merged, err := wal.Merge(sets...)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrVersion, err)
+	}
+	var got uint64
+	if merged.Flags&wal.FlagSnapshot != 0 {
+		t := wal.NewChecksumTable(merged.PageSize)
+		t.Apply(merged)
+		got = t.Sum()
+	} else {
+		got = r.sums.Preview(merged)
+	}
+	if got != merged.PostChecksum {
+		return nil, fmt.Errorf("%w: the pages of versions %d..%d give %016x, the server says %016x",
+			ErrChecksum, sets[0].Version, merged.Version, got, merged.PostChecksum)
+	}
+	return merged, nil
+}
+
+// Rebase drops every pending frame and applies the page sets, in order, to
+// the main file. Nothing is changed if the sets do not check out (see
+// [Replica.Check]). With no sets it only drops. It waits (until ctx ends) for
+// every connection to finish its transaction; the caller should stop new
+// ones first, or they will delay it.
+func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
+	merged, err := r.Check(sets...)
+	if err != nil {
+		return err
+	}
+	if merged != nil {
+		if err := r.writeJournal(merged); err != nil {
+			return err
+		}
+	}
+	if err := r.lockAll(ctx); err != nil {
+		return err
+	}
+	defer r.unlockAll()
+	if merged != nil {
+		if err := r.writePages(merged); err != nil {
+			// The journal is in place: the next open repairs the file.
+			return fmt.Errorf("apply version %d: %w", merged.Version, err)
+		}
+		if merged.Flags&wal.FlagSnapshot != 0 {
+			r.sums = wal.NewChecksumTable(merged.PageSize)
+			r.pageSize = merged.PageSize
+		}
+		r.sums.Apply(merged)
+		r.version = merged.Version
+	}
+	return r.resetWAL(false)
+}
+
+// writeJournal makes the page set durable, as far as the durability setting
+// asks, before any page of the main file is touched. It replaces the previous
+// journal atomically, so there is always one complete journal once any
+// version has been applied.
+func (r *Replica) writeJournal(ps *wal.PageSet) error {
+	b, err := ps.MarshalBinary()
+	if err != nil {
+		return fmt.Errorf("encode journal: %w", err)
+	}
+	tmp := r.journalPath() + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return fmt.Errorf("write journal: %w", err)
+	}
+	_, err = f.Write(b)
+	if err == nil && r.durability == Full {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, r.journalPath())
+	}
+	if err == nil && r.durability == Full {
+		err = syncDir(filepath.Dir(r.path))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write journal: %w", err)
+	}
+	return nil
+}
+
+// writePages writes a page set into the main file and sets its size.
+func (r *Replica) writePages(ps *wal.PageSet) error {
+	size := int64(ps.DBSize) * int64(ps.PageSize)
+	sizeChanges := r.sums == nil || r.pageSize != ps.PageSize || r.sums.Pages() != ps.DBSize
+	for i := 0; i < len(ps.Pages); {
+		// Coalesce runs of consecutive pages into one write.
+		j := i + 1
+		for j < len(ps.Pages) && ps.Pages[j].Pgno == ps.Pages[j-1].Pgno+1 {
+			j++
+		}
+		off := int64(ps.Pages[i].Pgno-1) * int64(ps.PageSize)
+		if j == i+1 {
+			if _, err := r.main.WriteAt(ps.Pages[i].Data, off); err != nil {
+				return err
+			}
+		} else {
+			buf := make([]byte, 0, (j-i)*int(ps.PageSize))
+			for _, p := range ps.Pages[i:j] {
+				buf = append(buf, p.Data...)
+			}
+			if _, err := r.main.WriteAt(buf, off); err != nil {
+				return err
+			}
+		}
+		i = j
+	}
+	if sizeChanges {
+		if err := r.main.Truncate(size); err != nil {
+			return err
+		}
+	}
+	if r.durability == Full {
+		return r.main.Sync()
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// ReadPage reads one page of the main file (for tests and tools).
+func (r *Replica) ReadPage(pgno uint32) ([]byte, error) {
+	p := make([]byte, r.pageSize)
+	if _, err := r.main.ReadAt(p, int64(pgno-1)*int64(r.pageSize)); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return p, nil
+}
+
+// Close releases the files and their locks. Close every SQLite connection
+// to the database first.
+func (r *Replica) Close() error {
+	var errs []error
+	if r.shm != nil {
+		errs = append(errs, r.shm.Close())
+		r.shm = nil
+	}
+	if r.main != nil {
+		errs = append(errs, r.main.Close())
+		r.main = nil
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,147 @@
+// Package vfs is the storage layer of sqlrebase.
+//
+// On a replica the main database file is always the server's database at the
+// replica's version, and the WAL holds only pending local transactions. This
+// package keeps it that way: a go-sqlite3 VFS (registered as [Name]) that
+// refuses every write SQLite would make to a replica's main file (a checkpoint),
+// and [Replica], which owns the files underneath SQLite: it drops the WAL in
+// O(1), writes server pages into the main file through an apply journal, and
+// repairs or refuses a main file on open. [Capture] is the server side: it
+// reads the page set of each commit from an ordinary database's WAL.
+package vfs
+
+import (
+	"errors"
+	"log/slog"
+	"sync/atomic"
+
+	sqlite3 "github.com/ncruces/go-sqlite3"
+	sqlite3vfs "github.com/ncruces/go-sqlite3/vfs"
+)
+
+// Name is the name under which the replica VFS is registered with go-sqlite3.
+// Open a replica's connections with "file:PATH?vfs=sqlrebase".
+const Name = "sqlrebase"
+
+// ErrUnsupported is returned where a replica cannot be made safe: it needs
+// OFD byte-range locks on a memory-mapped -shm, which go-sqlite3 provides on
+// Linux and macOS in its default build only.
+var ErrUnsupported = errors.New("vfs: replicas need OFD locks and a memory-mapped -shm (Linux or macOS, default go-sqlite3 build)")
+
+// vetoedWrites counts writes SQLite attempted on a replica's main file, for
+// tests and diagnostics; it is the VFS's only state and only ever grows.
+var vetoedWrites atomic.Int64
+
+// VetoedWrites reports how many writes SQLite attempted on replica main files
+// in this process (each one a checkpoint or a journal-mode change that the
+// VFS refused).
+func VetoedWrites() int64 { return vetoedWrites.Load() }
+
+func init() {
+	if supported {
+		sqlite3vfs.Register(Name, replicaVFS{inner: sqlite3vfs.Find("")})
+	}
+}
+
+// replicaVFS wraps the OS VFS. Only main database files are wrapped: the WAL,
+// the -shm and any attached local database pass through untouched.
+type replicaVFS struct{ inner sqlite3vfs.VFS }
+
+func (v replicaVFS) Open(name string, flags sqlite3vfs.OpenFlag) (sqlite3vfs.File, sqlite3vfs.OpenFlag, error) {
+	f, out, err := v.inner.Open(name, flags)
+	return wrap(f, flags), out, err
+}
+
+func (v replicaVFS) OpenFilename(name *sqlite3vfs.Filename, flags sqlite3vfs.OpenFlag) (sqlite3vfs.File, sqlite3vfs.OpenFlag, error) {
+	f, out, err := v.inner.(sqlite3vfs.VFSFilename).OpenFilename(name, flags)
+	return wrap(f, flags), out, err
+}
+
+func (v replicaVFS) Delete(name string, syncDir bool) error { return v.inner.Delete(name, syncDir) }
+
+func (v replicaVFS) Access(name string, flags sqlite3vfs.AccessFlag) (bool, error) {
+	return v.inner.Access(name, flags)
+}
+
+func (v replicaVFS) FullPathname(name string) (string, error) { return v.inner.FullPathname(name) }
+
+func wrap(f sqlite3vfs.File, flags sqlite3vfs.OpenFlag) sqlite3vfs.File {
+	if f == nil || flags&sqlite3vfs.OPEN_MAIN_DB == 0 {
+		return f
+	}
+	return &mainFile{File: f}
+}
+
+// mainFile is a replica's main database file as SQLite sees it: readable,
+// never writable. In WAL mode SQLite writes the main file only to checkpoint,
+// so refusing writes here is the last line that keeps pending frames out of
+// the server's truth (invariant 4), whatever locks or pragmas a connection has.
+type mainFile struct{ sqlite3vfs.File }
+
+func (f *mainFile) WriteAt(p []byte, off int64) (int, error) {
+	vetoedWrites.Add(1)
+	slog.Warn("sqlrebase: refused a write to a replica's main file (checkpoint attempt)", "offset", off, "bytes", len(p))
+	return 0, sqlite3.READONLY
+}
+
+func (f *mainFile) Truncate(size int64) error {
+	vetoedWrites.Add(1)
+	return sqlite3.READONLY
+}
+
+// SizeHint is refused too: SQLite only hints a size before a checkpoint grows
+// the main file.
+func (f *mainFile) SizeHint(int64) error { return sqlite3.READONLY }
+
+// The methods below forward the optional interfaces go-sqlite3 looks for, so
+// that wrapping changes nothing but writes. SharedMemory matters most: without
+// it SQLite could not use WAL mode with several connections.
+
+func (f *mainFile) Unwrap() sqlite3vfs.File { return f.File }
+
+func (f *mainFile) SharedMemory() sqlite3vfs.SharedMemory {
+	if s, ok := f.File.(sqlite3vfs.FileSharedMemory); ok {
+		return s.SharedMemory()
+	}
+	return nil
+}
+
+func (f *mainFile) LockState() sqlite3vfs.LockLevel {
+	if s, ok := f.File.(sqlite3vfs.FileLockState); ok {
+		return s.LockState()
+	}
+	return sqlite3vfs.LOCK_EXCLUSIVE + 1 // unknown, as SQLite documents
+}
+
+func (f *mainFile) PersistWAL() bool {
+	if s, ok := f.File.(sqlite3vfs.FilePersistWAL); ok {
+		return s.PersistWAL()
+	}
+	return false
+}
+
+func (f *mainFile) SetPersistWAL(keep bool) {
+	if s, ok := f.File.(sqlite3vfs.FilePersistWAL); ok {
+		s.SetPersistWAL(keep)
+	}
+}
+
+func (f *mainFile) PowersafeOverwrite() bool {
+	if s, ok := f.File.(sqlite3vfs.FilePowersafeOverwrite); ok {
+		return s.PowersafeOverwrite()
+	}
+	return false
+}
+
+func (f *mainFile) SetPowersafeOverwrite(psow bool) {
+	if s, ok := f.File.(sqlite3vfs.FilePowersafeOverwrite); ok {
+		s.SetPowersafeOverwrite(psow)
+	}
+}
+
+func (f *mainFile) HasMoved() (bool, error) {
+	if s, ok := f.File.(sqlite3vfs.FileHasMoved); ok {
+		return s.HasMoved()
+	}
+	return false, nil
+}
