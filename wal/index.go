@@ -134,6 +134,8 @@ func encodeIndexPageSize(p uint32) uint16 {
 // copies (with iVersion 3007000, isInit 1 and the computed aCksum, whatever
 // h.IsInit says, because SQLite never writes an uninitialised header) and
 // the checkpoint info. The lock bytes and unused fields are zero.
+// h.PageSize must be 0 or a valid page size; anything else is written as
+// wal.c would write it and DecodeIndex will reject it.
 func EncodeIndex(h IndexHeader, ci CheckpointInfo) []byte {
 	b := make([]byte, IndexHeaderSize)
 	ne := binary.NativeEndian
