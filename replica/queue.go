@@ -110,22 +110,56 @@ type queue struct {
 // With sync, every append and compaction is fdatasync'ed so it survives
 // power loss; without it, writes survive a crash of the process only.
 func openQueue(path string, sync bool) (*queue, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("replica: open pending queue: %w", err)
+	for try := 0; ; try++ {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return nil, fmt.Errorf("replica: open pending queue: %w", err)
+		}
+		if err := lockFile(f, path); err != nil {
+			f.Close()
+			return nil, err
+		}
+		// The owner's Settle may have replaced the file (rename) and
+		// released its lock on the old one between our open and our
+		// flock: then we hold the lock of a file that is no longer the
+		// queue. Try again on the current one.
+		if same, err := isCurrent(f, path); err != nil {
+			f.Close()
+			return nil, err
+		} else if !same {
+			f.Close()
+			if try >= 10 {
+				return nil, fmt.Errorf("%w: %s keeps being replaced", ErrLocked, path)
+			}
+			continue
+		}
+		q, err := initQueue(f, path, sync)
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		return q, nil
 	}
-	q, err := initQueue(f, path, sync)
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return q, nil
 }
 
-func initQueue(f *os.File, path string, sync bool) (*queue, error) {
-	if err := lockFile(f, path); err != nil {
-		return nil, err
+// isCurrent reports whether f is still the file at path.
+func isCurrent(f *os.File, path string) (bool, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return false, fmt.Errorf("replica: stat pending queue: %w", err)
 	}
+	pi, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("replica: stat pending queue: %w", err)
+	}
+	return os.SameFile(fi, pi), nil
+}
+
+// initQueue reads (or initializes) the locked file f.
+func initQueue(f *os.File, path string, sync bool) (*queue, error) {
 	// A rewrite that crashed before its rename leaves a temporary file;
 	// it holds nothing the queue does not, and we own the lock now.
 	if err := os.Remove(path + ".tmp"); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -693,3 +693,46 @@ func BenchmarkQueueAppend(b *testing.B) {
 		})
 	}
 }
+
+// While the owner keeps rewriting the file, another opener must never get
+// the lock: not even on the old file the owner has just let go of.
+func TestQueueLockedDuringRewrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "db-pending")
+	q := mustOpenQueue(t, path, false)
+	defer q.Close()
+	q.compactMin = 0
+	done := make(chan error)
+	go func() {
+		for i := 0; i < 300; i++ {
+			for j := 0; j < 3; j++ {
+				if err := q.Append(testMut(q.NextID())); err != nil {
+					done <- err
+					return
+				}
+			}
+			if err := q.Settle(q.NextID() - 2); err != nil { // leaves one pending: a rewrite
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			return
+		default:
+		}
+		o, err := openQueue(path, false)
+		if err == nil {
+			o.Close()
+			t.Fatal("a second opener got the lock during a rewrite")
+		}
+		if !errors.Is(err, ErrLocked) {
+			t.Fatalf("second open = %v, want ErrLocked", err)
+		}
+	}
+}
