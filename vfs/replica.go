@@ -63,7 +63,7 @@ const (
 	pendingByte    = 0x40000000
 	sharedFirst    = pendingByte + 2
 	sharedSize     = 510
-	walTruncateMin = 4 << 20 // keep a smaller WAL file to reuse its blocks, as journal_size_limit does
+	walTruncateMin = 64 << 20 // a smaller WAL file is reused, not truncated: freeing its blocks costs time on every drop, and fresh salts already make old frames invalid
 )
 
 // Replica owns the files of one replica database underneath SQLite.
