@@ -39,8 +39,9 @@ import (
 //	   8  body: id u64 | nameLen u16 | name | args (the rest of the body)
 //
 // Record ids are consecutive (each is the previous + 1). Records with
-// id <= base may remain after a crash during compaction; they are valid but
-// settled, and are skipped. Decoding stops at the first record that is
+// id <= base are valid but settled, and are skipped: Settle raises the base
+// without rewriting the file unless that frees a lot, and a crash during
+// compaction can leave them too. Decoding stops at the first record that is
 // short, fails its CRC, has an impossible length or breaks the id sequence:
 // that is the torn tail a crash mid-append leaves, and opening truncates it.
 //

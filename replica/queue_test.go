@@ -736,3 +736,33 @@ func TestQueueLockedDuringRewrites(t *testing.T) {
 		}
 	}
 }
+
+func TestQueueFailedAppendLeavesStateUnchanged(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "db-pending")
+	q := mustOpenQueue(t, path, false)
+	appendN(t, q, 2)
+	// Swap in a read-only descriptor of the same file so writes fail.
+	ro, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rw := q.f
+	q.f = ro
+	if err := q.Append(testMut(3)); err == nil {
+		t.Fatal("Append through a read-only descriptor succeeded")
+	}
+	checkPending(t, q, idRange(1, 2))
+	if q.NextID() != 3 {
+		t.Fatalf("NextID = %d after a failed Append", q.NextID())
+	}
+	// The truncate back failed too, so the queue refuses further writes
+	// rather than guess what the file holds.
+	if err := q.Append(testMut(3)); err == nil || q.broken == nil {
+		t.Fatalf("Append on a queue whose file state is unknown = %v", err)
+	}
+	q.Close()
+	rw.Close()
+	q = mustOpenQueue(t, path, false)
+	defer q.Close()
+	checkPending(t, q, idRange(1, 2))
+}
