@@ -196,7 +196,9 @@ func (r *Replica) initConn(c *sqlite3.Conn, fixed role, deny func(string)) error
 		if err != nil {
 			return err
 		}
-		stmt.BindText(1, r.opts.LocalPath)
+		// The local database is opened by the OS VFS, not ours: ours refuses
+		// every write to the main file of what it opens.
+		stmt.BindText(1, "file:"+(&url.URL{Path: r.opts.LocalPath}).EscapedPath()+"?vfs=os")
 		err = stmt.Exec()
 		stmt.Close()
 		if err != nil {
