@@ -235,7 +235,7 @@ func TestCrash(t *testing.T) {
 	if os.Getenv(crashEnvDir) != "" {
 		t.Skip("child")
 	}
-	normal, full := 32, 8
+	normal, full := 48, 16
 	if testing.Short() {
 		normal, full = 8, 3
 	}
@@ -271,7 +271,8 @@ func runCrash(t *testing.T, full bool, iterations int) {
 	modes := append(append([]string(nil), crashPoints...), "")
 	for i := 0; i < iterations; i++ {
 		mode := modes[i%len(modes)]
-		hit := 1 + rng.IntN(4)
+		// Later hits reach deeper states: longer queues, bigger page sets.
+		hit := 1 + rng.IntN(12)
 		desc := fmt.Sprintf("iteration %d (point %q, hit %d)", i, mode, hit)
 		if mode == "" {
 			desc = fmt.Sprintf("iteration %d (killed by the parent)", i)
@@ -332,7 +333,12 @@ func runCrashChild(t *testing.T, st *crashState, point string, hit int, rng *ran
 		// The parent's kill: a random moment after the child is up. For a
 		// child that kills itself this only bounds a run gone wrong.
 		wait := 60 * time.Second
-		if point == "" {
+		switch {
+		case point == "" && delay < 30*time.Millisecond:
+			// Sometimes from the start, to land in Open's recovery and
+			// replay too.
+			wait = delay
+		case point == "":
 			select {
 			case <-ready:
 				wait = delay
