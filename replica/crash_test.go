@@ -235,7 +235,7 @@ func TestCrash(t *testing.T) {
 	if os.Getenv(crashEnvDir) != "" {
 		t.Skip("child")
 	}
-	normal, full := 48, 16
+	normal, full := 56, 14
 	if testing.Short() {
 		normal, full = 8, 3
 	}
@@ -267,8 +267,12 @@ func runCrash(t *testing.T, full bool, iterations int) {
 	st.sums[a.Version()] = a.Checksum()
 	a.Close()
 
-	// Modes: every named point, then a kill by the parent.
-	modes := append(append([]string(nil), crashPoints...), "")
+	// Modes: every named point, and as many kills by the parent at a
+	// random moment, which alone can land inside a write.
+	modes := append([]string(nil), crashPoints...)
+	for range crashPoints {
+		modes = append(modes, "")
+	}
 	for i := 0; i < iterations; i++ {
 		mode := modes[i%len(modes)]
 		// Later hits reach deeper states: longer queues, bigger page sets.
@@ -278,6 +282,9 @@ func runCrash(t *testing.T, full bool, iterations int) {
 			desc = fmt.Sprintf("iteration %d (killed by the parent)", i)
 		}
 		out := runCrashChild(t, st, mode, hit, rng)
+		if rng.IntN(2) == 0 {
+			out += "; " + tearApply(t, filepath.Join(st.dir, "replica.db"), rng)
+		}
 		t.Logf("%s: %s", desc, out)
 		// Leave the queue pending across a crash every other time, so that
 		// children open with mutations to replay.
@@ -691,4 +698,64 @@ func sqliteShell(t *testing.T, cli, db, query string, fail func(string, ...any))
 		fail("sqlite3 %s %q: %v: %s", db, query, err, out)
 	}
 	return strings.TrimSpace(string(out))
+}
+
+// tearApply makes the main file look as if the kill had landed in the middle
+// of applying the journaled page set: any page of the set may hold anything,
+// the file may not yet have grown to the set's size, or not yet have shrunk
+// to it. Open must repair all of that from the journal, since it re-applies
+// the journal whatever the state of the file.
+func tearApply(t *testing.T, path string, rng *rand.Rand) string {
+	t.Helper()
+	b, err := os.ReadFile(path + "-apply")
+	if errors.Is(err, os.ErrNotExist) {
+		return "no apply journal to tear"
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, err := wal.DecodePageSet(b, wal.Limits{MaxBytes: len(b)})
+	if err != nil {
+		t.Fatalf("apply journal left by a kill -9 does not decode: %v", err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	size := int64(ps.PageSize)
+	torn := 0
+	garbage := make([]byte, ps.PageSize)
+	for _, p := range ps.Pages {
+		if rng.IntN(2) == 0 {
+			continue
+		}
+		for i := range garbage {
+			garbage[i] = byte(rng.Uint32())
+		}
+		if _, err := f.WriteAt(garbage, int64(p.Pgno-1)*size); err != nil {
+			t.Fatal(err)
+		}
+		torn++
+	}
+	// The highest page not in the set: the file cannot be cut below it.
+	inSet := map[uint32]bool{}
+	for _, p := range ps.Pages {
+		inSet[p.Pgno] = true
+	}
+	keep := ps.DBSize
+	for keep > 0 && inSet[keep] {
+		keep--
+	}
+	pages := ps.DBSize
+	switch rng.IntN(3) {
+	case 0: // not yet grown
+		pages = keep + uint32(rng.IntN(int(ps.DBSize-keep)+1))
+	case 1: // not yet shrunk
+		pages = ps.DBSize + uint32(rng.IntN(4))
+	}
+	if err := f.Truncate(int64(pages) * size); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("tore %d of the %d pages of journaled version %d, %d pages of %d", torn, len(ps.Pages), ps.Version, pages, ps.DBSize)
 }
