@@ -60,6 +60,7 @@ type partyState struct {
 	Checksum uint64
 }
 
+// String describes the party for a transcript line.
 func (p partyState) String() string {
 	return fmt.Sprintf("%s at version %d with %s, checksum %016x, %d pending", p.Name, p.Version, p.Rows, p.Checksum, p.Pending)
 }
