@@ -21,7 +21,7 @@ func execArgs(stmts ...string) json.RawMessage {
 	return b
 }
 
-func mustMutate(t testing.TB, r *Replica, name string, args json.RawMessage) *Handle {
+func mustMutate(t tb, r *Replica, name string, args json.RawMessage) *Handle {
 	t.Helper()
 	h, err := r.Mutate(context.Background(), name, args)
 	if err != nil {

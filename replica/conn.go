@@ -29,8 +29,8 @@ func (c *readConnector) Connect(ctx context.Context) (driver.Conn, error) {
 		return nil, err
 	}
 	raw := dc.(sqlitedriver.Conn).Raw()
-	rc := &readConn{r: c.r, inner: dc, raw: raw}
-	if err := c.r.initConn(raw, roleReader, rc.deny); err != nil {
+	rc := &readConn{r: c.r, inner: dc, raw: raw, role: roleReader}
+	if err := c.r.initConn(raw, func() role { return rc.role }, rc.deny); err != nil {
 		dc.Close()
 		return nil, err
 	}
@@ -44,6 +44,7 @@ type readConn struct {
 	raw    *sqlite3.Conn
 	epoch  uint64
 	inTx   bool
+	role   role // roleReader, or roleEngine while the replica runs its own statement
 	mu     sync.Mutex
 	denied string // what the authorizer refused last, for a clear error
 }
@@ -88,7 +89,10 @@ func (c *readConn) enter(ctx context.Context) (func(), error) {
 
 func (c *readConn) refreshSchema() error {
 	if e := c.r.schemaEpoch.Load(); e != c.epoch {
-		if err := c.raw.Exec("PRAGMA writable_schema=RESET"); err != nil {
+		c.role = roleEngine
+		err := c.raw.Exec("PRAGMA writable_schema=RESET")
+		c.role = roleReader
+		if err != nil {
 			return fmt.Errorf("reload schema after rebase: %w", err)
 		}
 		c.epoch = e

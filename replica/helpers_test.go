@@ -13,7 +13,15 @@ import (
 )
 
 // testRegistry is the demo's registry plus mutators the tests need.
-func testRegistry(t testing.TB) *mutators.Registry {
+// tb is what the helpers need of a test: *testing.T, *testing.B and
+// *rapid.T all have it.
+type tb interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+}
+
+func testRegistry(t tb) *mutators.Registry {
 	reg := mutators.NewRegistry()
 	if err := mutators.RegisterDemo(reg); err != nil {
 		t.Fatal(err)

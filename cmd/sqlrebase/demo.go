@@ -167,12 +167,6 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 		if err != nil {
 			return demoResult{}, err
 		}
-		// Workaround for a replica bug: after a rebase that moves the schema
-		// cookie, an idle DB() connection reloads its schema with PRAGMA
-		// writable_schema=RESET, which the reader's own authorizer denies
-		// ("reload schema after rebase: ... not authorized"). A connection
-		// opened after the rebase needs no reload, so keep none idle.
-		r.DB().SetMaxIdleConns(0)
 		c := &demoClient{spec: spec, r: r, inbox: newMailbox[*wal.PageSet]()}
 		c.link = &link[push, *wal.PageSet]{
 			up:   newPipe(net, scale(spec.Latency), authInbox),
