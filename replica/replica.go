@@ -359,16 +359,16 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	return h, nil
 }
 
-// runOne runs one mutator in a savepoint, in its own transaction if alone.
-// A mutator error rolls back its savepoint and is returned.
+// runOne runs one mutator: alone, in a transaction of its own (an error
+// rolls it back); in a replay, in a savepoint of the replay's transaction (an
+// error rolls back the savepoint). The mutator's error is returned.
 func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) error {
+	begin, undo, done := "SAVEPOINT mutation", "ROLLBACK TO mutation; RELEASE mutation", "RELEASE mutation"
 	if alone {
-		if _, err := r.writer.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
-			return fmt.Errorf("begin: %w", err)
-		}
+		begin, undo, done = "BEGIN IMMEDIATE", "ROLLBACK", "COMMIT"
 	}
-	if _, err := r.writer.ExecContext(ctx, "SAVEPOINT mutation"); err != nil {
-		return err
+	if _, err := r.writer.ExecContext(ctx, begin); err != nil {
+		return fmt.Errorf("%s: %w", begin, err)
 	}
 	r.role.Store(int32(roleMutator))
 	r.mutatorDenied.Store(nil)
@@ -378,20 +378,16 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 		err = fmt.Errorf("%w: %s (%v)", ErrForbidden, *why, err)
 	}
 	if err != nil {
-		if _, rerr := r.writer.ExecContext(ctx, "ROLLBACK TO mutation"); rerr != nil {
+		if _, rerr := r.writer.ExecContext(context.WithoutCancel(ctx), undo); rerr != nil {
 			return errors.Join(err, rerr)
 		}
+		return err
 	}
-	if _, rerr := r.writer.ExecContext(ctx, "RELEASE mutation"); rerr != nil {
-		return errors.Join(err, rerr)
+	if _, err := r.writer.ExecContext(ctx, done); err != nil {
+		r.writer.ExecContext(context.WithoutCancel(ctx), undo)
+		return fmt.Errorf("%s: %w", done, err)
 	}
-	if alone {
-		if _, cerr := r.writer.ExecContext(ctx, "COMMIT"); cerr != nil {
-			r.writer.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
-			return errors.Join(err, fmt.Errorf("commit: %w", cerr))
-		}
-	}
-	return err
+	return nil
 }
 
 // Rebase drops the pending state, applies the server's page sets in order,
