@@ -67,6 +67,7 @@ type Authority struct {
 	version  uint64
 	log      []*wal.PageSet // every version since open; the server issue makes this an on-disk change log
 	logBase  uint64         // version before log[0]
+	broken   error          // set when a committed version could not be captured; the authority then refuses work (reopen it)
 }
 
 // checkpointFrames is the WAL length after which the authority checkpoints.
@@ -165,6 +166,9 @@ func (a *Authority) scan() error {
 // commit runs fn in one transaction that also bumps the version, then
 // captures the commit's page set. fn returning an error rolls everything back.
 func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (*wal.PageSet, error) {
+	if a.broken != nil {
+		return nil, a.broken
+	}
 	if _, err := a.conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
 		return nil, err
 	}
@@ -183,7 +187,10 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 	a.version++
 	pages, dbSize, err := a.capture.Next()
 	if err != nil {
-		return nil, fmt.Errorf("capture version %d: %w", a.version, err)
+		// The version is committed but cannot be shipped: stop, rather
+		// than serve a change log with a hole in it.
+		a.broken = fmt.Errorf("server: capture version %d: %w", a.version, err)
+		return nil, a.broken
 	}
 	ps := &wal.PageSet{Version: a.version, PageSize: a.pageSize, DBSize: dbSize, PreChecksum: a.sums.Sum(), Pages: pages}
 	ps.PostChecksum = a.sums.Preview(ps)
@@ -317,7 +324,17 @@ func (a *Authority) Since(v uint64) ([]*wal.PageSet, error) {
 func (a *Authority) Snapshot(ctx context.Context) (*wal.PageSet, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if _, err := a.conn.ExecContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
+	if err := a.broken; err != nil {
+		return nil, err
+	}
+	var busy, logFrames, done int
+	if err := a.conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)").Scan(&busy, &logFrames, &done); err != nil {
+		return nil, err
+	}
+	if busy != 0 {
+		return nil, errors.New("server: snapshot: a reader kept the checkpoint from finishing; try again")
+	}
+	if err := a.capture.Resync(); err != nil {
 		return nil, err
 	}
 	b, err := os.ReadFile(a.path)

@@ -346,3 +346,26 @@ func TestSnapshot(t *testing.T) {
 		t.Fatal("the version after a snapshot has the wrong checksum")
 	}
 }
+
+// Snapshots run TRUNCATE checkpoints; two in a row must not make the capture
+// think a generation of commits was lost.
+func TestSnapshotTwiceThenCommit(t *testing.T) {
+	ctx := context.Background()
+	a := newAuthority(t)
+	for i := 0; i < 2; i++ {
+		if _, err := a.Snapshot(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ps, err := a.Exec(ctx, func(tx mutators.Tx) error {
+		_, err := tx.Exec("INSERT INTO Categories(name, count) VALUES ('z', 1)")
+		return err
+	})
+	if err != nil || ps == nil || ps.Version != 2 {
+		t.Fatalf("commit after two snapshots: %v %v", ps, err)
+	}
+	sets, err := a.Since(1)
+	if err != nil || len(sets) != 1 {
+		t.Fatalf("since 1: %d sets, %v", len(sets), err)
+	}
+}

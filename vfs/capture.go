@@ -124,6 +124,17 @@ func (c *Capture) Next() ([]wal.Page, uint32, error) {
 	return pages, dbSize, nil
 }
 
+// Resync forgets the position and takes the current end of the WAL as the
+// new start, without returning what lies before it. Call it after a
+// checkpoint the caller ran itself, with everything before it captured: a
+// TRUNCATE or RESTART checkpoint moves the WAL's checkpoint sequence, which
+// Next would otherwise take for a lost generation.
+func (c *Capture) Resync() error {
+	c.started, c.off = false, 0
+	_, _, err := c.Next()
+	return err
+}
+
 // Close closes the WAL handle.
 func (c *Capture) Close() error {
 	if c.f == nil {
