@@ -143,7 +143,8 @@ func TestCrashChild(t *testing.T) {
 		if hits++; hits == hit {
 			say("crash %s", p)
 			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			select {} // SIGKILL is not instant; nothing may run after it
+			// Nothing may run after the kill, however late it lands.
+			time.Sleep(time.Hour)
 		}
 	}}
 	if os.Getenv(crashEnvFull) == "1" {
@@ -359,6 +360,8 @@ func runCrashChild(t *testing.T, st *crashState, point string, hit int, rng *ran
 		case <-finished:
 		}
 	}()
+	// Failures wait for the child's end: a Fatal now would leave it running.
+	var protoErr error
 	var oks, tries int
 	var crashed, done bool
 	sc := bufio.NewScanner(stdout)
@@ -383,16 +386,16 @@ func runCrashChild(t *testing.T, st *crashState, point string, hit int, rng *ran
 		case len(f) == 3 && f[0] == "ok":
 			id, _ := strconv.ParseUint(f[1], 10, 64)
 			n, _ := strconv.ParseInt(f[2], 10, 64)
-			if prev, ok := st.okN[id]; ok {
-				t.Fatalf("mutation id %d returned twice: mark %d, then mark %d", id, prev, n)
+			if prev, ok := st.okN[id]; ok && protoErr == nil {
+				protoErr = fmt.Errorf("mutation id %d returned twice: mark %d, then mark %d", id, prev, n)
 			}
 			st.okN[id] = n
 			oks++
 		case len(f) == 3 && f[0] == "v":
 			v, _ := strconv.ParseUint(f[1], 10, 64)
 			sum, _ := strconv.ParseUint(f[2], 10, 64)
-			if prev, ok := st.sums[v]; ok && prev != sum {
-				t.Fatalf("version %d announced with checksum %016x, earlier %016x", v, sum, prev)
+			if prev, ok := st.sums[v]; ok && prev != sum && protoErr == nil {
+				protoErr = fmt.Errorf("version %d announced with checksum %016x, earlier %016x", v, sum, prev)
 			}
 			st.sums[v] = sum
 		}
@@ -401,6 +404,9 @@ func runCrashChild(t *testing.T, st *crashState, point string, hit int, rng *ran
 	werr := cmd.Wait()
 	close(finished)
 	<-killerDone
+	if protoErr != nil {
+		t.Fatalf("point %q, hit %d: %v", point, hit, protoErr)
+	}
 	if strings.Contains(stderr.String(), "child:") {
 		t.Fatalf("child failed (point %q, hit %d): %s", point, hit, stderr.String())
 	}
@@ -556,8 +562,10 @@ func checkPendingQueue(t *testing.T, st *crashState, r *Replica, lmid uint64, fa
 		if !st.tried[a.N] {
 			fail("pending mutation %d marks %d, which no child tried", m.ID, a.N)
 		}
-		if h := r.Handle(m.ID); h == nil || h.LocalErr() != nil {
-			fail("pending mutation %d: handle %v, replay error %v", m.ID, h, h.LocalErr())
+		if h := r.Handle(m.ID); h == nil {
+			fail("pending mutation %d has no handle", m.ID)
+		} else if err := h.LocalErr(); err != nil {
+			fail("pending mutation %d: replay error %v", m.ID, err)
 		}
 	}
 	for id, n := range st.okN {
