@@ -327,28 +327,62 @@ func (r *Replica) unlockAll() error {
 	return unlock(r.shm, shmLockCkpt+1, shmLocksAll-2)
 }
 
-// resetWAL makes the WAL empty: it truncates a large -wal file, and writes a
-// wal-index header for an empty WAL with a fresh change counter (so every
-// connection drops its page cache) and fresh salts (so frames left in a file
-// we did not truncate are invalid to SQLite). The caller holds every lock.
+// resetWAL makes the WAL empty: it writes a wal-index header for an empty
+// WAL with a fresh change counter (so every connection drops its page cache)
+// and fresh salts, and makes the WAL file agree. A WAL file over
+// walTruncateMin is truncated; a smaller one is reused (freeing its blocks
+// on every drop costs time) and gets a new header carrying the fresh salts,
+// so that its old frames are invalid to anyone who reads the file without
+// our wal-index: the stock sqlite3 CLI, a backup tool, or SQLite recovering
+// after we are gone would otherwise replay stale pending frames over the
+// server's pages. The caller holds every lock.
 func (r *Replica) resetWAL(truncate bool) error {
-	if !truncate {
-		if st, err := os.Stat(r.walPath); err == nil && st.Size() > walTruncateMin {
-			truncate = true
-		}
-	}
-	if truncate {
-		if err := os.Truncate(r.walPath, 0); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("truncate WAL: %w", err)
-		}
-	}
 	var salts [8]byte
 	rand.Read(salts[:])
+	salt1, salt2 := binary.BigEndian.Uint32(salts[:4]), binary.BigEndian.Uint32(salts[4:])
+	if err := r.invalidateWAL(truncate, salt1, salt2); err != nil {
+		return err
+	}
 	r.change++
-	h, ci := wal.EmptyIndex(wal.IndexHeader{Change: r.change - 1}, r.pageSize, r.sums.Pages(),
-		binary.LittleEndian.Uint32(salts[:4]), binary.LittleEndian.Uint32(salts[4:]))
+	h, ci := wal.EmptyIndex(wal.IndexHeader{Change: r.change - 1}, r.pageSize, r.sums.Pages(), salt1, salt2)
 	if _, err := r.shm.WriteAt(wal.EncodeIndex(h, ci), 0); err != nil {
 		return fmt.Errorf("write wal-index header: %w", err)
+	}
+	return nil
+}
+
+func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
+	f, err := os.OpenFile(r.walPath, os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open WAL: %w", err)
+	}
+	defer f.Close()
+	var hb [wal.HeaderSize]byte
+	n, _ := f.ReadAt(hb[:], 0)
+	if n == 0 {
+		return nil
+	}
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if truncate || st.Size() > walTruncateMin {
+		if err := f.Truncate(0); err != nil {
+			return fmt.Errorf("truncate WAL: %w", err)
+		}
+		return nil
+	}
+	hdr := wal.Header{Magic: wal.MagicLE, Version: wal.FormatVersion, PageSize: r.pageSize}
+	if old, err := wal.DecodeHeader(hb[:]); err == nil {
+		hdr.Magic, hdr.CheckpointSeq = old.Magic, old.CheckpointSeq+1
+	}
+	hdr.Salt1, hdr.Salt2 = salt1, salt2
+	enc := hdr.Encode()
+	if _, err := f.WriteAt(enc[:], 0); err != nil {
+		return fmt.Errorf("write WAL header: %w", err)
 	}
 	return nil
 }
