@@ -72,3 +72,31 @@ func TestRejectedMutationDisappears(t *testing.T) {
 		t.Fatalf("state %v", got)
 	}
 }
+
+func TestOnChangeAfterMutateAndRebase(t *testing.T) {
+	ctx := context.Background()
+	reg := testRegistry(t)
+	a := newAuthority(t, reg)
+	r := openReplica(t, filepath.Join(t.TempDir(), "r.db"), reg)
+	var got []Change
+	cancel := r.OnChange(func(c Change) { got = append(got, c) })
+	catchUp(t, a, r)
+	mustMutate(t, r, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err := r.Rebase(ctx, push(t, a, r)); err != nil {
+		t.Fatal(err)
+	}
+	want := []Change{{Version: 1, Rebased: true}, {Version: 1, Pending: 1}, {Version: 2, Rebased: true}}
+	if len(got) != len(want) {
+		t.Fatalf("changes %+v, want %+v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("change %d: %+v, want %+v", i, got[i], want[i])
+		}
+	}
+	cancel()
+	mustMutate(t, r, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if len(got) != len(want) {
+		t.Fatal("a cancelled watcher was called")
+	}
+}
