@@ -12,7 +12,6 @@ import (
 	"testing"
 
 	"github.com/ncruces/go-sqlite3/driver"
-	_ "github.com/ncruces/go-sqlite3/embed"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 )
