@@ -1,0 +1,95 @@
+package protocol
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"testing"
+)
+
+// FuzzDecode: any bytes decode to a message or an error, never a panic, and
+// a decoded message re-encodes to bytes that decode to the same message.
+func FuzzDecode(f *testing.F) {
+	for _, m := range sampleMessages() {
+		f.Add(Encode(m))
+	}
+	f.Add([]byte{byte(TypePush), 0xff, 0xff, 0xff, 0xff, 0x0f})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := Decode(b, DefaultLimits)
+		if err != nil {
+			return
+		}
+		again, err := Decode(Encode(m), DefaultLimits)
+		if err != nil {
+			t.Fatalf("re-encoded %T does not decode: %v", m, err)
+		}
+		if !bytes.Equal(Encode(again), Encode(m)) {
+			t.Fatalf("%T: encoding not stable", m)
+		}
+	})
+}
+
+// FuzzReader: a stream of arbitrary bytes yields messages and then an
+// error; it never panics or allocates beyond the limits.
+func FuzzReader(f *testing.F) {
+	var all []byte
+	for _, m := range sampleMessages() {
+		all = AppendFrame(all, m)
+	}
+	f.Add(all)
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	small := DefaultLimits
+	small.MaxMessage = 1 << 16
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r := NewReader(bytes.NewReader(b), small)
+		for i := 0; i <= len(b); i++ {
+			if _, err := r.Read(); err != nil {
+				return
+			}
+		}
+		t.Fatal("more messages than bytes")
+	})
+}
+
+// FuzzDecodeVersion: an encoded version with arbitrary payload and page
+// numbers decodes to a valid page set or an error, whatever the base.
+func FuzzDecodeVersion(f *testing.F) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	base, ps := testVersion(rng, 4)
+	for _, withBase := range []bool{true, false} {
+		var before func(uint32) []byte
+		if withBase {
+			before = func(p uint32) []byte { return base[p-1] }
+		}
+		ev, err := EncodeVersion(ps, 4, before)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(Encode(&Versions{Versions: []EncodedVersion{ev}}))
+	}
+	small := DefaultLimits
+	small.MaxPageBytes = 1 << 20
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := Decode(b, small)
+		if err != nil {
+			return
+		}
+		vs, ok := m.(*Versions)
+		if !ok {
+			return
+		}
+		for i := range vs.Versions {
+			ps, err := DecodeVersion(&vs.Versions[i], small, func(p uint32) ([]byte, error) {
+				if int(p) <= len(base) {
+					return base[p-1], nil
+				}
+				return make([]byte, 4096), nil
+			})
+			if err != nil {
+				continue
+			}
+			if err := ps.Validate(); err != nil {
+				t.Fatalf("decoded an invalid page set: %v", err)
+			}
+		}
+	})
+}

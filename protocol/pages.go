@@ -1,0 +1,291 @@
+package protocol
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/sqlrebase/sqlrebase/wal"
+)
+
+// Codec says how a version's or a snapshot chunk's pages are encoded.
+// Values are part of the wire format.
+type Codec byte
+
+// Codecs.
+const (
+	// CodecRaw is the pages concatenated, in page number order.
+	CodecRaw Codec = 0
+	// CodecZstd is CodecRaw compressed with zstd.
+	CodecZstd Codec = 1
+	// CodecZstdDict is CodecRaw compressed with zstd whose dictionary is the
+	// concatenation, in the same order, of the images the pages had before
+	// this version (pages at or below BaseDBSize; new pages have none). A
+	// changed page then costs what changed in it, and a row that moved
+	// between pages on a split costs a reference. Only a replica exactly one
+	// version behind holds that dictionary.
+	CodecZstdDict Codec = 2
+)
+
+// dictID names the raw dictionary inside zstd frames; both ends use the same.
+const dictID = 1
+
+// EncodedVersion is one version as it travels: the page set's header, the
+// page numbers, and the pages in one of the codecs.
+type EncodedVersion struct {
+	Version      uint64
+	Flags        uint32
+	PageSize     uint32
+	DBSize       uint32
+	PreChecksum  uint64
+	PostChecksum uint64
+	Codec        Codec
+	BaseDBSize   uint32   // CodecZstdDict: the database size, in pages, of the version before
+	Pgnos        []uint32 // ascending, unique, in 1..DBSize
+	Payload      []byte
+}
+
+func (v *EncodedVersion) append(b []byte) []byte {
+	b = binary.AppendUvarint(b, v.Version)
+	b = binary.AppendUvarint(b, uint64(v.Flags))
+	b = binary.AppendUvarint(b, uint64(v.PageSize))
+	b = binary.AppendUvarint(b, uint64(v.DBSize))
+	b = binary.LittleEndian.AppendUint64(b, v.PreChecksum)
+	b = binary.LittleEndian.AppendUint64(b, v.PostChecksum)
+	b = append(b, byte(v.Codec))
+	b = binary.AppendUvarint(b, uint64(v.BaseDBSize))
+	b = binary.AppendUvarint(b, uint64(len(v.Pgnos)))
+	var prev uint32
+	for _, p := range v.Pgnos {
+		b = binary.AppendUvarint(b, uint64(p-prev)) // ascending: small deltas
+		prev = p
+	}
+	return appendBytes(b, v.Payload)
+}
+
+func (v *EncodedVersion) decode(d *decoder, l Limits) {
+	v.Version = d.uvarint()
+	v.Flags = d.uint32()
+	v.PageSize = d.uint32()
+	v.DBSize = d.uint32()
+	v.PreChecksum = d.fixed64()
+	v.PostChecksum = d.fixed64()
+	v.Codec = Codec(d.byte())
+	v.BaseDBSize = d.uint32()
+	n := d.count(l.MaxPages, "pages in a version")
+	if d.err != nil {
+		return
+	}
+	if !validPageSize(v.PageSize) {
+		d.fail("page size %d", v.PageSize)
+		return
+	}
+	if uint64(n)*uint64(v.PageSize) > uint64(l.MaxPageBytes) {
+		d.tooLarge("version of %d pages", n)
+		return
+	}
+	if v.Codec > CodecZstdDict {
+		d.fail("codec %d", v.Codec)
+		return
+	}
+	v.Pgnos = make([]uint32, n)
+	var prev uint64
+	for i := range v.Pgnos {
+		delta := d.uvarint()
+		if d.err != nil {
+			return
+		}
+		p := prev + delta
+		if delta == 0 || p > uint64(v.DBSize) {
+			d.fail("page number %d (after %d, db size %d)", p, prev, v.DBSize)
+			return
+		}
+		v.Pgnos[i], prev = uint32(p), p
+	}
+	v.Payload = d.bytes(l.MaxMessage)
+}
+
+// EncodeVersion encodes a page set. before returns the image a page had in
+// the version before ps (nil for a page that did not exist then); with it the
+// version travels as CodecZstdDict, the smallest. With before nil it is
+// CodecZstd. Either falls back to CodecRaw when compression does not pay.
+func EncodeVersion(ps *wal.PageSet, baseDBSize uint32, before func(pgno uint32) []byte) (EncodedVersion, error) {
+	if err := ps.Validate(); err != nil {
+		return EncodedVersion{}, fmt.Errorf("encode version %d: %w", ps.Version, err)
+	}
+	ev := EncodedVersion{
+		Version: ps.Version, Flags: ps.Flags, PageSize: ps.PageSize, DBSize: ps.DBSize,
+		PreChecksum: ps.PreChecksum, PostChecksum: ps.PostChecksum,
+		Pgnos: make([]uint32, len(ps.Pages)),
+	}
+	raw := make([]byte, 0, len(ps.Pages)*int(ps.PageSize))
+	for i, p := range ps.Pages {
+		ev.Pgnos[i] = p.Pgno
+		raw = append(raw, p.Data...)
+	}
+	var opts []zstd.EOption
+	if before != nil && ps.Flags&wal.FlagSnapshot == 0 {
+		var dict []byte
+		for _, p := range ps.Pages {
+			if p.Pgno <= baseDBSize {
+				old := before(p.Pgno)
+				if len(old) != int(ps.PageSize) {
+					return EncodedVersion{}, fmt.Errorf("encode version %d: base image of page %d has %d bytes", ps.Version, p.Pgno, len(old))
+				}
+				dict = append(dict, old...)
+			}
+		}
+		if len(dict) > 0 {
+			opts = append(opts, zstd.WithEncoderDictRaw(dictID, dict))
+			ev.Codec, ev.BaseDBSize = CodecZstdDict, baseDBSize
+		}
+	}
+	if ev.Codec != CodecZstdDict {
+		ev.Codec = CodecZstd
+	}
+	z, err := compress(raw, opts...)
+	if err != nil {
+		return EncodedVersion{}, fmt.Errorf("encode version %d: %w", ps.Version, err)
+	}
+	if len(z) >= len(raw) {
+		ev.Codec, ev.BaseDBSize, z = CodecRaw, 0, raw
+	}
+	ev.Payload = z
+	return ev, nil
+}
+
+// DecodeVersion turns an encoded version back into a page set. For
+// CodecZstdDict, before must return the replica's image of a page at the
+// version before (the caller checks that its database has BaseDBSize pages
+// then); a wrong base does not decode, or decodes to pages whose checksum the
+// apply refuses. Errors wrap ErrMalformed or ErrTooLarge.
+func DecodeVersion(ev *EncodedVersion, l Limits, before func(pgno uint32) ([]byte, error)) (*wal.PageSet, error) {
+	n := len(ev.Pgnos)
+	want := n * int(ev.PageSize)
+	if !validPageSize(ev.PageSize) || want > l.MaxPageBytes {
+		return nil, fmt.Errorf("decode version %d: %w: %d pages of %d bytes", ev.Version, ErrTooLarge, n, ev.PageSize)
+	}
+	var raw []byte
+	switch ev.Codec {
+	case CodecRaw:
+		raw = ev.Payload
+	case CodecZstd:
+		var err error
+		if raw, err = decompress(ev.Payload, want); err != nil {
+			return nil, fmt.Errorf("decode version %d: %w", ev.Version, err)
+		}
+	case CodecZstdDict:
+		if before == nil {
+			return nil, fmt.Errorf("decode version %d: %w: delta against a base the caller cannot provide", ev.Version, ErrMalformed)
+		}
+		var dict []byte
+		for _, p := range ev.Pgnos {
+			if p <= ev.BaseDBSize {
+				old, err := before(p)
+				if err != nil {
+					return nil, fmt.Errorf("decode version %d: base of page %d: %w", ev.Version, p, err)
+				}
+				if len(old) != int(ev.PageSize) {
+					return nil, fmt.Errorf("decode version %d: base of page %d has %d bytes", ev.Version, p, len(old))
+				}
+				dict = append(dict, old...)
+			}
+		}
+		var err error
+		if raw, err = decompress(ev.Payload, want, zstd.WithDecoderDictRaw(dictID, dict)); err != nil {
+			return nil, fmt.Errorf("decode version %d: %w", ev.Version, err)
+		}
+	default:
+		return nil, fmt.Errorf("decode version %d: %w: codec %d", ev.Version, ErrMalformed, ev.Codec)
+	}
+	if len(raw) != want {
+		return nil, fmt.Errorf("decode version %d: %w: %d bytes of pages, want %d", ev.Version, ErrMalformed, len(raw), want)
+	}
+	ps := &wal.PageSet{
+		Version: ev.Version, Flags: ev.Flags, PageSize: ev.PageSize, DBSize: ev.DBSize,
+		PreChecksum: ev.PreChecksum, PostChecksum: ev.PostChecksum,
+		Pages: make([]wal.Page, n),
+	}
+	for i, p := range ev.Pgnos {
+		ps.Pages[i] = wal.Page{Pgno: p, Data: raw[i*int(ev.PageSize) : (i+1)*int(ev.PageSize) : (i+1)*int(ev.PageSize)]}
+	}
+	if err := ps.Validate(); err != nil {
+		return nil, fmt.Errorf("decode version %d: %w: %v", ev.Version, ErrMalformed, err)
+	}
+	return ps, nil
+}
+
+// EncodeSnapshotChunk encodes count whole pages starting at first, raw
+// holding them concatenated.
+func EncodeSnapshotChunk(version uint64, pageSize, dbSize uint32, checksum uint64, first uint32, raw []byte) (*SnapshotChunk, error) {
+	if !validPageSize(pageSize) || len(raw) == 0 || len(raw)%int(pageSize) != 0 {
+		return nil, fmt.Errorf("snapshot chunk: %d bytes is not whole pages of %d", len(raw), pageSize)
+	}
+	c := &SnapshotChunk{Version: version, PageSize: pageSize, DBSize: dbSize, Checksum: checksum, First: first, Count: uint32(len(raw) / int(pageSize)), Codec: CodecZstd}
+	z, err := compress(raw)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot chunk: %w", err)
+	}
+	if len(z) >= len(raw) {
+		c.Codec, z = CodecRaw, raw
+	}
+	c.Payload = z
+	return c, nil
+}
+
+// Pages decodes the chunk's pages, concatenated.
+func (c *SnapshotChunk) Pages(l Limits) ([]byte, error) {
+	want := int(c.Count) * int(c.PageSize)
+	if want > l.MaxPageBytes {
+		return nil, fmt.Errorf("snapshot chunk: %w: %d bytes of pages", ErrTooLarge, want)
+	}
+	raw := c.Payload
+	if c.Codec == CodecZstd {
+		var err error
+		if raw, err = decompress(c.Payload, want); err != nil {
+			return nil, fmt.Errorf("snapshot chunk at page %d: %w", c.First, err)
+		}
+	} else if c.Codec != CodecRaw {
+		return nil, fmt.Errorf("snapshot chunk: %w: codec %d", ErrMalformed, c.Codec)
+	}
+	if len(raw) != want {
+		return nil, fmt.Errorf("snapshot chunk at page %d: %w: %d bytes, want %d", c.First, ErrMalformed, len(raw), want)
+	}
+	return raw, nil
+}
+
+func compress(raw []byte, opts ...zstd.EOption) ([]byte, error) {
+	opts = append([]zstd.EOption{zstd.WithEncoderLevel(encoderLevel), zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false)}, opts...)
+	enc, err := zstd.NewWriter(nil, opts...)
+	if err != nil {
+		return nil, err
+	}
+	defer enc.Close()
+	return enc.EncodeAll(raw, make([]byte, 0, len(raw)/4+64)), nil
+}
+
+// decompress inflates exactly want bytes at most: a stream that claims or
+// yields more is malformed, so a small message cannot expand into a large
+// allocation.
+func decompress(z []byte, want int, opts ...zstd.DOption) ([]byte, error) {
+	opts = append([]zstd.DOption{
+		zstd.WithDecoderConcurrency(1),
+		zstd.WithDecoderMaxMemory(uint64(want) + 1),
+		zstd.WithDecodeAllCapLimit(true),
+	}, opts...)
+	dec, err := zstd.NewReader(nil, opts...)
+	if err != nil {
+		return nil, err
+	}
+	defer dec.Close()
+	out, err := dec.DecodeAll(z, make([]byte, 0, want))
+	if err != nil {
+		return nil, fmt.Errorf("%w: zstd: %v", ErrMalformed, err)
+	}
+	return out, nil
+}
+
+func validPageSize(ps uint32) bool { return ps >= 512 && ps <= 65536 && ps&(ps-1) == 0 }
+
+var encoderLevel = zstd.SpeedFastest
