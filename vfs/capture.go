@@ -26,7 +26,10 @@ var ErrCaptureLost = errors.New("vfs: commits were lost between captures (WAL re
 // how the server's single writer uses it.
 type Capture struct {
 	walPath string
+	dbPath  string
 	f       *os.File
+	main    *os.File          // the main file, for images that predate the WAL (opened on first need)
+	latest  map[uint32]int64 // offset of each page's newest committed frame in this WAL generation
 	hdr     wal.Header
 	chain   wal.Chain
 	off     int64 // offset of the first frame not yet captured
@@ -37,7 +40,7 @@ type Capture struct {
 // positioned at the current end of the WAL: commits already in it are not
 // returned.
 func NewCapture(dbPath string) (*Capture, error) {
-	c := &Capture{walPath: dbPath + "-wal"}
+	c := &Capture{walPath: dbPath + "-wal", dbPath: dbPath, latest: map[uint32]int64{}}
 	if _, _, err := c.Next(); err != nil {
 		return nil, err
 	}
@@ -48,14 +51,28 @@ func NewCapture(dbPath string) (*Capture, error) {
 // the last call, sorted by page number, and the database size in pages after
 // the last of them. It returns no pages when nothing was committed.
 func (c *Capture) Next() ([]wal.Page, uint32, error) {
+	pages, _, dbSize, err := c.next(false)
+	return pages, dbSize, err
+}
+
+// NextBefore is Next that also returns, for each page, the image it had
+// before those commits: from the WAL if an earlier commit of this generation
+// wrote it, else from the main file (which a WAL restart proves complete), or
+// nil if the page lay beyond the main file. The server encodes each version
+// against these images, which are what a replica one version behind holds.
+func (c *Capture) NextBefore() (pages []wal.Page, before [][]byte, dbSize uint32, err error) {
+	return c.next(true)
+}
+
+func (c *Capture) next(wantBefore bool) ([]wal.Page, [][]byte, uint32, error) {
 	if c.f == nil {
 		f, err := os.Open(c.walPath)
 		if errors.Is(err, fs.ErrNotExist) {
 			c.started = true
-			return nil, 0, nil
+			return nil, nil, 0, nil
 		}
 		if err != nil {
-			return nil, 0, fmt.Errorf("capture: %w", err)
+			return nil, nil, 0, fmt.Errorf("capture: %w", err)
 		}
 		c.f = f
 	}
@@ -64,28 +81,25 @@ func (c *Capture) Next() ([]wal.Page, uint32, error) {
 		if errors.Is(err, io.EOF) { // empty WAL (just created or truncated)
 			c.started = true
 			c.off = 0
-			return nil, 0, nil
+			return nil, nil, 0, nil
 		}
-		return nil, 0, fmt.Errorf("capture: read WAL header: %w", err)
+		return nil, nil, 0, fmt.Errorf("capture: read WAL header: %w", err)
 	}
 	hdr, err := wal.DecodeHeader(hb[:])
 	if err != nil {
-		return nil, 0, fmt.Errorf("capture: %w", err)
+		return nil, nil, 0, fmt.Errorf("capture: %w", err)
 	}
 	if c.off == 0 || hdr.Salt1 != c.hdr.Salt1 || hdr.Salt2 != c.hdr.Salt2 {
 		// A new WAL: either the first look, or SQLite restarted the log
 		// after a checkpoint. A restart bumps the checkpoint sequence by
 		// one; more means a whole generation of frames went by unseen.
 		if c.off != 0 && hdr.CheckpointSeq != c.hdr.CheckpointSeq+1 {
-			return nil, 0, fmt.Errorf("%w: checkpoint sequence %d after %d", ErrCaptureLost, hdr.CheckpointSeq, c.hdr.CheckpointSeq)
+			return nil, nil, 0, fmt.Errorf("%w: checkpoint sequence %d after %d", ErrCaptureLost, hdr.CheckpointSeq, c.hdr.CheckpointSeq)
 		}
 		c.hdr, c.chain, c.off = hdr, wal.NewChain(hdr), wal.HeaderSize
+		clear(c.latest)
 	}
 	frameSize := int64(wal.FrameHeaderSize) + int64(hdr.PageSize)
-	type frame struct {
-		pgno uint32
-		data []byte
-	}
 	var frames []frame
 	committed, dbSize := 0, uint32(0)
 	chain, off := c.chain, c.off
@@ -98,7 +112,7 @@ func (c *Capture) Next() ([]wal.Page, uint32, error) {
 		if err != nil {
 			break // a frame of an older generation, or torn: the end
 		}
-		frames = append(frames, frame{fh.Pgno, page})
+		frames = append(frames, frame{fh.Pgno, off, page})
 		chain, off = next, off+frameSize
 		if fh.Commit != 0 {
 			committed, dbSize = len(frames), fh.Commit
@@ -107,8 +121,12 @@ func (c *Capture) Next() ([]wal.Page, uint32, error) {
 	}
 	first := !c.started
 	c.started = true
-	if committed == 0 || first {
-		return nil, 0, nil
+	if committed == 0 {
+		return nil, nil, 0, nil
+	}
+	if first {
+		c.remember(frames[:committed])
+		return nil, nil, 0, nil
 	}
 	newest := make(map[uint32][]byte, committed)
 	for _, f := range frames[:committed] {
@@ -121,7 +139,61 @@ func (c *Capture) Next() ([]wal.Page, uint32, error) {
 		pages = append(pages, wal.Page{Pgno: pgno, Data: data})
 	}
 	sort.Slice(pages, func(i, j int) bool { return pages[i].Pgno < pages[j].Pgno })
-	return pages, dbSize, nil
+	var before [][]byte
+	if wantBefore {
+		before = make([][]byte, len(pages))
+		for i, p := range pages {
+			b, err := c.imageBefore(p.Pgno, int64(hdr.PageSize))
+			if err != nil {
+				return nil, nil, 0, fmt.Errorf("capture: image of page %d before the commit: %w", p.Pgno, err)
+			}
+			before[i] = b
+		}
+	}
+	c.remember(frames[:committed])
+	return pages, before, dbSize, nil
+}
+
+// frame is one WAL frame read by a capture: its page, where it starts, and
+// the page image.
+type frame struct {
+	pgno uint32
+	off  int64
+	data []byte
+}
+
+// remember records where the newest committed frame of each page is, for
+// imageBefore.
+func (c *Capture) remember(frames []frame) {
+	for _, f := range frames {
+		c.latest[f.pgno] = f.off
+	}
+}
+
+// imageBefore reads a page as of the last commit already remembered.
+func (c *Capture) imageBefore(pgno uint32, pageSize int64) ([]byte, error) {
+	buf := make([]byte, pageSize)
+	if off, ok := c.latest[pgno]; ok {
+		if _, err := c.f.ReadAt(buf, off+wal.FrameHeaderSize); err != nil {
+			return nil, err
+		}
+		return buf, nil
+	}
+	if c.main == nil {
+		f, err := os.Open(c.dbPath)
+		if err != nil {
+			return nil, err
+		}
+		c.main = f
+	}
+	n, err := c.main.ReadAt(buf, int64(pgno-1)*pageSize)
+	if n == len(buf) {
+		return buf, nil
+	}
+	if errors.Is(err, io.EOF) {
+		return nil, nil // the page did not exist
+	}
+	return nil, err
 }
 
 // Resync forgets the position and takes the current end of the WAL as the
@@ -137,10 +209,14 @@ func (c *Capture) Resync() error {
 
 // Close closes the WAL handle.
 func (c *Capture) Close() error {
-	if c.f == nil {
-		return nil
+	var errs []error
+	if c.f != nil {
+		errs = append(errs, c.f.Close())
+		c.f = nil
 	}
-	err := c.f.Close()
-	c.f = nil
-	return err
+	if c.main != nil {
+		errs = append(errs, c.main.Close())
+		c.main = nil
+	}
+	return errors.Join(errs...)
 }
