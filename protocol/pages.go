@@ -289,3 +289,35 @@ func decompress(z []byte, want int, opts ...zstd.DOption) ([]byte, error) {
 func validPageSize(ps uint32) bool { return ps >= 512 && ps <= 65536 && ps&(ps-1) == 0 }
 
 var encoderLevel = zstd.SpeedFastest
+
+// AppendBinary appends the version's wire encoding (its part of a Versions
+// message). A server encodes each version once and sends the same bytes to
+// every subscriber with AppendVersionsFrame.
+func (v *EncodedVersion) AppendBinary(b []byte) []byte { return v.append(b) }
+
+// DecodeEncodedVersion decodes what AppendBinary wrote.
+func DecodeEncodedVersion(b []byte, l Limits) (EncodedVersion, error) {
+	d := &decoder{b: b}
+	var v EncodedVersion
+	v.decode(d, l)
+	if d.err == nil && len(d.b) != 0 {
+		d.fail("%d trailing bytes", len(d.b))
+	}
+	if d.err != nil {
+		return EncodedVersion{}, fmt.Errorf("decode version: %w", d.err)
+	}
+	return v, nil
+}
+
+// AppendVersionsFrame appends one length-prefixed Versions message made of
+// versions already encoded with AppendBinary, consecutive and oldest first.
+func AppendVersionsFrame(b []byte, versions ...[]byte) []byte {
+	start := len(b)
+	b = append(b, 0, 0, 0, 0, byte(TypeVersions))
+	b = binary.AppendUvarint(b, uint64(len(versions)))
+	for _, v := range versions {
+		b = append(b, v...)
+	}
+	binary.BigEndian.PutUint32(b[start:], uint32(len(b)-start-FrameHeaderSize))
+	return b
+}

@@ -235,3 +235,23 @@ func TestCodes(t *testing.T) {
 		t.Fatalf("error %v", e)
 	}
 }
+
+func TestPreEncodedVersions(t *testing.T) {
+	want := sampleMessages()[6].(*Versions)
+	var parts [][]byte
+	for i := range want.Versions {
+		b := want.Versions[i].AppendBinary(nil)
+		v, err := DecodeEncodedVersion(b, DefaultLimits)
+		if err != nil || !reflect.DeepEqual(v, want.Versions[i]) {
+			t.Fatalf("version %d: %+v, %v", i, v, err)
+		}
+		parts = append(parts, b)
+	}
+	frame := AppendVersionsFrame(nil, parts...)
+	if !bytes.Equal(frame, AppendFrame(nil, want)) {
+		t.Fatal("a frame of pre-encoded versions differs from the encoded message")
+	}
+	if _, err := DecodeEncodedVersion(append(parts[0], 1), DefaultLimits); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("trailing byte: %v", err)
+	}
+}
