@@ -65,9 +65,20 @@ type Authority struct {
 	sums     *wal.ChecksumTable
 	pageSize uint32
 	version  uint64
-	log      []*wal.PageSet // every version since open; the server issue makes this an on-disk change log
+	dbSize   uint32         // database size in pages at version
+	log      []*wal.PageSet // every version since open, for in-process use; the network server keeps an on-disk change log instead
 	logBase  uint64         // version before log[0]
+	noLog    bool           // keep no in-memory log (the network server's change log has the versions)
+	pinned   int            // snapshots being read from the main file: no checkpoint may write it meanwhile
+	pin      snapshotPin    // the version the main file holds while pinned
 	broken   error          // set when a committed version could not be captured; the authority then refuses work (reopen it)
+
+	// onCommit, if set, runs under the authority's lock after each captured
+	// commit, with each page's image before it (nil for a new page) and the
+	// database size before it. The network server encodes, logs and
+	// broadcasts the version there, so that subscribers see versions in
+	// order and a new subscriber can register between two commits.
+	onCommit func(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 }
 
 // checkpointFrames is the WAL length after which the authority checkpoints.
@@ -156,6 +167,7 @@ func (a *Authority) scan() error {
 	}
 	a.sums = wal.NewChecksumTable(a.pageSize)
 	n := uint32(len(b) / int(a.pageSize))
+	a.dbSize = n
 	a.sums.Resize(n)
 	for i := uint32(0); i < n; i++ {
 		a.sums.Set(i+1, wal.PageChecksum(i+1, b[int(i)*int(a.pageSize):int(i+1)*int(a.pageSize)]))
@@ -185,7 +197,7 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		return nil, err
 	}
 	a.version++
-	pages, dbSize, err := a.capture.Next()
+	pages, before, dbSize, err := a.capture.NextBefore()
 	if err != nil {
 		// The version is committed but cannot be shipped: stop, rather
 		// than serve a change log with a hole in it.
@@ -195,7 +207,14 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 	ps := &wal.PageSet{Version: a.version, PageSize: a.pageSize, DBSize: dbSize, PreChecksum: a.sums.Sum(), Pages: pages}
 	ps.PostChecksum = a.sums.Preview(ps)
 	a.sums.Apply(ps)
-	a.log = append(a.log, ps)
+	base := a.dbSize
+	a.dbSize = dbSize
+	if !a.noLog {
+		a.log = append(a.log, ps)
+	}
+	if a.onCommit != nil {
+		a.onCommit(ps, before, base)
+	}
 	if err := a.maybeCheckpoint(ctx); err != nil {
 		return nil, err
 	}
@@ -203,6 +222,9 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 }
 
 func (a *Authority) maybeCheckpoint(ctx context.Context) error {
+	if a.pinned > 0 {
+		return nil // a snapshot is reading the main file; the WAL grows meanwhile
+	}
 	st, err := os.Stat(a.path + "-wal")
 	if err != nil || st.Size() < checkpointFrames*int64(a.pageSize) {
 		return nil
@@ -310,6 +332,9 @@ func (a *Authority) Checksum() uint64 {
 func (a *Authority) Since(v uint64) ([]*wal.PageSet, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.noLog {
+		return nil, errors.New("server: this authority keeps no in-memory log")
+	}
 	if v < a.logBase {
 		return nil, fmt.Errorf("server: version %d is older than the change log (from %d); take a snapshot", v, a.logBase)
 	}
@@ -322,31 +347,94 @@ func (a *Authority) Since(v uint64) ([]*wal.PageSet, error) {
 // Snapshot returns the whole database at the latest version as one page set
 // that replaces a replica's database whatever its state.
 func (a *Authority) Snapshot(ctx context.Context) (*wal.PageSet, error) {
+	r, err := a.OpenSnapshot(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	b, err := r.ReadPages(1, r.DBSize)
+	if err != nil {
+		return nil, err
+	}
+	ps := &wal.PageSet{Version: r.Version, Flags: wal.FlagSnapshot, PageSize: r.PageSize, DBSize: r.DBSize, PostChecksum: r.Checksum}
+	for i := uint32(0); i < r.DBSize; i++ {
+		ps.Pages = append(ps.Pages, wal.Page{Pgno: i + 1, Data: b[int(i)*int(r.PageSize) : int(i+1)*int(r.PageSize)]})
+	}
+	return ps, nil
+}
+
+// SnapshotReader reads a consistent image of the database at one version
+// from the main file, page range by page range, without holding up the
+// writer: commits meanwhile go to the WAL, and no checkpoint runs until Close.
+type SnapshotReader struct {
+	a        *Authority
+	f        *os.File
+	Version  uint64
+	PageSize uint32
+	DBSize   uint32
+	Checksum uint64
+	closed   bool
+}
+
+type snapshotPin struct {
+	version  uint64
+	dbSize   uint32
+	checksum uint64
+}
+
+// OpenSnapshot checkpoints everything into the main file and pins it there
+// at the current version. The caller must Close the reader.
+func (a *Authority) OpenSnapshot(ctx context.Context) (*SnapshotReader, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err := a.broken; err != nil {
 		return nil, err
 	}
-	var busy, logFrames, done int
-	if err := a.conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)").Scan(&busy, &logFrames, &done); err != nil {
-		return nil, err
+	if a.pinned == 0 {
+		var busy, logFrames, done int
+		if err := a.conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)").Scan(&busy, &logFrames, &done); err != nil {
+			return nil, fmt.Errorf("snapshot: checkpoint: %w", err)
+		}
+		if busy != 0 {
+			return nil, errors.New("server: snapshot: a reader kept the checkpoint from finishing; try again")
+		}
+		if err := a.capture.Resync(); err != nil {
+			return nil, err
+		}
+		a.pin = snapshotPin{a.version, a.dbSize, a.sums.Sum()}
 	}
-	if busy != 0 {
-		return nil, errors.New("server: snapshot: a reader kept the checkpoint from finishing; try again")
-	}
-	if err := a.capture.Resync(); err != nil {
-		return nil, err
-	}
-	b, err := os.ReadFile(a.path)
+	// A second snapshot while one is being read shares its pin: the main
+	// file still holds that version, and the reader catches up from there.
+	f, err := os.Open(a.path)
 	if err != nil {
 		return nil, err
 	}
-	n := uint32(len(b) / int(a.pageSize))
-	ps := &wal.PageSet{Version: a.version, Flags: wal.FlagSnapshot, PageSize: a.pageSize, DBSize: n, PostChecksum: a.sums.Sum()}
-	for i := uint32(0); i < n; i++ {
-		ps.Pages = append(ps.Pages, wal.Page{Pgno: i + 1, Data: b[int(i)*int(a.pageSize) : int(i+1)*int(a.pageSize)]})
+	a.pinned++
+	return &SnapshotReader{a: a, f: f, Version: a.pin.version, PageSize: a.pageSize, DBSize: a.pin.dbSize, Checksum: a.pin.checksum}, nil
+}
+
+// ReadPages reads count pages from first (1-based) into a new buffer.
+func (s *SnapshotReader) ReadPages(first, count uint32) ([]byte, error) {
+	if first == 0 || uint64(first)+uint64(count)-1 > uint64(s.DBSize) {
+		return nil, fmt.Errorf("snapshot: pages %d+%d outside 1..%d", first, count, s.DBSize)
 	}
-	return ps, nil
+	buf := make([]byte, int(count)*int(s.PageSize))
+	if _, err := s.f.ReadAt(buf, int64(first-1)*int64(s.PageSize)); err != nil {
+		return nil, fmt.Errorf("snapshot: read pages %d+%d: %w", first, count, err)
+	}
+	return buf, nil
+}
+
+// Close unpins the main file.
+func (s *SnapshotReader) Close() error {
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	s.a.mu.Lock()
+	s.a.pinned--
+	s.a.mu.Unlock()
+	return s.f.Close()
 }
 
 // Query runs a read-only query on the authority's database (for tests, tools
