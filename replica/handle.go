@@ -30,6 +30,9 @@ type Handle struct {
 	localErr error
 	done     chan struct{}
 	result   error
+	// fatal is the replica's fatal sync error: once set, the server will
+	// not settle the mutation in this replica's life, and Wait says why.
+	fatal *fatalSignal
 }
 
 func newHandle(id uint64, name string) *Handle {
@@ -56,16 +59,29 @@ func (h *Handle) Done() <-chan struct{} { return h.done }
 
 // Wait blocks until the server settles the mutation or ctx ends. It returns
 // nil when the server applied it, a *RejectedError when the server's mutator
-// failed, ErrClosed if the replica was closed first, or ctx's error.
+// failed, ErrClosed if the replica was closed first, the error that stopped
+// the replica's sync loop (a refusal such as a wrong credential: the
+// mutation stays queued for a later Open), or ctx's error.
 func (h *Handle) Wait(ctx context.Context) error {
 	select {
 	case <-h.done:
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		return h.result
+		return h.outcome()
+	case <-h.fatal.done():
+		select {
+		case <-h.done: // settled after all: that is the answer
+			return h.outcome()
+		default:
+			return h.fatal.err
+		}
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+func (h *Handle) outcome() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.result
 }
 
 func (h *Handle) settle(result error) {

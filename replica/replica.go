@@ -52,6 +52,10 @@ type Options struct {
 	LocalName, LocalPath string
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// Remote, if set, is the server this replica syncs with: Open starts a
+	// sync loop that pushes the pending mutations and rebases on the
+	// server's versions until Close. Nil: the app drives Rebase itself.
+	Remote *Remote
 
 	// crashHook, if set, is called at named points of Mutate and Rebase;
 	// the crash tests use it to kill the process exactly there.
@@ -71,6 +75,17 @@ type Status struct {
 	Version  uint64
 	Checksum uint64
 	Pending  int
+
+	// The sync loop's state; zero without a Remote.
+
+	// Connected says a session with the server is up (it accepted Hello).
+	Connected bool
+	// LastError is what ended the last session or connection attempt, nil
+	// while connected. A fatal refusal (see WaitConnected) stays here.
+	LastError error
+	// ServerVersion is the newest server version the replica has heard
+	// of: the gap to Version is what it has still to apply.
+	ServerVersion uint64
 }
 
 // Replica is an open replica database. Its methods are safe for concurrent
@@ -100,6 +115,9 @@ type Replica struct {
 	watchers map[int]func(Change)
 	nextW    int
 
+	net   *netState    // the sync loop; nil without Options.Remote
+	fatal *fatalSignal // set when the sync loop stops on a refusal
+
 	closed atomic.Bool
 }
 
@@ -120,9 +138,15 @@ func Open(ctx context.Context, path string, opts Options) (*Replica, error) {
 	if opts.LocalName == "main" || opts.LocalName == "temp" {
 		return nil, fmt.Errorf("replica: %q cannot name the local database", opts.LocalName)
 	}
+	if opts.Remote != nil {
+		if err := opts.Remote.validate(); err != nil {
+			return nil, err
+		}
+	}
 	r := &Replica{
 		path: path, opts: opts, log: opts.Logger,
 		handles: map[uint64]*Handle{}, gate: newGate(), watchers: map[int]func(Change){},
+		fatal: newFatalSignal(),
 	}
 	if r.log == nil {
 		r.log = slog.Default()
@@ -130,6 +154,12 @@ func Open(ctx context.Context, path string, opts Options) (*Replica, error) {
 	if err := r.open(ctx); err != nil {
 		r.Close()
 		return nil, fmt.Errorf("open replica %s: %w", path, err)
+	}
+	if opts.Remote != nil {
+		if err := r.startSync(); err != nil {
+			r.Close()
+			return nil, fmt.Errorf("open replica %s: %w", path, err)
+		}
 	}
 	return r, nil
 }
@@ -173,7 +203,7 @@ func (r *Replica) open(ctx context.Context) error {
 		return err
 	}
 	for _, m := range r.queue.Pending() {
-		r.handles[m.ID] = newHandle(m.ID, m.Name)
+		r.handles[m.ID] = r.newHandle(m.ID, m.Name)
 	}
 	return r.replay(ctx)
 }
@@ -260,8 +290,11 @@ func (r *Replica) ClientID() string { return r.queue.ClientID() }
 // Status reports the replica's state.
 func (r *Replica) Status() Status {
 	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	return Status{ClientID: r.queue.ClientID(), Version: r.files.Version(), Checksum: r.files.Checksum(), Pending: r.queue.Len()}
+	st := Status{ClientID: r.queue.ClientID(), Version: r.files.Version(), Checksum: r.files.Checksum(), Pending: r.queue.Len()}
+	r.writeMu.Unlock()
+	// Not under writeMu: the sync state's lock is never taken inside it.
+	r.netStatus(&st)
+	return st
 }
 
 // Pending returns the pending mutations, oldest first.
@@ -320,6 +353,14 @@ func (r *Replica) notify(c Change) {
 	}
 }
 
+// newHandle makes a mutation's handle, which also hears of a fatal sync
+// error.
+func (r *Replica) newHandle(id uint64, name string) *Handle {
+	h := newHandle(id, name)
+	h.fatal = r.fatal
+	return h
+}
+
 func (r *Replica) crash(point string) {
 	if r.opts.crashHook != nil {
 		r.opts.crashHook(point)
@@ -349,13 +390,15 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 		return nil, fmt.Errorf("queue mutation: %w", err)
 	}
 	r.crash("mutate-after-queue")
-	h := newHandle(id, name)
+	h := r.newHandle(id, name)
 	r.handles[id] = h
 	h.localErr = r.runOne(ctx, queuedMutation{ID: id, Name: name, Args: args}, true)
 	r.crash("mutate-after-run")
 	change := Change{Version: r.files.Version(), Pending: r.queue.Len()}
 	r.writeMu.Unlock()
 	r.notify(change)
+	// Tell the sync loop there is something to push; never wait for it.
+	r.net.kick()
 	return h, nil
 }
 
@@ -401,13 +444,19 @@ func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 	}
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
+	return r.rebaseLocked(ctx, ctx, sets)
+}
+
+// rebaseLocked is Rebase with writeMu held. waitCtx bounds the wait for
+// readers to leave; applyCtx the rebase itself.
+func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.PageSet) error {
 	// Bad page sets are refused inside files.Rebase before anything is
 	// dropped, so the pending state survives them; checking here too would
 	// merge and checksum every set twice on the rebase path.
-	if err := r.gate.close(ctx, gatePatience); err != nil {
+	if err := r.gate.close(waitCtx, gatePatience); err != nil {
 		return fmt.Errorf("rebase: wait for readers: %w", err)
 	}
-	err := r.rebaseClosed(ctx, sets)
+	err := r.rebaseClosed(applyCtx, sets)
 	r.gate.open()
 	if err != nil {
 		return fmt.Errorf("rebase to version %d: %w", r.files.Version(), err)
@@ -535,6 +584,8 @@ func (r *Replica) Close() error {
 	if r.closed.Swap(true) {
 		return nil
 	}
+	// Stop the sync loop before taking the writer: it may be in a rebase.
+	r.stopSync()
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	var errs []error

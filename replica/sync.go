@@ -1,0 +1,723 @@
+package replica
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/wal"
+)
+
+// The sync loop: one goroutine per replica opened with a Remote. It connects
+// (sharing the Transport's connection), says Hello, catches up, pushes the
+// pending mutations and keeps pushing as Mutate makes new ones, and rebases
+// on whatever versions have arrived, all of them at once. It reconnects with
+// exponential backoff and jitter after any error except a fatal refusal
+// (unauthorized, unknown database, protocol version, a server certificate
+// that fails verification), which it reports and then stops on. Offline, it
+// keeps retrying, and Mutate never waits for it.
+
+// ErrNoRemote is returned by the network-waiting methods of a replica opened
+// without Options.Remote.
+var ErrNoRemote = errors.New("replica: no Remote configured")
+
+// Timeouts of one session.
+const (
+	// connectTimeout bounds a dial and the stream opening; QUIC's own
+	// handshake timeout is shorter, this only guards the whole.
+	connectTimeout = 30 * time.Second
+	// welcomeTimeout bounds the wait for the answer to Hello: a server that
+	// accepts streams but never answers must not hold a replica forever.
+	welcomeTimeout = 30 * time.Second
+	// stableSession is how long a welcomed session must last for the next
+	// reconnect to start again from the shortest backoff; a server that
+	// welcomes and then fails at once is retried ever more slowly.
+	stableSession = 5 * time.Second
+	// inboxSize is how many messages the stream reader may read ahead of
+	// the sync goroutine. Past it, QUIC flow control holds the server back.
+	inboxSize = 256
+)
+
+// netState is the sync loop's part of a Replica.
+type netState struct {
+	remote    Remote
+	transport *Transport
+	ownTrans  bool
+	peer      *peer
+	wake      chan struct{} // Mutate's "there is something to push", capacity 1
+	cancel    context.CancelFunc
+	done      chan struct{} // closed when the loop goroutine returns
+
+	mu             sync.Mutex
+	connected      bool   // a session is welcomed and running
+	lastErr        error  // what ended the last session or attempt; nil while connected
+	fatal          error  // a refusal that stopped the loop for good
+	welcomeVersion uint64 // the server's version in the current session's Welcome
+	serverVersion  uint64 // the newest server version heard of
+	changed        chan struct{}
+}
+
+// fatalSignal is a replica's fatal sync error, once set. Handles watch it
+// so that Wait returns the refusal instead of waiting forever.
+type fatalSignal struct {
+	once sync.Once
+	ch   chan struct{}
+	err  error
+}
+
+func newFatalSignal() *fatalSignal { return &fatalSignal{ch: make(chan struct{})} }
+
+func (f *fatalSignal) set(err error) {
+	f.once.Do(func() {
+		f.err = err
+		close(f.ch)
+	})
+}
+
+// done is closed once the error is set; nil (never ready) for a nil signal.
+func (f *fatalSignal) done() <-chan struct{} {
+	if f == nil {
+		return nil
+	}
+	return f.ch
+}
+
+// startSync validates nothing (Open did) and starts the loop.
+func (r *Replica) startSync() error {
+	rm := *r.opts.Remote
+	n := &netState{remote: rm, transport: rm.Transport, wake: make(chan struct{}, 1), done: make(chan struct{}), changed: make(chan struct{})}
+	if n.transport == nil {
+		n.transport = NewTransport(TransportOptions{Logger: r.log})
+		n.ownTrans = true
+	}
+	p, err := n.transport.acquire(&rm)
+	if err != nil {
+		if n.ownTrans {
+			n.transport.Close()
+		}
+		return fmt.Errorf("sync: %w", err)
+	}
+	n.peer = p
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	r.net = n
+	go r.syncLoop(ctx)
+	return nil
+}
+
+// stopSync stops the loop and waits for it, then lets go of the connection.
+func (r *Replica) stopSync() {
+	n := r.net
+	if n == nil {
+		return
+	}
+	n.cancel()
+	<-n.done
+	n.transport.release(n.peer)
+	if n.ownTrans {
+		n.transport.Close()
+	}
+	n.mu.Lock()
+	n.connected = false
+	n.broadcastLocked()
+	n.mu.Unlock()
+}
+
+// kick tells the loop that Mutate queued something. It never blocks.
+func (n *netState) kick() {
+	if n == nil {
+		return
+	}
+	select {
+	case n.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (n *netState) broadcastLocked() {
+	close(n.changed)
+	n.changed = make(chan struct{})
+}
+
+func (n *netState) update(fn func()) {
+	n.mu.Lock()
+	fn()
+	n.broadcastLocked()
+	n.mu.Unlock()
+}
+
+func (r *Replica) syncLoop(ctx context.Context) {
+	n := r.net
+	defer close(n.done)
+	attempt := 0
+	for {
+		start := time.Now()
+		welcomed, err := r.session(ctx)
+		if ctx.Err() != nil {
+			n.update(func() { n.connected = false })
+			return
+		}
+		if fatalSyncError(err) {
+			r.log.Error("sqlrebase: sync stopped", "server", n.remote.Addr, "database", n.remote.Database, "err", err)
+			n.update(func() { n.connected, n.lastErr, n.fatal = false, err, err })
+			r.fatal.set(err)
+			return
+		}
+		if welcomed {
+			r.log.Info("sqlrebase: disconnected", "server", n.remote.Addr, "database", n.remote.Database, "err", err)
+		} else {
+			r.log.Debug("sqlrebase: connection attempt failed", "server", n.remote.Addr, "database", n.remote.Database, "err", err)
+		}
+		n.update(func() { n.connected, n.lastErr = false, err })
+		attempt = nextAttempt(attempt, welcomed, time.Since(start))
+		t := time.NewTimer(backoff(attempt, backoffMin, backoffMax, rand.Float64()))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// fatalSyncError reports whether err is a refusal that the same attempt
+// would meet again: retrying cannot help, the configuration must change.
+func fatalSyncError(err error) bool {
+	var re *protocol.RemoteError
+	if errors.As(err, &re) {
+		return re.Code.Fatal()
+	}
+	var cv *tls.CertificateVerificationError
+	return errors.Is(err, protocol.ErrFingerprint) || errors.As(err, &cv)
+}
+
+// inbox is the session's view of the stream reader: messages in order,
+// then the error that ended the stream. The reader sends every message
+// before its error, so a message still buffered when the error arrives is
+// handed out first.
+type inbox struct {
+	msgs chan protocol.Message
+	errc chan error
+	err  error
+}
+
+// poll returns a waiting message without blocking: ok false when none is.
+// After the reader failed it returns its error once nothing is left.
+func (in *inbox) poll() (m protocol.Message, ok bool, err error) {
+	select {
+	case m := <-in.msgs:
+		return m, true, nil
+	default:
+	}
+	if in.err != nil {
+		return nil, false, in.err
+	}
+	return nil, false, nil
+}
+
+// readLoop reads messages until the stream fails or ctx ends.
+func readLoop(ctx context.Context, s *quic.Stream, in *inbox) {
+	rd := protocol.NewReader(s, protocol.DefaultLimits)
+	for {
+		m, err := rd.Read()
+		if err != nil {
+			in.errc <- err
+			return
+		}
+		select {
+		case in.msgs <- m:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// session runs one connection's session until it fails or ctx ends.
+// welcomed says whether the server accepted the Hello.
+func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
+	n := r.net
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	dctx, dcancel := context.WithTimeout(sctx, connectTimeout)
+	s, err := n.peer.openStream(dctx)
+	dcancel()
+	if err != nil {
+		return false, err
+	}
+	// Closing the replica cancels both directions of the stream, which
+	// unblocks a Write that flow control holds on a server gone quiet.
+	stop := context.AfterFunc(sctx, func() { cancelStream(s) })
+	in := &inbox{msgs: make(chan protocol.Message, inboxSize), errc: make(chan error, 1)}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		readLoop(sctx, s, in)
+	}()
+	// However the session ends, the stream is cancelled and its reader
+	// has returned before we do: no goroutine outlives a session.
+	defer func() {
+		cancel()
+		if stop() {
+			cancelStream(s)
+		}
+		wg.Wait()
+	}()
+
+	r.writeMu.Lock()
+	hello := &protocol.Hello{
+		Protocol: protocol.Version, Database: n.remote.Database, ClientID: r.queue.ClientID(),
+		Credential: n.remote.Credential, Version: r.files.Version(), Checksum: r.files.Checksum(),
+	}
+	r.writeMu.Unlock()
+	if err := protocol.WriteMessage(s, hello); err != nil {
+		return false, fmt.Errorf("send hello to %s: %w", n.remote.Addr, err)
+	}
+
+	w, err := awaitWelcome(sctx, in)
+	if err != nil {
+		return false, err
+	}
+	sess := &session{r: r, s: s, in: in, cur: pushCursor{Pushed: w.LastMutationID, Acked: w.LastMutationID}, lim: newPushLimits(w), snapshot: w.Snapshot}
+	n.update(func() {
+		n.connected, n.lastErr = true, nil
+		n.welcomeVersion = w.Version
+		n.serverVersion = max(n.serverVersion, w.Version)
+	})
+	r.log.Debug("sqlrebase: welcomed", "server", n.remote.Addr, "database", n.remote.Database,
+		"server_version", w.Version, "last_mutation_id", w.LastMutationID, "snapshot", w.Snapshot)
+	return true, sess.run(sctx)
+}
+
+// streamClosed is the QUIC stream error code of a session the replica ends
+// (it is closing, or it gave up on the session after an error).
+const streamClosed quic.StreamErrorCode = 0
+
+func cancelStream(s *quic.Stream) {
+	s.CancelRead(streamClosed)
+	s.CancelWrite(streamClosed)
+}
+
+// awaitWelcome reads the answer to Hello.
+func awaitWelcome(ctx context.Context, in *inbox) (*protocol.Welcome, error) {
+	t := time.NewTimer(welcomeTimeout)
+	defer t.Stop()
+	var m protocol.Message
+	select {
+	case m = <-in.msgs:
+	case err := <-in.errc:
+		// A refusal is an Error then the end of the stream: the message
+		// may be in the buffer already.
+		in.err = err
+		var ok bool
+		if m, ok, _ = in.poll(); !ok {
+			return nil, fmt.Errorf("waiting for welcome: %w", err)
+		}
+	case <-t.C:
+		return nil, fmt.Errorf("no answer to hello within %v", welcomeTimeout)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	switch m := m.(type) {
+	case *protocol.Welcome:
+		return m, nil
+	case *protocol.Error:
+		return nil, m.Err()
+	default:
+		return nil, fmt.Errorf("%w: %T before welcome", errUnexpected, m)
+	}
+}
+
+// errUnexpected is a message that is not valid at that point of a session.
+var errUnexpected = errors.New("replica: unexpected message from the server")
+
+// session is the state of one welcomed session.
+type session struct {
+	r   *Replica
+	s   *quic.Stream
+	in  *inbox
+	cur pushCursor
+	lim pushLimits
+
+	snapshot bool        // the Welcome announced a snapshot that has not fully arrived
+	snap     *snapBuffer // the snapshot so far
+	ready    *wal.PageSet
+	versions []protocol.EncodedVersion // arrived, not yet applied
+	wbuf     []byte
+}
+
+// snapBuffer collects a snapshot's chunks.
+type snapBuffer struct {
+	first protocol.SnapshotChunk // header fields every chunk must repeat
+	next  uint32                 // the page the next chunk must start at
+	raw   []byte
+}
+
+func (ss *session) run(ctx context.Context) error {
+	if err := ss.push(); err != nil {
+		return err
+	}
+	for {
+		// Once the reader has failed, only its buffered messages are left:
+		// take them without waiting.
+		if ss.in.err == nil {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-ss.r.net.wake:
+			case m := <-ss.in.msgs:
+				if err := ss.handle(m); err != nil {
+					return err
+				}
+			case err := <-ss.in.errc:
+				ss.in.err = err
+			}
+		}
+		// Take everything that has arrived, then rebase once.
+		for {
+			m, ok, err := ss.in.poll()
+			if err != nil {
+				return ss.closed(err)
+			}
+			if !ok {
+				break
+			}
+			if err := ss.handle(m); err != nil {
+				return err
+			}
+			if len(ss.versions)+ss.readyCount() >= maxRebaseBatch {
+				break
+			}
+		}
+		if rebaseDue(len(ss.versions)+ss.readyCount(), ss.snapshot, len(ss.in.msgs) > 0) {
+			if err := ss.rebase(ctx); err != nil {
+				return err
+			}
+		}
+		if err := ss.push(); err != nil {
+			return err
+		}
+	}
+}
+
+func (ss *session) readyCount() int {
+	if ss.ready != nil {
+		return 1
+	}
+	return 0
+}
+
+// closed explains the end of the stream.
+func (ss *session) closed(err error) error {
+	return fmt.Errorf("connection to %s lost: %w", ss.r.net.remote.Addr, err)
+}
+
+// handle takes one message of a welcomed session.
+func (ss *session) handle(m protocol.Message) error {
+	n := ss.r.net
+	switch m := m.(type) {
+	case *protocol.Versions:
+		if ss.snapshot {
+			return fmt.Errorf("%w: versions before the snapshot was complete", errUnexpected)
+		}
+		if len(m.Versions) > 0 {
+			ss.versions = append(ss.versions, m.Versions...)
+			last := m.Versions[len(m.Versions)-1].Version
+			n.update(func() { n.serverVersion = max(n.serverVersion, last) })
+		}
+	case *protocol.SnapshotChunk:
+		return ss.chunk(m)
+	case *protocol.Ack:
+		ss.cur = ss.cur.ack(m.LastMutationID)
+		n.update(func() { n.serverVersion = max(n.serverVersion, m.Version) })
+	case *protocol.Error:
+		return m.Err()
+	default:
+		return fmt.Errorf("%w: %T", errUnexpected, m)
+	}
+	return nil
+}
+
+// chunk adds a snapshot chunk. Chunks come in page order, all of one image.
+func (ss *session) chunk(c *protocol.SnapshotChunk) error {
+	if !ss.snapshot {
+		return fmt.Errorf("%w: snapshot chunk without a snapshot announced", errUnexpected)
+	}
+	if ss.snap == nil {
+		if c.First != 1 {
+			return fmt.Errorf("%w: snapshot starts at page %d", protocol.ErrMalformed, c.First)
+		}
+		ss.snap = &snapBuffer{first: *c, next: 1}
+	}
+	f := &ss.snap.first
+	if c.Version != f.Version || c.PageSize != f.PageSize || c.DBSize != f.DBSize || c.Checksum != f.Checksum {
+		return fmt.Errorf("%w: snapshot chunk of version %d/%d pages does not match the snapshot's first chunk (version %d/%d pages)",
+			protocol.ErrMalformed, c.Version, c.DBSize, f.Version, f.DBSize)
+	}
+	if c.First != ss.snap.next {
+		return fmt.Errorf("%w: snapshot chunk at page %d, want %d", protocol.ErrMalformed, c.First, ss.snap.next)
+	}
+	raw, err := c.Pages(protocol.DefaultLimits)
+	if err != nil {
+		return fmt.Errorf("snapshot of version %d: %w", c.Version, err)
+	}
+	ss.snap.raw = append(ss.snap.raw, raw...)
+	ss.snap.next += c.Count
+	done := ss.snap.next - 1
+	if cb := ss.r.net.remote.OnSnapshotProgress; cb != nil {
+		cb(done, f.DBSize)
+	}
+	if done < f.DBSize {
+		return nil
+	}
+	ps := &wal.PageSet{Version: f.Version, Flags: wal.FlagSnapshot, PageSize: f.PageSize, DBSize: f.DBSize, PostChecksum: f.Checksum, Pages: make([]wal.Page, f.DBSize)}
+	size := int(f.PageSize)
+	for i := range ps.Pages {
+		ps.Pages[i] = wal.Page{Pgno: uint32(i) + 1, Data: ss.snap.raw[i*size : (i+1)*size : (i+1)*size]}
+	}
+	if err := ps.Validate(); err != nil {
+		return fmt.Errorf("%w: snapshot of version %d: %v", protocol.ErrMalformed, f.Version, err)
+	}
+	ss.ready, ss.snap, ss.snapshot = ps, nil, false
+	return nil
+}
+
+// rebase applies the snapshot and the versions collected, in one rebase.
+func (ss *session) rebase(ctx context.Context) error {
+	snap, evs := ss.ready, ss.versions
+	ss.ready, ss.versions = nil, nil
+	if err := ss.r.rebaseRemote(ctx, snap, evs); err != nil {
+		return err
+	}
+	n := ss.r.net
+	n.update(func() {})
+	return nil
+}
+
+// push sends as many pending mutations as the limits allow, in Push
+// messages of one write.
+func (ss *session) push() error {
+	ss.wbuf = ss.wbuf[:0]
+	for {
+		base, muts := ss.r.queue.after(ss.cur.Pushed, ss.lim.MaxBatch)
+		// Ids the replica has settled were processed by the server: no
+		// need to push them, whatever this session heard so far.
+		ss.cur = ss.cur.ack(base)
+		for len(muts) > 0 && muts[0].ID <= ss.cur.Pushed {
+			muts = muts[1:]
+		}
+		items := make([]pushable, len(muts))
+		for i, m := range muts {
+			items[i] = pushable{ID: m.ID, Size: len(m.Name) + len(m.Args)}
+		}
+		k := planPush(items, ss.cur, ss.lim)
+		if k == 0 {
+			break
+		}
+		p := &protocol.Push{Mutations: make([]protocol.Mutation, k)}
+		for i, m := range muts[:k] {
+			p.Mutations[i] = protocol.Mutation{ID: m.ID, Name: m.Name, Args: m.Args}
+		}
+		ss.wbuf = protocol.AppendFrame(ss.wbuf, p)
+		ss.cur.Pushed = muts[k-1].ID
+		if len(ss.wbuf) >= 1<<20 {
+			break // write what we have; the next wake-up or message pushes on
+		}
+	}
+	if len(ss.wbuf) == 0 {
+		return nil
+	}
+	if _, err := ss.s.Write(ss.wbuf); err != nil {
+		return fmt.Errorf("push to %s: %w", ss.r.net.remote.Addr, err)
+	}
+	if cap(ss.wbuf) > 4<<20 {
+		ss.wbuf = nil // do not keep a large buffer for the life of the session
+	}
+	return nil
+}
+
+// after returns the queue's settled base and up to max pending mutations
+// with ids above id, in order. Pending ids are consecutive, so it finds the
+// start by arithmetic rather than by copying the whole queue, which may be
+// long after a time offline.
+func (q *queue) after(id uint64, limit int) (base uint64, out []queuedMutation) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.pending) == 0 {
+		return q.base, nil
+	}
+	start := 0
+	if first := q.pending[0].ID; id >= first {
+		if id-first >= uint64(len(q.pending)) {
+			return q.base, nil
+		}
+		start = int(id - first + 1)
+	}
+	end := min(len(q.pending), start+limit)
+	return q.base, append([]queuedMutation(nil), q.pending[start:end]...)
+}
+
+// rebaseRemote decodes versions that arrived (after a snapshot, if snap is
+// not nil) against the replica's pages and rebases on them, all at once.
+// The decode happens under the writer's lock, so the base it reads is the
+// one the apply builds on. Nothing changes if the versions do not decode or
+// check out.
+func (r *Replica) rebaseRemote(ctx context.Context, snap *wal.PageSet, evs []protocol.EncodedVersion) error {
+	if r.closed.Load() {
+		return ErrClosed
+	}
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	sets, err := r.decodeVersions(snap, evs)
+	if err != nil {
+		return err
+	}
+	// Waiting for readers gives up when the replica closes; once the gate
+	// is closed the rebase runs to the end, since stopping between the drop
+	// and the replay would hide the pending mutations until the next one.
+	return r.rebaseLocked(ctx, context.WithoutCancel(ctx), sets)
+}
+
+// decodeVersions turns encoded versions into page sets. Each one that is a
+// delta against the version before is decoded against the newest image of
+// each page: from the versions of this batch before it (or the snapshot),
+// else from the main file.
+func (r *Replica) decodeVersions(snap *wal.PageSet, evs []protocol.EncodedVersion) ([]*wal.PageSet, error) {
+	var sets []*wal.PageSet
+	newest := map[uint32][]byte{}
+	version, dbSize := r.files.Version(), r.files.Pages()
+	if snap != nil {
+		sets = append(sets, snap)
+		for _, p := range snap.Pages {
+			newest[p.Pgno] = p.Data
+		}
+		version, dbSize = snap.Version, snap.DBSize
+	}
+	fromSnapshot := snap != nil
+	before := func(pgno uint32) ([]byte, error) {
+		if p, ok := newest[pgno]; ok {
+			return p, nil
+		}
+		if fromSnapshot || pgno == 0 || pgno > r.files.Pages() {
+			return nil, fmt.Errorf("no image of page %d", pgno)
+		}
+		return r.files.ReadPage(pgno)
+	}
+	for i := range evs {
+		ev := &evs[i]
+		if ev.Version != version+1 {
+			return nil, fmt.Errorf("%w: server sent version %d, the replica is at %d", protocol.ErrMalformed, ev.Version, version)
+		}
+		if ev.Codec == protocol.CodecZstdDict && ev.BaseDBSize != dbSize {
+			return nil, fmt.Errorf("%w: version %d is a delta against a database of %d pages, the replica has %d", protocol.ErrMalformed, ev.Version, ev.BaseDBSize, dbSize)
+		}
+		ps, err := protocol.DecodeVersion(ev, protocol.DefaultLimits, before)
+		if err != nil {
+			return nil, err
+		}
+		sets = append(sets, ps)
+		for _, p := range ps.Pages {
+			newest[p.Pgno] = p.Data
+		}
+		version, dbSize = ps.Version, ps.DBSize
+	}
+	return sets, nil
+}
+
+// nextAttempt is the backoff attempt after a session: back to the start
+// after a session that was welcomed and lasted, one step further otherwise.
+func nextAttempt(attempt int, welcomed bool, lasted time.Duration) int {
+	if welcomed && lasted >= stableSession {
+		return 0
+	}
+	if attempt < 64 {
+		attempt++
+	}
+	return attempt
+}
+
+// WaitConnected waits until the replica has a session with the server (the
+// server accepted its Hello). It returns at once with the error of a fatal
+// refusal (a wrong credential, an unknown database, a server certificate
+// that does not verify), ErrClosed, or ctx's error.
+func (r *Replica) WaitConnected(ctx context.Context) error {
+	return r.waitNet(ctx, func(v netView) bool { return v.connected })
+}
+
+// Sync waits until the replica is in sync with the server as of the call:
+// connected, caught up to at least the version the server had when the
+// session began, and every mutation made before the call settled (applied
+// or rejected: see each Handle for which). Errors are those of
+// WaitConnected. Without a connection it waits for one: offline, only ctx
+// ends it.
+func (r *Replica) Sync(ctx context.Context) error {
+	last := r.queue.NextID() - 1
+	return r.waitNet(ctx, func(v netView) bool {
+		if !v.connected {
+			return false
+		}
+		target := v.welcomeVersion
+		r.writeMu.Lock()
+		defer r.writeMu.Unlock()
+		if r.closed.Load() {
+			return false
+		}
+		return r.files.Version() >= target && r.lmid >= last
+	})
+}
+
+// netView is what a wait condition sees of the sync state.
+type netView struct {
+	connected      bool
+	welcomeVersion uint64
+}
+
+// waitNet waits until cond holds, re-checking after every change of the
+// sync state (each welcome, disconnect and rebase of the loop).
+func (r *Replica) waitNet(ctx context.Context, cond func(netView) bool) error {
+	n := r.net
+	if n == nil {
+		return ErrNoRemote
+	}
+	for {
+		if r.closed.Load() {
+			return ErrClosed
+		}
+		n.mu.Lock()
+		fatal, ch := n.fatal, n.changed
+		view := netView{connected: n.connected, welcomeVersion: n.welcomeVersion}
+		n.mu.Unlock()
+		if fatal != nil {
+			return fatal
+		}
+		// cond runs without n.mu: it may take the writer's lock, which is
+		// never held while n.mu is taken (Status takes them in turn).
+		if cond(view) {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// netStatus fills the network fields of a Status.
+func (r *Replica) netStatus(st *Status) {
+	n := r.net
+	if n == nil {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	st.Connected, st.LastError, st.ServerVersion = n.connected, n.lastErr, n.serverVersion
+}

@@ -1,0 +1,295 @@
+package replica
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/protocol"
+)
+
+// Remote says where a replica syncs and how it proves who it is and who the
+// server is. A replica opened with a Remote runs a sync loop until Close.
+type Remote struct {
+	// Addr is the server's UDP address, "host:port". It is resolved again
+	// on every connection attempt, so a name that moves is followed.
+	Addr string
+	// Database is the server's name for the database this replica mirrors.
+	Database string
+	// Credential is the secret the server knows the database's clients by.
+	Credential string
+
+	// Fingerprint pins the server's certificate ("sha256:<64 hex>", as
+	// `sqlrebase serve` prints it). Give it or CAFile, never neither:
+	// there is no mode that trusts any server.
+	Fingerprint string
+	// CAFile is a PEM bundle of the CAs that sign the server's certificate
+	// for ServerName (which defaults to the host of Addr).
+	CAFile     string
+	ServerName string
+
+	// Transport, if set, carries this replica's session over a connection
+	// shared with the other replicas of the process that use it. Nil: the
+	// replica makes a Transport of its own and closes it at Close.
+	Transport *Transport
+
+	// OnSnapshotProgress, if set, is called as a snapshot arrives with the
+	// pages received so far and the total. It runs on the sync goroutine
+	// and must not block.
+	OnSnapshotProgress func(done, total uint32)
+}
+
+// validate checks what a Remote must hold before anything is dialed, so
+// that a misconfiguration fails Open instead of a retry loop.
+func (rm *Remote) validate() error {
+	switch {
+	case rm.Addr == "":
+		return errors.New("replica: Remote.Addr is required")
+	case rm.Database == "":
+		return errors.New("replica: Remote.Database is required")
+	case rm.Fingerprint == "" && rm.CAFile == "":
+		return errors.New("replica: Remote needs the server's certificate fingerprint (Fingerprint, sha256:...) or a CA file (CAFile); there is no insecure mode")
+	}
+	if _, _, err := net.SplitHostPort(rm.Addr); err != nil {
+		return fmt.Errorf("replica: Remote.Addr %q: %w", rm.Addr, err)
+	}
+	if _, err := rm.tlsConfig(); err != nil {
+		return fmt.Errorf("replica: %w", err)
+	}
+	return nil
+}
+
+// tlsConfig builds the client TLS configuration for the Remote.
+func (rm *Remote) tlsConfig() (*tls.Config, error) {
+	name := rm.ServerName
+	if name == "" && rm.CAFile != "" {
+		host, _, err := net.SplitHostPort(rm.Addr)
+		if err != nil {
+			return nil, err
+		}
+		name = host
+	}
+	return protocol.ClientTLS(rm.Fingerprint, rm.CAFile, name)
+}
+
+// peerKey identifies a connection that replicas may share: the same address
+// and the same way of trusting the server.
+func (rm *Remote) peerKey() string {
+	return rm.Addr + "\x00" + rm.Fingerprint + "\x00" + rm.CAFile + "\x00" + rm.ServerName
+}
+
+// TransportOptions configure a Transport.
+type TransportOptions struct {
+	// PacketConn is the UDP socket to use, for instance a wrapper that adds
+	// latency or loss in tests and demos. Nil: a new UDP socket on an
+	// ephemeral port, closed with the Transport. A PacketConn given here is
+	// the caller's: Close stops using it but does not close it.
+	PacketConn net.PacketConn
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+// Transport owns one QUIC endpoint (one UDP socket) and at most one QUIC
+// connection per server, which the replicas using it share: each replica's
+// session is a stream of its own on that connection (docs/PROTOCOL.md: one
+// connection per process, one stream per database). Its methods are safe
+// for concurrent use.
+type Transport struct {
+	opts TransportOptions
+	log  *slog.Logger
+
+	mu     sync.Mutex
+	qt     *quic.Transport // created at the first dial
+	own    net.PacketConn  // the socket we created, if any
+	peers  map[string]*peer
+	closed bool
+}
+
+// ErrTransportClosed is returned by a closed Transport.
+var ErrTransportClosed = errors.New("replica: transport closed")
+
+// NewTransport returns a Transport. It opens no socket until a replica
+// first connects.
+func NewTransport(opts TransportOptions) *Transport {
+	t := &Transport{opts: opts, log: opts.Logger, peers: map[string]*peer{}}
+	if t.log == nil {
+		t.log = slog.Default()
+	}
+	return t
+}
+
+// Close closes every connection and the socket the Transport made. Close
+// the replicas that use it first; their sessions otherwise fail and retry
+// until they are closed.
+func (t *Transport) Close() error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil
+	}
+	t.closed = true
+	peers := t.peers
+	t.peers = map[string]*peer{}
+	qt, own := t.qt, t.own
+	t.mu.Unlock()
+	for _, p := range peers {
+		p.close()
+	}
+	var errs []error
+	if qt != nil {
+		errs = append(errs, qt.Close())
+	}
+	if own != nil {
+		if err := own.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// endpoint returns the QUIC transport, creating it (and its socket) at the
+// first call.
+func (t *Transport) endpoint() (*quic.Transport, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, ErrTransportClosed
+	}
+	if t.qt != nil {
+		return t.qt, nil
+	}
+	pc := t.opts.PacketConn
+	if pc == nil {
+		udp, err := net.ListenUDP("udp", nil)
+		if err != nil {
+			return nil, fmt.Errorf("open UDP socket: %w", err)
+		}
+		pc, t.own = udp, udp
+	}
+	t.qt = &quic.Transport{Conn: pc}
+	return t.qt, nil
+}
+
+// acquire returns the shared peer for rm, counting one more user; the
+// caller calls release when it is done with it (at Close of its replica).
+func (t *Transport) acquire(rm *Remote) (*peer, error) {
+	conf, err := rm.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	key := rm.peerKey()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, ErrTransportClosed
+	}
+	p := t.peers[key]
+	if p == nil {
+		p = &peer{t: t, key: key, addr: rm.Addr, tls: conf, dialing: make(chan struct{}, 1)}
+		t.peers[key] = p
+	}
+	p.users++
+	return p, nil
+}
+
+// release drops one user of p; the last one closes its connection.
+func (t *Transport) release(p *peer) {
+	t.mu.Lock()
+	p.users--
+	last := p.users == 0
+	if last && t.peers[p.key] == p {
+		delete(t.peers, p.key)
+	}
+	t.mu.Unlock()
+	if last {
+		p.close()
+	}
+}
+
+// peer is one server as seen from a Transport: its address, how to trust
+// it, and the current connection, if any, which its users share.
+type peer struct {
+	t     *Transport
+	key   string
+	addr  string
+	tls   *tls.Config
+	users int // guarded by t.mu
+
+	// dialing is a lock that a waiter can give up on (ctx): one dial at a
+	// time, and the others then use its connection.
+	dialing chan struct{}
+	mu      sync.Mutex
+	conn    *quic.Conn
+	closed  bool
+}
+
+// conn returns a live connection to the peer, dialing one if there is
+// none or the last one died.
+func (p *peer) connection(ctx context.Context) (*quic.Conn, error) {
+	select {
+	case p.dialing <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-p.dialing }()
+	p.mu.Lock()
+	c, closed := p.conn, p.closed
+	p.mu.Unlock()
+	if closed {
+		return nil, ErrTransportClosed
+	}
+	if c != nil && c.Context().Err() == nil {
+		return c, nil
+	}
+	qt, err := p.t.endpoint()
+	if err != nil {
+		return nil, err
+	}
+	addr, err := net.ResolveUDPAddr("udp", p.addr)
+	if err != nil {
+		return nil, fmt.Errorf("resolve %s: %w", p.addr, err)
+	}
+	c, err = qt.Dial(ctx, addr, p.tls, protocol.QUICConfig())
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", p.addr, err)
+	}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		c.CloseWithError(0, "closed")
+		return nil, ErrTransportClosed
+	}
+	p.conn = c
+	p.mu.Unlock()
+	p.t.log.Debug("sqlrebase: connected", "server", p.addr)
+	return c, nil
+}
+
+// openStream opens a session stream on the shared connection.
+func (p *peer) openStream(ctx context.Context) (*quic.Stream, error) {
+	c, err := p.connection(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s, err := c.OpenStreamSync(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open stream to %s: %w", p.addr, err)
+	}
+	return s, nil
+}
+
+func (p *peer) close() {
+	p.mu.Lock()
+	c := p.conn
+	p.conn, p.closed = nil, true
+	p.mu.Unlock()
+	if c != nil {
+		c.CloseWithError(0, "client closed")
+	}
+}
