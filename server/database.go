@@ -1,0 +1,272 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/wal"
+)
+
+// database is one hosted database: its authority, change log, credentials,
+// writer goroutine and subscribers.
+type database struct {
+	name   string
+	auth   *Authority
+	access *access
+	cfg    *Config
+	log    *slog.Logger
+
+	pushes chan pushRequest
+	stop   chan struct{}
+	done   chan struct{}
+
+	// Guarded by auth.mu: onCommit runs under it, and subscribing takes it,
+	// so a new subscriber sits exactly between two versions.
+	clog     *changeLog
+	subs     map[*session]struct{}
+	lastSize int // bytes of the last encoded version
+}
+
+// pushRequest is one Push of one session, for the writer.
+type pushRequest struct {
+	s         *session
+	mutations []protocol.Mutation
+}
+
+func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.Logger) (*database, error) {
+	d := &database{
+		name: name, cfg: cfg, log: log.With("db", name),
+		pushes: make(chan pushRequest, 1024),
+		stop:   make(chan struct{}), done: make(chan struct{}),
+		subs: map[*session]struct{}{},
+	}
+	var err error
+	if d.access, err = loadAccess(filepath.Join(dir, "access.json")); err != nil {
+		return nil, err
+	}
+	if d.clog, err = openChangeLog(filepath.Join(dir, "log"), cfg.SegmentVersions, cfg.SegmentBytes, cfg.Retention); err != nil {
+		return nil, err
+	}
+	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit}
+	if err := a.open(ctx, cfg.Setup); err != nil {
+		a.Close()
+		d.clog.close()
+		return nil, fmt.Errorf("open database %s: %w", name, err)
+	}
+	d.auth = a
+	// The log must end at the database's version; if a crash came between
+	// a commit and its append (or the log was lost), start it afresh:
+	// replicas older than that get a snapshot.
+	if last := d.clog.last(); last != a.version {
+		if last != 0 {
+			d.log.Warn("change log does not end at the database version; starting it afresh", "log", last, "version", a.version)
+		}
+		if err := d.clog.reset(); err != nil {
+			return nil, err
+		}
+	} else if err := d.clog.openTail(); err != nil {
+		return nil, err
+	}
+	go d.writer()
+	return d, nil
+}
+
+// onCommit encodes a committed version once, appends it to the change log
+// and offers it to every subscriber. It runs under auth.mu.
+func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32) {
+	ev, err := protocol.EncodeVersion(ps, baseDBSize, func(pgno uint32) []byte {
+		i := sort.Search(len(ps.Pages), func(i int) bool { return ps.Pages[i].Pgno >= pgno })
+		if i < len(ps.Pages) && ps.Pages[i].Pgno == pgno {
+			return before[i]
+		}
+		return nil
+	})
+	if err != nil {
+		// Cannot happen for a page set the authority just built; if it
+		// does, fall back to the whole pages.
+		d.log.Error("encode version", "version", ps.Version, "err", err)
+		ev, err = protocol.EncodeVersion(ps, 0, nil)
+		if err != nil {
+			d.auth.broken = fmt.Errorf("server: encode version %d: %w", ps.Version, err)
+			return
+		}
+	}
+	rec := ev.AppendBinary(nil)
+	d.lastSize = len(rec)
+	if err := d.clog.append(ps.Version, rec, time.Now()); err != nil {
+		d.log.Error("change log append failed; the log starts afresh", "version", ps.Version, "err", err)
+		d.clog.reset()
+	}
+	for s := range d.subs {
+		if !s.offer(item{version: ps.Version, rec: rec}) {
+			delete(d.subs, s)
+		}
+	}
+}
+
+// catchUp is what a new subscriber needs before the live versions.
+type catchUp struct {
+	welcome  protocol.Welcome
+	from, to uint64 // versions to read from the change log (from > to: none)
+}
+
+// subscribe registers s for live versions and decides its catch-up from the
+// version and checksum it has.
+func (d *database) subscribe(ctx context.Context, s *session, have uint64, checksum uint64) (catchUp, error) {
+	a := d.auth
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.broken != nil {
+		return catchUp{}, a.broken
+	}
+	lmid, err := mutators.LastMutationID(ctx, a.conn, s.clientID)
+	if err != nil {
+		return catchUp{}, err
+	}
+	c := catchUp{welcome: protocol.Welcome{
+		Version: a.version, LastMutationID: lmid, PageSize: a.pageSize,
+		MaxBatch: uint32(d.cfg.Limits.MaxBatch), MaxInFlight: uint32(d.cfg.MaxInFlight),
+	}}
+	switch {
+	case have == a.version && checksum == a.sums.Sum():
+		c.from, c.to = 1, 0
+	case have < a.version && d.clog.first() != 0 && have+1 >= d.clog.first() && d.checksumAt(have) == checksum:
+		c.from, c.to = have+1, a.version
+	default:
+		c.welcome.Snapshot = true
+	}
+	d.subs[s] = struct{}{}
+	return c, nil
+}
+
+// checksumAt is the database checksum at version v, from the change log
+// (the pre-checksum of v+1); 0 if the log cannot tell. Called under auth.mu.
+func (d *database) checksumAt(v uint64) uint64 {
+	recs, err := d.clog.read(v+1, v+1)
+	if err != nil {
+		return 0
+	}
+	ev, err := protocol.DecodeEncodedVersion(recs[0], d.cfg.Limits)
+	if err != nil {
+		return 0
+	}
+	return ev.PreChecksum
+}
+
+// readLog returns encoded versions from..to (at most max of them), or an
+// error if the log no longer holds them.
+func (d *database) readLog(from, to uint64, max int) ([][]byte, error) {
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	if to-from+1 > uint64(max) {
+		to = from + uint64(max) - 1
+	}
+	return d.clog.read(from, to)
+}
+
+func (d *database) unsubscribe(s *session) {
+	d.auth.mu.Lock()
+	delete(d.subs, s)
+	d.auth.mu.Unlock()
+}
+
+// writer runs pushed mutations in arrival order. It takes whatever pushes
+// are waiting, up to a group size, into one batch: one transaction, one
+// version, one fsync for all of them (group commit).
+func (d *database) writer() {
+	defer close(d.done)
+	ctx := context.Background()
+	for {
+		var reqs []pushRequest
+		select {
+		case r := <-d.pushes:
+			reqs = append(reqs, r)
+		case <-d.stop:
+			return
+		}
+		n := len(reqs[0].mutations)
+	drain:
+		for n < d.cfg.GroupCommit {
+			select {
+			case r := <-d.pushes:
+				reqs = append(reqs, r)
+				n += len(r.mutations)
+			default:
+				break drain
+			}
+		}
+		d.run(ctx, reqs)
+	}
+}
+
+func (d *database) run(ctx context.Context, reqs []pushRequest) {
+	var batch []Mutation
+	for _, r := range reqs {
+		for _, m := range r.mutations {
+			batch = append(batch, Mutation{ClientID: r.s.clientID, ID: m.ID, Name: m.Name, Args: m.Args})
+		}
+	}
+	_, results, err := d.auth.Push(ctx, batch)
+	if err != nil {
+		d.log.Error("push batch", "mutations", len(batch), "err", err)
+		for _, r := range reqs {
+			r.s.fail(protocol.CodeInternal, "the server could not run the batch; retry later")
+		}
+		return
+	}
+	version := d.auth.Version()
+	i := 0
+	for _, r := range reqs {
+		var refused string
+		last := uint64(0)
+		for range r.mutations {
+			res := results[i]
+			i++
+			if res.Outcome == Refused && refused == "" {
+				refused = res.Err
+			}
+			if res.Outcome != Refused {
+				last = res.Mutation.ID
+			}
+		}
+		r.s.inflight.Add(-int64(len(r.mutations)))
+		if refused != "" {
+			r.s.fail(protocol.CodeGap, refused)
+			continue
+		}
+		r.s.offer(item{ack: &protocol.Ack{LastMutationID: last, Version: version}})
+	}
+}
+
+// push hands a session's push to the writer, waiting if the writer is
+// backed up (back-pressure on that client's stream only).
+func (d *database) push(ctx context.Context, r pushRequest) error {
+	select {
+	case d.pushes <- r:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-d.stop:
+		return errors.New("database closed")
+	}
+}
+
+func (d *database) close() error {
+	close(d.stop)
+	<-d.done
+	d.auth.mu.Lock()
+	for s := range d.subs {
+		s.fail(protocol.CodeShuttingDown, "the server is shutting down")
+	}
+	d.subs = map[*session]struct{}{}
+	err := d.clog.close()
+	d.auth.mu.Unlock()
+	return errors.Join(err, d.auth.Close())
+}

@@ -1,0 +1,508 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/wal"
+)
+
+// testServer starts a server on loopback with database "demo" (secret
+// "s3cret") and returns it and its address.
+func testServer(t *testing.T, dir string, tune func(*Config)) (*Server, string) {
+	t.Helper()
+	ctx := context.Background()
+	cfg := Config{Dir: dir, Mutators: testRegistry(t), Setup: demoSetup, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	if tune != nil {
+		tune(&cfg)
+	}
+	srv, err := Open(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	if err := srv.AddDatabase(ctx, "demo", "s3cret"); err != nil {
+		t.Fatal(err)
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, addr
+}
+
+// image is a test client's copy of a database, kept as the protocol says:
+// versions decoded against the pages it holds, checksums checked. It is an
+// independent, minimal replica.
+type image struct {
+	version uint64
+	pages   [][]byte
+	sums    *wal.ChecksumTable
+}
+
+func newImage() *image {
+	b := wal.EmptyDatabase(wal.DefaultPageSize)
+	im := &image{sums: wal.NewChecksumTable(wal.DefaultPageSize)}
+	for off := 0; off < len(b); off += wal.DefaultPageSize {
+		im.pages = append(im.pages, b[off:off+wal.DefaultPageSize])
+	}
+	im.sums.Resize(uint32(len(im.pages)))
+	for i, p := range im.pages {
+		im.sums.Set(uint32(i+1), wal.PageChecksum(uint32(i+1), p))
+	}
+	return im
+}
+
+func (im *image) apply(t *testing.T, ev *protocol.EncodedVersion) {
+	t.Helper()
+	if ev.Codec == protocol.CodecZstdDict && ev.BaseDBSize != uint32(len(im.pages)) {
+		t.Fatalf("version %d: base of %d pages, image has %d", ev.Version, ev.BaseDBSize, len(im.pages))
+	}
+	ps, err := protocol.DecodeVersion(ev, protocol.DefaultLimits, func(p uint32) ([]byte, error) { return im.pages[p-1], nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ps.Version != im.version+1 || ps.PreChecksum != im.sums.Sum() {
+		t.Fatalf("version %d (pre %x) on image at %d (%x)", ps.Version, ps.PreChecksum, im.version, im.sums.Sum())
+	}
+	if got := im.sums.Preview(ps); got != ps.PostChecksum {
+		t.Fatalf("version %d: pages yield checksum %x, want %x", ps.Version, got, ps.PostChecksum)
+	}
+	im.sums.Apply(ps)
+	for uint32(len(im.pages)) < ps.DBSize {
+		im.pages = append(im.pages, make([]byte, ps.PageSize))
+	}
+	im.pages = im.pages[:ps.DBSize]
+	for _, p := range ps.Pages {
+		im.pages[p.Pgno-1] = p.Data
+	}
+	im.version = ps.Version
+}
+
+// client is a raw protocol client on one stream.
+type client struct {
+	t      *testing.T
+	conn   *quic.Conn
+	stream *quic.Stream
+	r      *protocol.Reader
+	im     *image
+}
+
+func dial(t *testing.T, addr, fingerprint string) *quic.Conn {
+	t.Helper()
+	tlsConf, err := protocol.ClientTLS(fingerprint, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, addr, tlsConf, protocol.QUICConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.CloseWithError(0, "") })
+	return conn
+}
+
+func openClient(t *testing.T, conn *quic.Conn, hello protocol.Hello) (*client, protocol.Message) {
+	t.Helper()
+	stream, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &client{t: t, conn: conn, stream: stream, r: protocol.NewReader(stream, protocol.DefaultLimits), im: newImage()}
+	if hello.Protocol == 0 {
+		hello.Protocol = protocol.Version
+	}
+	if hello.Version == 0 && hello.Checksum == 0 {
+		hello.Checksum = c.im.sums.Sum()
+	}
+	if err := protocol.WriteMessage(stream, &hello); err != nil {
+		t.Fatal(err)
+	}
+	return c, c.read()
+}
+
+func (c *client) read() protocol.Message {
+	c.t.Helper()
+	c.stream.SetReadDeadline(time.Now().Add(10 * time.Second))
+	m, err := c.r.Read()
+	if err != nil {
+		c.t.Fatalf("read: %v", err)
+	}
+	return m
+}
+
+// until reads and applies versions until the image reaches v; it returns
+// the acks seen.
+func (c *client) until(v uint64) []*protocol.Ack {
+	c.t.Helper()
+	var acks []*protocol.Ack
+	for c.im.version < v {
+		switch m := c.read().(type) {
+		case *protocol.Versions:
+			for i := range m.Versions {
+				c.im.apply(c.t, &m.Versions[i])
+			}
+		case *protocol.Ack:
+			acks = append(acks, m)
+		case *protocol.Error:
+			c.t.Fatalf("error from the server: %v", m.Err())
+		default:
+			c.t.Fatalf("unexpected %T", m)
+		}
+	}
+	return acks
+}
+
+// acked reads and applies versions until the server acknowledges id.
+func (c *client) acked(id uint64) *protocol.Ack {
+	c.t.Helper()
+	for {
+		switch m := c.read().(type) {
+		case *protocol.Versions:
+			for i := range m.Versions {
+				c.im.apply(c.t, &m.Versions[i])
+			}
+		case *protocol.Ack:
+			if m.LastMutationID >= id {
+				if c.im.version < m.Version {
+					c.t.Fatalf("ack of version %d before the version (image at %d)", m.Version, c.im.version)
+				}
+				return m
+			}
+		case *protocol.Error:
+			c.t.Fatalf("error from the server: %v", m.Err())
+		default:
+			c.t.Fatalf("unexpected %T", m)
+		}
+	}
+}
+
+func (c *client) push(ids ...uint64) {
+	c.t.Helper()
+	p := &protocol.Push{}
+	for _, id := range ids {
+		p.Mutations = append(p.Mutations, protocol.Mutation{ID: id, Name: mutators.CreateCategoryOrIncrementIfExists, Args: mutators.CategoryArgs("Food", 1)})
+	}
+	if err := protocol.WriteMessage(c.stream, p); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func welcome(t *testing.T, m protocol.Message) *protocol.Welcome {
+	t.Helper()
+	w, ok := m.(*protocol.Welcome)
+	if !ok {
+		if e, ok := m.(*protocol.Error); ok {
+			t.Fatalf("refused: %v", e.Err())
+		}
+		t.Fatalf("got %T, want Welcome", m)
+	}
+	return w
+}
+
+func sumOf(t *testing.T, a *Authority, name string) int {
+	t.Helper()
+	var n int
+	if err := a.db.QueryRow(`SELECT coalesce(sum(count),0) FROM Categories WHERE name = ?`, name).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestSessionPushAndVersions(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), nil)
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "alice", Credential: "s3cret"})
+	w := welcome(t, m)
+	if w.Snapshot || w.LastMutationID != 0 || w.Version != 1 {
+		t.Fatalf("welcome %+v", w)
+	}
+	c.until(1) // catch-up from the change log: the schema version
+	c.push(1, 2, 3)
+	acks := c.until(2)
+	for len(acks) == 0 {
+		if a, ok := c.read().(*protocol.Ack); ok {
+			acks = append(acks, a)
+		}
+	}
+	if acks[0].LastMutationID != 3 || acks[0].Version != 2 {
+		t.Fatalf("ack %+v", acks[0])
+	}
+	a := srv.Authority("demo")
+	if c.im.sums.Sum() != a.Checksum() {
+		t.Fatal("the client's image differs from the server's database")
+	}
+	// A second stream of the same client on the same connection: pushing
+	// 2..4 again applies only 4 (duplicates skipped).
+	c2, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "alice", Credential: "s3cret", Version: c.im.version, Checksum: c.im.sums.Sum()})
+	c2.im = c.im
+	if w := welcome(t, m); w.LastMutationID != 3 || w.Version != 2 {
+		t.Fatalf("welcome %+v", w)
+	}
+	c2.push(2, 3, 4)
+	c2.until(3)
+	if n := sumOf(t, a, "Food"); n != 4 {
+		t.Fatalf("Food count %d, want 4 (duplicates applied?)", n)
+	}
+	// A gap is refused with a clear error, and nothing changes.
+	c2.push(9)
+	for {
+		m := c2.read()
+		if e, ok := m.(*protocol.Error); ok {
+			if e.Code != protocol.CodeGap || !strings.Contains(e.Message, "want 5") {
+				t.Fatalf("gap: %v", e.Err())
+			}
+			break
+		}
+	}
+	if n := sumOf(t, a, "Food"); n != 4 || a.Version() != 3 {
+		t.Fatalf("after the gap: count %d, version %d", n, a.Version())
+	}
+}
+
+func TestRefusals(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), nil)
+	ctx := context.Background()
+	if err := srv.AddDatabase(ctx, "other", "other-secret"); err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, addr, srv.Fingerprint())
+	cases := []struct {
+		name  string
+		hello protocol.Hello
+		code  protocol.Code
+		says  string
+	}{
+		{"wrong credential", protocol.Hello{Database: "demo", ClientID: "c", Credential: "nope"}, protocol.CodeUnauthorized, "unauthorized"},
+		{"unknown database", protocol.Hello{Database: "nosuch", ClientID: "c", Credential: "s3cret"}, protocol.CodeUnknownDatabase, `"nosuch"`},
+		{"protocol version", protocol.Hello{Protocol: 99, Database: "demo", ClientID: "c", Credential: "s3cret"}, protocol.CodeProtocolVersion, "protocol 99"},
+		{"credential of another database", protocol.Hello{Database: "demo", ClientID: "c", Credential: "other-secret"}, protocol.CodeUnauthorized, "unauthorized"},
+	}
+	for _, c := range cases {
+		_, m := openClient(t, conn, c.hello)
+		e, ok := m.(*protocol.Error)
+		if !ok || e.Code != c.code || !strings.Contains(e.Err().Error(), c.says) {
+			t.Errorf("%s: got %#v", c.name, m)
+		}
+	}
+	// A client id is bound to the first credential that used it.
+	if err := srv.AddDatabase(ctx, "demo", "second-secret"); err != nil {
+		t.Fatal(err)
+	}
+	_, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "bob", Credential: "s3cret"})
+	welcome(t, m)
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "bob", Credential: "second-secret"})
+	if e, ok := m.(*protocol.Error); !ok || e.Code != protocol.CodeUnauthorized || !strings.Contains(e.Message, "another credential") {
+		t.Fatalf("impersonation: %#v", m)
+	}
+	if srv.Authority("demo").Version() != 1 {
+		t.Fatal("a refusal changed the database")
+	}
+	// A wrong fingerprint fails the handshake.
+	tlsConf, _ := protocol.ClientTLS("sha256:"+strings.Repeat("ab", 32), "", "")
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := quic.DialAddr(dctx, addr, tlsConf, protocol.QUICConfig()); err == nil || !strings.Contains(err.Error(), "fingerprint") {
+		t.Fatalf("wrong fingerprint: %v", err)
+	}
+}
+
+// TestGarbage: malformed, truncated and oversized input closes only that
+// stream; the server stays up and other clients go on.
+func TestGarbage(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.Limits.MaxMessage = 1 << 20 })
+	good := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, good, protocol.Hello{Database: "demo", ClientID: "good", Credential: "s3cret"})
+	welcome(t, m)
+	c.until(1)
+	hello := protocol.AppendFrame(nil, &protocol.Hello{Protocol: 1, Database: "demo", ClientID: "bad", Credential: "s3cret", Checksum: newImage().sums.Sum()})
+	garbage := [][]byte{
+		{0, 0, 0, 5, 99, 1, 2, 3, 4},                      // unknown type
+		{0, 0, 0, 0},                                      // empty message
+		{0xff, 0xff, 0xff, 0xff},                          // oversized length
+		{0, 0, 0, 9, byte(protocol.TypePush), 0xff, 0xff}, // truncated, then the stream ends
+		append(append([]byte(nil), hello...), 0, 0, 0, 3, byte(protocol.TypePush), 0x80, 0x80), // bad varint after a good hello
+		append(append([]byte(nil), hello...), protocol.AppendFrame(nil, &protocol.Ack{})...),     // a message not valid from a client
+	}
+	for i, g := range garbage {
+		bad := dial(t, addr, srv.Fingerprint())
+		s, err := bad.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Write(g)
+		s.Close()
+		// The server answers with an Error (after a Welcome, for the cases
+		// with a good hello) and ends the stream.
+		r := protocol.NewReader(s, protocol.DefaultLimits)
+		s.SetReadDeadline(time.Now().Add(10 * time.Second))
+		var last protocol.Message
+		for {
+			m, err := r.Read()
+			if err != nil {
+				if last == nil {
+					t.Fatalf("garbage %d: no error message before %v", i, err)
+				}
+				break
+			}
+			last = m
+		}
+		if e, ok := last.(*protocol.Error); !ok || (e.Code != protocol.CodeMalformed && e.Code != protocol.CodeTooLarge && e.Code != protocol.CodeUnexpected) {
+			t.Fatalf("garbage %d: last message %#v", i, last)
+		}
+	}
+	c.push(1)
+	c.until(2)
+	if c.im.sums.Sum() != srv.Authority("demo").Checksum() {
+		t.Fatal("the good client diverged")
+	}
+}
+
+// TestWireSize: the version carrying a one-row update of an existing row
+// travels in at most 512 bytes (the mutation, the client's last id and the
+// version number each touch a page).
+func TestWireSize(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), nil)
+	c, m := openClient(t, dial(t, addr, srv.Fingerprint()), protocol.Hello{Database: "demo", ClientID: "w", Credential: "s3cret"})
+	welcome(t, m)
+	// Fill the table over many pages first, so that the update touches one
+	// leaf among many, as in a real app.
+	a := srv.Authority("demo")
+	if _, err := a.Exec(context.Background(), func(tx mutators.Tx) error {
+		_, err := tx.Exec(`WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 5000)
+			INSERT INTO Categories(name, count) SELECT 'cat-' || i, i FROM n`)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c.push(1)
+	c.acked(1)
+	rec, err := srv.EncodedVersion("demo", a.Version())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, _ := protocol.DecodeEncodedVersion(rec, protocol.DefaultLimits)
+	t.Logf("single-row update: %d pages, %d bytes on the wire (codec %d)", len(ps.Pgnos), len(rec)+protocol.FrameHeaderSize+2, ps.Codec)
+	if len(rec)+protocol.FrameHeaderSize+2 > 512 {
+		t.Fatalf("a one-row update takes %d bytes", len(rec))
+	}
+	if c.im.sums.Sum() != a.Checksum() {
+		t.Fatal("diverged")
+	}
+}
+
+// TestSnapshotAndRetention: a client behind the retention window gets a
+// snapshot, then live versions, and ends checksum-equal.
+func TestSnapshotAndRetention(t *testing.T) {
+	dir := t.TempDir()
+	srv, addr := testServer(t, dir, func(c *Config) {
+		c.SegmentVersions = 4
+		c.Retention = Retention{Versions: 8}
+	})
+	conn := dial(t, addr, srv.Fingerprint())
+	w, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "writer", Credential: "s3cret"})
+	welcome(t, m)
+	for id := uint64(1); id <= 30; id++ {
+		w.push(id)
+		w.acked(id) // one version each
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "dbs", "demo", "log", "*.seg"))
+	if len(files) > 4 {
+		t.Fatalf("retention kept %d segments", len(files))
+	}
+	late, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "late", Credential: "s3cret"})
+	if !welcome(t, m).Snapshot {
+		t.Fatal("a replica behind the log was not sent a snapshot")
+	}
+	var raw []byte
+	var chunk *protocol.SnapshotChunk
+	for chunk == nil || chunk.First+chunk.Count-1 < chunk.DBSize {
+		var ok bool
+		if chunk, ok = late.read().(*protocol.SnapshotChunk); !ok {
+			t.Fatal("want snapshot chunks")
+		}
+		b, err := chunk.Pages(protocol.DefaultLimits)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw = append(raw, b...)
+	}
+	im := &image{version: chunk.Version, sums: wal.NewChecksumTable(chunk.PageSize)}
+	im.sums.Resize(chunk.DBSize)
+	for i := uint32(0); i < chunk.DBSize; i++ {
+		p := raw[int(i)*int(chunk.PageSize) : int(i+1)*int(chunk.PageSize)]
+		im.pages = append(im.pages, p)
+		im.sums.Set(i+1, wal.PageChecksum(i+1, p))
+	}
+	if im.sums.Sum() != chunk.Checksum {
+		t.Fatal("snapshot image does not match its checksum")
+	}
+	late.im = im
+	w.push(31)
+	w.acked(31)
+	late.until(w.im.version)
+	if late.im.sums.Sum() != srv.Authority("demo").Checksum() {
+		t.Fatal("diverged after snapshot")
+	}
+	// A client with the right version but a wrong checksum is not sent
+	// deltas it cannot apply: it gets a snapshot.
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "odd", Credential: "s3cret", Version: 30, Checksum: 12345})
+	if !welcome(t, m).Snapshot {
+		t.Fatal("a diverged replica was not sent a snapshot")
+	}
+}
+
+// TestRestart: the change log survives a restart; a client catches up
+// through it; the server reopens its databases and credentials.
+func TestRestart(t *testing.T) {
+	dir := t.TempDir()
+	srv, addr := testServer(t, dir, nil)
+	c, m := openClient(t, dial(t, addr, srv.Fingerprint()), protocol.Hello{Database: "demo", ClientID: "r", Credential: "s3cret"})
+	welcome(t, m)
+	c.push(1, 2)
+	c.until(2)
+	fp := srv.Fingerprint()
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	srv2, err := Open(context.Background(), Config{Dir: dir, Mutators: testRegistry(t), Setup: demoSetup, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv2.Close()
+	if srv2.Fingerprint() != fp {
+		t.Fatal("the certificate changed across a restart")
+	}
+	addr2, err := srv2.Listen(context.Background(), "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, addr2, fp)
+	w, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "r", Credential: "s3cret"})
+	if wl := welcome(t, m); wl.Snapshot || wl.LastMutationID != 2 {
+		t.Fatalf("welcome after restart %+v", wl)
+	}
+	w.until(2)
+	w.push(3)
+	w.until(3)
+	if w.im.sums.Sum() != srv2.Authority("demo").Checksum() {
+		t.Fatal("diverged after restart")
+	}
+	_ = bytes.Equal
+	_ = errors.Is
+	_ = fmt.Sprint
+}

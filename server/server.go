@@ -1,0 +1,341 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+)
+
+// Config configures a Server. Zero values take the defaults named.
+type Config struct {
+	// Dir holds the databases (Dir/dbs/NAME/), the certificate and key.
+	Dir string
+	// Mutators is the app's registry: the same mutators its replicas run.
+	Mutators *mutators.Registry
+	// Setup creates the app's schema in a new database, as version 1.
+	Setup func(ctx context.Context, tx mutators.Tx) error
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+
+	// CertFile and KeyFile name a certificate to present. Empty: a
+	// self-signed one in Dir (created on first start), whose Fingerprint
+	// replicas pin.
+	CertFile, KeyFile string
+	// Hosts are names and addresses a created certificate is made for.
+	Hosts []string
+
+	// Limits bound what clients may send (zero fields: protocol.DefaultLimits).
+	Limits protocol.Limits
+	// MaxInFlight bounds a client's pushed, unacknowledged mutations (10,000).
+	MaxInFlight int
+	// MaxConnsPerAddr bounds QUIC connections from one IP address (64).
+	MaxConnsPerAddr int
+	// GroupCommit is the most mutations one transaction takes (4,000).
+	GroupCommit int
+	// SessionQueue and SessionQueueBytes bound what may wait for one
+	// client (1,024 items, 64 MiB); beyond, it is cut off as too slow.
+	SessionQueue      int
+	SessionQueueBytes int
+	// Retention bounds each change log; segments roll every
+	// SegmentVersions versions (10,000) or SegmentBytes bytes (64 MiB).
+	Retention       Retention
+	SegmentVersions int
+	SegmentBytes    int64
+}
+
+func (c *Config) defaults() {
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	d := protocol.DefaultLimits
+	setDefault(&c.Limits.MaxMessage, d.MaxMessage)
+	setDefault(&c.Limits.MaxBatch, d.MaxBatch)
+	setDefault(&c.Limits.MaxString, d.MaxString)
+	setDefault(&c.Limits.MaxArgs, d.MaxArgs)
+	setDefault(&c.Limits.MaxPages, d.MaxPages)
+	setDefault(&c.Limits.MaxVersions, d.MaxVersions)
+	setDefault(&c.Limits.MaxPageBytes, d.MaxPageBytes)
+	setDefault(&c.MaxInFlight, 10_000)
+	setDefault(&c.MaxConnsPerAddr, 64)
+	setDefault(&c.GroupCommit, 4_000)
+	setDefault(&c.SessionQueue, 1024)
+	setDefault(&c.SessionQueueBytes, 64<<20)
+	setDefault(&c.SegmentVersions, 10_000)
+	if c.SegmentBytes == 0 {
+		c.SegmentBytes = 64 << 20
+	}
+}
+
+func setDefault(p *int, v int) {
+	if *p == 0 {
+		*p = v
+	}
+}
+
+// ErrUnknownDatabase names a database the server does not host.
+var ErrUnknownDatabase = errors.New("server: unknown database")
+
+// Server hosts databases and serves replicas over QUIC.
+type Server struct {
+	cfg  Config
+	log  *slog.Logger
+	cert tls.Certificate
+
+	mu       sync.Mutex
+	dbs      map[string]*database
+	perAddr  map[string]int
+	listener *quic.Listener
+	udp      net.PacketConn
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	closed   bool
+}
+
+var validName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// Open opens the server's data directory, creating it and a self-signed
+// certificate if needed, and opens every database already in it.
+func Open(ctx context.Context, cfg Config) (*Server, error) {
+	cfg.defaults()
+	if cfg.Mutators == nil {
+		return nil, errors.New("server: Config.Mutators is required")
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.Dir, "dbs"), 0o755); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, dbs: map[string]*database{}, perAddr: map[string]int{}}
+	certFile, keyFile := cfg.CertFile, cfg.KeyFile
+	if certFile == "" && keyFile == "" {
+		certFile, keyFile = filepath.Join(cfg.Dir, "cert.pem"), filepath.Join(cfg.Dir, "key.pem")
+	} else if certFile == "" || keyFile == "" {
+		return nil, errors.New("server: give both a certificate and a key file, or neither")
+	}
+	var err error
+	if s.cert, _, err = protocol.LoadOrCreateCertificate(certFile, keyFile, cfg.Hosts); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	entries, err := os.ReadDir(filepath.Join(cfg.Dir, "dbs"))
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	for _, e := range entries {
+		if e.IsDir() && validName.MatchString(e.Name()) {
+			if _, err := s.openDatabase(ctx, e.Name()); err != nil {
+				s.Close()
+				return nil, err
+			}
+		}
+	}
+	return s, nil
+}
+
+func (s *Server) openDatabase(ctx context.Context, name string) (*database, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := s.dbs[name]; d != nil {
+		return d, nil
+	}
+	dir := filepath.Join(s.cfg.Dir, "dbs", name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	d, err := openDatabase(ctx, name, dir, &s.cfg, s.log)
+	if err != nil {
+		return nil, err
+	}
+	s.dbs[name] = d
+	return d, nil
+}
+
+// AddDatabase creates the database if it does not exist, and adds a
+// credential for it (stored hashed; adding the same secret again does
+// nothing).
+func (s *Server) AddDatabase(ctx context.Context, name, secret string) error {
+	if !validName.MatchString(name) {
+		return fmt.Errorf("server: database name %q: use 1 to 64 letters, digits, '_', '-', '.'", name)
+	}
+	d, err := s.openDatabase(ctx, name)
+	if err != nil {
+		return err
+	}
+	return d.access.add(secret)
+}
+
+func (s *Server) database(name string) *database {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.dbs[name]
+}
+
+// Authority returns a database's authority (for tools, tests and
+// administrative changes with Exec, which replicas receive like any other
+// version), or nil.
+func (s *Server) Authority(name string) *Authority {
+	if d := s.database(name); d != nil {
+		return d.auth
+	}
+	return nil
+}
+
+// Databases lists the hosted databases.
+func (s *Server) Databases() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var names []string
+	for n := range s.dbs {
+		names = append(names, n)
+	}
+	return names
+}
+
+// Fingerprint is the pin of the server's certificate.
+func (s *Server) Fingerprint() string { return protocol.Fingerprint(s.cert.Certificate[0]) }
+
+// EncodedVersion returns version v of a database as it travels (for
+// measuring the wire size), if the change log still holds it.
+func (s *Server) EncodedVersion(db string, v uint64) ([]byte, error) {
+	d := s.database(db)
+	if d == nil {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownDatabase, db)
+	}
+	recs, err := d.readLog(v, v, 1)
+	if err != nil {
+		return nil, err
+	}
+	return recs[0], nil
+}
+
+// Listen starts serving QUIC on addr ("host:port"; port 0 picks one) and
+// returns the bound address.
+func (s *Server) Listen(ctx context.Context, addr string) (string, error) {
+	udp, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return "", fmt.Errorf("server: listen %s: %w", addr, err)
+	}
+	return s.Serve(ctx, udp)
+}
+
+// Serve serves QUIC on an open packet connection, which the server then
+// owns, and returns its address.
+func (s *Server) Serve(ctx context.Context, udp net.PacketConn) (string, error) {
+	ln, err := quic.Listen(udp, protocol.ServerTLS(s.cert), protocol.QUICConfig())
+	if err != nil {
+		udp.Close()
+		return "", fmt.Errorf("server: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		cancel()
+		ln.Close()
+		udp.Close()
+		return "", errors.New("server: closed")
+	}
+	s.listener, s.udp, s.cancel = ln, udp, cancel
+	s.mu.Unlock()
+	s.wg.Add(1)
+	go s.accept(ctx, ln)
+	s.log.Info("serving", "addr", udp.LocalAddr().String(), "fingerprint", s.Fingerprint())
+	return udp.LocalAddr().String(), nil
+}
+
+func (s *Server) accept(ctx context.Context, ln *quic.Listener) {
+	defer s.wg.Done()
+	for {
+		conn, err := ln.Accept(ctx)
+		if err != nil {
+			return
+		}
+		host := conn.RemoteAddr().String()
+		if ua, ok := conn.RemoteAddr().(*net.UDPAddr); ok {
+			host = ua.IP.String()
+		}
+		s.mu.Lock()
+		over := s.perAddr[host] >= s.cfg.MaxConnsPerAddr
+		if !over {
+			s.perAddr[host]++
+		}
+		s.mu.Unlock()
+		if over {
+			conn.CloseWithError(quic.ApplicationErrorCode(protocol.CodeTooManyConns), fmt.Sprintf("more than %d connections from %s", s.cfg.MaxConnsPerAddr, host))
+			continue
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer func() {
+				s.mu.Lock()
+				s.perAddr[host]--
+				if s.perAddr[host] == 0 {
+					delete(s.perAddr, host)
+				}
+				s.mu.Unlock()
+			}()
+			s.serveConn(ctx, conn)
+		}()
+	}
+}
+
+// serveConn runs one session per stream the client opens.
+func (s *Server) serveConn(ctx context.Context, conn *quic.Conn) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		stream, err := conn.AcceptStream(ctx)
+		if err != nil {
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			newSession(s, stream, conn.RemoteAddr().String()).run(ctx)
+		}()
+	}
+}
+
+// Close stops serving, tells every client, and closes the databases.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	ln, udp, cancel := s.listener, s.udp, s.cancel
+	dbs := s.dbs
+	s.mu.Unlock()
+	var errs []error
+	for _, d := range dbs {
+		// Sessions get their Error first, while the connections are up.
+		d.auth.mu.Lock()
+		for sess := range d.subs {
+			sess.fail(protocol.CodeShuttingDown, "the server is shutting down")
+		}
+		d.auth.mu.Unlock()
+	}
+	if cancel != nil {
+		time.Sleep(50 * time.Millisecond) // let the senders flush their Error
+		cancel()
+		errs = append(errs, ln.Close())
+		s.wg.Wait()
+		errs = append(errs, udp.Close())
+	}
+	for _, d := range dbs {
+		errs = append(errs, d.close())
+	}
+	return errors.Join(errs...)
+}

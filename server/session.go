@@ -1,0 +1,340 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/protocol"
+)
+
+// item is one thing due to a session: an encoded version or an ack.
+type item struct {
+	version uint64
+	rec     []byte
+	ack     *protocol.Ack
+}
+
+// session is one database session: one QUIC stream of one client. A reader
+// goroutine (run) takes the client's messages; a sender goroutine owns every
+// write to the stream, so that Welcome, catch-up, live versions, acks and a
+// final Error go out in order.
+type session struct {
+	srv    *Server
+	stream *quic.Stream
+	remote string
+	log    *slog.Logger
+
+	db       *database
+	clientID string
+	inflight atomic.Int64 // mutations pushed and not yet acknowledged
+
+	mu         sync.Mutex
+	queue      []item
+	queueBytes int
+	closing    *protocol.Error // set once: the sender sends it and ends the session
+	wake       chan struct{}
+	done       chan struct{} // closed when the sender has finished
+}
+
+func newSession(srv *Server, stream *quic.Stream, remote string) *session {
+	return &session{
+		srv: srv, stream: stream, remote: remote,
+		log:  srv.log.With("remote", remote, "stream", stream.StreamID()),
+		wake: make(chan struct{}, 1), done: make(chan struct{}),
+	}
+}
+
+// offer queues an item without ever blocking: a client too slow to keep its
+// queue under the bounds is cut off instead of holding up the broadcast.
+// It returns false if the session is closing.
+func (s *session) offer(it item) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing != nil {
+		return false
+	}
+	if len(s.queue) >= s.srv.cfg.SessionQueue || s.queueBytes+len(it.rec) > s.srv.cfg.SessionQueueBytes {
+		s.closing = &protocol.Error{Code: protocol.CodeSlowClient, Message: fmt.Sprintf("more than %d versions or %d bytes queued; reconnect to catch up", s.srv.cfg.SessionQueue, s.srv.cfg.SessionQueueBytes)}
+		s.queue, s.queueBytes = nil, 0
+		s.signal()
+		return false
+	}
+	s.queue = append(s.queue, it)
+	s.queueBytes += len(it.rec)
+	s.signal()
+	return true
+}
+
+// fail ends the session with an Error to the client (the first one wins).
+func (s *session) fail(code protocol.Code, msg string) {
+	s.mu.Lock()
+	if s.closing == nil {
+		s.closing = &protocol.Error{Code: code, Message: msg}
+	}
+	s.mu.Unlock()
+	s.signal()
+}
+
+func (s *session) signal() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// helloTimeout bounds how long a stream may stay open without a Hello.
+const helloTimeout = 10 * time.Second
+
+// writeTimeout bounds one write to a client; a client that reads nothing
+// for that long is cut off.
+const writeTimeout = 10 * time.Second
+
+// run serves the session until the stream ends.
+func (s *session) run(ctx context.Context) {
+	defer s.stream.Close()
+	r := protocol.NewReader(s.stream, s.srv.cfg.Limits)
+	s.stream.SetReadDeadline(time.Now().Add(helloTimeout))
+	m, err := r.Read()
+	if err != nil {
+		s.refuse(codeOf(err), fmt.Sprintf("reading hello: %v", err))
+		return
+	}
+	hello, ok := m.(*protocol.Hello)
+	if !ok {
+		s.refuse(protocol.CodeUnexpected, fmt.Sprintf("the first message must be a hello, got type %d", m.Type()))
+		return
+	}
+	s.stream.SetReadDeadline(time.Time{})
+	c, err := s.admit(ctx, hello)
+	if err != nil {
+		var pe *protocol.RemoteError
+		if errors.As(err, &pe) {
+			s.log.Info("refused hello", "db", hello.Database, "client", hello.ClientID, "code", pe.Code, "reason", pe.Message)
+			s.refuse(pe.Code, pe.Message)
+		} else {
+			s.log.Error("hello", "err", err)
+			s.refuse(protocol.CodeInternal, "the server could not open the session")
+		}
+		return
+	}
+	s.log = s.log.With("db", s.db.name, "client", s.clientID)
+	s.log.Debug("session open", "version", hello.Version, "server", c.welcome.Version, "snapshot", c.welcome.Snapshot)
+	go s.sender(ctx, c)
+	defer func() {
+		s.db.unsubscribe(s)
+		<-s.done
+	}()
+	for {
+		m, err := r.Read()
+		if err != nil {
+			if errors.Is(err, io.EOF) || ctx.Err() != nil {
+				s.fail(protocol.CodeShuttingDown, "session ended")
+				return
+			}
+			var se *quic.StreamError
+			var ae *quic.ApplicationError
+			var ie *quic.IdleTimeoutError
+			if errors.As(err, &se) || errors.As(err, &ae) || errors.As(err, &ie) {
+				s.fail(protocol.CodeShuttingDown, "session ended")
+				return
+			}
+			s.log.Info("bad message; closing the session", "err", err)
+			s.fail(codeOf(err), err.Error())
+			return
+		}
+		push, ok := m.(*protocol.Push)
+		if !ok {
+			s.fail(protocol.CodeUnexpected, fmt.Sprintf("message type %d is not valid after the hello", m.Type()))
+			return
+		}
+		if len(push.Mutations) == 0 {
+			continue
+		}
+		if n := s.inflight.Add(int64(len(push.Mutations))); n > int64(s.srv.cfg.MaxInFlight) {
+			s.fail(protocol.CodeTooManyPending, fmt.Sprintf("%d mutations in flight, limit %d: wait for acks", n, s.srv.cfg.MaxInFlight))
+			return
+		}
+		if err := s.db.push(ctx, pushRequest{s: s, mutations: push.Mutations}); err != nil {
+			s.fail(protocol.CodeShuttingDown, "the server is shutting down")
+			return
+		}
+	}
+}
+
+// admit checks a hello and subscribes the session. Refusals are
+// *protocol.RemoteError.
+func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error) {
+	if h.Protocol != protocol.Version {
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeProtocolVersion, Message: fmt.Sprintf("client speaks protocol %d; this server speaks %d", h.Protocol, protocol.Version)}
+	}
+	if h.ClientID == "" || len(h.ClientID) > 128 {
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeMalformed, Message: "client id must be 1 to 128 bytes"}
+	}
+	db := s.srv.database(h.Database)
+	if db == nil {
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
+	}
+	if err := db.access.authorize(h.ClientID, h.Credential); err != nil {
+		if errors.Is(err, errUnauthorized) {
+			return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("database %q: %v", h.Database, err)}
+		}
+		return catchUp{}, err
+	}
+	s.db, s.clientID = db, h.ClientID
+	return db.subscribe(ctx, s, h.Version, h.Checksum)
+}
+
+// refuse sends an Error before any session exists, and ends the stream.
+func (s *session) refuse(code protocol.Code, msg string) {
+	s.stream.SetWriteDeadline(time.Now().Add(time.Second))
+	protocol.WriteMessage(s.stream, &protocol.Error{Code: code, Message: msg})
+	close(s.done)
+}
+
+// codeOf maps a decoding error to the code the client is told.
+func codeOf(err error) protocol.Code {
+	if errors.Is(err, protocol.ErrTooLarge) {
+		return protocol.CodeTooLarge
+	}
+	return protocol.CodeMalformed
+}
+
+// sender writes everything due to the client, in order: Welcome, the
+// catch-up, then live versions and acks, coalesced into one write per wake.
+func (s *session) sender(ctx context.Context, c catchUp) {
+	defer close(s.done)
+	defer s.stream.CancelRead(0)
+	buf := protocol.AppendFrame(nil, &c.welcome)
+	sent := c.welcome.Version
+	if c.welcome.Snapshot {
+		var err error
+		if sent, buf, err = s.sendSnapshot(ctx, buf); err != nil {
+			s.log.Info("snapshot", "err", err)
+			s.fail(protocol.CodeInternal, "snapshot failed: "+err.Error())
+			s.finish()
+			return
+		}
+	} else {
+		sent = c.from - 1
+		for sent < c.to {
+			recs, err := s.db.readLog(sent+1, c.to, 512)
+			if err != nil {
+				s.fail(protocol.CodeSlowClient, "the change log moved on during catch-up; reconnect")
+				break
+			}
+			buf = protocol.AppendVersionsFrame(buf, recs...)
+			sent += uint64(len(recs))
+			if !s.write(buf) {
+				s.finish()
+				return
+			}
+			buf = buf[:0]
+		}
+	}
+	if len(buf) > 0 && !s.write(buf) {
+		s.finish()
+		return
+	}
+	for {
+		select {
+		case <-s.wake:
+		case <-ctx.Done():
+			s.fail(protocol.CodeShuttingDown, "the server is shutting down")
+		}
+		s.mu.Lock()
+		items, closing := s.queue, s.closing
+		s.queue, s.queueBytes = nil, 0
+		s.mu.Unlock()
+		buf = buf[:0]
+		var run [][]byte
+		flush := func() {
+			if len(run) > 0 {
+				buf = protocol.AppendVersionsFrame(buf, run...)
+				run = run[:0]
+			}
+		}
+		for _, it := range items {
+			switch {
+			case it.ack != nil:
+				flush()
+				buf = protocol.AppendFrame(buf, it.ack)
+			case it.version <= sent:
+				// Already in the snapshot or the catch-up.
+			default:
+				run = append(run, it.rec)
+				sent = it.version
+			}
+		}
+		flush()
+		if closing != nil {
+			buf = protocol.AppendFrame(buf, closing)
+		}
+		if len(buf) > 0 && !s.write(buf) {
+			s.finish()
+			return
+		}
+		if closing != nil {
+			s.finish()
+			return
+		}
+	}
+}
+
+// sendSnapshot streams the database image in chunks, after what buf holds,
+// and returns the snapshot's version.
+func (s *session) sendSnapshot(ctx context.Context, buf []byte) (uint64, []byte, error) {
+	snap, err := s.db.auth.OpenSnapshot(ctx)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer snap.Close()
+	const chunkPages = 256
+	for first := uint32(1); first <= snap.DBSize; first += chunkPages {
+		n := min(chunkPages, snap.DBSize-first+1)
+		raw, err := snap.ReadPages(first, n)
+		if err != nil {
+			return 0, nil, err
+		}
+		chunk, err := protocol.EncodeSnapshotChunk(snap.Version, snap.PageSize, snap.DBSize, snap.Checksum, first, raw)
+		if err != nil {
+			return 0, nil, err
+		}
+		buf = protocol.AppendFrame(buf, chunk)
+		if !s.write(buf) {
+			return 0, nil, errors.New("client went away")
+		}
+		buf = buf[:0]
+	}
+	return snap.Version, buf, nil
+}
+
+// write writes buf to the stream with a deadline; false means the session
+// is over.
+func (s *session) write(buf []byte) bool {
+	s.stream.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if _, err := s.stream.Write(buf); err != nil {
+		s.log.Debug("write", "err", err)
+		s.fail(protocol.CodeSlowClient, "write failed")
+		return false
+	}
+	return true
+}
+
+// finish ends the stream from the sender's side.
+func (s *session) finish() {
+	s.mu.Lock()
+	s.queue = nil
+	if s.closing == nil {
+		s.closing = &protocol.Error{Code: protocol.CodeShuttingDown}
+	}
+	s.mu.Unlock()
+	s.stream.Close()
+}
