@@ -336,7 +336,7 @@ func TestGarbage(t *testing.T) {
 		{0xff, 0xff, 0xff, 0xff},                          // oversized length
 		{0, 0, 0, 9, byte(protocol.TypePush), 0xff, 0xff}, // truncated, then the stream ends
 		append(append([]byte(nil), hello...), 0, 0, 0, 3, byte(protocol.TypePush), 0x80, 0x80), // bad varint after a good hello
-		append(append([]byte(nil), hello...), protocol.AppendFrame(nil, &protocol.Ack{})...),     // a message not valid from a client
+		append(append([]byte(nil), hello...), protocol.AppendFrame(nil, &protocol.Ack{})...),   // a message not valid from a client
 	}
 	for i, g := range garbage {
 		bad := dial(t, addr, srv.Fingerprint())
