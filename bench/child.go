@@ -12,6 +12,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -53,8 +55,7 @@ func RunChild(ctx context.Context, spec []byte, stdout io.Writer) error {
 		return fmt.Errorf("bench child: spec: %w", err)
 	}
 	if s.Kind == "idle" {
-		_, err := fmt.Fprintln(stdout, `{"ok":true}`)
-		return err
+		return json.NewEncoder(stdout).Encode(map[string]any{"ok": true, "peak_rss": peakRSS()})
 	}
 	reg, err := NewRegistry()
 	if err != nil {
@@ -90,7 +91,8 @@ func RunChild(ctx context.Context, spec []byte, stdout io.Writer) error {
 			}
 		}
 		st := r.Status()
-		return json.NewEncoder(stdout).Encode(map[string]any{"ok": true, "version": st.Version, "pending": st.Pending, "checksum": st.Checksum})
+		return json.NewEncoder(stdout).Encode(map[string]any{"ok": true, "version": st.Version, "pending": st.Pending,
+			"checksum": st.Checksum, "peak_rss": peakRSS()})
 	case "savepoint":
 		e, err := OpenSavepoint(s.Path, reg)
 		if err != nil {
@@ -118,7 +120,7 @@ func RunChild(ctx context.Context, spec []byte, stdout io.Writer) error {
 				return fmt.Errorf("bench child: %w", err)
 			}
 		}
-		return json.NewEncoder(stdout).Encode(map[string]any{"ok": true, "pending": e.Pending()})
+		return json.NewEncoder(stdout).Encode(map[string]any{"ok": true, "pending": e.Pending(), "peak_rss": peakRSS()})
 	}
 	return fmt.Errorf("bench child: unknown engine %q", s.Engine)
 }
@@ -193,35 +195,48 @@ func readPageSets(path string) ([]*wal.PageSet, error) {
 	return sets, nil
 }
 
-// runChild runs spec in a child process to its end and returns its peak
-// RSS in bytes and its output.
-func runChild(ctx context.Context, env *Env, spec ChildSpec) (int64, []byte, error) {
+// runChild runs spec in a child process to its end and returns its output.
+func runChild(ctx context.Context, env *Env, spec ChildSpec) ([]byte, error) {
 	b, err := json.Marshal(spec)
 	if err != nil {
-		return 0, nil, err
+		return nil, err
 	}
-	cmd := env.Config.Child(ctx, b)
-	out, err := cmd.Output()
+	out, err := env.Config.Child(ctx, b).Output()
 	if err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
 			err = fmt.Errorf("%w: %s", err, ee.Stderr)
 		}
-		return 0, out, fmt.Errorf("child %s/%s: %w", spec.Kind, spec.Engine, err)
+		return out, fmt.Errorf("child %s/%s: %w", spec.Kind, spec.Engine, err)
 	}
-	return maxRSS(cmd.ProcessState), out, nil
+	return out, nil
 }
 
-// maxRSS is a finished process's peak resident set size in bytes.
-func maxRSS(ps *os.ProcessState) int64 {
-	ru, ok := ps.SysUsage().(*syscall.Rusage)
-	if !ok || ru == nil {
+// peakRSS is this process's peak resident set size in bytes: VmHWM from
+// /proc/self/status on Linux. Not the parent's ru_maxrss of the child:
+// os/exec starts children with vfork, and Linux carries the high-water
+// mark of the shared (parent's) memory across the exec into the child's
+// ru_maxrss, so every child would report at least the parent's RSS.
+// Elsewhere getrusage is the best there is.
+func peakRSS() int64 {
+	if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+				kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+				if err == nil {
+					return kb * 1024
+				}
+			}
+		}
+	}
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		return 0
 	}
 	if runtime.GOOS == "darwin" {
 		return int64(ru.Maxrss) // bytes on macOS
 	}
-	return int64(ru.Maxrss) * 1024 // KiB on Linux
+	return int64(ru.Maxrss) * 1024 // KiB elsewhere
 }
 
 // runMemory measures the peak RSS of one replica per engine, each in a
@@ -297,7 +312,7 @@ func runMemory(ctx context.Context, env *Env) ([]Result, error) {
 					return nil, err
 				}
 			}
-			rss, out, err := runChild(ctx, env, spec)
+			out, err := runChild(ctx, env, spec)
 			if err != nil {
 				return nil, err
 			}
@@ -305,31 +320,38 @@ func runMemory(ctx context.Context, env *Env) ([]Result, error) {
 				OK       bool   `json:"ok"`
 				Pending  int    `json:"pending"`
 				Checksum uint64 `json:"checksum"`
+				PeakRSS  int64  `json:"peak_rss"`
 			}
-			if err := json.Unmarshal(out, &res); err != nil || !res.OK || res.Pending != cfg.RSSPending {
+			if err := json.Unmarshal(out, &res); err != nil || !res.OK || res.Pending != cfg.RSSPending || res.PeakRSS <= 0 {
 				return nil, fmt.Errorf("child %s: unexpected outcome %q (%v)", engine, out, err)
 			}
 			if engine == "ours" && res.Checksum != final {
 				return nil, fmt.Errorf("child ours: main file checksum %x, server %x", res.Checksum, final)
 			}
 			if engine == "ours" {
-				oursRSS = append(oursRSS, float64(rss)/(1<<20))
+				oursRSS = append(oursRSS, float64(res.PeakRSS)/(1<<20))
 			} else {
-				spRSS = append(spRSS, float64(rss)/(1<<20))
+				spRSS = append(spRSS, float64(res.PeakRSS)/(1<<20))
 			}
 		}
-		rss, _, err := runChild(ctx, env, ChildSpec{Kind: "idle"})
+		out, err := runChild(ctx, env, ChildSpec{Kind: "idle"})
 		if err != nil {
 			return nil, err
 		}
-		idleRSS = append(idleRSS, float64(rss)/(1<<20))
+		var idle struct {
+			PeakRSS int64 `json:"peak_rss"`
+		}
+		if err := json.Unmarshal(out, &idle); err != nil {
+			return nil, fmt.Errorf("idle child: %q: %w", out, err)
+		}
+		idleRSS = append(idleRSS, float64(idle.PeakRSS)/(1<<20))
 		os.RemoveAll(dir)
 	}
 	idle := summarize(idleRSS)
 	return []Result{pairResult("memory",
 		fmt.Sprintf("peak RSS per replica, todo %dk rows, %d pending, %d rebases of K=10", cfg.TodoRows/1000, cfg.RSSPending, cfg.RSSRounds),
 		map[string]int{"pending": cfg.RSSPending, "k": 10}, "MB", "ours", oursRSS, "savepoint", spRSS,
-		fmt.Sprintf("each engine alone in a child process (ru_maxrss); the same process doing nothing peaks at %.1f MB", idle.Median))}, nil
+		fmt.Sprintf("each engine alone in a child process, its peak RSS (VmHWM); the same binary doing nothing peaks at %.1f MB", idle.Median))}, nil
 }
 
 func copyDir(from, to string) error {

@@ -33,7 +33,7 @@ func commands() []command {
 		{"demo", "run the seed scenario: one authority, three replicas, a simulated network", cmdDemo},
 		{"inspect", "print a replica's client id, version, checksum and pending mutations", cmdInspect},
 		{"serve", "run the authority as a network server (not yet implemented in this build)", notYet("serve")},
-		{"bench", "run the benchmarks against the savepoint baseline (not yet implemented in this build)", notYet("bench")},
+		{"bench", "benchmark against the savepoint baseline: latency, drop, memory, WAL size, capabilities; table, JSON/CSV, chart", cmdBench},
 	}
 }
 

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/sqlrebase/sqlrebase/bench"
+)
+
+// e2eSections are the end-to-end benchmark sections (replicas talking to
+// `sqlrebase serve` over QUIC). They arrive with the network server
+// (issue 3); until then --e2e says so instead of printing numbers.
+func e2eSections() []bench.Section { return nil }
+
+// cmdBench is the bench subcommand: the suite of package bench, our engine
+// against the savepoint baseline, printed as a table with one line per
+// metric, optionally written as JSON, CSV and Markdown, and charted.
+func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) int {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	quick := fs.Bool("quick", false, "the quick suite (under a minute); default: the full suite (minutes)")
+	runs := fs.Int("runs", 0, "repeat each measurement `N` times (default: 3 quick, 5 full)")
+	jsonPath := fs.String("json", "", "write the results as JSON to `FILE`")
+	csvPath := fs.String("csv", "", "write the results as CSV to `FILE`")
+	mdPath := fs.String("markdown", "", "write the results as Markdown tables to `FILE`")
+	svgPath := fs.String("svg", "bench-rebase.svg", "write the chart of rebase latency against pending depth to `FILE` (.svg, .png or .pdf; empty: no chart)")
+	dir := fs.String("dir", "", "keep the databases under `DIR` (default: a temporary directory, removed at the end)")
+	huge := fs.Bool("huge", false, "add a 1 GB database to the size series (full suite only; several more minutes and GBs of disk)")
+	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability)")
+	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
+	e2e := fs.Bool("e2e", false, "also run the end-to-end sections over the network (needs the network server, issue 3)")
+	child := fs.String("child", "", "internal: run one child of the suite (peak RSS, kill -9) from its JSON `spec`")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: sqlrebase bench [--quick] [--runs N] [--json FILE] [--csv FILE] [--svg FILE] [flags]")
+		fmt.Fprintln(stderr, "\nBenchmarks sqlrebase against the savepoint baseline (the prisma-sync prototype's design)")
+		fmt.Fprintln(stderr, "on this machine, and runs the capability tests on both. Each line names both engines and")
+		fmt.Fprintln(stderr, "the ratio ours/savepoint, e.g. \"rebase, 1000 pending, K=1: ours X ms, savepoint Y ms, ratio Z\".")
+		fmt.Fprintln(stderr)
+		fs.VisitAll(func(f *flag.Flag) {
+			if f.Name == "child" {
+				return
+			}
+			name, usage := flag.UnquoteUsage(f)
+			fmt.Fprintf(stderr, "  --%s %s\n    \t%s\n", f.Name, name, usage)
+		})
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() != 0 {
+		fs.Usage()
+		return 2
+	}
+	if *child != "" {
+		if err := bench.RunChild(ctx, []byte(*child), stdout); err != nil {
+			fmt.Fprintf(stderr, "sqlrebase bench: %v\n", err)
+			return 1
+		}
+		return 0
+	}
+
+	cfg := bench.FullConfig()
+	if *quick {
+		cfg = bench.QuickConfig()
+	}
+	if *runs < 0 {
+		fmt.Fprintln(stderr, "sqlrebase bench: --runs must be at least 1")
+		return 2
+	}
+	if *runs > 0 {
+		cfg.Runs = *runs
+	}
+	if *huge {
+		if *quick {
+			fmt.Fprintln(stderr, "sqlrebase bench: --huge belongs to the full suite, not --quick")
+			return 2
+		}
+		cfg.SizesMB = append(cfg.SizesMB, 1024)
+	}
+	if *only != "" {
+		cfg.Only = strings.Split(*only, ",")
+	}
+	if *e2e {
+		extra := e2eSections()
+		if len(extra) == 0 {
+			fmt.Fprintln(stderr, "sqlrebase bench: --e2e needs the network server (issue 3), which is not in this build; no end-to-end numbers yet")
+			return 2
+		}
+		cfg.Sections = append(cfg.Sections, extra...)
+		for _, s := range extra {
+			if len(cfg.Only) > 0 {
+				cfg.Only = append(cfg.Only, s.Name)
+			}
+		}
+	}
+	cfg.Dir = *dir
+	if !*quiet {
+		cfg.Progress = stderr
+	}
+	self, err := os.Executable()
+	if err != nil {
+		log.Warn("cannot find this binary; the peak-RSS and kill -9 tests need it and will be skipped", "err", err)
+	} else {
+		cfg.Child = func(ctx context.Context, spec []byte) *exec.Cmd {
+			return exec.CommandContext(ctx, self, "bench", "--child", string(spec))
+		}
+	}
+
+	rep, err := bench.Run(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "sqlrebase bench: %v\n", err)
+		return 1
+	}
+	if err := rep.WriteText(stdout); err != nil {
+		fmt.Fprintf(stderr, "sqlrebase bench: %v\n", err)
+		return 1
+	}
+	outputs := []struct {
+		path  string
+		write func(io.Writer) error
+	}{
+		{*jsonPath, rep.WriteJSON},
+		{*csvPath, rep.WriteCSV},
+		{*mdPath, rep.WriteMarkdown},
+		{*svgPath, func(w io.Writer) error {
+			return rep.WriteRebaseChart(w, strings.TrimPrefix(filepath.Ext(*svgPath), "."))
+		}},
+	}
+	code := 0
+	for _, o := range outputs {
+		if o.path == "" {
+			continue
+		}
+		if err := writeFile(o.path, o.write); err != nil {
+			fmt.Fprintf(stderr, "sqlrebase bench: %v\n", err)
+			code = 1
+			continue
+		}
+		fmt.Fprintf(stdout, "wrote %s\n", o.path)
+	}
+	return code
+}
+
+// writeFile creates path and writes it with write, reporting either's
+// failure with the path.
+func writeFile(path string, write func(io.Writer) error) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := write(f); err != nil {
+		f.Close()
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return nil
+}
