@@ -247,11 +247,16 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	defer cancel()
 
 	dctx, dcancel := context.WithTimeout(sctx, connectTimeout)
-	s, err := n.peer.openStream(dctx)
+	conn, s, err := n.peer.openStream(dctx)
 	dcancel()
 	if err != nil {
 		return false, err
 	}
+	defer func() {
+		if serverGone(err) {
+			n.peer.drop(conn)
+		}
+	}()
 	// Closing the replica cancels both directions of the stream, which
 	// unblocks a Write that flow control holds on a server gone quiet.
 	stop := context.AfterFunc(sctx, func() { cancelStream(s) })
@@ -297,6 +302,19 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	return true, sess.run(sctx)
 }
 
+// serverGone reports whether a session's error means the server's end of
+// the connection is gone, not just this session.
+func serverGone(err error) bool {
+	var re *protocol.RemoteError
+	if errors.As(err, &re) {
+		return re.Code == protocol.CodeShuttingDown
+	}
+	return errors.Is(err, errNoWelcome)
+}
+
+// errNoWelcome is a Hello left unanswered.
+var errNoWelcome = errors.New("replica: no answer to hello")
+
 // streamClosed is the QUIC stream error code of a session the replica ends
 // (it is closing, or it gave up on the session after an error).
 const streamClosed quic.StreamErrorCode = 0
@@ -322,7 +340,7 @@ func awaitWelcome(ctx context.Context, in *inbox) (*protocol.Welcome, error) {
 			return nil, fmt.Errorf("waiting for welcome: %w", err)
 		}
 	case <-t.C:
-		return nil, fmt.Errorf("no answer to hello within %v", welcomeTimeout)
+		return nil, fmt.Errorf("%w within %v", errNoWelcome, welcomeTimeout)
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}

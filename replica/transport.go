@@ -271,17 +271,34 @@ func (p *peer) connection(ctx context.Context) (*quic.Conn, error) {
 	return c, nil
 }
 
-// openStream opens a session stream on the shared connection.
-func (p *peer) openStream(ctx context.Context) (*quic.Stream, error) {
+// openStream opens a session stream on the shared connection, and
+// returns the connection too (see drop).
+func (p *peer) openStream(ctx context.Context) (*quic.Conn, *quic.Stream, error) {
 	c, err := p.connection(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	s, err := c.OpenStreamSync(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("open stream to %s: %w", p.addr, err)
+		return nil, nil, fmt.Errorf("open stream to %s: %w", p.addr, err)
 	}
-	return s, nil
+	return c, s, nil
+}
+
+// drop closes c if it is still the peer's connection, so that the next
+// session dials afresh. A session calls it when the server said it is
+// shutting down or stopped answering: a server that stops without closing
+// its connections leaves them looking alive until the idle timeout, and a
+// stream opened on one would wait that long for an answer.
+func (p *peer) drop(c *quic.Conn) {
+	p.mu.Lock()
+	if p.conn != c {
+		p.mu.Unlock()
+		return
+	}
+	p.conn = nil
+	p.mu.Unlock()
+	c.CloseWithError(0, "server went away")
 }
 
 func (p *peer) close() {
