@@ -506,3 +506,87 @@ func TestRestart(t *testing.T) {
 	_ = errors.Is
 	_ = fmt.Sprint
 }
+
+// TestSlowClient: a client that reads nothing is cut off once its bounded
+// queue overflows, and does not hold up anyone else's versions.
+func TestSlowClient(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.SessionQueue = 8 })
+	slow, m := openClient(t, dial(t, addr, srv.Fingerprint()), protocol.Hello{Database: "demo", ClientID: "slow", Credential: "s3cret"})
+	welcome(t, m)
+	fast, m := openClient(t, dial(t, addr, srv.Fingerprint()), protocol.Hello{Database: "demo", ClientID: "fast", Credential: "s3cret"})
+	welcome(t, m)
+	// Big versions, so that the slow client's stream flow-control window
+	// fills and its sender blocks: 200 versions of a 64 KiB blob each.
+	a := srv.Authority("demo")
+	start := time.Now()
+	// The fast client reads as versions come; its reader must not be the
+	// test goroutine that makes them.
+	fastDone := make(chan error, 1)
+	go func() {
+		for fast.im.version < 201 {
+			fast.stream.SetReadDeadline(time.Now().Add(20 * time.Second))
+			m, err := fast.r.Read()
+			if err != nil {
+				fastDone <- err
+				return
+			}
+			vs, ok := m.(*protocol.Versions)
+			if !ok {
+				fastDone <- fmt.Errorf("fast client got %#v", m)
+				return
+			}
+			for i := range vs.Versions {
+				ps, err := protocol.DecodeVersion(&vs.Versions[i], protocol.DefaultLimits, func(p uint32) ([]byte, error) { return fast.im.pages[p-1], nil })
+				if err != nil {
+					fastDone <- err
+					return
+				}
+				fast.im.sums.Apply(ps)
+				for uint32(len(fast.im.pages)) < ps.DBSize {
+					fast.im.pages = append(fast.im.pages, nil)
+				}
+				fast.im.pages = fast.im.pages[:ps.DBSize]
+				for _, p := range ps.Pages {
+					fast.im.pages[p.Pgno-1] = p.Data
+				}
+				fast.im.version = ps.Version
+			}
+		}
+		fastDone <- nil
+	}()
+	for i := 0; i < 200; i++ {
+		if _, err := a.Exec(context.Background(), func(tx mutators.Tx) error {
+			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES (randomblob(65536), 1)`) // incompressible
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-fastDone; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the fast client had all 200 versions after %v", time.Since(start))
+	if fast.im.sums.Sum() != a.Checksum() {
+		t.Fatal("fast client diverged")
+	}
+	a.mu.Lock()
+	n := len(srv.database("demo").subs)
+	a.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d subscribers, want only the fast one", n)
+	}
+	// When the slow client finally reads, it finds the reason at the end.
+	for {
+		slow.stream.SetReadDeadline(time.Now().Add(20 * time.Second))
+		m, err := slow.r.Read()
+		if err != nil {
+			t.Fatalf("the slow client's stream ended without a reason: %v", err)
+		}
+		if e, ok := m.(*protocol.Error); ok {
+			if e.Code != protocol.CodeSlowClient {
+				t.Fatalf("reason %v", e.Err())
+			}
+			break
+		}
+	}
+}
