@@ -32,7 +32,7 @@ func commands() []command {
 	return []command{
 		{"demo", "run the seed scenario: one authority, three replicas, a simulated network", cmdDemo},
 		{"inspect", "print a replica's client id, version, checksum and pending mutations", cmdInspect},
-		{"serve", "run the authority as a network server (not yet implemented in this build)", notYet("serve")},
+		{"serve", "run the authority as a QUIC server for replicas in other processes and machines", cmdServe},
 		{"bench", "benchmark against the savepoint baseline: latency, drop, memory, WAL size, capabilities; table, JSON/CSV, chart", cmdBench},
 	}
 }

@@ -1,0 +1,128 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/server"
+)
+
+// dbFlags collects repeated --db NAME:SECRET flags.
+type dbFlags []string
+
+func (d *dbFlags) String() string { return strings.Join(*d, ",") }
+
+func (d *dbFlags) Set(v string) error {
+	name, secret, ok := strings.Cut(v, ":")
+	if !ok || name == "" || secret == "" {
+		return fmt.Errorf("want NAME:SECRET, got %q", v)
+	}
+	*d = append(*d, v)
+	return nil
+}
+
+// demoRegistry is the mutators the binary's server and replicas run. A real
+// app builds its own server binary that links its own registry (see the
+// README).
+func demoRegistry() *mutators.Registry {
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		panic(err) // a programming error: the demo registry is fixed
+	}
+	return reg
+}
+
+func demoSetup(ctx context.Context, tx mutators.Tx) error {
+	_, err := tx.Exec(mutators.DemoSchema)
+	return err
+}
+
+// cmdServe is the serve subcommand: the authority as a QUIC server.
+func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *slog.Logger) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	data := fs.String("data", "sqlrebase-data", "data directory: databases, change logs, credentials, certificate")
+	listen := fs.String("listen", "127.0.0.1:7878", "UDP address to serve QUIC on (HOST:PORT; port 0 picks one)")
+	var dbs dbFlags
+	fs.Var(&dbs, "db", "NAME:SECRET: host database NAME (created if new) and accept SECRET for it; repeat for more")
+	cert := fs.String("cert", "", "certificate file (PEM); default: a self-signed one created in --data")
+	key := fs.String("key", "", "key file (PEM) of --cert")
+	retainVersions := fs.Int("retain-versions", 100_000, "keep about this many versions per change log (older replicas get a snapshot)")
+	retainAge := fs.Duration("retain-age", 0, "drop change log segments older than this (0: no limit)")
+	verbose := fs.Bool("v", false, "log every session (debug level)")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: sqlrebase serve --data DIR --listen HOST:PORT [--db NAME:SECRET ...] [--cert F --key F]")
+		fmt.Fprintln(stderr, "\nRuns the authority for the demo app's mutators over QUIC. Prints the certificate's")
+		fmt.Fprintln(stderr, "fingerprint for replicas to pin, then logs (slog) until SIGINT or SIGTERM.")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() != 0 {
+		fs.Usage()
+		return 2
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	host, _, err := net.SplitHostPort(*listen)
+	if err != nil {
+		fmt.Fprintf(stderr, "sqlrebase serve: --listen %q: %v\n", *listen, err)
+		return 2
+	}
+	srv, err := server.Open(ctx, server.Config{
+		Dir: *data, Mutators: demoRegistry(), Setup: demoSetup, Logger: log,
+		CertFile: *cert, KeyFile: *key, Hosts: []string{host},
+		Retention: server.Retention{Versions: *retainVersions, Age: *retainAge},
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
+		return 1
+	}
+	defer srv.Close()
+	for _, d := range dbs {
+		name, secret, _ := strings.Cut(d, ":")
+		if err := srv.AddDatabase(ctx, name, secret); err != nil {
+			fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
+			return 1
+		}
+	}
+	if len(srv.Databases()) == 0 {
+		fmt.Fprintln(stderr, "sqlrebase serve: no databases: add one with --db NAME:SECRET")
+		return 2
+	}
+	addr, err := srv.Listen(ctx, *listen)
+	if err != nil {
+		fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "listening: %s\n", addr)
+	fmt.Fprintf(stdout, "fingerprint: %s\n", srv.Fingerprint())
+	fmt.Fprintf(stdout, "databases: %s\n", strings.Join(srv.Databases(), ", "))
+	if f, ok := stdout.(interface{ Sync() error }); ok {
+		f.Sync()
+	}
+	<-ctx.Done()
+	log.Info("shutting down")
+	start := time.Now()
+	if err := srv.Close(); err != nil {
+		log.Error("close", "err", err)
+		return 1
+	}
+	log.Info("stopped", "took", time.Since(start))
+	return 0
+}
