@@ -375,7 +375,7 @@ type session struct {
 // snapBuffer collects a snapshot's chunks.
 type snapBuffer struct {
 	first protocol.SnapshotChunk // header fields every chunk must repeat
-	next  uint32                 // the page the next chunk must start at
+	next  uint64                 // the page the next chunk must start at (64 bits: no wrap at the last page)
 	raw   []byte
 }
 
@@ -480,7 +480,7 @@ func (ss *session) chunk(c *protocol.SnapshotChunk) error {
 		return fmt.Errorf("%w: snapshot chunk of version %d/%d pages does not match the snapshot's first chunk (version %d/%d pages)",
 			protocol.ErrMalformed, c.Version, c.DBSize, f.Version, f.DBSize)
 	}
-	if c.First != ss.snap.next {
+	if uint64(c.First) != ss.snap.next {
 		return fmt.Errorf("%w: snapshot chunk at page %d, want %d", protocol.ErrMalformed, c.First, ss.snap.next)
 	}
 	raw, err := c.Pages(protocol.DefaultLimits)
@@ -488,13 +488,16 @@ func (ss *session) chunk(c *protocol.SnapshotChunk) error {
 		return fmt.Errorf("snapshot of version %d: %w", c.Version, err)
 	}
 	ss.snap.raw = append(ss.snap.raw, raw...)
-	ss.snap.next += c.Count
-	done := ss.snap.next - 1
+	ss.snap.next += uint64(c.Count)
+	done := ss.snap.next - 1 // at most DBSize: the decoder checked First+Count-1 <= DBSize
 	if cb := ss.r.net.remote.OnSnapshotProgress; cb != nil {
-		cb(done, f.DBSize)
+		cb(uint32(done), f.DBSize)
 	}
-	if done < f.DBSize {
+	if done < uint64(f.DBSize) {
 		return nil
+	}
+	if uint64(len(ss.snap.raw)) != uint64(f.DBSize)*uint64(f.PageSize) {
+		return fmt.Errorf("%w: snapshot of version %d: %d bytes of pages for %d pages", protocol.ErrMalformed, f.Version, len(ss.snap.raw), f.DBSize)
 	}
 	ps := &wal.PageSet{Version: f.Version, Flags: wal.FlagSnapshot, PageSize: f.PageSize, DBSize: f.DBSize, PostChecksum: f.Checksum, Pages: make([]wal.Page, f.DBSize)}
 	size := int(f.PageSize)

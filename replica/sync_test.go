@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -651,4 +652,108 @@ func TestSyncNoGoroutineLeak(t *testing.T) {
 		}
 	}
 	checkGoroutines(t, base)
+}
+
+// latencyConn delays every datagram it sends: the way to run a replica over
+// a slow link (TransportOptions.PacketConn). Datagrams may be reordered, as
+// on a real network; QUIC copes.
+type latencyConn struct {
+	net.PacketConn
+	delay time.Duration
+	wg    sync.WaitGroup
+}
+
+// The socket options pass through, so quic-go can size its buffers (it
+// warns otherwise).
+func (c *latencyConn) SetReadBuffer(n int) error {
+	return c.PacketConn.(*net.UDPConn).SetReadBuffer(n)
+}
+
+func (c *latencyConn) SetWriteBuffer(n int) error {
+	return c.PacketConn.(*net.UDPConn).SetWriteBuffer(n)
+}
+
+func (c *latencyConn) SyscallConn() (syscall.RawConn, error) {
+	return c.PacketConn.(*net.UDPConn).SyscallConn()
+}
+
+func (c *latencyConn) WriteTo(p []byte, addr net.Addr) (int, error) {
+	b := append([]byte(nil), p...)
+	c.wg.Add(1)
+	time.AfterFunc(c.delay, func() {
+		defer c.wg.Done()
+		c.PacketConn.WriteTo(b, addr)
+	})
+	return len(p), nil
+}
+
+// TestSyncOverSlowLink: two replicas behind a 40 ms (one way, outbound)
+// link converge, and a round trip costs what the link says.
+func TestSyncOverSlowLink(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", nil)
+	udp, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := &latencyConn{PacketConn: udp, delay: 40 * time.Millisecond}
+	tr := NewTransport(TransportOptions{PacketConn: lc, Logger: quietLog})
+	dir := t.TempDir()
+	var rs []*Replica
+	for i := range 2 {
+		rm := ts.remote()
+		rm.Transport = tr
+		rs = append(rs, openSynced(t, filepath.Join(dir, fmt.Sprintf("r%d.db", i)), reg, rm))
+	}
+	ctx := waitCtx(t, 30*time.Second)
+	for _, r := range rs {
+		if err := r.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	h := mustMutate(t, rs[0], mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1))
+	if err := h.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if rtt := time.Since(start); rtt < 40*time.Millisecond {
+		t.Fatalf("confirmed in %v over a 40 ms link", rtt)
+	}
+	mustMutate(t, rs[1], mutators.CreateCategoryOrIncrementIfExists, incr("Food", 2))
+	converged(t, ts, rs...)
+	for _, r := range rs {
+		r.Close()
+	}
+	// The socket is the caller's: the Transport stops using it, and the
+	// caller closes it.
+	tr.Close()
+	lc.wg.Wait()
+	udp.Close()
+}
+
+// TestSyncCAFile: a replica that verifies the server's certificate against
+// a CA file connects; one given another CA is refused for good.
+func TestSyncCAFile(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", nil)
+	// The self-signed certificate is its own CA; it names localhost.
+	rm := ts.remote()
+	rm.Fingerprint, rm.CAFile, rm.ServerName = "", filepath.Join(ts.dir, "cert.pem"), "localhost"
+	r := openSynced(t, filepath.Join(t.TempDir(), "ok.db"), reg, rm)
+	ctx := waitCtx(t, 30*time.Second)
+	if err := r.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	other := t.TempDir()
+	if _, _, err := protocol.LoadOrCreateCertificate(filepath.Join(other, "cert.pem"), filepath.Join(other, "key.pem"), nil); err != nil {
+		t.Fatal(err)
+	}
+	rm = ts.remote()
+	rm.Fingerprint, rm.CAFile, rm.ServerName = "", filepath.Join(other, "cert.pem"), "localhost"
+	bad := openSynced(t, filepath.Join(t.TempDir(), "bad.db"), reg, rm)
+	err := bad.WaitConnected(ctx)
+	if !fatalSyncError(err) {
+		t.Fatalf("another CA: %v", err)
+	}
+	t.Logf("refusal: %v", err)
 }
