@@ -222,6 +222,9 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 		return
 	}
 	version := d.auth.Version()
+	if d.cfg.OnBatch != nil {
+		d.cfg.OnBatch(d.name, version, results)
+	}
 	i := 0
 	for _, r := range reqs {
 		var refused string

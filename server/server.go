@@ -29,6 +29,12 @@ type Config struct {
 	Setup func(ctx context.Context, tx mutators.Tx) error
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// OnBatch, if set, is called after each batch the writer of a database
+	// ran, with the version it made (the current one if it made none) and
+	// each mutation's outcome. It runs on the writer goroutine: keep it
+	// short. Apps use it for metrics and audit logs, the demo for its
+	// transcript.
+	OnBatch func(db string, version uint64, results []Result)
 
 	// CertFile and KeyFile name a certificate to present. Empty: a
 	// self-signed one in Dir (created on first start), whose Fingerprint

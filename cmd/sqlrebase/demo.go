@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,7 +20,6 @@ import (
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/replica"
 	"github.com/sqlrebase/sqlrebase/server"
-	"github.com/sqlrebase/sqlrebase/wal"
 )
 
 // clientSpec is one client of the scenario, in scenario time (before the
@@ -49,9 +51,12 @@ type demoConfig struct {
 	// last send; zero means 30 s of scenario time / speedup + 10 s.
 	Settle time.Duration
 	Logger *slog.Logger
+	// Remote, if set, runs only the replicas, against a running server;
+	// nil runs the server in-process on an ephemeral loopback port.
+	Remote *replica.Remote
 }
 
-// partyState is what one party (the authority or a replica) holds at the end.
+// partyState is what one party (the server or a replica) holds at the end.
 type partyState struct {
 	Name     string
 	Version  uint64
@@ -67,6 +72,8 @@ func (p partyState) String() string {
 
 // demoResult is the outcome of a scenario run.
 type demoResult struct {
+	// Authority is the server's state; with a remote server, whose database
+	// the demo cannot read, it is the first replica's.
 	Authority partyState
 	Clients   []partyState
 	// Differ names the replicas whose rows, version, checksum or pending
@@ -108,26 +115,21 @@ func (t *transcript) view(party, rows string) {
 	}
 }
 
-// push is one message from a client to the authority.
-type push struct {
-	from      string
-	mutations []server.Mutation
-}
-
-// demoClient is one replica with its link to the authority.
+// demoClient is one replica, with the socket that gives it its latency.
 type demoClient struct {
-	spec  clientSpec
-	r     *replica.Replica
-	inbox *mailbox[*wal.PageSet]
-	link  *link[push, *wal.PageSet]
-	// mu keeps a Mutate or a Rebase together with the lines it prints, so
-	// the transcript tells the story in the order it happened.
+	spec clientSpec
+	r    *replica.Replica
+	tp   *replica.Transport
+	conn *latencyConn
+	// mu keeps a Mutate together with the lines it prints, so the
+	// transcript tells the story in the order it happened.
 	mu sync.Mutex
 }
 
 // runDemo runs the scenario and reports whether everything converged. It
 // returns an error only if the scenario could not run (a database failed,
-// ctx ended); non-convergence is a result, not an error.
+// the server refused the replicas, ctx ended); non-convergence is a result,
+// not an error.
 func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, error) {
 	if cfg.Speedup <= 0 {
 		return demoResult{}, fmt.Errorf("speedup must be positive, got %v", cfg.Speedup)
@@ -140,84 +142,111 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 		cfg.Settle = scale(30*time.Second) + 10*time.Second
 	}
 	tr := newTranscript(out)
+	reg := demoRegistry()
 
-	reg := mutators.NewRegistry()
-	if err := mutators.RegisterDemo(reg); err != nil {
-		return demoResult{}, fmt.Errorf("register demo mutators: %w", err)
+	var names sync.Map // client id → name, for the server's lines
+	name := func(id string) string {
+		if n, ok := names.Load(id); ok {
+			return n.(string)
+		}
+		return id
 	}
-	auth, err := server.OpenAuthority(ctx, filepath.Join(cfg.Dir, "server.db"), reg, func(ctx context.Context, tx mutators.Tx) error {
-		_, err := tx.Exec(mutators.DemoSchema)
-		return err
-	})
-	if err != nil {
-		return demoResult{}, err
+	remote := cfg.Remote
+	var srv *server.Server
+	if remote == nil {
+		var err error
+		srv, err = server.Open(ctx, server.Config{
+			Dir: filepath.Join(cfg.Dir, "server"), Mutators: reg, Setup: demoSetup, Logger: cfg.Logger,
+			OnBatch: func(db string, version uint64, results []server.Result) {
+				for _, res := range results {
+					tr.printf("BACKEND got %s #%d: %s%s", name(res.Mutation.ClientID), res.Mutation.ID, outcome(res.Outcome), suffix(res.Err))
+				}
+				if rows, err := authorityRows(ctx, srv.Authority(db)); err == nil {
+					tr.view("BACKEND", rows)
+				}
+				tr.printf("BACKEND broadcasts version %d", version)
+			},
+		})
+		if err != nil {
+			return demoResult{}, err
+		}
+		defer srv.Close()
+		token := randomToken()
+		if err := srv.AddDatabase(ctx, "demo", token); err != nil {
+			return demoResult{}, err
+		}
+		addr, err := srv.Listen(ctx, "127.0.0.1:0")
+		if err != nil {
+			return demoResult{}, err
+		}
+		remote = &replica.Remote{Addr: addr, Database: "demo", Credential: token, Fingerprint: srv.Fingerprint()}
+		tr.printf("BACKEND serving QUIC on %s at version %d (%s), fingerprint %s", addr, srv.Authority("demo").Version(), cfg.Dir, srv.Fingerprint())
+	} else {
+		tr.printf("server %s, database %s, fingerprint %s", remote.Addr, remote.Database, remote.Fingerprint)
 	}
-	defer auth.Close()
 
-	net := &network{}
-	authInbox := newMailbox[push]()
 	var clients []*demoClient
 	defer func() {
 		for _, c := range clients {
 			c.r.Close()
+			c.tp.Close()
+			c.conn.Close()
 		}
 	}()
 	for _, spec := range cfg.Clients {
-		r, err := replica.Open(ctx, filepath.Join(cfg.Dir, spec.Name+".db"), replica.Options{Mutators: reg, Logger: cfg.Logger})
+		udp, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if remote.Addr != "" && !strings.HasPrefix(remote.Addr, "127.") && !strings.HasPrefix(remote.Addr, "localhost") {
+			if udp != nil {
+				udp.Close()
+			}
+			udp, err = net.ListenPacket("udp", ":0")
+		}
 		if err != nil {
 			return demoResult{}, err
 		}
-		c := &demoClient{spec: spec, r: r, inbox: newMailbox[*wal.PageSet]()}
-		c.link = &link[push, *wal.PageSet]{
-			up:   newPipe(net, scale(spec.Latency), authInbox),
-			down: newPipe(net, scale(spec.Latency), c.inbox),
+		c := &demoClient{spec: spec, conn: newLatencyConn(udp, scale(spec.Latency))}
+		c.tp = replica.NewTransport(replica.TransportOptions{PacketConn: c.conn, Logger: cfg.Logger})
+		rm := *remote
+		rm.Transport = c.tp
+		c.r, err = replica.Open(ctx, filepath.Join(cfg.Dir, spec.Name+".db"), replica.Options{Mutators: reg, Logger: cfg.Logger, Remote: &rm})
+		if err != nil {
+			c.tp.Close()
+			c.conn.Close()
+			return demoResult{}, err
 		}
 		clients = append(clients, c)
+		names.Store(c.r.ClientID(), spec.Name)
+		c.r.OnChange(func(ch replica.Change) {
+			if !ch.Rebased {
+				return
+			}
+			tr.printf("%s rebased to v%d: replayed %d pending", c.spec.Name, ch.Version, ch.Pending)
+			c.printView(ctx, tr)
+		})
+		tr.printf("%s running: client id %s, latency %v each way (in its UDP socket)", spec.Name, c.r.ClientID(), scale(spec.Latency))
 	}
-	tr.printf("BACKEND running at version %d (%s)", auth.Version(), cfg.Dir)
+	// Against a server we did not start, a refusal (wrong token, unknown
+	// database, wrong fingerprint) is likely and final: say so before the
+	// scenario starts rather than after it. Our own server cannot refuse,
+	// and Mutate never waits for the network, so then the scenario starts
+	// at once, as the seed's does.
 	for _, c := range clients {
-		tr.printf("%s running: client id %s, latency %v each way", c.spec.Name, c.r.ClientID(), scale(c.spec.Latency))
+		if cfg.Remote == nil {
+			break
+		}
+		cctx, cancel := context.WithTimeout(ctx, scale(4*c.spec.Latency)+10*time.Second)
+		err := c.r.WaitConnected(cctx)
+		cancel()
+		if err != nil {
+			return demoResult{}, fmt.Errorf("%s could not connect to %s: %w", c.spec.Name, remote.Addr, err)
+		}
+	}
+	if cfg.Remote != nil {
+		tr.printf("all replicas connected")
 	}
 
 	runCtx, cancel := context.WithCancelCause(ctx)
-	var wg sync.WaitGroup
-	// Deferred in this order so that on any return the goroutines are told
-	// to stop first and then waited for, before the databases close.
-	defer wg.Wait()
 	defer cancel(nil)
-	fail := func(err error) { cancel(err) }
-
-	for _, c := range clients {
-		c.link.run(runCtx, &wg)
-	}
-	names := map[string]string{}
-	for _, c := range clients {
-		names[c.r.ClientID()] = c.spec.Name
-	}
-	wg.Go(func() {
-		if err := serveAuthority(runCtx, auth, authInbox, clients, names, net, tr); err != nil {
-			fail(fmt.Errorf("authority: %w", err))
-		}
-	})
-	// Subscribe: each replica first catches up from its own version. This
-	// goes down the link before any push exists, so it cannot overtake a
-	// broadcast.
-	for _, c := range clients {
-		sets, err := auth.Since(c.r.Status().Version)
-		if err != nil {
-			return demoResult{}, fmt.Errorf("subscribe %s: %w", c.spec.Name, err)
-		}
-		for _, ps := range sets {
-			c.link.down.send(ps)
-		}
-	}
-	for _, c := range clients {
-		wg.Go(func() {
-			if err := c.receive(runCtx, net, tr); err != nil {
-				fail(fmt.Errorf("%s: %w", c.spec.Name, err))
-			}
-		})
-	}
 	var senders sync.WaitGroup
 	for _, c := range clients {
 		if c.spec.Sends == 0 {
@@ -225,7 +254,7 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 		}
 		senders.Go(func() {
 			if err := c.send(runCtx, scale(c.spec.Interval), tr); err != nil {
-				fail(fmt.Errorf("%s: %w", c.spec.Name, err))
+				cancel(fmt.Errorf("%s: %w", c.spec.Name, err))
 			}
 		})
 	}
@@ -234,12 +263,14 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 		return demoResult{}, err
 	}
 	tr.printf("all sends done; waiting up to %v for everyone to settle", cfg.Settle)
-	settled := waitSettled(runCtx, cfg.Settle, auth, clients, net)
+	var auth *server.Authority
+	if srv != nil {
+		auth = srv.Authority("demo")
+	}
+	settled := waitSettled(runCtx, cfg.Settle, auth, clients)
 	if err := context.Cause(runCtx); err != nil {
 		return demoResult{}, err
 	}
-	cancel(nil)
-	wg.Wait()
 	if !settled {
 		tr.printf("timed out after %v waiting for convergence", cfg.Settle)
 	}
@@ -250,50 +281,28 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 	for _, name := range res.Differ {
 		for _, p := range res.Clients {
 			if p.Name == name {
-				tr.printf("DIFFERS: %s; BACKEND is %s", p, res.Authority)
+				tr.printf("DIFFERS: %s; %s is %s", p, res.Authority.Name, res.Authority)
 			}
 		}
 	}
+	parties := len(clients)
+	if auth != nil {
+		parties++
+	}
 	if res.Converged() {
 		tr.printf("converged: all %d parties at version %d with %s, checksum %016x",
-			len(clients)+1, res.Authority.Version, res.Authority.Rows, res.Authority.Checksum)
+			parties, res.Authority.Version, res.Authority.Rows, res.Authority.Checksum)
 	} else {
-		tr.printf("NOT converged: %s differ(s) from BACKEND", strings.Join(res.Differ, ", "))
+		tr.printf("NOT converged: %s differ(s) from %s", strings.Join(res.Differ, ", "), res.Authority.Name)
 	}
 	return res, nil
 }
 
-// serveAuthority runs each arriving push as one batch and broadcasts the
-// new version to every client.
-func serveAuthority(ctx context.Context, auth *server.Authority, inbox *mailbox[push], clients []*demoClient, names map[string]string, net *network, tr *transcript) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-inbox.ready:
-		}
-		for _, p := range inbox.takeAll() {
-			ps, results, err := auth.Push(ctx, p.mutations)
-			if err != nil {
-				return err
-			}
-			for _, res := range results {
-				tr.printf("BACKEND got %s #%d: %s%s", names[res.Mutation.ClientID], res.Mutation.ID, outcome(res.Outcome), suffix(res.Err))
-			}
-			if ps != nil {
-				rows, err := authorityRows(ctx, auth)
-				if err != nil {
-					return err
-				}
-				tr.view("BACKEND", rows)
-				tr.printf("BACKEND broadcasts version %d (%d pages)", ps.Version, len(ps.Pages))
-				for _, c := range clients {
-					c.link.down.send(ps)
-				}
-			}
-			net.done(1)
-		}
-	}
+// randomToken makes the in-process server's credential.
+func randomToken() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 func outcome(o server.Outcome) string {
@@ -317,9 +326,8 @@ func suffix(msg string) string {
 	return ": " + msg
 }
 
-// send runs the client's mutations: each runs at once locally, then goes
-// up the link. Pushes are idempotent on the authority, but each mutation is
-// sent once: the link never loses a message while the demo runs.
+// send runs the client's mutations: each runs at once locally; the
+// replica's sync loop pushes it over QUIC.
 func (c *demoClient) send(ctx context.Context, interval time.Duration, tr *transcript) error {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
@@ -348,9 +356,6 @@ func (c *demoClient) send(ctx context.Context, interval time.Duration, tr *trans
 		if err != nil {
 			return err
 		}
-		c.link.up.send(push{from: c.spec.Name, mutations: []server.Mutation{{
-			ClientID: c.r.ClientID(), ID: h.ID, Name: h.Name, Args: args,
-		}}})
 	}
 	return nil
 }
@@ -362,49 +367,6 @@ func localErr(err error) string {
 	return "; local run failed: " + err.Error()
 }
 
-// receive rebases on every batch of versions that arrives.
-func (c *demoClient) receive(ctx context.Context, net *network, tr *transcript) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-c.inbox.ready:
-		}
-		sets := c.inbox.takeAll()
-		if len(sets) == 0 {
-			continue
-		}
-		err := c.rebase(ctx, sets, tr)
-		net.done(len(sets))
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
-	}
-}
-
-func (c *demoClient) rebase(ctx context.Context, sets []*wal.PageSet, tr *transcript) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	// A version we already have (none in this demo, but a re-subscribe
-	// would send some) must not reach Rebase, which wants the next one.
-	have := c.r.Status().Version
-	for len(sets) > 0 && sets[0].Version <= have {
-		sets = sets[1:]
-	}
-	if len(sets) == 0 {
-		return nil
-	}
-	if err := c.r.Rebase(ctx, sets...); err != nil {
-		return err
-	}
-	st := c.r.Status()
-	tr.printf("%s rebased to v%d (%d version(s) at once): replayed %d pending", c.spec.Name, st.Version, len(sets), st.Pending)
-	return c.printView(ctx, tr)
-}
-
 func (c *demoClient) printView(ctx context.Context, tr *transcript) error {
 	rows, err := queryRows(ctx, c.r.DB().QueryContext)
 	if err != nil {
@@ -414,23 +376,27 @@ func (c *demoClient) printView(ctx context.Context, tr *transcript) error {
 	return nil
 }
 
-// waitSettled waits until every send is handled, the network is idle and
-// every replica is at the authority's version with nothing pending.
-func waitSettled(ctx context.Context, limit time.Duration, auth *server.Authority, clients []*demoClient, net *network) bool {
+// waitSettled waits until every replica has nothing pending and all are at
+// the same version: the server's, when it runs in-process.
+func waitSettled(ctx context.Context, limit time.Duration, auth *server.Authority, clients []*demoClient) bool {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if net.idle() {
-			v, ok := auth.Version(), true
-			for _, c := range clients {
-				st := c.r.Status()
-				ok = ok && st.Version == v && st.Pending == 0
-			}
-			if ok {
-				return true
-			}
+		ok := true
+		var v uint64
+		if auth != nil {
+			v = auth.Version()
+		} else if len(clients) > 0 {
+			v = max(clients[0].r.Status().Version, clients[0].r.Status().ServerVersion)
+		}
+		for _, c := range clients {
+			st := c.r.Status()
+			ok = ok && st.Version == v && st.Pending == 0
+		}
+		if ok {
+			return true
 		}
 		select {
 		case <-ctx.Done():
@@ -441,21 +407,28 @@ func waitSettled(ctx context.Context, limit time.Duration, auth *server.Authorit
 }
 
 // compare reads every party's final state and names the replicas that
-// differ from the authority in rows, version, checksum or pending work.
+// differ from the server (or, with a remote server, from the first replica)
+// in rows, version, checksum or pending work.
 func compare(ctx context.Context, auth *server.Authority, clients []*demoClient) (demoResult, error) {
-	rows, err := authorityRows(ctx, auth)
-	if err != nil {
-		return demoResult{}, err
-	}
-	res := demoResult{Authority: partyState{Name: "BACKEND", Version: auth.Version(), Rows: rows, Checksum: auth.Checksum()}}
+	var res demoResult
 	for _, c := range clients {
 		rows, err := queryRows(ctx, c.r.DB().QueryContext)
 		if err != nil {
 			return demoResult{}, fmt.Errorf("read %s: %w", c.spec.Name, err)
 		}
 		st := c.r.Status()
-		p := partyState{Name: c.spec.Name, Version: st.Version, Pending: st.Pending, Rows: rows, Checksum: st.Checksum}
-		res.Clients = append(res.Clients, p)
+		res.Clients = append(res.Clients, partyState{Name: c.spec.Name, Version: st.Version, Pending: st.Pending, Rows: rows, Checksum: st.Checksum})
+	}
+	if auth != nil {
+		rows, err := authorityRows(ctx, auth)
+		if err != nil {
+			return demoResult{}, err
+		}
+		res.Authority = partyState{Name: "BACKEND", Version: auth.Version(), Rows: rows, Checksum: auth.Checksum()}
+	} else if len(res.Clients) > 0 {
+		res.Authority = res.Clients[0]
+	}
+	for _, p := range res.Clients {
 		a := res.Authority
 		if p.Rows != a.Rows || p.Version != a.Version || p.Checksum != a.Checksum || p.Pending != 0 {
 			res.Differ = append(res.Differ, p.Name)
@@ -503,9 +476,16 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer, log *
 	fs.SetOutput(stderr)
 	dir := fs.String("data", "", "keep the databases in `DIR` (must be empty or absent); default: a temporary directory, removed at the end")
 	speedup := fs.Float64("speedup", 1, "divide every interval and latency by `N`")
+	serverAddr := fs.String("server", "", "run only the replicas, against the server at `HOST:PORT` (see sqlrebase serve)")
+	dbName := fs.String("db", "demo", "with --server: the database `NAME`")
+	token := fs.String("token", "", "with --server: the database's `SECRET`")
+	fingerprint := fs.String("fingerprint", "", "with --server: the server certificate's `sha256:HEX`, as serve prints it")
+	caFile := fs.String("ca", "", "with --server: trust the server's certificate through this CA `FILE` instead of a fingerprint")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: sqlrebase demo [--data DIR] [--speedup N]")
-		fmt.Fprintln(stderr, "\nRuns the seed scenario: an in-process authority and three replicas behind simulated network links.")
+		fmt.Fprintln(stderr, "       sqlrebase demo --server HOST:PORT --db NAME --token SECRET --fingerprint sha256:HEX [--data DIR] [--speedup N]")
+		fmt.Fprintln(stderr, "\nRuns the seed scenario over QUIC: three replicas, each with the seed's latency in its UDP socket, and a")
+		fmt.Fprintln(stderr, "server on an ephemeral loopback port in this process, or a running `sqlrebase serve` with --server.")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -518,6 +498,14 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer, log *
 		fs.Usage()
 		return 2
 	}
+	var remote *replica.Remote
+	if *serverAddr != "" {
+		if *token == "" || (*fingerprint == "" && *caFile == "") {
+			fmt.Fprintln(stderr, "sqlrebase demo: --server needs --token and --fingerprint (or --ca)")
+			return 2
+		}
+		remote = &replica.Remote{Addr: *serverAddr, Database: *dbName, Credential: *token, Fingerprint: *fingerprint, CAFile: *caFile}
+	}
 	data := *dir
 	if data == "" {
 		tmp, err := os.MkdirTemp("", "sqlrebase-demo-")
@@ -527,13 +515,20 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer, log *
 		}
 		defer os.RemoveAll(tmp)
 		data = tmp
+	} else if remote != nil {
+		// Against a running server the replicas may be reused: their
+		// state is the server's business, and a rerun adds to it.
+		if err := os.MkdirAll(data, 0o755); err != nil {
+			fmt.Fprintf(stderr, "sqlrebase demo: %v\n", err)
+			return 1
+		}
 	} else if err := freshDir(data); err != nil {
 		log.Error("demo", "err", err)
 		return 1
 	}
-	res, err := runDemo(ctx, demoConfig{Dir: data, Speedup: *speedup, Clients: seedClients(), Logger: log}, stdout)
+	res, err := runDemo(ctx, demoConfig{Dir: data, Speedup: *speedup, Clients: seedClients(), Logger: log, Remote: remote}, stdout)
 	if err != nil {
-		log.Error("demo failed", "err", err)
+		fmt.Fprintf(stderr, "sqlrebase demo: %v\n", err)
 		return 1
 	}
 	if !res.Converged() {

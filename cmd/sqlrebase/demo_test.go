@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
@@ -31,9 +32,10 @@ func TestDemoConverges(t *testing.T) {
 	if want := "(1, 'Food', 1)"; res.Authority.Rows != want {
 		t.Errorf("authority rows = %s, want %s", res.Authority.Rows, want)
 	}
-	// 1 (schema) + 10 + 3 mutations, each pushed as its own batch.
-	if res.Authority.Version != 14 {
-		t.Errorf("authority version = %d, want 14", res.Authority.Version)
+	// 1 (schema) + 10 + 3 mutations; the server's group commit may put
+	// pushes that arrive together into one version.
+	if v := res.Authority.Version; v < 2 || v > 14 {
+		t.Errorf("authority version = %d, want 2..14", v)
 	}
 	if len(res.Clients) != 3 {
 		t.Fatalf("got %d clients, want 3", len(res.Clients))
@@ -45,7 +47,7 @@ func TestDemoConverges(t *testing.T) {
 	}
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
 	last := lines[len(lines)-1]
-	if !strings.Contains(last, "converged: all 4 parties at version 14 with (1, 'Food', 1), checksum ") {
+	if !strings.Contains(last, fmt.Sprintf("converged: all 4 parties at version %d with (1, 'Food', 1), checksum ", res.Authority.Version)) {
 		t.Errorf("last line = %q", last)
 	}
 	if !strings.Contains(out.String(), "replayed") {
@@ -85,15 +87,6 @@ func TestRunUsage(t *testing.T) {
 	for _, name := range []string{"demo", "inspect", "serve", "bench"} {
 		if !strings.Contains(stdout.String(), name) {
 			t.Errorf("help does not list %s:\n%s", name, stdout.String())
-		}
-	}
-	for _, name := range []string{"serve", "bench"} {
-		stderr.Reset()
-		if code := run(context.Background(), []string{name}, &stdout, &stderr); code != 2 {
-			t.Errorf("%s exit = %d, want 2", name, code)
-		}
-		if !strings.Contains(stderr.String(), "not yet implemented in this build: see README") {
-			t.Errorf("%s says %q", name, stderr.String())
 		}
 	}
 	if code := run(context.Background(), []string{"nope"}, &stdout, &stderr); code != 2 {

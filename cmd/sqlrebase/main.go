@@ -30,7 +30,7 @@ type command struct {
 // function, not a package variable, so that there is no global state.
 func commands() []command {
 	return []command{
-		{"demo", "run the seed scenario: one authority, three replicas, a simulated network", cmdDemo},
+		{"demo", "run the seed scenario over QUIC: a server and three replicas with the seed's latencies", cmdDemo},
 		{"inspect", "print a replica's client id, version, checksum and pending mutations", cmdInspect},
 		{"serve", "run the authority as a QUIC server for replicas in other processes and machines", cmdServe},
 		{"bench", "benchmark against the savepoint baseline: latency, drop, memory, WAL size, capabilities; table, JSON/CSV, chart", cmdBench},
