@@ -9,7 +9,9 @@ import (
 	"time"
 )
 
-func rec(v uint64) []byte { return []byte(fmt.Sprintf("version %d %s", v, bytes.Repeat([]byte{byte(v)}, int(v%7)))) }
+func rec(v uint64) []byte {
+	return []byte(fmt.Sprintf("version %d %s", v, bytes.Repeat([]byte{byte(v)}, int(v%7))))
+}
 
 func TestChangeLog(t *testing.T) {
 	dir := t.TempDir()
