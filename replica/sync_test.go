@@ -757,3 +757,47 @@ func TestSyncCAFile(t *testing.T) {
 	}
 	t.Logf("refusal: %v", err)
 }
+
+// TestSyncBatchesRebases: a replica that comes back to many new versions
+// applies them in a few rebases, not one each.
+func TestSyncBatchesRebases(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", nil)
+	dir := t.TempDir()
+	a := openSynced(t, filepath.Join(dir, "a.db"), reg, ts.remote())
+	converged(t, ts, a)
+	a.Close()
+	b := openSynced(t, filepath.Join(dir, "b.db"), reg, ts.remote())
+	const versions = 40
+	for i := range versions {
+		h := mustMutate(t, b, mutators.CreateCategoryOrIncrementIfExists, incr("Food", i))
+		if err := h.Wait(waitCtx(t, 30*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A slow link, so that OnChange is registered before anything arrives.
+	udp, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := &latencyConn{PacketConn: udp, delay: 30 * time.Millisecond}
+	tr := NewTransport(TransportOptions{PacketConn: lc, Logger: quietLog})
+	rm := ts.remote()
+	rm.Transport = tr
+	a = openSynced(t, filepath.Join(dir, "a.db"), reg, rm)
+	var rebases atomic.Int64
+	a.OnChange(func(c Change) {
+		if c.Rebased {
+			rebases.Add(1)
+		}
+	})
+	converged(t, ts, a, b)
+	if n := rebases.Load(); n == 0 || n > 3 {
+		t.Fatalf("%d rebases for %d versions", n, versions)
+	}
+	t.Logf("%d rebases for %d versions", rebases.Load(), versions)
+	a.Close()
+	tr.Close()
+	lc.wg.Wait()
+	udp.Close()
+}
