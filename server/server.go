@@ -2,7 +2,9 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -105,6 +107,7 @@ type Server struct {
 	perAddr  map[string]int
 	listener *quic.Listener
 	udp      net.PacketConn
+	tr       *quic.Transport
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	closed   bool
@@ -207,6 +210,16 @@ func (s *Server) Databases() []string {
 	return names
 }
 
+// resetKey derives the QUIC stateless reset key from the private key.
+func (s *Server) resetKey() *quic.StatelessResetKey {
+	der, err := x509.MarshalPKCS8PrivateKey(s.cert.PrivateKey)
+	if err != nil {
+		return nil // no reset key: clients notice a restart by timeout
+	}
+	key := quic.StatelessResetKey(sha256.Sum256(append([]byte("sqlrebase stateless reset key\x00"), der...)))
+	return &key
+}
+
 // Fingerprint is the pin of the server's certificate.
 func (s *Server) Fingerprint() string { return protocol.Fingerprint(s.cert.Certificate[0]) }
 
@@ -237,8 +250,15 @@ func (s *Server) Listen(ctx context.Context, addr string) (string, error) {
 // Serve serves QUIC on an open packet connection, which the server then
 // owns, and returns its address.
 func (s *Server) Serve(ctx context.Context, udp net.PacketConn) (string, error) {
-	ln, err := quic.Listen(udp, protocol.ServerTLS(s.cert), protocol.QUICConfig())
+	// A stateless reset key that survives restarts: a server restarted
+	// after a crash then resets the connections its previous life had,
+	// and clients reconnect at once instead of waiting out the idle
+	// timeout. It is derived from the private key, so it is as secret as
+	// that and needs no file of its own.
+	tr := &quic.Transport{Conn: udp, StatelessResetKey: s.resetKey()}
+	ln, err := tr.Listen(protocol.ServerTLS(s.cert), protocol.QUICConfig())
 	if err != nil {
+		tr.Close()
 		udp.Close()
 		return "", fmt.Errorf("server: %w", err)
 	}
@@ -251,7 +271,7 @@ func (s *Server) Serve(ctx context.Context, udp net.PacketConn) (string, error) 
 		udp.Close()
 		return "", errors.New("server: closed")
 	}
-	s.listener, s.udp, s.cancel = ln, udp, cancel
+	s.listener, s.udp, s.tr, s.cancel = ln, udp, tr, cancel
 	s.mu.Unlock()
 	s.wg.Add(1)
 	go s.accept(ctx, ln)
@@ -321,7 +341,7 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
-	ln, udp, cancel := s.listener, s.udp, s.cancel
+	ln, udp, tr, cancel := s.listener, s.udp, s.tr, s.cancel
 	dbs := s.dbs
 	s.mu.Unlock()
 	var errs []error
@@ -338,7 +358,7 @@ func (s *Server) Close() error {
 		cancel()
 		errs = append(errs, ln.Close())
 		s.wg.Wait()
-		errs = append(errs, udp.Close())
+		errs = append(errs, tr.Close(), udp.Close())
 	}
 	for _, d := range dbs {
 		errs = append(errs, d.close())
