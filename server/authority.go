@@ -61,6 +61,7 @@ type Authority struct {
 	reg      *mutators.Registry
 	db       *sql.DB
 	conn     *sql.Conn
+	q        *mutators.StmtCache // a.conn with its statements prepared once: the writer's path
 	capture  *vfs.Capture
 	sums     *wal.ChecksumTable
 	pageSize uint32
@@ -114,6 +115,7 @@ func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx
 	if err != nil {
 		return err
 	}
+	a.q = mutators.NewStmtCache(a.conn, 256)
 	for _, p := range []string{
 		"PRAGMA journal_mode=WAL",
 		"PRAGMA synchronous=FULL",
@@ -181,16 +183,16 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 	if a.broken != nil {
 		return nil, a.broken
 	}
-	if _, err := a.conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+	if _, err := a.q.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
 		return nil, err
 	}
-	tx := mutators.NewTx(ctx, a.conn)
+	tx := mutators.NewTx(ctx, a.q)
 	err := fn(tx)
 	if err == nil {
-		err = mutators.SetVersion(ctx, a.conn, a.version+1)
+		err = mutators.SetVersion(ctx, a.q, a.version+1)
 	}
 	if err == nil {
-		_, err = a.conn.ExecContext(ctx, "COMMIT")
+		_, err = a.q.ExecContext(ctx, "COMMIT")
 	}
 	if err != nil {
 		a.conn.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
@@ -249,7 +251,7 @@ func (a *Authority) Push(ctx context.Context, batch []Mutation) (*wal.PageSet, [
 			lmid, ok := last[m.ClientID]
 			if !ok {
 				var err error
-				if lmid, err = mutators.LastMutationID(ctx, a.conn, m.ClientID); err != nil {
+				if lmid, err = mutators.LastMutationID(ctx, a.q, m.ClientID); err != nil {
 					return err
 				}
 			}
@@ -273,7 +275,7 @@ func (a *Authority) Push(ctx context.Context, batch []Mutation) (*wal.PageSet, [
 				}
 				results[i].Outcome = Rejected
 				results[i].Err = err.Error()
-				if err := mutators.RecordRejection(ctx, a.conn, m.ClientID, m.ID, m.Name, err.Error(), a.version+1); err != nil {
+				if err := mutators.RecordRejection(ctx, a.q, m.ClientID, m.ID, m.Name, err.Error(), a.version+1); err != nil {
 					return err
 				}
 			} else {
@@ -282,7 +284,7 @@ func (a *Authority) Push(ctx context.Context, batch []Mutation) (*wal.PageSet, [
 			if _, err := tx.Exec("RELEASE mutation"); err != nil {
 				return err
 			}
-			if err := mutators.SetLastMutationID(ctx, a.conn, m.ClientID, m.ID); err != nil {
+			if err := mutators.SetLastMutationID(ctx, a.q, m.ClientID, m.ID); err != nil {
 				return err
 			}
 			last[m.ClientID] = m.ID
@@ -448,6 +450,9 @@ func (a *Authority) Close() error {
 	var errs []error
 	if a.capture != nil {
 		errs = append(errs, a.capture.Close())
+	}
+	if a.q != nil {
+		errs = append(errs, a.q.Close())
 	}
 	if a.conn != nil {
 		errs = append(errs, a.conn.Close())
