@@ -229,7 +229,7 @@ type peer struct {
 	closed  bool
 }
 
-// conn returns a live connection to the peer, dialing one if there is
+// connection returns a live connection to the peer, dialing one if there is
 // none or the last one died.
 func (p *peer) connection(ctx context.Context) (*quic.Conn, error) {
 	select {
