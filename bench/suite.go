@@ -8,8 +8,11 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"time"
+
+	"github.com/ncruces/go-sqlite3/driver"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 )
@@ -246,11 +249,34 @@ func contains(list []string, s string) bool {
 	return false
 }
 
+// sqliteVersion names the go-sqlite3 module of this build and the SQLite
+// it runs, as "go-sqlite3 v0.37.0 (SQLite 3.54.1)".
+func sqliteVersion() string {
+	mod := "go-sqlite3"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, d := range bi.Deps {
+			if d.Path == "github.com/ncruces/go-sqlite3" {
+				mod += " " + d.Version
+			}
+		}
+	}
+	db, err := driver.Open("file::memory:", nil)
+	if err != nil {
+		return mod
+	}
+	defer db.Close()
+	var v string
+	if err := db.QueryRow("SELECT sqlite_version()").Scan(&v); err != nil {
+		return mod
+	}
+	return mod + " (SQLite " + v + ")"
+}
+
 // DescribeMachine reads the CPU model and kernel from /proc (Linux) and
 // the Go and SQLite versions from the build.
 func DescribeMachine() Machine {
 	m := Machine{CPU: "unknown", CPUs: runtime.NumCPU(), OS: runtime.GOOS + "/" + runtime.GOARCH, Go: runtime.Version(),
-		SQLite: "go-sqlite3 v0.37.0 (SQLite 3.54.1)"}
+		SQLite: sqliteVersion()}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
 			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
