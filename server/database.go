@@ -30,6 +30,7 @@ type database struct {
 	// Guarded by auth.mu: onCommit runs under it, and subscribing takes it,
 	// so a new subscriber sits exactly between two versions.
 	clog     *changeLog
+	enc      *protocol.Encoder
 	subs     map[*session]struct{}
 	lastSize int // bytes of the last encoded version
 }
@@ -45,7 +46,7 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 		name: name, cfg: cfg, log: log.With("db", name),
 		pushes: make(chan pushRequest, 1024),
 		stop:   make(chan struct{}), done: make(chan struct{}),
-		subs: map[*session]struct{}{},
+		subs: map[*session]struct{}{}, enc: protocol.NewEncoder(),
 	}
 	var err error
 	if d.access, err = loadAccess(filepath.Join(dir, "access.json")); err != nil {
@@ -81,7 +82,7 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 // onCommit encodes a committed version once, appends it to the change log
 // and offers it to every subscriber. It runs under auth.mu.
 func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32) {
-	ev, err := protocol.EncodeVersion(ps, baseDBSize, func(pgno uint32) []byte {
+	ev, err := d.enc.Version(ps, baseDBSize, func(pgno uint32) []byte {
 		i := sort.Search(len(ps.Pages), func(i int) bool { return ps.Pages[i].Pgno >= pgno })
 		if i < len(ps.Pages) && ps.Pages[i].Pgno == pgno {
 			return before[i]
@@ -92,7 +93,7 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 		// Cannot happen for a page set the authority just built; if it
 		// does, fall back to the whole pages.
 		d.log.Error("encode version", "version", ps.Version, "err", err)
-		ev, err = protocol.EncodeVersion(ps, 0, nil)
+		ev, err = d.enc.Version(ps, 0, nil)
 		if err != nil {
 			d.auth.broken = fmt.Errorf("server: encode version %d: %w", ps.Version, err)
 			return
@@ -270,6 +271,7 @@ func (d *database) close() error {
 	}
 	d.subs = map[*session]struct{}{}
 	err := d.clog.close()
+	d.enc.Close()
 	d.auth.mu.Unlock()
 	return errors.Join(err, d.auth.Close())
 }

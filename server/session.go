@@ -296,6 +296,8 @@ func (s *session) sendSnapshot(ctx context.Context, buf []byte) (uint64, []byte,
 		return 0, nil, err
 	}
 	defer snap.Close()
+	enc := protocol.NewEncoder()
+	defer enc.Close()
 	const chunkPages = 256
 	for first := uint32(1); first <= snap.DBSize; first += chunkPages {
 		n := min(chunkPages, snap.DBSize-first+1)
@@ -303,7 +305,7 @@ func (s *session) sendSnapshot(ctx context.Context, buf []byte) (uint64, []byte,
 		if err != nil {
 			return 0, nil, err
 		}
-		chunk, err := protocol.EncodeSnapshotChunk(snap.Version, snap.PageSize, snap.DBSize, snap.Checksum, first, raw)
+		chunk, err := enc.SnapshotChunk(snap.Version, snap.PageSize, snap.DBSize, snap.Checksum, first, raw)
 		if err != nil {
 			return 0, nil, err
 		}
