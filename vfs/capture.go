@@ -28,7 +28,7 @@ type Capture struct {
 	walPath string
 	dbPath  string
 	f       *os.File
-	main    *os.File          // the main file, for images that predate the WAL (opened on first need)
+	main    *os.File         // the main file, for images that predate the WAL (opened on first need)
 	latest  map[uint32]int64 // offset of each page's newest committed frame in this WAL generation
 	hdr     wal.Header
 	chain   wal.Chain
