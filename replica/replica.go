@@ -99,6 +99,13 @@ type Replica struct {
 
 	writeMu sync.Mutex // serialises Mutate and Rebase on the writer
 	writer  *sql.Conn
+	// engineQ and mutatorQ run statements on the writer prepared once
+	// (parsing was half of a replay). Two caches, because SQLite authorizes
+	// a statement when it prepares it: a statement prepared for the engine
+	// must never run for a mutator, whose statements the authorizer limits.
+	// After a schema reset SQLite re-prepares them (the schema generation
+	// moves), so the schema-cookie ABA fix covers them too.
+	engineQ, mutatorQ *mutators.StmtCache
 	wdb     *sql.DB
 	role    atomic.Int32 // role of statements on the writer, for the authorizer
 	// mutatorDenied is what the authorizer refused to a running mutator,
@@ -182,7 +189,10 @@ func (r *Replica) open(ctx context.Context) error {
 		return err
 	}
 	r.wdb.SetMaxOpenConns(1)
-	if r.writer, err = r.wdb.Conn(ctx); err != nil {
+	if r.writer, err = r.wdb.Conn(ctx); err == nil {
+		r.engineQ, r.mutatorQ = mutators.NewStmtCache(r.writer, 64), mutators.NewStmtCache(r.writer, 512)
+	}
+	if err != nil {
 		return err
 	}
 	inner, err := (&sqlitedriver.SQLite{}).OpenConnector(dsn + "&_txlock=deferred")
@@ -410,12 +420,12 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 	if alone {
 		begin, undo, done = "BEGIN IMMEDIATE", "ROLLBACK", "COMMIT"
 	}
-	if _, err := r.writer.ExecContext(ctx, begin); err != nil {
+	if _, err := r.engineQ.ExecContext(ctx, begin); err != nil {
 		return fmt.Errorf("%s: %w", begin, err)
 	}
 	r.role.Store(int32(roleMutator))
 	r.mutatorDenied.Store(nil)
-	err := r.opts.Mutators.Run(ctx, mutators.NewTx(ctx, r.writer), m.Name, m.Args)
+	err := r.opts.Mutators.Run(ctx, mutators.NewTx(ctx, r.mutatorQ), m.Name, m.Args)
 	r.role.Store(int32(roleEngine))
 	if why := r.mutatorDenied.Swap(nil); why != nil && err != nil {
 		err = fmt.Errorf("%w: %s (%v)", ErrForbidden, *why, err)
@@ -426,7 +436,7 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 		}
 		return err
 	}
-	if _, err := r.writer.ExecContext(ctx, done); err != nil {
+	if _, err := r.engineQ.ExecContext(ctx, done); err != nil {
 		r.writer.ExecContext(context.WithoutCancel(ctx), undo)
 		return fmt.Errorf("%s: %w", done, err)
 	}
@@ -467,7 +477,7 @@ func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.Pa
 
 func (r *Replica) rebaseClosed(ctx context.Context, sets []*wal.PageSet) error {
 	var optBefore uint32
-	if err := r.writer.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&optBefore); err != nil {
+	if err := r.engineQ.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&optBefore); err != nil {
 		return fmt.Errorf("read schema cookie: %w", err)
 	}
 	mainBefore, err := r.files.SchemaCookie()
@@ -498,7 +508,7 @@ func (r *Replica) rebaseClosed(ctx context.Context, sets []*wal.PageSet) error {
 		return err
 	}
 	var optAfter uint32
-	if err := r.writer.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&optAfter); err != nil {
+	if err := r.engineQ.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&optAfter); err != nil {
 		return fmt.Errorf("read schema cookie: %w", err)
 	}
 	if optAfter != mainAfter {
@@ -520,7 +530,7 @@ func (r *Replica) resetSchema(ctx context.Context) error {
 // their mutations from the queue.
 func (r *Replica) settle(ctx context.Context) error {
 	id := r.queue.ClientID()
-	lmid, err := mutators.LastMutationID(ctx, r.writer, id)
+	lmid, err := mutators.LastMutationID(ctx, r.engineQ, id)
 	if err != nil {
 		return fmt.Errorf("read acknowledgements: %w", err)
 	}
@@ -530,7 +540,7 @@ func (r *Replica) settle(ctx context.Context) error {
 	if lmid == r.lmid {
 		return nil
 	}
-	rejected, err := mutators.Rejections(ctx, r.writer, id, r.lmid, lmid)
+	rejected, err := mutators.Rejections(ctx, r.engineQ, id, r.lmid, lmid)
 	if err != nil {
 		return fmt.Errorf("read rejections: %w", err)
 	}
@@ -560,7 +570,7 @@ func (r *Replica) replay(ctx context.Context) error {
 	if len(pending) == 0 {
 		return nil
 	}
-	if _, err := r.writer.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+	if _, err := r.engineQ.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
 		return fmt.Errorf("replay: begin: %w", err)
 	}
 	for i, m := range pending {
@@ -572,7 +582,7 @@ func (r *Replica) replay(ctx context.Context) error {
 			r.crash("replay-middle")
 		}
 	}
-	if _, err := r.writer.ExecContext(ctx, "COMMIT"); err != nil {
+	if _, err := r.engineQ.ExecContext(ctx, "COMMIT"); err != nil {
 		r.writer.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
 		return fmt.Errorf("replay: commit: %w", err)
 	}
@@ -591,6 +601,9 @@ func (r *Replica) Close() error {
 	var errs []error
 	if r.rdb != nil {
 		errs = append(errs, r.rdb.Close())
+	}
+	if r.engineQ != nil {
+		errs = append(errs, r.engineQ.Close(), r.mutatorQ.Close())
 	}
 	if r.writer != nil {
 		errs = append(errs, r.writer.Close())

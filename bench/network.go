@@ -1,0 +1,239 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/replica"
+	"github.com/sqlrebase/sqlrebase/server"
+)
+
+// NetworkConfig configures RunNetwork: the end-to-end measurements over
+// QUIC on loopback, with a real server and real replicas in this process.
+type NetworkConfig struct {
+	Dir      string
+	Replicas int // connected replicas, each with a QUIC connection of its own
+	Samples  int // mutations timed to confirmation, and versions timed to every replica
+	Logger   *slog.Logger
+}
+
+// NetworkResult is what RunNetwork measured.
+type NetworkResult struct {
+	Replicas int
+	// Confirm is Mutate to confirmed (the handle's Wait returns: the
+	// server ran it and the replica rebased on the version that holds it),
+	// at one replica while the others are connected.
+	Confirm Percentiles
+	// Fanout is from the moment the server commits a version (a one-row
+	// update) to the moment each replica has rebased on it, over every
+	// replica and version.
+	Fanout Percentiles
+	// WireBytes is the median size of those versions on the wire: the
+	// Versions message with one version, length prefix included.
+	WireBytes int
+	// Versions is how many versions the fan-out measured.
+	Versions int
+}
+
+// Percentiles summarise latencies.
+type Percentiles struct {
+	P50, P99, Max time.Duration
+	N             int
+}
+
+func percentiles(d []time.Duration) Percentiles {
+	if len(d) == 0 {
+		return Percentiles{}
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	at := func(q float64) time.Duration { return s[min(len(s)-1, int(q*float64(len(s))))] }
+	return Percentiles{P50: at(0.50), P99: at(0.99), Max: s[len(s)-1], N: len(s)}
+}
+
+// RunNetwork starts a server on loopback and cfg.Replicas replicas, then
+// measures Mutate-to-confirmed at one replica and the fan-out of versions to
+// all of them.
+func RunNetwork(ctx context.Context, cfg NetworkConfig) (NetworkResult, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if cfg.Replicas < 1 || cfg.Samples < 1 {
+		return NetworkResult{}, errors.New("network bench: need at least one replica and one sample")
+	}
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		return NetworkResult{}, err
+	}
+	setup := func(ctx context.Context, tx mutators.Tx) error {
+		if _, err := tx.Exec(mutators.DemoSchema); err != nil {
+			return err
+		}
+		// Enough rows over enough pages that a one-row update touches one
+		// leaf among many, as in a real app.
+		_, err := tx.Exec(`WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 2000)
+			INSERT INTO Categories(name, count) SELECT 'cat-' || i, i FROM n`)
+		return err
+	}
+	// All replicas share one address here; the per-address limit is for
+	// strangers.
+	srv, err := server.Open(ctx, server.Config{Dir: filepath.Join(cfg.Dir, "server"), Mutators: reg, Setup: setup, Logger: cfg.Logger, MaxConnsPerAddr: cfg.Replicas + 8})
+	if err != nil {
+		return NetworkResult{}, err
+	}
+	defer srv.Close()
+	if err := srv.AddDatabase(ctx, "bench", "bench-secret"); err != nil {
+		return NetworkResult{}, err
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		return NetworkResult{}, err
+	}
+	auth := srv.Authority("bench")
+
+	// Every replica reports each rebase's version on its channel.
+	type rig struct {
+		r       *replica.Replica
+		rebased chan uint64
+	}
+	rigs := make([]*rig, cfg.Replicas)
+	defer func() {
+		for _, g := range rigs {
+			if g != nil {
+				g.r.Close()
+			}
+		}
+	}()
+	for i := range rigs {
+		r, err := replica.Open(ctx, filepath.Join(cfg.Dir, fmt.Sprintf("r%d.db", i)), replica.Options{
+			Mutators: reg, Logger: cfg.Logger,
+			Remote: &replica.Remote{Addr: addr, Database: "bench", Credential: "bench-secret", Fingerprint: srv.Fingerprint()},
+		})
+		if err != nil {
+			return NetworkResult{}, err
+		}
+		g := &rig{r: r, rebased: make(chan uint64, 4096)}
+		r.OnChange(func(c replica.Change) {
+			if c.Rebased {
+				select {
+				case g.rebased <- c.Version:
+				default:
+				}
+			}
+		})
+		rigs[i] = g
+	}
+	for _, g := range rigs {
+		sctx, cancel := context.WithTimeout(ctx, time.Minute)
+		err := g.r.Sync(sctx)
+		cancel()
+		if err != nil {
+			return NetworkResult{}, fmt.Errorf("network bench: replica sync: %w", err)
+		}
+	}
+	res := NetworkResult{Replicas: cfg.Replicas}
+
+	// Mutate to confirmed at replica 0.
+	var confirm []time.Duration
+	for i := 0; i < cfg.Samples; i++ {
+		start := time.Now()
+		h, err := rigs[0].r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("cat-7", 1))
+		if err != nil {
+			return NetworkResult{}, err
+		}
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err = h.Wait(wctx)
+		cancel()
+		if err != nil {
+			return NetworkResult{}, fmt.Errorf("network bench: wait for confirmation: %w", err)
+		}
+		confirm = append(confirm, time.Since(start))
+	}
+	res.Confirm = percentiles(confirm)
+
+	// Fan-out: the server commits a one-row update; every replica rebases.
+	for _, g := range rigs {
+		drain(g.rebased)
+	}
+	var fanout []time.Duration
+	var sizes []int
+	for i := 0; i < cfg.Samples; i++ {
+		start := time.Now()
+		ps, err := auth.Exec(ctx, func(tx mutators.Tx) error {
+			_, err := tx.Exec(`UPDATE Categories SET count = count + 1 WHERE name = 'cat-1000'`)
+			return err
+		})
+		if err != nil {
+			return NetworkResult{}, err
+		}
+		var wg sync.WaitGroup
+		lat := make([]time.Duration, len(rigs))
+		errs := make([]error, len(rigs))
+		for j, g := range rigs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				timeout := time.After(30 * time.Second)
+				for {
+					select {
+					case v := <-g.rebased:
+						if v >= ps.Version {
+							lat[j] = time.Since(start)
+							return
+						}
+					case <-timeout:
+						errs[j] = fmt.Errorf("network bench: replica %d did not reach version %d", j, ps.Version)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			return NetworkResult{}, err
+		}
+		fanout = append(fanout, lat...)
+		rec, err := srv.EncodedVersion("bench", ps.Version)
+		if err != nil {
+			return NetworkResult{}, err
+		}
+		sizes = append(sizes, len(protocol.AppendVersionsFrame(nil, rec)))
+	}
+	res.Fanout = percentiles(fanout)
+	res.Versions = cfg.Samples
+	slices.Sort(sizes)
+	res.WireBytes = sizes[len(sizes)/2]
+	for _, g := range rigs {
+		if g.r.Status().Checksum != auth.Checksum() {
+			return NetworkResult{}, errors.New("network bench: a replica's checksum differs from the server's at the end")
+		}
+	}
+	return res, nil
+}
+
+func drain(c chan uint64) {
+	for {
+		select {
+		case <-c:
+		default:
+			return
+		}
+	}
+}
+
+// String is the result as report lines.
+func (r NetworkResult) String() string {
+	return fmt.Sprintf("network, %d replicas: Mutate to confirmed p50 %s p99 %s; fan-out of a version to all p50 %s p99 %s (max %s); %d bytes on the wire per one-row update",
+		r.Replicas, ms(r.Confirm.P50), ms(r.Confirm.P99), ms(r.Fanout.P50), ms(r.Fanout.P99), ms(r.Fanout.Max), r.WireBytes)
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }

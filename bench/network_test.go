@@ -1,0 +1,38 @@
+package bench
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+func TestRunNetwork(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	res, err := RunNetwork(ctx, NetworkConfig{Dir: t.TempDir(), Replicas: 3, Samples: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Log(res)
+	if res.Confirm.N != 5 || res.Fanout.N != 15 || res.WireBytes == 0 || res.WireBytes > 512 {
+		t.Fatalf("result %+v", res)
+	}
+}
+
+// BenchmarkNetwork reports the end-to-end numbers with 1, 10 and 100
+// replicas (b.N samples each).
+func BenchmarkNetwork(b *testing.B) {
+	for _, n := range []int{1, 10, 100} {
+		b.Run("replicas="+itoa(int64(n)), func(b *testing.B) {
+			res, err := RunNetwork(context.Background(), NetworkConfig{Dir: b.TempDir(), Replicas: n, Samples: max(b.N, 20)})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(float64(res.Confirm.P50.Microseconds())/1000, "confirm-p50-ms")
+			b.ReportMetric(float64(res.Confirm.P99.Microseconds())/1000, "confirm-p99-ms")
+			b.ReportMetric(float64(res.Fanout.P50.Microseconds())/1000, "fanout-p50-ms")
+			b.ReportMetric(float64(res.Fanout.P99.Microseconds())/1000, "fanout-p99-ms")
+			b.ReportMetric(float64(res.WireBytes), "wire-B")
+		})
+	}
+}
