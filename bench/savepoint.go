@@ -33,6 +33,7 @@ type SavepointEngine struct {
 	reg     *mutators.Registry
 	db      *sql.DB
 	conn    *sql.Conn
+	q       *mutators.StmtCache // the mutators' statements prepared once, as our replica does: the comparison is of designs, not of statement caching
 	pending []spMutation
 	nextSP  uint64
 }
@@ -75,7 +76,7 @@ func OpenSavepoint(path string, reg *mutators.Registry) (*SavepointEngine, error
 			return nil, fmt.Errorf("open savepoint engine %s: %s: %w", path, p, err)
 		}
 	}
-	return &SavepointEngine{reg: reg, db: db, conn: conn}, nil
+	return &SavepointEngine{reg: reg, db: db, conn: conn, q: mutators.NewStmtCache(conn, 512)}, nil
 }
 
 // Close rolls back whatever is pending (it was never committed) and closes
@@ -87,6 +88,9 @@ func (e *SavepointEngine) Close() error {
 			errs = append(errs, fmt.Errorf("roll back pending: %w", err))
 		}
 		e.pending = nil
+	}
+	if e.q != nil {
+		errs = append(errs, e.q.Close())
 	}
 	errs = append(errs, e.conn.Close(), e.db.Close())
 	if err := errors.Join(errs...); err != nil {
@@ -127,7 +131,7 @@ func (e *SavepointEngine) run(ctx context.Context, m *spMutation) error {
 	if _, err := e.conn.ExecContext(ctx, "SAVEPOINT "+m.sp); err != nil {
 		return fmt.Errorf("mutate %s: open savepoint: %w", m.name, err)
 	}
-	if err := e.reg.Run(ctx, mutators.NewTx(ctx, e.conn), m.name, m.args); err != nil {
+	if err := e.reg.Run(ctx, mutators.NewTx(ctx, e.q), m.name, m.args); err != nil {
 		// The savepoint stays open (empty) so the nesting stays simple;
 		// the rollback of the oldest one undoes it with the rest.
 		if _, rerr := e.conn.ExecContext(ctx, "ROLLBACK TO "+m.sp); rerr != nil {
