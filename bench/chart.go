@@ -14,6 +14,10 @@ import (
 )
 
 // errNoChartData is returned when a report has no rebase lines to chart.
+// HasRebaseChart reports whether the report holds the rebase series that
+// WriteRebaseChart draws.
+func (rep *Report) HasRebaseChart() bool { return len(chartSeries(rep)) > 0 }
+
 var errNoChartData = errors.New("bench: no rebase results with pending ≥ 1 to chart")
 
 // series is one line of the chart: an engine at one K.

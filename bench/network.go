@@ -40,6 +40,9 @@ type NetworkResult struct {
 	// WireBytes is the median size of those versions on the wire: the
 	// Versions message with one version, length prefix included.
 	WireBytes int
+	// WholeBytes is the same versions' pages sent whole, with the same
+	// header: what a protocol without deltas sends.
+	WholeBytes int
 	// Versions is how many versions the fan-out measured.
 	Versions int
 }
@@ -165,7 +168,7 @@ func RunNetwork(ctx context.Context, cfg NetworkConfig) (NetworkResult, error) {
 		drain(g.rebased)
 	}
 	var fanout []time.Duration
-	var sizes []int
+	var sizes, wholes []int
 	for i := 0; i < cfg.Samples; i++ {
 		start := time.Now()
 		ps, err := auth.Exec(ctx, func(tx mutators.Tx) error {
@@ -207,11 +210,19 @@ func RunNetwork(ctx context.Context, cfg NetworkConfig) (NetworkResult, error) {
 			return NetworkResult{}, err
 		}
 		sizes = append(sizes, len(protocol.AppendVersionsFrame(nil, rec)))
+		raw, err := protocol.DecodeEncodedVersion(rec, protocol.DefaultLimits)
+		if err != nil {
+			return NetworkResult{}, err
+		}
+		whole := raw
+		whole.Codec, whole.BaseDBSize, whole.Payload = protocol.CodecRaw, 0, make([]byte, len(raw.Pgnos)*int(raw.PageSize))
+		wholes = append(wholes, len(protocol.AppendVersionsFrame(nil, whole.AppendBinary(nil))))
 	}
 	res.Fanout = percentiles(fanout)
 	res.Versions = cfg.Samples
 	slices.Sort(sizes)
-	res.WireBytes = sizes[len(sizes)/2]
+	slices.Sort(wholes)
+	res.WireBytes, res.WholeBytes = sizes[len(sizes)/2], wholes[len(wholes)/2]
 	for _, g := range rigs {
 		if g.r.Status().Checksum != auth.Checksum() {
 			return NetworkResult{}, errors.New("network bench: a replica's checksum differs from the server's at the end")
@@ -237,3 +248,44 @@ func (r NetworkResult) String() string {
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
+
+// NetworkSection is the end-to-end section of the suite: for each count of
+// replicas, Mutate to confirmed and the fan-out of a version, as p50 against
+// p99 (over Config.Runs runs of samples each), and the bytes a one-row
+// update takes on the wire against sending its pages whole.
+func NetworkSection(replicas []int, samples int) Section {
+	return Section{Name: "network", Run: func(ctx context.Context, env *Env) ([]Result, error) {
+		var out []Result
+		for _, n := range replicas {
+			var c50, c99, f50, f99, wire, whole []float64
+			for run := 0; run < max(1, env.Config.Runs); run++ {
+				env.Progress("network: %d replicas, run %d", n, run+1)
+				res, err := RunNetwork(ctx, NetworkConfig{Dir: filepath.Join(env.Dir, fmt.Sprintf("n%d-r%d", n, run)), Replicas: n, Samples: samples})
+				if err != nil {
+					return nil, err
+				}
+				msf := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+				c50, c99 = append(c50, msf(res.Confirm.P50)), append(c99, msf(res.Confirm.P99))
+				f50, f99 = append(f50, msf(res.Fanout.P50)), append(f99, msf(res.Fanout.P99))
+				wire, whole = append(wire, float64(res.WireBytes)), append(whole, float64(res.WholeBytes))
+			}
+			params := map[string]int{"clients": n}
+			out = append(out,
+				spreadResult("network", fmt.Sprintf("Mutate to confirmed, %d replicas connected", n), params, "ms", c50, c99,
+					"over QUIC on loopback: the server ran it and the replica rebased on the version holding it"),
+				spreadResult("network", fmt.Sprintf("fan-out of a version to %d replicas", n), params, "ms", f50, f99,
+					"from the server's commit until every replica has rebased on it, all in this process on the same cores"),
+				pairResult("network", fmt.Sprintf("one-row update on the wire, %d replicas", n), params, "B", "ours", wire, "whole pages", whole,
+					"zstd with the replica's old pages as dictionary, against the same pages sent whole (SQLSync, libSQL)"),
+			)
+		}
+		return out, nil
+	}}
+}
+
+// spreadResult is a line of one quantity's p50 and p99: no ratio, there is
+// no other engine on the network side to compare with.
+func spreadResult(section, label string, params map[string]int, unit string, p50, p99 []float64, note string) Result {
+	return Result{Section: section, Label: label, Params: params, Unit: unit,
+		A: Side{"p50", summarize(p50)}, B: Side{"p99", summarize(p99)}, Note: note}
+}

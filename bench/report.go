@@ -25,10 +25,12 @@ var LineRegexp = regexp.MustCompile(`^([^:]+): ours ([0-9.]+) (\S+)(?: \[[^\]]*\
 // engine match LineRegexp.
 func (r Result) Line() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s: %s %s %s%s, %s %s %s%s, ratio %s%s", r.Label,
+	fmt.Fprintf(&b, "%s: %s %s %s%s, %s %s %s%s", r.Label,
 		r.A.Name, num(r.A.Median), r.Unit, spread(r.A.Stats),
-		r.B.Name, num(r.B.Median), r.Unit, spread(r.B.Stats),
-		num(r.Ratio.Median), spread(r.Ratio))
+		r.B.Name, num(r.B.Median), r.Unit, spread(r.B.Stats))
+	if r.Ratio.Runs > 0 { // lines of one quantity's percentiles have none
+		fmt.Fprintf(&b, ", ratio %s%s", num(r.Ratio.Median), spread(r.Ratio))
+	}
 	return b.String()
 }
 
@@ -69,6 +71,7 @@ var sectionTitles = []struct{ key, title string }{
 	{"size", "Database size"},
 	{"memory", "Peak RSS per replica"},
 	{"wal", "WAL size"},
+	{"network", "End to end over QUIC on loopback (server and replicas in this process)"},
 }
 
 // WriteText writes the report as people read it: the machine, one line per

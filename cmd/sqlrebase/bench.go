@@ -15,10 +15,14 @@ import (
 	"github.com/sqlrebase/sqlrebase/bench"
 )
 
-// e2eSections are the end-to-end benchmark sections (replicas talking to
-// `sqlrebase serve` over QUIC). They arrive with the network server
-// (issue 3); until then --e2e says so instead of printing numbers.
-func e2eSections() []bench.Section { return nil }
+// e2eSections are the end-to-end benchmark sections: a server and replicas
+// talking QUIC on loopback, with 1 and 10 replicas (quick) or 1, 10 and 100.
+func e2eSections(quick bool) []bench.Section {
+	if quick {
+		return []bench.Section{bench.NetworkSection([]int{1, 10}, 30)}
+	}
+	return []bench.Section{bench.NetworkSection([]int{1, 10, 100}, 100)}
+}
 
 // cmdBench is the bench subcommand: the suite of package bench, our engine
 // against the savepoint baseline, printed as a table with one line per
@@ -36,7 +40,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	huge := fs.Bool("huge", false, "add a 1 GB database to the size series (full suite only; several more minutes and GBs of disk)")
 	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability)")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
-	e2e := fs.Bool("e2e", false, "also run the end-to-end sections over the network (needs the network server, issue 3)")
+	e2e := fs.Bool("e2e", false, "also run the end-to-end sections over QUIC on loopback (Mutate to confirmed, fan-out, bytes on the wire)")
 	child := fs.String("child", "", "internal: run one child of the suite (peak RSS, kill -9) from its JSON `spec`")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: sqlrebase bench [--quick] [--runs N] [--json FILE] [--csv FILE] [--svg FILE] [flags]")
@@ -92,7 +96,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		cfg.Only = strings.Split(*only, ",")
 	}
 	if *e2e {
-		extra := e2eSections()
+		extra := e2eSections(*quick)
 		if len(extra) == 0 {
 			fmt.Fprintln(stderr, "sqlrebase bench: --e2e needs the network server (issue 3), which is not in this build; no end-to-end numbers yet")
 			return 2
@@ -126,6 +130,10 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		fmt.Fprintf(stderr, "sqlrebase bench: %v\n", err)
 		return 1
 	}
+	chart := *svgPath
+	if !rep.HasRebaseChart() {
+		chart = "" // --only left out the rebase series: nothing to draw
+	}
 	outputs := []struct {
 		path  string
 		write func(io.Writer) error
@@ -133,7 +141,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		{*jsonPath, rep.WriteJSON},
 		{*csvPath, rep.WriteCSV},
 		{*mdPath, rep.WriteMarkdown},
-		{*svgPath, func(w io.Writer) error {
+		{chart, func(w io.Writer) error {
 			return rep.WriteRebaseChart(w, strings.TrimPrefix(filepath.Ext(*svgPath), "."))
 		}},
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -31,9 +32,6 @@ func TestBenchUsage(t *testing.T) {
 		{[]string{"extra"}, 2, "usage: sqlrebase bench"},
 		{[]string{"--runs", "-1"}, 2, "--runs must be at least 1"},
 		{[]string{"--quick", "--huge"}, 2, "--huge belongs to the full suite"},
-		// No end-to-end numbers until the network server exists: the flag
-		// says so instead of printing anything that looks like a result.
-		{[]string{"--e2e", "--quick"}, 2, "needs the network server (issue 3)"},
 		{[]string{"--child", "{"}, 1, "bench child: spec"},
 	} {
 		code, _, stderr := runBench(t, c.args...)
@@ -68,5 +66,26 @@ func TestBenchListed(t *testing.T) {
 	usage(&buf)
 	if !strings.Contains(buf.String(), "bench") || strings.Contains(buf.String(), "bench    run the benchmarks against the savepoint baseline (not yet") {
 		t.Errorf("help does not list a working bench command:\n%s", buf.String())
+	}
+}
+
+// TestBenchE2E runs the end-to-end section alone, at its quick size: the
+// network lines are there, with no ratio where there is no other engine,
+// and the one-row update is far smaller than its pages sent whole.
+func TestBenchE2E(t *testing.T) {
+	if testing.Short() {
+		t.Skip("network benchmark")
+	}
+	code, stdout, stderr := runBench(t, "--quick", "--e2e", "--only", "network", "--quiet", "--runs", "1", "--svg", filepath.Join(t.TempDir(), "x.svg"))
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{"Mutate to confirmed, 10 replicas connected: p50 ", "fan-out of a version to 10 replicas: p50 ", "one-row update on the wire, 1 replicas: ours "} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("no line %q in:\n%s", want, stdout)
+		}
+	}
+	if strings.Contains(stdout, "connected: p50") && strings.Contains(strings.SplitN(strings.SplitN(stdout, "connected: p50", 2)[1], "\n", 2)[0], "ratio") {
+		t.Errorf("a percentile line has a ratio:\n%s", stdout)
 	}
 }
