@@ -105,6 +105,7 @@ type Server struct {
 	mu       sync.Mutex
 	dbs      map[string]*database
 	perAddr  map[string]int
+	conns    map[*quic.Conn]struct{}
 	listener *quic.Listener
 	udp      net.PacketConn
 	tr       *quic.Transport
@@ -125,7 +126,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "dbs"), 0o755); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, dbs: map[string]*database{}, perAddr: map[string]int{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, dbs: map[string]*database{}, perAddr: map[string]int{}, conns: map[*quic.Conn]struct{}{}}
 	certFile, keyFile := cfg.CertFile, cfg.KeyFile
 	if certFile == "" && keyFile == "" {
 		certFile, keyFile = filepath.Join(cfg.Dir, "cert.pem"), filepath.Join(cfg.Dir, "key.pem")
@@ -294,6 +295,7 @@ func (s *Server) accept(ctx context.Context, ln *quic.Listener) {
 		over := s.perAddr[host] >= s.cfg.MaxConnsPerAddr
 		if !over {
 			s.perAddr[host]++
+			s.conns[conn] = struct{}{}
 		}
 		s.mu.Unlock()
 		if over {
@@ -309,6 +311,7 @@ func (s *Server) accept(ctx context.Context, ln *quic.Listener) {
 				if s.perAddr[host] == 0 {
 					delete(s.perAddr, host)
 				}
+				delete(s.conns, conn)
 				s.mu.Unlock()
 			}()
 			s.serveConn(ctx, conn)
@@ -355,6 +358,13 @@ func (s *Server) Close() error {
 	}
 	if cancel != nil {
 		time.Sleep(50 * time.Millisecond) // let the senders flush their Error
+		// Close each connection with a reason, so that clients reconnect
+		// at once instead of waiting out the idle timeout.
+		s.mu.Lock()
+		for c := range s.conns {
+			c.CloseWithError(quic.ApplicationErrorCode(protocol.CodeShuttingDown), "the server is shutting down")
+		}
+		s.mu.Unlock()
 		cancel()
 		errs = append(errs, ln.Close())
 		s.wg.Wait()
