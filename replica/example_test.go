@@ -27,25 +27,47 @@ func Example() {
 		log.Fatal(err)
 	}
 
-	// The authority (in-process for now; the QUIC server is the next step).
-	auth, err := server.OpenAuthority(ctx, filepath.Join(dir, "server.db"), reg,
-		func(ctx context.Context, tx mutators.Tx) error {
+	// The server. In production it is a process of its own (sqlrebase
+	// serve, or your own binary linking your mutators); here it runs on
+	// a loopback port of this process.
+	srv, err := server.Open(ctx, server.Config{
+		Dir:      filepath.Join(dir, "server"),
+		Mutators: reg,
+		Setup: func(ctx context.Context, tx mutators.Tx) error {
 			_, err := tx.Exec(mutators.DemoSchema) // version 1: the app's schema
 			return err
-		})
+		},
+	})
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer auth.Close()
+	defer srv.Close()
+	if err := srv.AddDatabase(ctx, "demo", "s3cret"); err != nil {
+		log.Fatal(err)
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
 
-	// A replica: one process owns its files until Close.
-	r, err := replica.Open(ctx, filepath.Join(dir, "client.db"), replica.Options{Mutators: reg})
+	// A replica syncing with it over QUIC, pinning its certificate. One
+	// process owns the replica's files until Close.
+	r, err := replica.Open(ctx, filepath.Join(dir, "client.db"), replica.Options{
+		Mutators: reg,
+		Remote: &replica.Remote{
+			Addr:        addr,
+			Database:    "demo",
+			Credential:  "s3cret",
+			Fingerprint: srv.Fingerprint(), // what `sqlrebase serve` prints
+		},
+	})
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer r.Close()
 
-	// Mutate runs at once, locally and durably queued; reads see it.
+	// Mutate runs at once, locally and durably queued, and never waits
+	// for the network; reads see it at once.
 	h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
 	if err != nil {
 		log.Fatal(err)
@@ -54,31 +76,16 @@ func Example() {
 	if err := r.DB().QueryRowContext(ctx, `SELECT count FROM Categories WHERE name = 'Food'`).Scan(&count); err != nil {
 		log.Fatal(err)
 	}
-	fmt.Println("optimistic count:", count, "pending:", r.Status().Pending)
+	fmt.Println("optimistic count:", count)
 
-	// Push the pending mutations; the authority runs them in its global order.
-	var batch []server.Mutation
-	for _, m := range r.Pending() {
-		batch = append(batch, server.Mutation{ClientID: m.ClientID, ID: m.ID, Name: m.Name, Args: m.Args})
-	}
-	if _, _, err := auth.Push(ctx, batch); err != nil {
-		log.Fatal(err)
-	}
-
-	// Rebase on every version the replica lacks: drop pending, apply, replay.
-	sets, err := auth.Since(r.Status().Version)
-	if err != nil {
-		log.Fatal(err)
-	}
-	if err := r.Rebase(ctx, sets...); err != nil {
-		log.Fatal(err)
-	}
-	if err := h.Wait(ctx); err != nil { // nil: the server applied it
+	// The sync loop pushes it; the server runs it in its global order and
+	// sends the pages back; the replica rebases. Wait until then.
+	if err := h.Wait(ctx); err != nil { // a *replica.RejectedError if the server refused it
 		log.Fatal(err)
 	}
 	st := r.Status()
-	fmt.Println("version:", st.Version, "pending:", st.Pending, "same as server:", st.Checksum == auth.Checksum())
+	fmt.Println("confirmed; pending:", st.Pending, "same as server:", st.Checksum == srv.Authority("demo").Checksum())
 	// Output:
-	// optimistic count: 1 pending: 1
-	// version: 2 pending: 0 same as server: true
+	// optimistic count: 1
+	// confirmed; pending: 0 same as server: true
 }
