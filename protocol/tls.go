@@ -156,9 +156,12 @@ func LoadOrCreateCertificate(certFile, keyFile string, hosts []string) (cert tls
 
 // QUICConfig is the QUIC configuration both ends use: keepalives well inside
 // the idle timeout, so that an idle but healthy session stays up and a dead
-// peer is noticed within the timeout.
+// peer is noticed within the timeout; and a handshake timeout long enough
+// for a slow link (quic-go's default of 5 s fails below a 2.5 s one-way
+// latency, which the seed scenario's client1 has).
 func QUICConfig() *quic.Config {
 	return &quic.Config{
+		HandshakeIdleTimeout:  20 * time.Second,
 		KeepAlivePeriod:       5 * time.Second,
 		MaxIdleTimeout:        20 * time.Second,
 		MaxIncomingStreams:    256,
