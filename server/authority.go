@@ -56,23 +56,25 @@ type Result struct {
 // Authority runs the mutators of one database. Its methods are safe for
 // concurrent use; batches run one at a time, which is the global order.
 type Authority struct {
-	mu       sync.Mutex
-	path     string
-	reg      *mutators.Registry
-	db       *sql.DB
-	conn     *sql.Conn
-	q        *mutators.StmtCache // a.conn with its statements prepared once: the writer's path
-	capture  *vfs.Capture
-	sums     *wal.ChecksumTable
-	pageSize uint32
-	version  uint64
-	dbSize   uint32         // database size in pages at version
-	log      []*wal.PageSet // every version since open, for in-process use; the network server keeps an on-disk change log instead
-	logBase  uint64         // version before log[0]
-	noLog    bool           // keep no in-memory log (the network server's change log has the versions)
-	pinned   int            // snapshots being read from the main file: no checkpoint may write it meanwhile
-	pin      snapshotPin    // the version the main file holds while pinned
-	broken   error          // set when a committed version could not be captured; the authority then refuses work (reopen it)
+	mu          sync.Mutex
+	path        string
+	reg         *mutators.Registry
+	db          *sql.DB
+	conn        *sql.Conn
+	q           *mutators.StmtCache // a.conn with its statements prepared once: the writer's path
+	capture     *vfs.Capture
+	sums        *wal.ChecksumTable
+	pageSize    uint32
+	version     uint64
+	dbSize      uint32         // database size in pages at version
+	log         []*wal.PageSet // every version since open, for in-process use; the network server keeps an on-disk change log instead
+	logBase     uint64         // version before log[0]
+	noLog       bool           // keep no in-memory log (the network server's change log has the versions)
+	pinned      int            // snapshots being read from the main file: no checkpoint may write it meanwhile
+	ckptAt      int64          // WAL frames at the last checkpoint of this WAL generation
+	checkpoints int            // checkpoints run, for tests
+	pin         snapshotPin    // the version the main file holds while pinned
+	broken      error          // set when a committed version could not be captured; the authority then refuses work (reopen it)
 
 	// onCommit, if set, runs under the authority's lock after each captured
 	// commit, with each page's image before it (nil for a new page) and the
@@ -227,11 +229,19 @@ func (a *Authority) maybeCheckpoint(ctx context.Context) error {
 	if a.pinned > 0 {
 		return nil // a snapshot is reading the main file; the WAL grows meanwhile
 	}
-	st, err := os.Stat(a.path + "-wal")
-	if err != nil || st.Size() < checkpointFrames*int64(a.pageSize) {
+	frames := a.capture.Frames()
+	if frames < a.ckptAt {
+		a.ckptAt = 0 // SQLite restarted the WAL after the last checkpoint
+	}
+	if frames < a.ckptAt+checkpointFrames {
 		return nil
 	}
-	_, err = a.conn.ExecContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)")
+	// Remember where: if a reader keeps SQLite from restarting the WAL, the
+	// next checkpoint waits for another checkpointFrames frames instead of
+	// running after every commit.
+	a.ckptAt = frames
+	a.checkpoints++
+	_, err := a.conn.ExecContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)")
 	return err
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -368,4 +370,30 @@ func TestSnapshotTwiceThenCommit(t *testing.T) {
 	if err != nil || len(sets) != 1 {
 		t.Fatalf("since 1: %d sets, %v", len(sets), err)
 	}
+}
+
+// TestCheckpointCadence: the authority checkpoints its own database about
+// every checkpointFrames frames, not after every commit once the WAL file
+// has grown (SQLite reuses a restarted WAL file at its old length), and
+// its WAL stays bounded.
+func TestCheckpointCadence(t *testing.T) {
+	a := newAuthority(t)
+	const versions = 2000
+	for i := uint64(1); i <= versions; i++ {
+		push(t, a, upsert("c", i, fmt.Sprintf("cat-%d", i%50), 1))
+	}
+	a.mu.Lock()
+	n := a.checkpoints
+	a.mu.Unlock()
+	if n == 0 || n > versions/50 {
+		t.Fatalf("%d checkpoints in %d versions", n, versions)
+	}
+	st, err := os.Stat(a.path + "-wal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() > 3*checkpointFrames*int64(wal.FrameHeaderSize+wal.DefaultPageSize) {
+		t.Fatalf("WAL grew to %d bytes", st.Size())
+	}
+	t.Logf("%d checkpoints in %d versions, WAL %d KiB", n, versions, st.Size()>>10)
 }

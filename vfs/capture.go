@@ -196,6 +196,17 @@ func (c *Capture) imageBefore(pgno uint32, pageSize int64) ([]byte, error) {
 	return nil, err
 }
 
+// Frames is how many frames the WAL's current generation holds up to the
+// last commit captured: what a checkpoint would have to copy. (The WAL
+// file's size says nothing once SQLite restarts it: the file keeps its
+// length and is overwritten from the start.)
+func (c *Capture) Frames() int64 {
+	if c.off < wal.HeaderSize || c.hdr.PageSize == 0 {
+		return 0
+	}
+	return (c.off - wal.HeaderSize) / (int64(wal.FrameHeaderSize) + int64(c.hdr.PageSize))
+}
+
 // Resync forgets the position and takes the current end of the WAL as the
 // new start, without returning what lies before it. Call it after a
 // checkpoint the caller ran itself, with everything before it captured: a
