@@ -691,7 +691,9 @@ func (r *Replica) Sync(ctx context.Context) error {
 		if r.closed.Load() {
 			return false
 		}
-		return r.files.Version() >= target && r.lmid >= last
+		// Settled: nothing made up to last is still pending.
+		p := r.queue.Pending()
+		return r.files.Version() >= target && (len(p) == 0 || p[0].ID > last)
 	})
 }
 
