@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
 	"github.com/sqlrebase/sqlrebase/replica"
@@ -257,7 +259,7 @@ func NetworkSection(replicas []int, samples int) Section {
 	return Section{Name: "network", Run: func(ctx context.Context, env *Env) ([]Result, error) {
 		var out []Result
 		for _, n := range replicas {
-			var c50, c99, f50, f99, wire, whole []float64
+			var c50, c99, f50, f99, d50, d99, wire, whole []float64
 			for run := 0; run < max(1, env.Config.Runs); run++ {
 				env.Progress("network: %d replicas, run %d", n, run+1)
 				res, err := RunNetwork(ctx, NetworkConfig{Dir: filepath.Join(env.Dir, fmt.Sprintf("n%d-r%d", n, run)), Replicas: n, Samples: samples})
@@ -268,6 +270,11 @@ func NetworkSection(replicas []int, samples int) Section {
 				c50, c99 = append(c50, msf(res.Confirm.P50)), append(c99, msf(res.Confirm.P99))
 				f50, f99 = append(f50, msf(res.Fanout.P50)), append(f99, msf(res.Fanout.P99))
 				wire, whole = append(wire, float64(res.WireBytes)), append(whole, float64(res.WholeBytes))
+				del, err := RunDelivery(ctx, NetworkConfig{Dir: filepath.Join(env.Dir, fmt.Sprintf("d%d-r%d", n, run)), Replicas: n, Samples: samples})
+				if err != nil {
+					return nil, err
+				}
+				d50, d99 = append(d50, msf(del.P50)), append(d99, msf(del.P99))
 			}
 			params := map[string]int{"clients": n}
 			out = append(out,
@@ -275,6 +282,8 @@ func NetworkSection(replicas []int, samples int) Section {
 					"over QUIC on loopback: the server ran it and the replica rebased on the version holding it"),
 				spreadResult("network", fmt.Sprintf("fan-out of a version to %d replicas", n), params, "ms", f50, f99,
 					"from the server's commit until every replica has rebased on it, all in this process on the same cores"),
+				spreadResult("network", fmt.Sprintf("fan-out delivered to %d subscribers", n), params, "ms", d50, d99,
+					"from the server's commit until every subscriber (a protocol client that only reads) has the version: the server and QUIC alone"),
 				pairResult("network", fmt.Sprintf("one-row update on the wire, %d replicas", n), params, "B", "ours", wire, "whole pages", whole,
 					"zstd with the replica's old pages as dictionary, against the same pages sent whole (SQLSync, libSQL)"),
 			)
@@ -288,4 +297,113 @@ func NetworkSection(replicas []int, samples int) Section {
 func spreadResult(section, label string, params map[string]int, unit string, p50, p99 []float64, note string) Result {
 	return Result{Section: section, Label: label, Params: params, Unit: unit,
 		A: Side{"p50", summarize(p50)}, B: Side{"p99", summarize(p99)}, Note: note}
+}
+
+// RunDelivery measures the server's fan-out alone: cfg.Replicas protocol
+// clients, each on a QUIC connection of its own, subscribe and only read;
+// the time is from the server's commit of a one-row update until every
+// client has read it. With no rebase on the receiving side, this is what
+// the server and QUIC cost, which replicas on other machines would see.
+func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		return Percentiles{}, err
+	}
+	srv, err := server.Open(ctx, server.Config{Dir: filepath.Join(cfg.Dir, "server"), Mutators: reg, Logger: cfg.Logger, MaxConnsPerAddr: cfg.Replicas + 8,
+		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.Exec(mutators.DemoSchema); return err }})
+	if err != nil {
+		return Percentiles{}, err
+	}
+	defer srv.Close()
+	if err := srv.AddDatabase(ctx, "bench", "bench-secret"); err != nil {
+		return Percentiles{}, err
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		return Percentiles{}, err
+	}
+	auth := srv.Authority("bench")
+	tlsConf, err := protocol.ClientTLS(srv.Fingerprint(), "", "")
+	if err != nil {
+		return Percentiles{}, err
+	}
+	type sub struct {
+		conn *quic.Conn
+		got  chan uint64
+	}
+	var subs []*sub
+	defer func() {
+		for _, s := range subs {
+			s.conn.CloseWithError(0, "")
+		}
+	}()
+	for i := 0; i < cfg.Replicas; i++ {
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		conn, err := quic.DialAddr(dctx, addr, tlsConf, protocol.QUICConfig())
+		if err != nil {
+			cancel()
+			return Percentiles{}, fmt.Errorf("delivery bench: dial: %w", err)
+		}
+		stream, err := conn.OpenStreamSync(dctx)
+		cancel()
+		if err != nil {
+			return Percentiles{}, err
+		}
+		s := &sub{conn: conn, got: make(chan uint64, 1024)}
+		subs = append(subs, s)
+		hello := &protocol.Hello{Protocol: protocol.Version, Database: "bench", ClientID: fmt.Sprintf("sub-%d", i), Credential: "bench-secret", Version: auth.Version(), Checksum: auth.Checksum()}
+		if err := protocol.WriteMessage(stream, hello); err != nil {
+			return Percentiles{}, err
+		}
+		r := protocol.NewReader(stream, protocol.DefaultLimits)
+		if m, err := r.Read(); err != nil {
+			return Percentiles{}, err
+		} else if _, ok := m.(*protocol.Welcome); !ok {
+			return Percentiles{}, fmt.Errorf("delivery bench: got %T, want a welcome", m)
+		}
+		go func() {
+			for {
+				m, err := r.Read()
+				if err != nil {
+					close(s.got)
+					return
+				}
+				if vs, ok := m.(*protocol.Versions); ok {
+					for _, v := range vs.Versions {
+						s.got <- v.Version
+					}
+				}
+			}
+		}()
+	}
+	var lat []time.Duration
+	for i := 0; i < cfg.Samples; i++ {
+		start := time.Now()
+		ps, err := auth.Exec(ctx, func(tx mutators.Tx) error {
+			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES ('Food', 1) ON CONFLICT(name) DO UPDATE SET count = count + 1`)
+			return err
+		})
+		if err != nil {
+			return Percentiles{}, err
+		}
+		for j, s := range subs {
+			timeout := time.After(30 * time.Second)
+			for reached := false; !reached; {
+				select {
+				case v, ok := <-s.got:
+					if !ok {
+						return Percentiles{}, fmt.Errorf("delivery bench: subscriber %d's stream ended", j)
+					}
+					reached = v >= ps.Version
+				case <-timeout:
+					return Percentiles{}, fmt.Errorf("delivery bench: subscriber %d did not get version %d", j, ps.Version)
+				}
+			}
+			lat = append(lat, time.Since(start))
+		}
+	}
+	return percentiles(lat), nil
 }

@@ -36,3 +36,15 @@ func BenchmarkNetwork(b *testing.B) {
 		})
 	}
 }
+
+func TestRunDelivery(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	p, err := RunDelivery(ctx, NetworkConfig{Dir: t.TempDir(), Replicas: 3, Samples: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.N != 15 || p.P50 <= 0 {
+		t.Fatalf("percentiles %+v", p)
+	}
+}
