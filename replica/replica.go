@@ -106,8 +106,8 @@ type Replica struct {
 	// After a schema reset SQLite re-prepares them (the schema generation
 	// moves), so the schema-cookie ABA fix covers them too.
 	engineQ, mutatorQ *mutators.StmtCache
-	wdb     *sql.DB
-	role    atomic.Int32 // role of statements on the writer, for the authorizer
+	wdb               *sql.DB
+	role              atomic.Int32 // role of statements on the writer, for the authorizer
 	// mutatorDenied is what the authorizer refused to a running mutator,
 	// so that its error can say why.
 	mutatorDenied atomic.Pointer[string]
