@@ -15,8 +15,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/url"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -178,7 +180,21 @@ func (r *Replica) open(ctx context.Context) error {
 	if r.queue, err = openQueue(r.path+"-pending", r.opts.Durability == Full); err != nil {
 		return err
 	}
-	if r.files, err = vfs.OpenReplica(r.path, r.opts.Durability); err != nil {
+	r.files, err = vfs.OpenReplica(r.path, r.opts.Durability)
+	if errors.Is(err, vfs.ErrDiverged) && r.opts.Remote != nil {
+		// The main file is not a state the server ever had (a write torn
+		// by a power failure under Durability Normal). It is never served:
+		// set it aside and start from the empty database, which the sync
+		// loop brings back to the server's state (through a snapshot if
+		// need be). The pending queue is kept and replayed on top.
+		aside, qerr := quarantine(r.path)
+		if qerr != nil {
+			return errors.Join(err, qerr)
+		}
+		r.log.Warn("replica's main file diverged from every server version; set aside, re-syncing from the server", "err", err, "aside", aside)
+		r.files, err = vfs.OpenReplica(r.path, r.opts.Durability)
+	}
+	if err != nil {
 		return err
 	}
 	dsn := "file:" + (&url.URL{Path: r.path}).EscapedPath() + "?vfs=" + vfs.Name
@@ -593,6 +609,18 @@ func (r *Replica) replay(ctx context.Context) error {
 		return fmt.Errorf("replay: commit: %w", err)
 	}
 	return nil
+}
+
+// quarantine moves a diverged replica's database files (not its queue)
+// aside, under a name with the time, and returns that name.
+func quarantine(path string) (string, error) {
+	aside := fmt.Sprintf("%s.diverged-%s", path, time.Now().UTC().Format("20060102T150405.000000000"))
+	for _, suffix := range []string{"", "-wal", "-shm", "-apply0", "-apply1"} {
+		if err := os.Rename(path+suffix, aside+suffix); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("set the diverged database aside: %w", err)
+		}
+	}
+	return aside, nil
 }
 
 // Close closes the replica. Pending mutations stay queued for the next Open.
