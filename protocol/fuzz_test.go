@@ -66,11 +66,22 @@ func FuzzDecodeVersion(f *testing.F) {
 		}
 		f.Add(Encode(&Versions{Versions: []EncodedVersion{ev}}))
 	}
+	chunk, err := EncodeSnapshotChunk(3, 4096, 4, 0, 1, bytes.Repeat(base[0], 2))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(Encode(chunk))
 	small := DefaultLimits
 	small.MaxPageBytes = 1 << 20
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := Decode(b, small)
 		if err != nil {
+			return
+		}
+		if c, ok := m.(*SnapshotChunk); ok {
+			if raw, err := c.Pages(small); err == nil && len(raw) != int(c.Count)*int(c.PageSize) {
+				t.Fatalf("snapshot chunk decoded to %d bytes for %d pages", len(raw), c.Count)
+			}
 			return
 		}
 		vs, ok := m.(*Versions)
