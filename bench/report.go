@@ -176,6 +176,11 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 			if r.Section != s.key {
 				continue
 			}
+			if r.Ratio.Runs == 0 { // one quantity's percentiles: no ratio
+				ew.printf("| %s | %s: %s %s%s | %s: %s %s%s | – |\n", r.Label, r.A.Name, num(r.A.Median), r.Unit, spread(r.A.Stats),
+					r.B.Name, num(r.B.Median), r.Unit, spread(r.B.Stats))
+				continue
+			}
 			ew.printf("| %s | %s %s%s | %s: %s %s%s | **%s**%s |\n", r.Label, num(r.A.Median), r.Unit, spread(r.A.Stats),
 				r.B.Name, num(r.B.Median), r.Unit, spread(r.B.Stats), num(r.Ratio.Median), spread(r.Ratio))
 		}
