@@ -228,6 +228,12 @@ func readLoop(ctx context.Context, s *quic.Stream, in *inbox) {
 	for {
 		m, err := rd.Read()
 		if err != nil {
+			// A server that had to cut a message short resets the stream
+			// with the reason as its code: say it as the Error would.
+			var reset *quic.StreamError
+			if errors.As(err, &reset) && reset.Remote {
+				err = fmt.Errorf("%w (stream reset)", &protocol.RemoteError{Code: protocol.Code(reset.ErrorCode)})
+			}
 			in.errc <- err
 			return
 		}

@@ -324,6 +324,9 @@ func (s *session) write(buf []byte) bool {
 	s.stream.SetWriteDeadline(time.Now().Add(writeTimeout))
 	if _, err := s.stream.Write(buf); err != nil {
 		s.log.Debug("write", "err", err)
+		// Part of a message may have gone out, so no Error message can
+		// follow it: reset the stream with the reason as its error code.
+		s.stream.CancelWrite(quic.StreamErrorCode(protocol.CodeSlowClient))
 		s.fail(protocol.CodeSlowClient, "write failed")
 		return false
 	}

@@ -340,8 +340,10 @@ func (r *Replica) resetWAL(truncate bool) error {
 	var salts [8]byte
 	rand.Read(salts[:])
 	salt1, salt2 := binary.BigEndian.Uint32(salts[:4]), binary.BigEndian.Uint32(salts[4:])
-	if err := r.invalidateWAL(truncate, salt1, salt2); err != nil {
-		return err
+	if truncate || r.walWritten() {
+		if err := r.invalidateWAL(truncate, salt1, salt2); err != nil {
+			return err
+		}
 	}
 	r.change++
 	h, ci := wal.EmptyIndex(wal.IndexHeader{Change: r.change - 1}, r.pageSize, r.sums.Pages(), salt1, salt2)
@@ -349,6 +351,21 @@ func (r *Replica) resetWAL(truncate bool) error {
 		return fmt.Errorf("write wal-index header: %w", err)
 	}
 	return nil
+}
+
+// walWritten reports whether SQLite appended frames since the last reset
+// (the wal-index counts them). If it did not, the WAL file's header still
+// carries the salts of the last reset, which no frame in the file has, so
+// there is nothing to invalidate: SQLite writes a fresh header, with the
+// wal-index's salts, before its next first frame. Skipping the file saves a
+// third of a rebase with nothing pending. When in doubt, it says yes.
+func (r *Replica) walWritten() bool {
+	var b [wal.IndexHeaderSize]byte
+	if _, err := r.shm.ReadAt(b[:], 0); err != nil {
+		return true
+	}
+	h, _, err := wal.DecodeIndex(b[:])
+	return err != nil || h.MxFrame != 0
 }
 
 func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
