@@ -430,14 +430,21 @@ func (r *Replica) SchemaCookie() (uint32, error) {
 // checksum is the previous state's, and the pages yield the post checksum the
 // server claims. It returns the sets merged into one.
 func (r *Replica) Check(sets ...*wal.PageSet) (*wal.PageSet, error) {
+	merged, _, err := r.check(sets)
+	return merged, err
+}
+
+// check is Check that also returns the merged set's page checksums, which
+// the apply then reuses instead of hashing every page again.
+func (r *Replica) check(sets []*wal.PageSet) (*wal.PageSet, []uint64, error) {
 	if len(sets) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 	// A snapshot replaces everything before it.
 	start := 0
 	for i, ps := range sets {
 		if ps == nil {
-			return nil, fmt.Errorf("%w: nil page set", ErrVersion)
+			return nil, nil, fmt.Errorf("%w: nil page set", ErrVersion)
 		}
 		if ps.Flags&wal.FlagSnapshot != 0 {
 			start = i
@@ -447,38 +454,39 @@ func (r *Replica) Check(sets ...*wal.PageSet) (*wal.PageSet, error) {
 	prevVersion, prevSum := r.version, r.sums.Sum()
 	for i, ps := range sets {
 		if err := ps.Validate(); err != nil {
-			return nil, fmt.Errorf("version %d: %w", ps.Version, err)
+			return nil, nil, fmt.Errorf("version %d: %w", ps.Version, err)
 		}
 		snapshot := i == 0 && ps.Flags&wal.FlagSnapshot != 0
 		switch {
 		case snapshot && ps.Version < r.version:
-			return nil, fmt.Errorf("%w: snapshot of version %d would take the replica back from %d", ErrVersion, ps.Version, r.version)
+			return nil, nil, fmt.Errorf("%w: snapshot of version %d would take the replica back from %d", ErrVersion, ps.Version, r.version)
 		case !snapshot && ps.Version != prevVersion+1:
-			return nil, fmt.Errorf("%w: got version %d, want %d", ErrVersion, ps.Version, prevVersion+1)
+			return nil, nil, fmt.Errorf("%w: got version %d, want %d", ErrVersion, ps.Version, prevVersion+1)
 		case !snapshot && ps.PageSize != r.pageSize:
-			return nil, fmt.Errorf("%w: version %d has pages of %d bytes, the database %d", ErrPageSize, ps.Version, ps.PageSize, r.pageSize)
+			return nil, nil, fmt.Errorf("%w: version %d has pages of %d bytes, the database %d", ErrPageSize, ps.Version, ps.PageSize, r.pageSize)
 		case !snapshot && ps.PreChecksum != prevSum:
-			return nil, fmt.Errorf("%w: version %d applies to checksum %016x, the replica has %016x", ErrChecksum, ps.Version, ps.PreChecksum, prevSum)
+			return nil, nil, fmt.Errorf("%w: version %d applies to checksum %016x, the replica has %016x", ErrChecksum, ps.Version, ps.PreChecksum, prevSum)
 		}
 		prevVersion, prevSum = ps.Version, ps.PostChecksum
 	}
 	merged, err := wal.Merge(sets...)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrVersion, err)
+		return nil, nil, fmt.Errorf("%w: %v", ErrVersion, err)
 	}
+	crcs := wal.PageChecksums(merged)
 	var got uint64
 	if merged.Flags&wal.FlagSnapshot != 0 {
 		t := wal.NewChecksumTable(merged.PageSize)
-		t.Apply(merged)
+		t.ApplyWith(merged, crcs)
 		got = t.Sum()
 	} else {
-		got = r.sums.Preview(merged)
+		got = r.sums.PreviewWith(merged, crcs)
 	}
 	if got != merged.PostChecksum {
-		return nil, fmt.Errorf("%w: the pages of versions %d..%d give %016x, the server says %016x",
+		return nil, nil, fmt.Errorf("%w: the pages of versions %d..%d give %016x, the server says %016x",
 			ErrChecksum, sets[0].Version, merged.Version, got, merged.PostChecksum)
 	}
-	return merged, nil
+	return merged, crcs, nil
 }
 
 // Rebase drops every pending frame and applies the page sets, in order, to
@@ -487,7 +495,7 @@ func (r *Replica) Check(sets ...*wal.PageSet) (*wal.PageSet, error) {
 // every connection to finish its transaction; the caller should stop new
 // ones first, or they will delay it.
 func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
-	merged, err := r.Check(sets...)
+	merged, crcs, err := r.check(sets)
 	if err != nil {
 		return err
 	}
@@ -509,7 +517,7 @@ func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 			r.sums = wal.NewChecksumTable(merged.PageSize)
 			r.pageSize = merged.PageSize
 		}
-		r.sums.Apply(merged)
+		r.sums.ApplyWith(merged, crcs)
 		r.version = merged.Version
 	}
 	return r.resetWAL(false)

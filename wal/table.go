@@ -131,10 +131,27 @@ func (t *ChecksumTable) Resize(nPages uint32) {
 // set's PostChecksum before committing to it. ps must be valid (Validate) and,
 // unless it is a snapshot, have the table's page size.
 func (t *ChecksumTable) Preview(ps *PageSet) uint64 {
+	return t.PreviewWith(ps, PageChecksums(ps))
+}
+
+// PageChecksums returns the checksum of each page of ps, in order: what
+// Preview and Apply compute, for a caller that needs both (PreviewWith,
+// ApplyWith) and would otherwise hash every page twice.
+func PageChecksums(ps *PageSet) []uint64 {
+	crcs := make([]uint64, len(ps.Pages))
+	for i, p := range ps.Pages {
+		crcs[i] = PageChecksum(p.Pgno, p.Data)
+	}
+	return crcs
+}
+
+// PreviewWith is Preview with the pages' checksums already computed
+// (PageChecksums(ps)).
+func (t *ChecksumTable) PreviewWith(ps *PageSet, crcs []uint64) uint64 {
 	if ps.Flags&FlagSnapshot != 0 {
 		var s uint64
-		for _, p := range ps.Pages {
-			s ^= PageChecksum(p.Pgno, p.Data)
+		for _, c := range crcs {
+			s ^= c
 		}
 		return s
 	}
@@ -149,14 +166,14 @@ func (t *ChecksumTable) Preview(ps *PageSet) uint64 {
 			s ^= t.zero.sum(i + 1)
 		}
 	}
-	for _, p := range ps.Pages {
+	for i, p := range ps.Pages {
 		var old uint64
 		if p.Pgno <= n && p.Pgno <= ps.DBSize {
 			old = t.pages[p.Pgno-1]
 		} else {
 			old = t.zero.sum(p.Pgno)
 		}
-		s ^= old ^ PageChecksum(p.Pgno, p.Data)
+		s ^= old ^ crcs[i]
 	}
 	return s
 }
@@ -165,7 +182,11 @@ func (t *ChecksumTable) Preview(ps *PageSet) uint64 {
 // snapshot first resets the table (and adopts ps.PageSize), since it replaces
 // the database whatever its previous state. ps must be valid (Validate) and,
 // unless it is a snapshot, have the table's page size.
-func (t *ChecksumTable) Apply(ps *PageSet) {
+func (t *ChecksumTable) Apply(ps *PageSet) { t.ApplyWith(ps, PageChecksums(ps)) }
+
+// ApplyWith is Apply with the pages' checksums already computed
+// (PageChecksums(ps)).
+func (t *ChecksumTable) ApplyWith(ps *PageSet, crcs []uint64) {
 	if ps.Flags&FlagSnapshot != 0 {
 		t.pages = t.pages[:0]
 		t.sum = 0
@@ -175,8 +196,8 @@ func (t *ChecksumTable) Apply(ps *PageSet) {
 		}
 	}
 	t.Resize(ps.DBSize)
-	for _, p := range ps.Pages {
-		t.Set(p.Pgno, PageChecksum(p.Pgno, p.Data))
+	for i, p := range ps.Pages {
+		t.Set(p.Pgno, crcs[i])
 	}
 }
 
