@@ -35,9 +35,11 @@ func BenchmarkDecodeVersion(b *testing.B) {
 		}
 		lookup := func(p uint32) ([]byte, error) { return base[p-1], nil }
 		b.Run(itoa(n)+"-pages", func(b *testing.B) {
+			dec := NewDecoder(DefaultLimits)
+			defer dec.Close()
 			b.ReportAllocs()
 			for i := 0; i < b.N; i++ {
-				if _, err := DecodeVersion(&ev, DefaultLimits, lookup); err != nil {
+				if _, err := dec.Version(&ev, lookup); err != nil {
 					b.Fatal(err)
 				}
 			}

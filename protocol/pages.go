@@ -206,6 +206,38 @@ func (e *Encoder) Version(ps *wal.PageSet, baseDBSize uint32, before func(pgno u
 // then); a wrong base does not decode, or decodes to pages whose checksum the
 // apply refuses. Errors wrap ErrMalformed or ErrTooLarge.
 func DecodeVersion(ev *EncodedVersion, l Limits, before func(pgno uint32) ([]byte, error)) (*wal.PageSet, error) {
+	d := NewDecoder(l)
+	defer d.Close()
+	return d.Version(ev, before)
+}
+
+// Decoder decodes versions and snapshot chunks. It keeps one zstd
+// decompressor and reuses it: making one per version cost more than the
+// decoding (60 µs against 10 µs for a three-page version). It is not safe
+// for concurrent use; a replica keeps one for its sync loop.
+type Decoder struct {
+	z *zstd.Decoder
+	l Limits
+}
+
+// NewDecoder returns a Decoder that refuses what exceeds l.
+func NewDecoder(l Limits) *Decoder {
+	z, err := zstd.NewReader(nil,
+		zstd.WithDecoderConcurrency(1),
+		zstd.WithDecoderMaxMemory(uint64(max(l.MaxPageBytes, 1))+1),
+		zstd.WithDecodeAllCapLimit(true))
+	if err != nil {
+		panic(err) // fixed, valid options
+	}
+	return &Decoder{z: z, l: l}
+}
+
+// Close releases the decompressor.
+func (d *Decoder) Close() { d.z.Close() }
+
+// Version is DecodeVersion with this decoder's limits.
+func (d *Decoder) Version(ev *EncodedVersion, before func(pgno uint32) ([]byte, error)) (*wal.PageSet, error) {
+	l := d.l
 	n := len(ev.Pgnos)
 	want := n * int(ev.PageSize)
 	if !validPageSize(ev.PageSize) || want > l.MaxPageBytes {
@@ -217,7 +249,7 @@ func DecodeVersion(ev *EncodedVersion, l Limits, before func(pgno uint32) ([]byt
 		raw = ev.Payload
 	case CodecZstd:
 		var err error
-		if raw, err = decompress(ev.Payload, want); err != nil {
+		if raw, err = d.decompress(ev.Payload, want, nil); err != nil {
 			return nil, fmt.Errorf("decode version %d: %w", ev.Version, err)
 		}
 	case CodecZstdDict:
@@ -238,7 +270,7 @@ func DecodeVersion(ev *EncodedVersion, l Limits, before func(pgno uint32) ([]byt
 			}
 		}
 		var err error
-		if raw, err = decompress(ev.Payload, want, zstd.WithDecoderDictRaw(dictID, dict)); err != nil {
+		if raw, err = d.decompress(ev.Payload, want, dict); err != nil {
 			return nil, fmt.Errorf("decode version %d: %w", ev.Version, err)
 		}
 	default:
@@ -288,6 +320,14 @@ func (e *Encoder) SnapshotChunk(version uint64, pageSize, dbSize uint32, checksu
 
 // Pages decodes the chunk's pages, concatenated.
 func (c *SnapshotChunk) Pages(l Limits) ([]byte, error) {
+	d := NewDecoder(l)
+	defer d.Close()
+	return d.SnapshotPages(c)
+}
+
+// SnapshotPages decodes a chunk's pages, concatenated.
+func (d *Decoder) SnapshotPages(c *SnapshotChunk) ([]byte, error) {
+	l := d.l
 	want := int(c.Count) * int(c.PageSize)
 	if want > l.MaxPageBytes {
 		return nil, fmt.Errorf("snapshot chunk: %w: %d bytes of pages", ErrTooLarge, want)
@@ -295,7 +335,7 @@ func (c *SnapshotChunk) Pages(l Limits) ([]byte, error) {
 	raw := c.Payload
 	if c.Codec == CodecZstd {
 		var err error
-		if raw, err = decompress(c.Payload, want); err != nil {
+		if raw, err = d.decompress(c.Payload, want, nil); err != nil {
 			return nil, fmt.Errorf("snapshot chunk at page %d: %w", c.First, err)
 		}
 	} else if c.Codec != CodecRaw {
@@ -309,19 +349,16 @@ func (c *SnapshotChunk) Pages(l Limits) ([]byte, error) {
 
 // decompress inflates exactly want bytes at most: a stream that claims or
 // yields more is malformed, so a small message cannot expand into a large
-// allocation.
-func decompress(z []byte, want int, opts ...zstd.DOption) ([]byte, error) {
-	opts = append([]zstd.DOption{
-		zstd.WithDecoderConcurrency(1),
-		zstd.WithDecoderMaxMemory(uint64(want) + 1),
-		zstd.WithDecodeAllCapLimit(true),
-	}, opts...)
-	dec, err := zstd.NewReader(nil, opts...)
-	if err != nil {
+// allocation. dict, if not nil, is the raw dictionary the stream refers to.
+func (d *Decoder) decompress(z []byte, want int, dict []byte) ([]byte, error) {
+	opt := zstd.WithDecoderDictDelete()
+	if dict != nil {
+		opt = zstd.WithDecoderDictRaw(dictID, dict)
+	}
+	if err := d.z.ResetWithOptions(nil, opt); err != nil {
 		return nil, err
 	}
-	defer dec.Close()
-	out, err := dec.DecodeAll(z, make([]byte, 0, want))
+	out, err := d.z.DecodeAll(z, make([]byte, 0, want))
 	if err != nil {
 		return nil, fmt.Errorf("%w: zstd: %v", ErrMalformed, err)
 	}

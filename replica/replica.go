@@ -27,6 +27,7 @@ import (
 	sqlitedriver "github.com/ncruces/go-sqlite3/driver"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
 	"github.com/sqlrebase/sqlrebase/vfs"
 	"github.com/sqlrebase/sqlrebase/wal"
 )
@@ -108,8 +109,11 @@ type Replica struct {
 	// After a schema reset SQLite re-prepares them (the schema generation
 	// moves), so the schema-cookie ABA fix covers them too.
 	engineQ, mutatorQ *mutators.StmtCache
-	wdb               *sql.DB
-	role              atomic.Int32 // role of statements on the writer, for the authorizer
+	// dec decodes the server's versions, reusing its decompressor (made
+	// at the first version; guarded by writeMu).
+	dec  *protocol.Decoder
+	wdb  *sql.DB
+	role atomic.Int32 // role of statements on the writer, for the authorizer
 	// mutatorDenied is what the authorizer refused to a running mutator,
 	// so that its error can say why.
 	mutatorDenied atomic.Pointer[string]
@@ -638,6 +642,9 @@ func (r *Replica) Close() error {
 	}
 	if r.engineQ != nil {
 		errs = append(errs, r.engineQ.Close(), r.mutatorQ.Close())
+	}
+	if r.dec != nil {
+		r.dec.Close()
 	}
 	if r.writer != nil {
 		errs = append(errs, r.writer.Close())

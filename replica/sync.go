@@ -646,7 +646,10 @@ func (r *Replica) decodeVersions(snap *wal.PageSet, evs []protocol.EncodedVersio
 		if ev.Codec == protocol.CodecZstdDict && ev.BaseDBSize != dbSize {
 			return nil, fmt.Errorf("%w: version %d is a delta against a database of %d pages, the replica has %d", protocol.ErrMalformed, ev.Version, ev.BaseDBSize, dbSize)
 		}
-		ps, err := protocol.DecodeVersion(ev, protocol.DefaultLimits, before)
+		if r.dec == nil {
+			r.dec = protocol.NewDecoder(protocol.DefaultLimits)
+		}
+		ps, err := r.dec.Version(ev, before)
 		if err != nil {
 			return nil, err
 		}
