@@ -169,6 +169,10 @@ func Open(ctx context.Context, path string, opts Options) (*Replica, error) {
 		return nil, fmt.Errorf("open replica %s: %w", path, err)
 	}
 	if opts.Remote != nil {
+		if err := writeSettings(path, opts.Remote); err != nil {
+			r.Close()
+			return nil, fmt.Errorf("open replica %s: %w", path, err)
+		}
 		if err := r.startSync(); err != nil {
 			r.Close()
 			return nil, fmt.Errorf("open replica %s: %w", path, err)

@@ -68,6 +68,19 @@ func inspect(ctx context.Context, path string, w io.Writer, log *slog.Logger) er
 	fmt.Fprintf(w, "client id: %s\n", st.ClientID)
 	fmt.Fprintf(w, "version:   %d\n", st.Version)
 	fmt.Fprintf(w, "checksum:  %016x\n", st.Checksum)
+	switch rs, err := replica.ReadRemoteSettings(path); {
+	case errors.Is(err, replica.ErrNoRemoteSettings):
+		fmt.Fprintf(w, "server:    none recorded (never opened with a server)\n")
+	case err != nil:
+		fmt.Fprintf(w, "server:    unreadable settings: %v\n", err)
+	default:
+		fmt.Fprintf(w, "server:    %s, database %s\n", rs.Addr, rs.Database)
+		if rs.Fingerprint != "" {
+			fmt.Fprintf(w, "trust:     certificate %s\n", rs.Fingerprint)
+		} else {
+			fmt.Fprintf(w, "trust:     CA file %s (server name %q)\n", rs.CAFile, rs.ServerName)
+		}
+	}
 	fmt.Fprintf(w, "pending:   %d\n", len(pending))
 	for _, m := range pending {
 		fmt.Fprintf(w, "  #%d %s %s\n", m.ID, m.Name, m.Args)

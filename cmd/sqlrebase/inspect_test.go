@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/replica"
@@ -78,5 +80,28 @@ func TestInspectMissing(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "no replica database") {
 		t.Errorf("stderr = %q", stderr.String())
+	}
+}
+
+// TestInspectServerSettings: a replica that synced with a server shows
+// where (address, database, pinned certificate), never the credential.
+func TestInspectServerSettings(t *testing.T) {
+	dir := t.TempDir()
+	res, err := runDemo(context.Background(), demoConfig{Dir: dir, Speedup: 1000, Clients: []clientSpec{{Name: "c", Interval: time.Millisecond, Sends: 1, Delta: 1}}, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))}, &bytes.Buffer{})
+	if err != nil || !res.Converged() {
+		t.Fatalf("demo: %v %+v", err, res)
+	}
+	var stdout bytes.Buffer
+	if err := inspect(context.Background(), filepath.Join(dir, "c.db"), &stdout, slog.Default()); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"server:    127.0.0.1:", ", database demo\n", "trust:     certificate sha256:", "version:   2\n"} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, stdout.String())
+		}
+	}
+	settings, _ := os.ReadFile(filepath.Join(dir, "c.db-remote"))
+	if strings.Contains(string(settings), "credential") || len(settings) == 0 {
+		t.Errorf("remote settings file:\n%s", settings)
 	}
 }
