@@ -500,11 +500,13 @@ func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.Pa
 }
 
 func (r *Replica) rebaseClosed(ctx context.Context, sets []*wal.PageSet) error {
-	var optBefore uint32
-	if err := r.engineQ.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&optBefore); err != nil {
-		return fmt.Errorf("read schema cookie: %w", err)
-	}
 	mainBefore, err := r.files.SchemaCookie()
+	if err != nil {
+		return err
+	}
+	// The cookie the connections see: the main file's unless pending
+	// frames are in the WAL (then ask SQLite, which reads it from there).
+	optBefore, err := r.optimisticCookie(ctx, mainBefore)
 	if err != nil {
 		return err
 	}
@@ -531,14 +533,27 @@ func (r *Replica) rebaseClosed(ctx context.Context, sets []*wal.PageSet) error {
 	if err := r.replay(ctx); err != nil {
 		return err
 	}
-	var optAfter uint32
-	if err := r.engineQ.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&optAfter); err != nil {
-		return fmt.Errorf("read schema cookie: %w", err)
+	optAfter, err := r.optimisticCookie(ctx, mainAfter)
+	if err != nil {
+		return err
 	}
 	if optAfter != mainAfter {
 		r.schemaEpoch.Add(1)
 	}
 	return nil
+}
+
+// optimisticCookie is the schema cookie the connections see, main being
+// the main file's: the same unless the WAL holds frames.
+func (r *Replica) optimisticCookie(ctx context.Context, main uint32) (uint32, error) {
+	if !r.files.WALWritten() {
+		return main, nil
+	}
+	var c uint32
+	if err := r.engineQ.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&c); err != nil {
+		return 0, fmt.Errorf("read schema cookie: %w", err)
+	}
+	return c, nil
 }
 
 func (r *Replica) resetSchema(ctx context.Context) error {

@@ -359,7 +359,12 @@ func (r *Replica) resetWAL(truncate bool) error {
 // there is nothing to invalidate: SQLite writes a fresh header, with the
 // wal-index's salts, before its next first frame. Skipping the file saves a
 // third of a rebase with nothing pending. When in doubt, it says yes.
-func (r *Replica) walWritten() bool {
+func (r *Replica) walWritten() bool { return r.WALWritten() }
+
+// WALWritten reports whether the WAL holds frames that SQLite appended since
+// the last drop (true when it cannot tell). Without any, a connection sees
+// exactly the main file.
+func (r *Replica) WALWritten() bool {
 	var b [wal.IndexHeaderSize]byte
 	if _, err := r.shm.ReadAt(b[:], 0); err != nil {
 		return true
