@@ -1,5 +1,6 @@
-// Command sqlrebase is the project's one binary: it runs the demo scenario,
-// inspects replica files, and (in later builds) serves and benchmarks.
+// Command sqlrebase is the project's one binary: it serves databases to
+// replicas over QUIC, runs the demo scenario, inspects replica files, and
+// benchmarks against the savepoint baseline.
 //
 // Usage:
 //
@@ -77,13 +78,4 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "  help     show this list")
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, `Run "sqlrebase <command> -h" for a command's flags.`)
-}
-
-// notYet stands in for a command that another piece of work delivers: it
-// says so instead of pretending, and exits 2.
-func notYet(name string) func(context.Context, []string, io.Writer, io.Writer, *slog.Logger) int {
-	return func(_ context.Context, _ []string, _, stderr io.Writer, _ *slog.Logger) int {
-		fmt.Fprintf(stderr, "sqlrebase %s: not yet implemented in this build: see README\n", name)
-		return 2
-	}
 }
