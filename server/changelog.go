@@ -231,6 +231,28 @@ func (l *changeLog) trim(now time.Time) {
 	}
 }
 
+// size returns how many bytes of log the records of versions from..to
+// take (with their headers), without reading them; -1 if the log does not
+// hold them all.
+func (l *changeLog) size(from, to uint64) int64 {
+	if len(l.segs) == 0 || from < l.first() || to > l.last() || from > to {
+		return -1
+	}
+	var n int64
+	for _, seg := range l.segs {
+		if seg.last() < from || seg.first > to {
+			continue
+		}
+		lo, hi := max(from, seg.first), min(to, seg.last())
+		end := seg.size
+		if hi < seg.last() {
+			end = seg.offsets[hi-seg.first+1]
+		}
+		n += end - seg.offsets[lo-seg.first]
+	}
+	return n
+}
+
 // read returns the records of versions from..to, inclusive.
 func (l *changeLog) read(from, to uint64) ([][]byte, error) {
 	if from < l.first() || to > l.last() || from > to {

@@ -47,6 +47,16 @@ func TestChangeLog(t *testing.T) {
 		}
 	}
 	check(l, 5, 14)
+	var want int64
+	for v := uint64(6); v <= 12; v++ {
+		want += int64(recordHeaderSize + len(rec(v)))
+	}
+	if got := l.size(6, 12); got != want {
+		t.Fatalf("size of 6..12 = %d, want %d", got, want)
+	}
+	if l.size(4, 12) != -1 || l.size(6, 15) != -1 {
+		t.Fatal("size of versions the log does not hold")
+	}
 	l.close()
 
 	// A torn record at the end (a crash mid-append) is cut off at open.

@@ -138,7 +138,11 @@ func (d *database) subscribe(ctx context.Context, s *session, have uint64, check
 	switch {
 	case have == a.version && checksum == a.sums.Sum():
 		c.from, c.to = 1, 0
-	case have < a.version && d.clog.first() != 0 && have+1 >= d.clog.first() && d.checksumAt(have) == checksum:
+	case have < a.version && d.clog.first() != 0 && have+1 >= d.clog.first() && d.checksumAt(have) == checksum &&
+		d.clog.size(have+1, a.version) <= int64(a.dbSize)*int64(a.pageSize):
+		// The versions it lacks, unless they weigh more than the whole
+		// database: a new replica of a database with a long history, or
+		// one far behind, is better served by a snapshot.
 		c.from, c.to = have+1, a.version
 	default:
 		c.welcome.Snapshot = true

@@ -594,3 +594,54 @@ func TestSlowClient(t *testing.T) {
 		}
 	}
 }
+
+// TestCatchUpChoosesTheCheaper: a replica gets the versions it lacks
+// unless they weigh more than the whole database; then, as for a new
+// replica of a database with a long history, a snapshot.
+func TestCatchUpChoosesTheCheaper(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), nil)
+	a := srv.Authority("demo")
+	for i := 0; i < 1000; i++ {
+		if _, err := a.Exec(context.Background(), func(tx mutators.Tx) error {
+			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES ('Food', 1) ON CONFLICT(name) DO UPDATE SET count = count + 1`)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := srv.database("demo")
+	a.mu.Lock()
+	t.Logf("log of versions 1..%d: %d bytes; database: %d bytes", a.version, d.clog.size(1, a.version), int64(a.dbSize)*int64(a.pageSize))
+	a.mu.Unlock()
+	conn := dial(t, addr, srv.Fingerprint())
+	fresh, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "new", Credential: "s3cret"})
+	if !welcome(t, m).Snapshot {
+		t.Fatal("a new replica was sent 1000 versions (70 KB) instead of a snapshot of 8 pages")
+	}
+	_ = fresh
+	// One version behind: the version, not a snapshot.
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "w", Credential: "s3cret"})
+	welcome(t, m)
+	_ = c
+	v := a.Version()
+	prev := checksumBefore(t, srv, v)
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "behind", Credential: "s3cret", Version: v - 1, Checksum: prev})
+	if welcome(t, m).Snapshot {
+		t.Fatal("a replica one version behind was sent a snapshot")
+	}
+}
+
+// checksumBefore is the database checksum at version v-1, from version v's
+// record in the change log.
+func checksumBefore(t *testing.T, srv *Server, v uint64) uint64 {
+	t.Helper()
+	rec, err := srv.EncodedVersion("demo", v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := protocol.DecodeEncodedVersion(rec, protocol.DefaultLimits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev.PreChecksum
+}
