@@ -361,7 +361,9 @@ func (r *Replica) Handle(id uint64) *Handle {
 
 // OnChange calls fn after every change of the visible state: each Mutate and
 // each rebase. fn runs on the goroutine that made the change, after it has
-// finished; it must not block. The returned func unsubscribes.
+// finished and let go of the replica's locks, so it may call Status, read
+// DB() or even Mutate; it should return quickly, since the sync loop waits
+// for it. The returned func unsubscribes.
 func (r *Replica) OnChange(fn func(Change)) (cancel func()) {
 	r.watchMu.Lock()
 	id := r.nextW
@@ -477,26 +479,30 @@ func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 		return ErrClosed
 	}
 	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
-	return r.rebaseLocked(ctx, ctx, sets)
+	change, err := r.rebaseLocked(ctx, ctx, sets)
+	r.writeMu.Unlock()
+	if err != nil {
+		return err
+	}
+	r.notify(change) // after unlocking: a watcher may call Status or Mutate
+	return nil
 }
 
 // rebaseLocked is Rebase with writeMu held. waitCtx bounds the wait for
 // readers to leave; applyCtx the rebase itself.
-func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.PageSet) error {
+func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.PageSet) (Change, error) {
 	// Bad page sets are refused inside files.Rebase before anything is
 	// dropped, so the pending state survives them; checking here too would
 	// merge and checksum every set twice on the rebase path.
 	if err := r.gate.close(waitCtx, gatePatience); err != nil {
-		return fmt.Errorf("rebase: wait for readers: %w", err)
+		return Change{}, fmt.Errorf("rebase: wait for readers: %w", err)
 	}
 	err := r.rebaseClosed(applyCtx, sets)
 	r.gate.open()
 	if err != nil {
-		return fmt.Errorf("rebase to version %d: %w", r.files.Version(), err)
+		return Change{}, fmt.Errorf("rebase to version %d: %w", r.files.Version(), err)
 	}
-	r.notify(Change{Version: r.files.Version(), Pending: r.queue.Len(), Rebased: true})
-	return nil
+	return Change{Version: r.files.Version(), Pending: r.queue.Len(), Rebased: true}, nil
 }
 
 func (r *Replica) rebaseClosed(ctx context.Context, sets []*wal.PageSet) error {

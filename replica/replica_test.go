@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 )
@@ -98,5 +100,44 @@ func TestOnChangeAfterMutateAndRebase(t *testing.T) {
 	mustMutate(t, r, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
 	if len(got) != len(want) {
 		t.Fatal("a cancelled watcher was called")
+	}
+}
+
+// TestOnChangeMayCallBack: a watcher runs after the replica let go of its
+// locks, so it may call Status and even Mutate from inside the callback.
+func TestOnChangeMayCallBack(t *testing.T) {
+	reg := testRegistry(t)
+	a := newAuthority(t, reg)
+	r := openReplica(t, filepath.Join(t.TempDir(), "r.db"), reg)
+	ctx := context.Background()
+	seen := make(chan Status, 8)
+	var once sync.Once
+	r.OnChange(func(c Change) {
+		if !c.Rebased {
+			return
+		}
+		seen <- r.Status()
+		once.Do(func() {
+			if _, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("from-watcher", 1)); err != nil {
+				t.Error(err)
+			}
+		})
+	})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		catchUp(t, a, r)
+	}()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("a watcher calling Status and Mutate deadlocked the rebase")
+	}
+	st := <-seen
+	if st.Version != a.Version() {
+		t.Fatalf("watcher saw version %d, want %d", st.Version, a.Version())
+	}
+	if r.Status().Pending != 1 {
+		t.Fatalf("the watcher's mutation is not pending: %+v", r.Status())
 	}
 }

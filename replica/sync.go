@@ -602,15 +602,21 @@ func (r *Replica) rebaseRemote(ctx context.Context, snap *wal.PageSet, evs []pro
 		return ErrClosed
 	}
 	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
 	sets, err := r.decodeVersions(snap, evs)
 	if err != nil {
+		r.writeMu.Unlock()
 		return err
 	}
 	// Waiting for readers gives up when the replica closes; once the gate
 	// is closed the rebase runs to the end, since stopping between the drop
 	// and the replay would hide the pending mutations until the next one.
-	return r.rebaseLocked(ctx, context.WithoutCancel(ctx), sets)
+	change, err := r.rebaseLocked(ctx, context.WithoutCancel(ctx), sets)
+	r.writeMu.Unlock()
+	if err != nil {
+		return err
+	}
+	r.notify(change) // after unlocking: a watcher may call Status or Mutate
+	return nil
 }
 
 // decodeVersions turns encoded versions into page sets. Each one that is a
