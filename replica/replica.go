@@ -491,13 +491,20 @@ func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 // rebaseLocked is Rebase with writeMu held. waitCtx bounds the wait for
 // readers to leave; applyCtx the rebase itself.
 func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.PageSet) (Change, error) {
+	return r.rebaseApplying(waitCtx, applyCtx, func(ctx context.Context) error { return r.files.Rebase(ctx, sets...) })
+}
+
+// rebaseApplying is a rebase whose drop-and-apply step is apply: the
+// server's page sets (files.Rebase), or a snapshot image
+// (files.InstallSnapshot). writeMu is held.
+func (r *Replica) rebaseApplying(waitCtx, applyCtx context.Context, apply func(context.Context) error) (Change, error) {
 	// Bad page sets are refused inside files.Rebase before anything is
 	// dropped, so the pending state survives them; checking here too would
 	// merge and checksum every set twice on the rebase path.
 	if err := r.gate.close(waitCtx, gatePatience); err != nil {
 		return Change{}, fmt.Errorf("rebase: wait for readers: %w", err)
 	}
-	err := r.rebaseClosed(applyCtx, sets)
+	err := r.rebaseClosed(applyCtx, apply)
 	r.gate.open()
 	if err != nil {
 		return Change{}, fmt.Errorf("rebase to version %d: %w", r.files.Version(), err)
@@ -505,7 +512,7 @@ func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.Pa
 	return Change{Version: r.files.Version(), Pending: r.queue.Len(), Rebased: true}, nil
 }
 
-func (r *Replica) rebaseClosed(ctx context.Context, sets []*wal.PageSet) error {
+func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) error) error {
 	mainBefore, err := r.files.SchemaCookie()
 	if err != nil {
 		return err
@@ -517,7 +524,7 @@ func (r *Replica) rebaseClosed(ctx context.Context, sets []*wal.PageSet) error {
 		return err
 	}
 	r.crash("rebase-before-apply")
-	if err := r.files.Rebase(ctx, sets...); err != nil {
+	if err := apply(ctx); err != nil {
 		return err
 	}
 	r.crash("rebase-after-apply")

@@ -6,12 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
 	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/vfs"
 	"github.com/sqlrebase/sqlrebase/wal"
 )
 
@@ -305,6 +307,11 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	})
 	r.log.Debug("sqlrebase: welcomed", "server", n.remote.Addr, "database", n.remote.Database,
 		"server_version", w.Version, "last_mutation_id", w.LastMutationID, "snapshot", w.Snapshot)
+	defer func() {
+		// A snapshot cut short, or not installed, goes with its session.
+		sess.snap.discard()
+		sess.ready.discard()
+	}()
 	return true, sess.run(sctx)
 }
 
@@ -371,18 +378,33 @@ type session struct {
 	cur pushCursor
 	lim pushLimits
 
-	snapshot bool        // the Welcome announced a snapshot that has not fully arrived
-	snap     *snapBuffer // the snapshot so far
-	ready    *wal.PageSet
+	snapshot bool                      // the Welcome announced a snapshot that has not fully arrived
+	snap     *snapBuffer               // the snapshot so far
+	ready    *snapBuffer               // a whole snapshot, waiting to be installed
 	versions []protocol.EncodedVersion // arrived, not yet applied
 	wbuf     []byte
 }
 
-// snapBuffer collects a snapshot's chunks.
+// snapBuffer collects a snapshot's chunks in a file next to the replica
+// (PATH-snapshot), so that a large database never has to fit in memory.
 type snapBuffer struct {
 	first protocol.SnapshotChunk // header fields every chunk must repeat
 	next  uint64                 // the page the next chunk must start at (64 bits: no wrap at the last page)
-	raw   []byte
+	f     *os.File
+}
+
+// image is the complete snapshot, to install.
+func (b *snapBuffer) image() vfs.SnapshotImage {
+	return vfs.SnapshotImage{Src: b.f, Version: b.first.Version, PageSize: b.first.PageSize, Pages: b.first.DBSize, Checksum: b.first.Checksum}
+}
+
+// discard closes and removes the file.
+func (b *snapBuffer) discard() {
+	if b != nil && b.f != nil {
+		b.f.Close()
+		os.Remove(b.f.Name())
+		b.f = nil
+	}
 }
 
 func (ss *session) run(ctx context.Context) error {
@@ -479,7 +501,12 @@ func (ss *session) chunk(c *protocol.SnapshotChunk) error {
 		if c.First != 1 {
 			return fmt.Errorf("%w: snapshot starts at page %d", protocol.ErrMalformed, c.First)
 		}
-		ss.snap = &snapBuffer{first: *c, next: 1}
+		f, err := os.OpenFile(ss.r.path+"-snapshot", os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return fmt.Errorf("snapshot of version %d: %w", c.Version, err)
+		}
+		ss.snap = &snapBuffer{first: *c, next: 1, f: f}
+		ss.snap.first.Payload = nil
 	}
 	f := &ss.snap.first
 	if c.Version != f.Version || c.PageSize != f.PageSize || c.DBSize != f.DBSize || c.Checksum != f.Checksum {
@@ -493,7 +520,9 @@ func (ss *session) chunk(c *protocol.SnapshotChunk) error {
 	if err != nil {
 		return fmt.Errorf("snapshot of version %d: %w", c.Version, err)
 	}
-	ss.snap.raw = append(ss.snap.raw, raw...)
+	if _, err := ss.snap.f.WriteAt(raw, int64(c.First-1)*int64(c.PageSize)); err != nil {
+		return fmt.Errorf("snapshot of version %d: %w", c.Version, err)
+	}
 	ss.snap.next += uint64(c.Count)
 	done := ss.snap.next - 1 // at most DBSize: the decoder checked First+Count-1 <= DBSize
 	if cb := ss.r.net.remote.OnSnapshotProgress; cb != nil {
@@ -502,27 +531,28 @@ func (ss *session) chunk(c *protocol.SnapshotChunk) error {
 	if done < uint64(f.DBSize) {
 		return nil
 	}
-	if uint64(len(ss.snap.raw)) != uint64(f.DBSize)*uint64(f.PageSize) {
-		return fmt.Errorf("%w: snapshot of version %d: %d bytes of pages for %d pages", protocol.ErrMalformed, f.Version, len(ss.snap.raw), f.DBSize)
-	}
-	ps := &wal.PageSet{Version: f.Version, Flags: wal.FlagSnapshot, PageSize: f.PageSize, DBSize: f.DBSize, PostChecksum: f.Checksum, Pages: make([]wal.Page, f.DBSize)}
-	size := int(f.PageSize)
-	for i := range ps.Pages {
-		ps.Pages[i] = wal.Page{Pgno: uint32(i) + 1, Data: ss.snap.raw[i*size : (i+1)*size : (i+1)*size]}
-	}
-	if err := ps.Validate(); err != nil {
-		return fmt.Errorf("%w: snapshot of version %d: %v", protocol.ErrMalformed, f.Version, err)
-	}
-	ss.ready, ss.snap, ss.snapshot = ps, nil, false
+	// Complete. Its pages are checked against its checksum when installed.
+	ss.ready, ss.snap, ss.snapshot = ss.snap, nil, false
 	return nil
 }
 
 // rebase applies the snapshot and the versions collected, in one rebase.
 func (ss *session) rebase(ctx context.Context) error {
-	snap, evs := ss.ready, ss.versions
+	ready, evs := ss.ready, ss.versions
 	ss.ready, ss.versions = nil, nil
-	if err := ss.r.rebaseRemote(ctx, snap, evs); err != nil {
-		return err
+	if ready != nil {
+		// The snapshot first, as a rebase of its own; the versions after
+		// it are deltas against its pages, which are then the main file's.
+		err := ss.r.installRemoteSnapshot(ctx, ready.image())
+		ready.discard()
+		if err != nil {
+			return err
+		}
+	}
+	if len(evs) > 0 {
+		if err := ss.r.rebaseRemote(ctx, evs); err != nil {
+			return err
+		}
 	}
 	n := ss.r.net
 	n.update(func() {})
@@ -597,12 +627,12 @@ func (q *queue) after(id uint64, limit int) (base uint64, out []queuedMutation) 
 // The decode happens under the writer's lock, so the base it reads is the
 // one the apply builds on. Nothing changes if the versions do not decode or
 // check out.
-func (r *Replica) rebaseRemote(ctx context.Context, snap *wal.PageSet, evs []protocol.EncodedVersion) error {
+func (r *Replica) rebaseRemote(ctx context.Context, evs []protocol.EncodedVersion) error {
 	if r.closed.Load() {
 		return ErrClosed
 	}
 	r.writeMu.Lock()
-	sets, err := r.decodeVersions(snap, evs)
+	sets, err := r.decodeVersions(evs)
 	if err != nil {
 		r.writeMu.Unlock()
 		return err
@@ -619,27 +649,38 @@ func (r *Replica) rebaseRemote(ctx context.Context, snap *wal.PageSet, evs []pro
 	return nil
 }
 
+// installRemoteSnapshot installs a complete snapshot image as a rebase:
+// the pending state is dropped, the image copied in, acknowledgements
+// settled from it and the rest replayed on top.
+func (r *Replica) installRemoteSnapshot(ctx context.Context, img vfs.SnapshotImage) error {
+	if r.closed.Load() {
+		return ErrClosed
+	}
+	r.writeMu.Lock()
+	change, err := r.rebaseApplying(ctx, context.WithoutCancel(ctx), func(ctx context.Context) error {
+		return r.files.InstallSnapshot(ctx, img)
+	})
+	r.writeMu.Unlock()
+	if err != nil {
+		return err
+	}
+	r.notify(change)
+	return nil
+}
+
 // decodeVersions turns encoded versions into page sets. Each one that is a
 // delta against the version before is decoded against the newest image of
 // each page: from the versions of this batch before it (or the snapshot),
 // else from the main file.
-func (r *Replica) decodeVersions(snap *wal.PageSet, evs []protocol.EncodedVersion) ([]*wal.PageSet, error) {
+func (r *Replica) decodeVersions(evs []protocol.EncodedVersion) ([]*wal.PageSet, error) {
 	var sets []*wal.PageSet
 	newest := map[uint32][]byte{}
 	version, dbSize := r.files.Version(), r.files.Pages()
-	if snap != nil {
-		sets = append(sets, snap)
-		for _, p := range snap.Pages {
-			newest[p.Pgno] = p.Data
-		}
-		version, dbSize = snap.Version, snap.DBSize
-	}
-	fromSnapshot := snap != nil
 	before := func(pgno uint32) ([]byte, error) {
 		if p, ok := newest[pgno]; ok {
 			return p, nil
 		}
-		if fromSnapshot || pgno == 0 || pgno > r.files.Pages() {
+		if pgno == 0 || pgno > r.files.Pages() {
 			return nil, fmt.Errorf("no image of page %d", pgno)
 		}
 		return r.files.ReadPage(pgno)

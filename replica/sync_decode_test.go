@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -90,7 +92,7 @@ func TestDecodeBatchAgainstEarlierVersions(t *testing.T) {
 	}
 	// Pending work survives, replayed on top.
 	mustMutate(t, r, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Rent", 3))
-	if err := r.rebaseRemote(context.Background(), nil, evs); err != nil {
+	if err := r.rebaseRemote(context.Background(), evs); err != nil {
 		t.Fatal(err)
 	}
 	if st := r.Status(); st.Version != a.Version() || st.Checksum != a.Checksum() {
@@ -138,7 +140,7 @@ func TestDecodeRefusals(t *testing.T) {
 		"lying":        lying,
 		"out of order": {evs[1], evs[0]},
 	} {
-		err := r.rebaseRemote(context.Background(), nil, batch)
+		err := r.rebaseRemote(context.Background(), batch)
 		if err == nil {
 			t.Fatalf("%s: accepted", name)
 		}
@@ -154,7 +156,7 @@ func TestDecodeRefusals(t *testing.T) {
 	// decodes to the same pages (zstd has slack), or is caught by the
 	// checksum: never applied. (In an earlier version of the batch it may
 	// be harmless: a later version can overwrite the page it spoilt.)
-	good, err := r.decodeVersions(nil, evs)
+	good, err := r.decodeVersions(evs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,18 +165,18 @@ func TestDecodeRefusals(t *testing.T) {
 		c := append([]protocol.EncodedVersion(nil), evs...)
 		c[last].Payload = append([]byte(nil), c[last].Payload...)
 		c[last].Payload[i] ^= 0xff
-		sets, err := r.decodeVersions(nil, c)
+		sets, err := r.decodeVersions(c)
 		if err != nil || samePages(sets[last], good[last]) {
 			continue
 		}
-		if err := r.rebaseRemote(context.Background(), nil, c); err == nil {
+		if err := r.rebaseRemote(context.Background(), c); err == nil {
 			t.Fatalf("payload with byte %d flipped was applied", i)
 		}
 		if st := r.Status(); st != before {
 			t.Fatalf("flip %d: status %+v, before %+v", i, st, before)
 		}
 	}
-	if err := r.rebaseRemote(context.Background(), nil, evs); err != nil {
+	if err := r.rebaseRemote(context.Background(), evs); err != nil {
 		t.Fatal(err)
 	}
 	if st := r.Status(); st.Checksum != a.Checksum() {
@@ -305,13 +307,24 @@ func TestSnapshotChunks(t *testing.T) {
 		}
 		dbSize = ps.DBSize
 	}
-	if err := r.rebaseRemote(context.Background(), ss.ready, evs); err != nil {
+	ss.versions = evs
+	if err := ss.rebase(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if st := r.Status(); st.Version != a.Version() || st.Checksum != a.Checksum() {
 		t.Fatalf("after snapshot and versions: %+v, server %d %016x", st, a.Version(), a.Checksum())
 	}
-	if !errors.Is(r.rebaseRemote(context.Background(), ss.ready, nil), vfs.ErrVersion) {
-		t.Fatal("an older snapshot was applied")
+	if _, err := os.Stat(r.path + "-snapshot"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the snapshot file outlived its install: %v", err)
+	}
+	// The same snapshot again is older than the replica now: refused.
+	ss = &session{r: r, snapshot: true}
+	for _, c := range cs {
+		if err := ss.handle(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ss.rebase(context.Background()); !errors.Is(err, vfs.ErrVersion) {
+		t.Fatalf("an older snapshot: %v, want ErrVersion", err)
 	}
 }
