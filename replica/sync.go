@@ -30,6 +30,13 @@ import (
 // without Options.Remote.
 var ErrNoRemote = errors.New("replica: no Remote configured")
 
+// ErrHistoryAhead means the server has processed mutation ids of this client
+// that this replica never issued: its files are older than the server's
+// record of it (restored from a backup, or copied). Its new mutations would
+// reuse those ids, and the server would skip them as duplicates, so the loop
+// stops instead. Open a fresh replica (new files) to go on.
+var ErrHistoryAhead = errors.New("replica: the server has processed mutations this replica never made (are its files restored from a backup?)")
+
 // Timeouts of one session.
 const (
 	// connectTimeout bounds a dial and the stream opening; QUIC's own
@@ -197,7 +204,7 @@ func fatalSyncError(err error) bool {
 		return re.Code.Fatal()
 	}
 	var cv *tls.CertificateVerificationError
-	return errors.Is(err, protocol.ErrFingerprint) || errors.As(err, &cv)
+	return errors.Is(err, protocol.ErrFingerprint) || errors.Is(err, ErrHistoryAhead) || errors.As(err, &cv)
 }
 
 // inbox is the session's view of the stream reader: messages in order,
@@ -298,6 +305,12 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	w, err := awaitWelcome(sctx, in)
 	if err != nil {
 		return false, err
+	}
+	r.writeMu.Lock()
+	issued := r.queue.NextID() - 1
+	r.writeMu.Unlock()
+	if w.LastMutationID > issued {
+		return false, fmt.Errorf("%w: server at mutation %d of client %s, this replica issued %d", ErrHistoryAhead, w.LastMutationID, hello.ClientID, issued)
 	}
 	sess := &session{r: r, s: s, in: in, cur: pushCursor{Pushed: w.LastMutationID, Acked: w.LastMutationID}, lim: newPushLimits(w), snapshot: w.Snapshot}
 	n.update(func() {

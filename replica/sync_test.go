@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -505,9 +506,7 @@ func TestSyncRefusals(t *testing.T) {
 		}},
 		{"unknown database", func(rm *Remote) { rm.Database = "nope" }, func(err error) bool {
 			var re *protocol.RemoteError
-			// The server answers an unknown database like a wrong
-			// credential to a client holding none for it.
-			return errors.As(err, &re) && (re.Code == protocol.CodeUnknownDatabase || re.Code == protocol.CodeUnauthorized)
+			return errors.As(err, &re) && re.Code == protocol.CodeUnknownDatabase
 		}},
 		{"wrong fingerprint", func(rm *Remote) { rm.Fingerprint = other }, func(err error) bool {
 			return errors.Is(err, protocol.ErrFingerprint)
@@ -800,4 +799,56 @@ func TestSyncBatchesRebases(t *testing.T) {
 	tr.Close()
 	lc.wg.Wait()
 	udp.Close()
+}
+
+// TestSyncHistoryAhead: a replica whose files were restored from a backup
+// older than the server's record of its client would reuse mutation ids
+// the server already processed (and skip as duplicates). It stops with
+// ErrHistoryAhead instead of losing them silently.
+func TestSyncHistoryAhead(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", nil)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "r.db")
+	ctx := waitCtx(t, 30*time.Second)
+	r, err := Open(ctx, path, Options{Mutators: reg, Remote: ts.remote(), Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustMutate(t, r, mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1))
+	if err := r.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	backup := t.TempDir()
+	files, _ := filepath.Glob(path + "*")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(backup, filepath.Base(f)), b, 0o644)
+	}
+	r = openSynced(t, path, reg, ts.remote())
+	mustMutate(t, r, mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1))
+	mustMutate(t, r, mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1))
+	if err := r.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	for _, f := range files {
+		os.Remove(f)
+	}
+	restored, _ := filepath.Glob(filepath.Join(backup, "*"))
+	for _, f := range restored {
+		b, _ := os.ReadFile(f)
+		os.WriteFile(filepath.Join(dir, filepath.Base(f)), b, 0o644)
+	}
+	r = openSynced(t, path, reg, ts.remote())
+	if err := r.WaitConnected(ctx); !errors.Is(err, ErrHistoryAhead) {
+		t.Fatalf("WaitConnected of a restored replica: %v, want ErrHistoryAhead", err)
+	}
+	if v := ts.srv.Authority(testDB).Version(); r.Status().Version >= v {
+		t.Fatalf("the restored replica caught up anyway (version %d of %d)", r.Status().Version, v)
+	}
 }

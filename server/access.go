@@ -43,8 +43,11 @@ type accessFile struct {
 	Clients     map[string]string `json:"clients"` // client id → credential id that first used it
 }
 
-// errUnauthorized is a wrong credential, or a client id bound to another.
-var errUnauthorized = errors.New("unauthorized")
+// Refusals of authorize. Both are "unauthorized" to the client.
+var (
+	errWrongCredential = errors.New("wrong credential")
+	errClientBound     = errors.New("client id belongs to another credential")
+)
 
 func loadAccess(path string) (*access, error) {
 	a := &access{path: path, verified: map[[sha256.Size]byte]string{}}
@@ -103,7 +106,7 @@ func (a *access) match(secret string) (string, error) {
 			return c.ID, nil
 		}
 	}
-	return "", errUnauthorized
+	return "", errWrongCredential
 }
 
 // authorize checks secret and binds clientID to its credential on first
@@ -120,7 +123,7 @@ func (a *access) authorize(clientID, secret string) error {
 		a.file.Clients[clientID] = id
 		return a.save()
 	case bound != id:
-		return fmt.Errorf("%w: client id %q belongs to another credential", errUnauthorized, clientID)
+		return errClientBound
 	}
 	return nil
 }

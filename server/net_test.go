@@ -287,7 +287,7 @@ func TestRefusals(t *testing.T) {
 		code  protocol.Code
 		says  string
 	}{
-		{"wrong credential", protocol.Hello{Database: "demo", ClientID: "c", Credential: "nope"}, protocol.CodeUnauthorized, "unauthorized"},
+		{"wrong credential", protocol.Hello{Database: "demo", ClientID: "c", Credential: "nope"}, protocol.CodeUnauthorized, `unauthorized: wrong credential for database "demo"`},
 		{"unknown database", protocol.Hello{Database: "nosuch", ClientID: "c", Credential: "s3cret"}, protocol.CodeUnknownDatabase, `"nosuch"`},
 		{"protocol version", protocol.Hello{Protocol: 99, Database: "demo", ClientID: "c", Credential: "s3cret"}, protocol.CodeProtocolVersion, "protocol 99"},
 		{"credential of another database", protocol.Hello{Database: "demo", ClientID: "c", Credential: "other-secret"}, protocol.CodeUnauthorized, "unauthorized"},

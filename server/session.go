@@ -182,10 +182,12 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 	if db == nil {
 		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
 	}
-	if err := db.access.authorize(h.ClientID, h.Credential); err != nil {
-		if errors.Is(err, errUnauthorized) {
-			return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("database %q: %v", h.Database, err)}
-		}
+	switch err := db.access.authorize(h.ClientID, h.Credential); {
+	case errors.Is(err, errWrongCredential):
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("wrong credential for database %q", h.Database)}
+	case errors.Is(err, errClientBound):
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("client id %q of database %q belongs to another credential", h.ClientID, h.Database)}
+	case err != nil:
 		return catchUp{}, err
 	}
 	s.db, s.clientID = db, h.ClientID
