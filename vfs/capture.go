@@ -103,11 +103,23 @@ func (c *Capture) next(wantBefore bool) ([]wal.Page, [][]byte, uint32, error) {
 	var frames []frame
 	committed, dbSize := 0, uint32(0)
 	chain, off := c.chain, c.off
+	// Frames are read 16 at a time: a commit of a few frames costs one
+	// system call, not one per frame, and a WAL that SQLite restarted (it
+	// keeps its old length, full of stale frames) is not read to its end.
+	const batch = 16
+	var tail []byte
+	var tailOff int64
 	for {
-		buf := make([]byte, frameSize)
-		if _, err := c.f.ReadAt(buf, off); err != nil {
-			break // short read: the end of the WAL
+		if off+frameSize > tailOff+int64(len(tail)) {
+			tail = make([]byte, batch*frameSize)
+			n, _ := c.f.ReadAt(tail, off)
+			tail, tailOff = tail[:n], off
+			if int64(n) < frameSize {
+				break // the end of the WAL
+			}
 		}
+		at := off - tailOff
+		buf := tail[at : at+frameSize : at+frameSize]
 		fh, page, next, err := chain.Next(buf)
 		if err != nil {
 			break // a frame of an older generation, or torn: the end
