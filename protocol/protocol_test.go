@@ -147,7 +147,21 @@ func TestVersionCodecs(t *testing.T) {
 	before := func(p uint32) []byte { return base[p-1] }
 	lookup := func(p uint32) ([]byte, error) { return base[p-1], nil }
 
-	dict, err := EncodeVersion(ps, 10, before)
+	// A change in place (a byte flipped in each changed page): XOR.
+	xor, err := EncodeVersion(ps, 10, before)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same pages with their content shifted by two bytes, as an
+	// insert shifts a page's cell pointers: XOR does not see it, the
+	// dictionary does.
+	shifted := &wal.PageSet{Version: ps.Version, PageSize: ps.PageSize, DBSize: ps.DBSize, PreChecksum: 1, PostChecksum: 2}
+	for _, p := range ps.Pages {
+		d := make([]byte, len(p.Data))
+		copy(d[2:], p.Data)
+		shifted.Pages = append(shifted.Pages, wal.Page{Pgno: p.Pgno, Data: d})
+	}
+	dict, err := EncodeVersion(shifted, 10, before)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,35 +169,43 @@ func TestVersionCodecs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if dict.Codec != CodecZstdDict || plain.Codec != CodecZstd {
-		t.Fatalf("codecs %d and %d", dict.Codec, plain.Codec)
+	if xor.Codec != CodecXorZstd || dict.Codec != CodecZstdDict || plain.Codec != CodecZstd {
+		t.Fatalf("codecs %d, %d and %d", xor.Codec, dict.Codec, plain.Codec)
 	}
 	raw := len(ps.Pages) * 4096
-	t.Logf("%d pages: raw %d B, zstd %d B, zstd+dict %d B", len(ps.Pages), raw, len(plain.Payload), len(dict.Payload))
-	if len(dict.Payload) > raw/20 || len(dict.Payload) >= len(plain.Payload) {
-		t.Fatalf("dictionary codec does not pay: %d B vs plain %d B, raw %d B", len(dict.Payload), len(plain.Payload), raw)
+	t.Logf("%d pages: raw %d B, zstd %d B, xor+zstd %d B; shifted: zstd+dict %d B", len(ps.Pages), raw, len(plain.Payload), len(xor.Payload), len(dict.Payload))
+	if len(xor.Payload) > raw/100 || len(dict.Payload) > raw/20 || len(dict.Payload) >= len(plain.Payload) {
+		t.Fatalf("the delta codecs do not pay: xor %d B, dict %d B, plain %d B, raw %d B", len(xor.Payload), len(dict.Payload), len(plain.Payload), raw)
 	}
-	for _, ev := range []EncodedVersion{dict, plain} {
+	for _, c := range []struct {
+		ev EncodedVersion
+		ps *wal.PageSet
+	}{{xor, ps}, {dict, shifted}, {plain, ps}} {
 		// Through the wire format and back.
-		m, err := Decode(Encode(&Versions{Versions: []EncodedVersion{ev}}), DefaultLimits)
+		m, err := Decode(Encode(&Versions{Versions: []EncodedVersion{c.ev}}), DefaultLimits)
 		if err != nil {
 			t.Fatal(err)
 		}
 		got, err := DecodeVersion(&m.(*Versions).Versions[0], DefaultLimits, lookup)
 		if err != nil {
-			t.Fatalf("codec %d: %v", ev.Codec, err)
+			t.Fatalf("codec %d: %v", c.ev.Codec, err)
 		}
-		if !reflect.DeepEqual(got, ps) {
-			t.Fatalf("codec %d: page set differs after the round trip", ev.Codec)
+		if !reflect.DeepEqual(got, c.ps) {
+			t.Fatalf("codec %d: page set differs after the round trip", c.ev.Codec)
 		}
 	}
 	// A wrong base must not decode to the right pages.
 	wrong := func(p uint32) ([]byte, error) { return base[(p)%10], nil }
-	if got, err := DecodeVersion(&dict, DefaultLimits, wrong); err == nil && reflect.DeepEqual(got, ps) {
-		t.Fatal("decoded the right pages from the wrong base")
-	}
-	if _, err := DecodeVersion(&dict, DefaultLimits, nil); !errors.Is(err, ErrMalformed) {
-		t.Fatalf("dict codec without base: %v", err)
+	for _, c := range []struct {
+		ev EncodedVersion
+		ps *wal.PageSet
+	}{{xor, ps}, {dict, shifted}} {
+		if got, err := DecodeVersion(&c.ev, DefaultLimits, wrong); err == nil && reflect.DeepEqual(got, c.ps) {
+			t.Fatalf("codec %d: decoded the right pages from the wrong base", c.ev.Codec)
+		}
+		if _, err := DecodeVersion(&c.ev, DefaultLimits, nil); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("codec %d without base: %v", c.ev.Codec, err)
+		}
 	}
 	// Incompressible pages go raw.
 	noise := &wal.PageSet{Version: 3, PageSize: 512, DBSize: 1, Pages: []wal.Page{{Pgno: 1, Data: make([]byte, 512)}}}

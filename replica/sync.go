@@ -703,7 +703,7 @@ func (r *Replica) decodeVersions(evs []protocol.EncodedVersion) ([]*wal.PageSet,
 		if ev.Version != version+1 {
 			return nil, fmt.Errorf("%w: server sent version %d, the replica is at %d", protocol.ErrMalformed, ev.Version, version)
 		}
-		if ev.Codec == protocol.CodecZstdDict && ev.BaseDBSize != dbSize {
+		if ev.NeedsBase() && ev.BaseDBSize != dbSize {
 			return nil, fmt.Errorf("%w: version %d is a delta against a database of %d pages, the replica has %d", protocol.ErrMalformed, ev.Version, ev.BaseDBSize, dbSize)
 		}
 		if r.dec == nil {

@@ -83,7 +83,7 @@ func TestDecodeBatchAgainstEarlierVersions(t *testing.T) {
 	evs := encodeChain(t, r, sets)
 	dict := 0
 	for _, ev := range evs {
-		if ev.Codec == protocol.CodecZstdDict {
+		if ev.NeedsBase() {
 			dict++
 		}
 	}
@@ -127,7 +127,7 @@ func TestDecodeRefusals(t *testing.T) {
 	before := r.Status()
 	wrongBase := append([]protocol.EncodedVersion(nil), evs...)
 	for i := range wrongBase {
-		if wrongBase[i].Codec == protocol.CodecZstdDict {
+		if wrongBase[i].NeedsBase() {
 			wrongBase[i].BaseDBSize++
 		}
 	}

@@ -67,7 +67,7 @@ func newImage() *image {
 
 func (im *image) apply(t *testing.T, ev *protocol.EncodedVersion) {
 	t.Helper()
-	if ev.Codec == protocol.CodecZstdDict && ev.BaseDBSize != uint32(len(im.pages)) {
+	if ev.NeedsBase() && ev.BaseDBSize != uint32(len(im.pages)) {
 		t.Fatalf("version %d: base of %d pages, image has %d", ev.Version, ev.BaseDBSize, len(im.pages))
 	}
 	ps, err := protocol.DecodeVersion(ev, protocol.DefaultLimits, func(p uint32) ([]byte, error) { return im.pages[p-1], nil })

@@ -6,22 +6,43 @@ import (
 	"sync"
 )
 
-// PageChecksum returns the checksum of one page as LiteFS's LTX format
-// defines it: CRC64-ISO over the page number (4 bytes, big-endian) followed
-// by the page bytes. Including the page number makes moving a page detectable.
-// (LTX additionally sets the top bit; we do not.) The whole-database checksum
-// is the XOR of PageChecksum over all pages, so it can be updated one page at
-// a time.
+// PageChecksum returns the checksum of one page: CRC64-ISO over the page
+// number (4 bytes, big-endian) followed by the page bytes, as LiteFS's LTX
+// format hashes a page, then put through a 64-bit mixing function
+// (SplitMix64's finaliser). Including the page number makes moving a page
+// detectable. The whole-database checksum is the XOR of PageChecksum over
+// all pages, so it can be updated one page at a time.
+//
+// The mixing is what LTX lacks. CRC is linear: the same error at the same
+// offset of two pages changes their CRCs by the same amount, and in an XOR
+// of CRCs the two changes cancel. A delta-coded version whose payload is
+// damaged can spoil two pages exactly so (a compressor copies one damaged
+// byte to both), and the whole-database checksum would vouch for it; the
+// test that flips every payload byte found one. After the mix, equal
+// changes of different CRCs are unrelated.
 func PageChecksum(pgno uint32, page []byte) uint64 {
+	return mix(pageCRC(pgno, page))
+}
+
+func pageCRC(pgno uint32, page []byte) uint64 {
 	var pn [4]byte
 	binary.BigEndian.PutUint32(pn[:], pgno)
 	return crc64.Update(crc64.Update(0, crcTable, pn[:]), crcTable, page)
 }
 
+// mix is SplitMix64's finaliser: a bijection on 64 bits whose
+// multiplications make it non-linear over GF(2).
+func mix(z uint64) uint64 {
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
 // zeroTable makes the checksum of a zero-filled page cheap. For messages of
 // one length, CRC is affine over GF(2): crc(a^b) = crc(a)^crc(b)^crc(0). So
-// PageChecksum(pgno, zeros) is base (pgno 0) XOR one delta per set bit of
-// pgno, with 33 CRCs computed once per page size instead of one per page.
+// the CRC of a zero page numbered pgno is base (pgno 0) XOR one delta per set
+// bit of pgno, with 33 CRCs computed once per page size instead of one per
+// page; PageChecksum then mixes it.
 // That keeps growing a database by many pages O(pages), not O(bytes).
 type zeroTable struct {
 	base  uint64
@@ -35,9 +56,9 @@ func zeroTableFor(pageSize uint32) *zeroTable {
 		return z.(*zeroTable)
 	}
 	zero := make([]byte, pageSize)
-	z := &zeroTable{base: PageChecksum(0, zero)}
+	z := &zeroTable{base: pageCRC(0, zero)}
 	for i := range z.delta {
-		z.delta[i] = PageChecksum(1<<i, zero) ^ z.base
+		z.delta[i] = pageCRC(1<<i, zero) ^ z.base
 	}
 	actual, _ := zeroTables.LoadOrStore(pageSize, z)
 	return actual.(*zeroTable)
@@ -50,7 +71,7 @@ func (z *zeroTable) sum(pgno uint32) uint64 {
 			s ^= z.delta[i]
 		}
 	}
-	return s
+	return mix(s) // the CRC is affine; the mix comes after
 }
 
 // ChecksumTable keeps the checksum of every page of one database and their

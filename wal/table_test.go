@@ -246,3 +246,23 @@ func TestMergeErrors(t *testing.T) {
 		t.Error("invalid input accepted")
 	}
 }
+
+// TestChecksumEqualErrorsDoNotCancel: the same damage at the same offset of
+// two pages changes the whole-database checksum. With plain CRCs XORed
+// together (LTX's scheme) the two changes cancel, since CRC is linear.
+func TestChecksumEqualErrorsDoNotCancel(t *testing.T) {
+	a, b := make([]byte, 4096), make([]byte, 4096)
+	for i := range a {
+		a[i], b[i] = byte(i), byte(i*7)
+	}
+	sum := PageChecksum(5, a) ^ PageChecksum(7, b)
+	a2, b2 := append([]byte(nil), a...), append([]byte(nil), b...)
+	a2[100] ^= 0x90
+	b2[100] ^= 0x90
+	if PageChecksum(5, a2)^PageChecksum(7, b2) == sum {
+		t.Fatal("equal errors in two pages cancel out in the whole-database checksum")
+	}
+	if pageCRC(5, a2)^pageCRC(7, b2) != pageCRC(5, a)^pageCRC(7, b) {
+		t.Fatal("the premise: with plain CRCs they cancel")
+	}
+}
