@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/sqlrebase/sqlrebase/wal"
 )
 
 // FuzzDecode: any bytes decode to a message or an error, never a panic, and
@@ -66,6 +68,19 @@ func FuzzDecodeVersion(f *testing.F) {
 		}
 		f.Add(Encode(&Versions{Versions: []EncodedVersion{ev}}))
 	}
+	// A version whose bytes moved takes the dictionary codec (the one
+	// above, changed in place, takes XOR): seed both.
+	shifted := &wal.PageSet{Version: ps.Version, PageSize: ps.PageSize, DBSize: ps.DBSize}
+	for _, p := range ps.Pages {
+		d := make([]byte, len(p.Data))
+		copy(d[3:], p.Data)
+		shifted.Pages = append(shifted.Pages, wal.Page{Pgno: p.Pgno, Data: d})
+	}
+	ev, err := EncodeVersion(shifted, 4, func(p uint32) []byte { return base[p-1] })
+	if err != nil || ev.Codec != CodecZstdDict {
+		f.Fatalf("shifted seed: codec %d, %v", ev.Codec, err)
+	}
+	f.Add(Encode(&Versions{Versions: []EncodedVersion{ev}}))
 	chunk, err := EncodeSnapshotChunk(3, 4096, 4, 0, 1, bytes.Repeat(base[0], 2))
 	if err != nil {
 		f.Fatal(err)
