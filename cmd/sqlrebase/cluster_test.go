@@ -40,6 +40,7 @@ type workerReport struct {
 	Checksum uint64
 	Pending  int
 	Rows     string
+	Offline  int // mutations made while the replica had no session with the server
 }
 
 func TestMain(m *testing.M) {
@@ -71,12 +72,16 @@ func runWorker(cfgJSON string) int {
 		return 1
 	}
 	defer r.Close()
+	offline := 0
 	for i := 0; i < cfg.Count; i++ {
+		if !r.Status().Connected {
+			offline++
+		}
 		if _, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs(cfg.Name, 1)); err != nil {
 			fmt.Fprintln(os.Stderr, "mutate:", err)
 			return 1
 		}
-		time.Sleep(time.Duration(1+rand.IntN(4)) * time.Millisecond)
+		time.Sleep(time.Duration(4+rand.IntN(8)) * time.Millisecond)
 	}
 	sctx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
@@ -92,7 +97,7 @@ func runWorker(cfgJSON string) int {
 		return 1
 	}
 	st := r.Status()
-	b, _ := json.Marshal(workerReport{Version: st.Version, Checksum: st.Checksum, Pending: st.Pending, Rows: rows})
+	b, _ := json.Marshal(workerReport{Version: st.Version, Checksum: st.Checksum, Pending: st.Pending, Rows: rows, Offline: offline})
 	fmt.Println(string(b))
 	return 0
 }
@@ -230,22 +235,30 @@ func TestServerKilled(t *testing.T) {
 		cmd, o, e := startWorker(t, workerConfig{Dir: filepath.Join(dir, n), Addr: srv.addr, Token: "tok", Fingerprint: srv.fingerprint, Name: n, Count: count})
 		procs = append(procs, proc{cmd, o, e})
 	}
+	// The workers take about a second to make their mutations. The first
+	// outage is long, so that they make many of them offline; two short
+	// ones follow, at random moments.
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
 	for kill := 0; kill < 3; kill++ {
-		time.Sleep(time.Duration(100+rng.IntN(300)) * time.Millisecond)
+		time.Sleep(time.Duration(100+rng.IntN(200)) * time.Millisecond)
 		srv.cmd.Process.Signal(syscall.SIGKILL)
 		srv.cmd.Wait()
-		outage := time.Duration(50+rng.IntN(200)) * time.Millisecond
-		if kill == 1 {
-			outage = 1500 * time.Millisecond // offline for many mutations
+		outage := time.Duration(50+rng.IntN(150)) * time.Millisecond
+		if kill == 0 {
+			outage = 600 * time.Millisecond
 		}
 		time.Sleep(outage)
 		srv = startServe(t, data, port)
 	}
+	offline := 0
 	for i, p := range procs {
 		if err := p.cmd.Wait(); err != nil {
 			t.Fatalf("%s: %v\n%s", names[i], err, p.stderr)
 		}
+		offline += report(t, names[i], p.stdout, p.stderr).Offline
+	}
+	if offline < 20 {
+		t.Fatalf("only %d mutations were made offline: the test did not test working offline", offline)
 	}
 	// Bring every replica to the final version, then compare.
 	var reps []workerReport
@@ -289,7 +302,7 @@ func TestServerKilled(t *testing.T) {
 	if sums.Sum() != reps[0].Checksum {
 		t.Fatalf("server file checksum %016x, replicas %016x", sums.Sum(), reps[0].Checksum)
 	}
-	t.Logf("converged at version %d after 3 server kills", reps[0].Version)
+	t.Logf("converged at version %d after 3 server kills, %d mutations made offline", reps[0].Version, offline)
 }
 
 // sameRows compares row lists ignoring ids (the order rows were created in
