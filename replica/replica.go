@@ -475,23 +475,25 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 // never between. If the page sets do not check out (version gap, checksum or
 // page size mismatch, corrupt), it returns the error and changes nothing.
 func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
+	return r.rebase(ctx, ctx, func(ctx context.Context) error { return r.files.Rebase(ctx, sets...) })
+}
+
+// rebase runs one rebase whose drop-and-apply step is apply (the server's
+// page sets, or a snapshot image), under the writer lock, and notifies
+// watchers after letting go of it, so that a watcher may call Status or
+// Mutate. waitCtx bounds the wait for readers; applyCtx the rest.
+func (r *Replica) rebase(waitCtx, applyCtx context.Context, apply func(context.Context) error) error {
 	if r.closed.Load() {
 		return ErrClosed
 	}
 	r.writeMu.Lock()
-	change, err := r.rebaseLocked(ctx, ctx, sets)
+	change, err := r.rebaseApplying(waitCtx, applyCtx, apply)
 	r.writeMu.Unlock()
 	if err != nil {
 		return err
 	}
-	r.notify(change) // after unlocking: a watcher may call Status or Mutate
+	r.notify(change)
 	return nil
-}
-
-// rebaseLocked is Rebase with writeMu held. waitCtx bounds the wait for
-// readers to leave; applyCtx the rebase itself.
-func (r *Replica) rebaseLocked(waitCtx, applyCtx context.Context, sets []*wal.PageSet) (Change, error) {
-	return r.rebaseApplying(waitCtx, applyCtx, func(ctx context.Context) error { return r.files.Rebase(ctx, sets...) })
 }
 
 // rebaseApplying is a rebase whose drop-and-apply step is apply: the

@@ -635,50 +635,32 @@ func (q *queue) after(id uint64, limit int) (base uint64, out []queuedMutation) 
 	return q.base, append([]queuedMutation(nil), q.pending[start:end]...)
 }
 
-// rebaseRemote decodes versions that arrived (after a snapshot, if snap is
-// not nil) against the replica's pages and rebases on them, all at once.
-// The decode happens under the writer's lock, so the base it reads is the
-// one the apply builds on. Nothing changes if the versions do not decode or
-// check out.
+// rebaseRemote decodes versions that arrived against the replica's pages
+// and rebases on them, all at once. Nothing changes if the versions do not
+// decode or check out.
 func (r *Replica) rebaseRemote(ctx context.Context, evs []protocol.EncodedVersion) error {
-	if r.closed.Load() {
-		return ErrClosed
-	}
-	r.writeMu.Lock()
-	sets, err := r.decodeVersions(evs)
-	if err != nil {
-		r.writeMu.Unlock()
-		return err
-	}
 	// Waiting for readers gives up when the replica closes; once the gate
 	// is closed the rebase runs to the end, since stopping between the drop
 	// and the replay would hide the pending mutations until the next one.
-	change, err := r.rebaseLocked(ctx, context.WithoutCancel(ctx), sets)
-	r.writeMu.Unlock()
-	if err != nil {
-		return err
-	}
-	r.notify(change) // after unlocking: a watcher may call Status or Mutate
-	return nil
+	return r.rebase(ctx, context.WithoutCancel(ctx), func(ctx context.Context) error {
+		// Decoded under the writer lock, before the drop: the base of a
+		// delta is the confirmed state, and a version that does not decode
+		// changes nothing.
+		sets, err := r.decodeVersions(evs)
+		if err != nil {
+			return err
+		}
+		return r.files.Rebase(ctx, sets...)
+	})
 }
 
 // installRemoteSnapshot installs a complete snapshot image as a rebase:
 // the pending state is dropped, the image copied in, acknowledgements
 // settled from it and the rest replayed on top.
 func (r *Replica) installRemoteSnapshot(ctx context.Context, img vfs.SnapshotImage) error {
-	if r.closed.Load() {
-		return ErrClosed
-	}
-	r.writeMu.Lock()
-	change, err := r.rebaseApplying(ctx, context.WithoutCancel(ctx), func(ctx context.Context) error {
+	return r.rebase(ctx, context.WithoutCancel(ctx), func(ctx context.Context) error {
 		return r.files.InstallSnapshot(ctx, img)
 	})
-	r.writeMu.Unlock()
-	if err != nil {
-		return err
-	}
-	r.notify(change)
-	return nil
 }
 
 // decodeVersions turns encoded versions into page sets. Each one that is a
