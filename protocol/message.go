@@ -3,6 +3,8 @@ package protocol
 import (
 	"encoding/binary"
 	"fmt"
+
+	"github.com/sqlrebase/sqlrebase/wal"
 )
 
 // Type is a message's type byte. Values are part of the wire format.
@@ -255,7 +257,7 @@ func (m *SnapshotChunk) decodeBody(d *decoder, l Limits) error {
 		return d.err
 	}
 	switch {
-	case !validPageSize(m.PageSize):
+	case !wal.ValidPageSize(m.PageSize):
 		d.fail("snapshot page size %d", m.PageSize)
 	case m.First == 0 || m.Count == 0 || uint64(m.First)+uint64(m.Count)-1 > uint64(m.DBSize):
 		d.fail("snapshot chunk of pages %d+%d outside 1..%d", m.First, m.Count, m.DBSize)

@@ -90,7 +90,7 @@ func (v *EncodedVersion) decode(d *decoder, l Limits) {
 	if d.err != nil {
 		return
 	}
-	if !validPageSize(v.PageSize) {
+	if !wal.ValidPageSize(v.PageSize) {
 		d.fail("page size %d", v.PageSize)
 		return
 	}
@@ -285,7 +285,7 @@ func (d *Decoder) Version(ev *EncodedVersion, before func(pgno uint32) ([]byte, 
 	l := d.l
 	n := len(ev.Pgnos)
 	want := n * int(ev.PageSize)
-	if !validPageSize(ev.PageSize) || want > l.MaxPageBytes {
+	if !wal.ValidPageSize(ev.PageSize) || want > l.MaxPageBytes {
 		return nil, fmt.Errorf("decode version %d: %w: %d pages of %d bytes", ev.Version, ErrTooLarge, n, ev.PageSize)
 	}
 	var raw []byte
@@ -364,7 +364,7 @@ func EncodeSnapshotChunk(version uint64, pageSize, dbSize uint32, checksum uint6
 // SnapshotChunk encodes count whole pages starting at first, raw holding
 // them concatenated.
 func (e *Encoder) SnapshotChunk(version uint64, pageSize, dbSize uint32, checksum uint64, first uint32, raw []byte) (*SnapshotChunk, error) {
-	if !validPageSize(pageSize) || len(raw) == 0 || len(raw)%int(pageSize) != 0 {
+	if !wal.ValidPageSize(pageSize) || len(raw) == 0 || len(raw)%int(pageSize) != 0 {
 		return nil, fmt.Errorf("snapshot chunk: %d bytes is not whole pages of %d", len(raw), pageSize)
 	}
 	c := &SnapshotChunk{Version: version, PageSize: pageSize, DBSize: dbSize, Checksum: checksum, First: first, Count: uint32(len(raw) / int(pageSize)), Codec: CodecZstd}
@@ -425,8 +425,6 @@ func (d *Decoder) decompress(z []byte, want int, dict []byte) ([]byte, error) {
 	}
 	return out, nil
 }
-
-func validPageSize(ps uint32) bool { return ps >= 512 && ps <= 65536 && ps&(ps-1) == 0 }
 
 // AppendBinary appends the version's wire encoding (its part of a Versions
 // message). A server encodes each version once and sends the same bytes to

@@ -29,10 +29,9 @@ type database struct {
 
 	// Guarded by auth.mu: onCommit runs under it, and subscribing takes it,
 	// so a new subscriber sits exactly between two versions.
-	clog     *changeLog
-	enc      *protocol.Encoder
-	subs     map[*session]struct{}
-	lastSize int // bytes of the last encoded version
+	clog *changeLog
+	enc  *protocol.Encoder
+	subs map[*session]struct{}
 }
 
 // pushRequest is one Push of one session, for the writer.
@@ -100,7 +99,6 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 		}
 	}
 	rec := ev.AppendBinary(nil)
-	d.lastSize = len(rec)
 	if err := d.clog.append(ps.Version, rec, time.Now()); err != nil {
 		d.log.Error("change log append failed; the log starts afresh", "version", ps.Version, "err", err)
 		d.clog.reset()

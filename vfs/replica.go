@@ -340,7 +340,7 @@ func (r *Replica) resetWAL(truncate bool) error {
 	var salts [8]byte
 	rand.Read(salts[:])
 	salt1, salt2 := binary.BigEndian.Uint32(salts[:4]), binary.BigEndian.Uint32(salts[4:])
-	if truncate || r.walWritten() {
+	if truncate || r.WALWritten() {
 		if err := r.invalidateWAL(truncate, salt1, salt2); err != nil {
 			return err
 		}
@@ -353,17 +353,13 @@ func (r *Replica) resetWAL(truncate bool) error {
 	return nil
 }
 
-// walWritten reports whether SQLite appended frames since the last reset
-// (the wal-index counts them). If it did not, the WAL file's header still
-// carries the salts of the last reset, which no frame in the file has, so
-// there is nothing to invalidate: SQLite writes a fresh header, with the
-// wal-index's salts, before its next first frame. Skipping the file saves a
-// third of a rebase with nothing pending. When in doubt, it says yes.
-func (r *Replica) walWritten() bool { return r.WALWritten() }
-
 // WALWritten reports whether the WAL holds frames that SQLite appended since
-// the last drop (true when it cannot tell). Without any, a connection sees
-// exactly the main file.
+// the last drop (the wal-index counts them; true when it cannot tell).
+// Without any, a connection sees exactly the main file, and a drop need not
+// touch the WAL file: its header still carries the salts of the last reset,
+// which no frame in the file has, and SQLite writes a fresh header, with the
+// wal-index's salts, before its next first frame. Skipping the file saves a
+// third of a rebase with nothing pending.
 func (r *Replica) WALWritten() bool {
 	var b [wal.IndexHeaderSize]byte
 	if _, err := r.shm.ReadAt(b[:], 0); err != nil {

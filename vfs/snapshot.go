@@ -34,7 +34,7 @@ const snapshotChunkPages = 256
 // the server): it is never served.
 func (r *Replica) InstallSnapshot(ctx context.Context, img SnapshotImage) error {
 	switch {
-	case !validPageSize(img.PageSize) || img.Pages == 0:
+	case !wal.ValidPageSize(img.PageSize) || img.Pages == 0:
 		return fmt.Errorf("%w: snapshot of %d pages of %d bytes", ErrPageSize, img.Pages, img.PageSize)
 	case img.Version < r.version:
 		return fmt.Errorf("%w: snapshot of version %d would take the replica back from %d", ErrVersion, img.Version, r.version)
@@ -95,5 +95,3 @@ func readImage(img SnapshotImage, fn func(first uint32, chunk []byte) error) err
 	}
 	return nil
 }
-
-func validPageSize(ps uint32) bool { return ps >= 512 && ps <= 65536 && ps&(ps-1) == 0 }

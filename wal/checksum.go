@@ -33,8 +33,8 @@ func Checksum(bigEndian bool, b []byte, s0, s1 uint32) (uint32, uint32) {
 	return s0, s1
 }
 
-// validPageSize reports whether p is a page size SQLite accepts: a power of
+// ValidPageSize reports whether p is a page size SQLite accepts: a power of
 // two from 512 to 65536.
-func validPageSize(p uint32) bool {
+func ValidPageSize(p uint32) bool {
 	return p >= 512 && p <= 65536 && p&(p-1) == 0
 }

@@ -65,7 +65,7 @@ func DecodeHeader(b []byte) (Header, error) {
 	if h.Version != FormatVersion {
 		return Header{}, fmt.Errorf("wal header: unknown format version %d: %w", h.Version, ErrCorrupt)
 	}
-	if !validPageSize(h.PageSize) {
+	if !ValidPageSize(h.PageSize) {
 		return Header{}, fmt.Errorf("wal header: invalid page size %d: %w", h.PageSize, ErrCorrupt)
 	}
 	s0, s1 := Checksum(h.BigEndianChecksum(), b[:24], 0, 0)
@@ -139,7 +139,7 @@ func (c Chain) FrameSize() int { return FrameHeaderSize + c.PageSize }
 // caller at the last valid one. Short input yields ErrTruncated, anything
 // else invalid ErrCorrupt.
 func (c Chain) Next(frame []byte) (FrameHeader, []byte, Chain, error) {
-	if c.PageSize < 512 || c.PageSize > 65536 || !validPageSize(uint32(c.PageSize)) {
+	if c.PageSize < 512 || c.PageSize > 65536 || !ValidPageSize(uint32(c.PageSize)) {
 		return FrameHeader{}, nil, c, fmt.Errorf("wal frame: chain has invalid page size %d: %w", c.PageSize, ErrCorrupt)
 	}
 	size := c.FrameSize()

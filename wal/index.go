@@ -100,7 +100,7 @@ func DecodeIndex(b []byte) (IndexHeader, CheckpointInfo, error) {
 	// wal.c decodes szPage as (v&0xfe00) + ((v&1)<<16); anything that does
 	// not re-encode to itself was not written by SQLite.
 	pageSize := (sz & 0xfe00) + (sz&1)<<16
-	if encodeIndexPageSize(pageSize) != uint16(sz) || (pageSize != 0 && !validPageSize(pageSize)) {
+	if encodeIndexPageSize(pageSize) != uint16(sz) || (pageSize != 0 && !ValidPageSize(pageSize)) {
 		return IndexHeader{}, CheckpointInfo{}, fmt.Errorf("wal-index: invalid page size field %#x: %w", sz, ErrCorrupt)
 	}
 	h := IndexHeader{

@@ -49,7 +49,7 @@ func (ps *PageSet) Validate() error {
 	if ps.Flags&^knownFlags != 0 {
 		return fmt.Errorf("page set: unknown flags %#x: %w", ps.Flags&^knownFlags, ErrInvalid)
 	}
-	if !validPageSize(ps.PageSize) {
+	if !ValidPageSize(ps.PageSize) {
 		return fmt.Errorf("page set: invalid page size %d: %w", ps.PageSize, ErrInvalid)
 	}
 	var prev uint32
@@ -205,7 +205,7 @@ func DecodePageSet(b []byte, lim Limits) (*PageSet, error) {
 		PostChecksum: le.Uint64(b[34:]),
 	}
 	nPages := le.Uint32(b[42:])
-	if !validPageSize(ps.PageSize) {
+	if !ValidPageSize(ps.PageSize) {
 		// Checked before the size computation, which depends on it.
 		return nil, fmt.Errorf("page set: invalid page size %d: %w", ps.PageSize, ErrCorrupt)
 	}
