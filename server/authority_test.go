@@ -18,7 +18,7 @@ var errFail = errors.New("the mutator refused")
 
 // testRegistry is the demo registry plus a mutator that always fails after
 // writing, so a test sees whether its write is rolled back.
-func testRegistry(t *testing.T) *mutators.Registry {
+func testRegistry(t testing.TB) *mutators.Registry {
 	t.Helper()
 	reg := mutators.NewRegistry()
 	if err := mutators.RegisterDemo(reg); err != nil {

@@ -12,8 +12,8 @@ import (
 // the server's part of Mutate-to-confirmed (network both ways, the writer,
 // the commit's fsync, capture, encode, log).
 func BenchmarkPushAck(b *testing.B) {
-	srv, addr := benchServer(b)
-	c := openClientB(b, dialB(b, addr, srv.Fingerprint()), "lat")
+	srv, addr := testServer(b, b.TempDir(), nil)
+	c := benchClient(b, dial(b, addr, srv.Fingerprint()), "lat")
 	args := mutators.CategoryArgs("Food", 1)
 	var lat []time.Duration
 	b.ResetTimer()

@@ -21,7 +21,7 @@ import (
 
 // testServer starts a server on loopback with database "demo" (secret
 // "s3cret") and returns it and its address.
-func testServer(t *testing.T, dir string, tune func(*Config)) (*Server, string) {
+func testServer(t testing.TB, dir string, tune func(*Config)) (*Server, string) {
 	t.Helper()
 	ctx := context.Background()
 	cfg := Config{Dir: dir, Mutators: testRegistry(t), Setup: demoSetup, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
@@ -65,7 +65,7 @@ func newImage() *image {
 	return im
 }
 
-func (im *image) apply(t *testing.T, ev *protocol.EncodedVersion) {
+func (im *image) apply(t testing.TB, ev *protocol.EncodedVersion) {
 	t.Helper()
 	if ev.NeedsBase() && ev.BaseDBSize != uint32(len(im.pages)) {
 		t.Fatalf("version %d: base of %d pages, image has %d", ev.Version, ev.BaseDBSize, len(im.pages))
@@ -93,14 +93,14 @@ func (im *image) apply(t *testing.T, ev *protocol.EncodedVersion) {
 
 // client is a raw protocol client on one stream.
 type client struct {
-	t      *testing.T
+	t      testing.TB
 	conn   *quic.Conn
 	stream *quic.Stream
 	r      *protocol.Reader
 	im     *image
 }
 
-func dial(t *testing.T, addr, fingerprint string) *quic.Conn {
+func dial(t testing.TB, addr, fingerprint string) *quic.Conn {
 	t.Helper()
 	tlsConf, err := protocol.ClientTLS(fingerprint, "", "")
 	if err != nil {
@@ -116,7 +116,7 @@ func dial(t *testing.T, addr, fingerprint string) *quic.Conn {
 	return conn
 }
 
-func openClient(t *testing.T, conn *quic.Conn, hello protocol.Hello) (*client, protocol.Message) {
+func openClient(t testing.TB, conn *quic.Conn, hello protocol.Hello) (*client, protocol.Message) {
 	t.Helper()
 	stream, err := conn.OpenStreamSync(context.Background())
 	if err != nil {
@@ -202,7 +202,7 @@ func (c *client) push(ids ...uint64) {
 	}
 }
 
-func welcome(t *testing.T, m protocol.Message) *protocol.Welcome {
+func welcome(t testing.TB, m protocol.Message) *protocol.Welcome {
 	t.Helper()
 	w, ok := m.(*protocol.Welcome)
 	if !ok {
@@ -640,4 +640,53 @@ func checksumBefore(t *testing.T, srv *Server, v uint64) uint64 {
 		t.Fatal(err)
 	}
 	return ev.PreChecksum
+}
+
+// TestLimits: a client beyond its in-flight mutations is refused with
+// CodeTooManyPending and nothing is applied; a connection beyond the
+// per-address limit is closed with CodeTooManyConns, and the first one
+// goes on.
+func TestLimits(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.MaxInFlight = 2; c.MaxConnsPerAddr = 1 })
+	a := srv.Authority("demo")
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "greedy", Credential: "s3cret"})
+	welcome(t, m)
+	c.push(1, 2, 3)
+	for {
+		if e, ok := c.read().(*protocol.Error); ok {
+			if e.Code != protocol.CodeTooManyPending {
+				t.Fatalf("over the in-flight limit: %v", e.Err())
+			}
+			break
+		}
+	}
+	if a.Version() != 1 || sumOf(t, a, "Food") != 0 {
+		t.Fatalf("a refused push changed the database: version %d", a.Version())
+	}
+
+	// A second connection from the same address.
+	tlsConf, _ := protocol.ClientTLS(srv.Fingerprint(), "", "")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var err error
+	if second, derr := quic.DialAddr(ctx, addr, tlsConf, protocol.QUICConfig()); derr != nil {
+		err = derr
+	} else {
+		defer second.CloseWithError(0, "")
+		var s *quic.Stream
+		if s, err = second.OpenStreamSync(ctx); err == nil {
+			protocol.WriteMessage(s, &protocol.Hello{Protocol: protocol.Version, Database: "demo", ClientID: "x", Credential: "s3cret"})
+			_, err = protocol.NewReader(s, protocol.DefaultLimits).Read()
+		}
+	}
+	var ae *quic.ApplicationError
+	if !errors.As(err, &ae) || ae.ErrorCode != quic.ApplicationErrorCode(protocol.CodeTooManyConns) {
+		t.Fatalf("a connection over the per-address limit: %v", err)
+	}
+	// The first connection still serves.
+	ok, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "fine", Credential: "s3cret"})
+	welcome(t, m)
+	ok.push(1)
+	ok.acked(1)
 }

@@ -15,13 +15,13 @@ import (
 // mutations in flight in pushes of 200; b.N mutations in all. The metric
 // is acknowledged mutations per second, group commit included.
 func BenchmarkServerThroughput(b *testing.B) {
-	srv, addr := benchServer(b)
+	srv, addr := testServer(b, b.TempDir(), nil)
 	const clients, batch, window = 10, 200, 2000
 	per := b.N/clients + 1
 	var cs []*client
 	for i := 0; i < clients; i++ {
-		conn := dialB(b, addr, srv.Fingerprint())
-		c := openClientB(b, conn, fmt.Sprintf("bench-%d", i))
+		conn := dial(b, addr, srv.Fingerprint())
+		c := benchClient(b, conn, fmt.Sprintf("bench-%d", i))
 		cs = append(cs, c)
 	}
 	b.ResetTimer()
