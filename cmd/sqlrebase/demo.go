@@ -185,6 +185,14 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 		tr.printf("server %s, database %s, fingerprint %s", remote.Addr, remote.Database, remote.Fingerprint)
 	}
 
+	// Each replica's own socket: on loopback for a server there, else on
+	// every interface.
+	bind := ":0"
+	if host, _, err := net.SplitHostPort(remote.Addr); err == nil {
+		if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
+			bind = "127.0.0.1:0"
+		}
+	}
 	var clients []*demoClient
 	defer func() {
 		for _, c := range clients {
@@ -194,13 +202,7 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 		}
 	}()
 	for _, spec := range cfg.Clients {
-		udp, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if remote.Addr != "" && !strings.HasPrefix(remote.Addr, "127.") && !strings.HasPrefix(remote.Addr, "localhost") {
-			if udp != nil {
-				udp.Close()
-			}
-			udp, err = net.ListenPacket("udp", ":0")
-		}
+		udp, err := net.ListenPacket("udp", bind)
 		if err != nil {
 			return demoResult{}, err
 		}
