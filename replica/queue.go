@@ -258,6 +258,14 @@ func (q *queue) nextID() uint64 {
 	return max(q.base, q.lastID) + 1
 }
 
+// settled returns the settled base: every id up to it is settled, and the
+// pending ones follow it without a gap.
+func (q *queue) settled() uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.base
+}
+
 // Append durably appends m, whose ID must be NextID(). The record goes out in
 // one write(2), so a crash leaves it whole or torn (and dropped on the next
 // open), never half-visible. If the write fails, memory is unchanged and the

@@ -742,9 +742,9 @@ func (r *Replica) Sync(ctx context.Context) error {
 		if r.closed.Load() {
 			return false
 		}
-		// Settled: nothing made up to last is still pending.
-		p := r.queue.Pending()
-		return r.files.Version() >= target && (len(p) == 0 || p[0].ID > last)
+		// Settled: nothing made up to last is still pending. (Pending ids
+		// follow the settled base without a gap.)
+		return r.files.Version() >= target && r.queue.settled() >= last
 	})
 }
 
