@@ -15,6 +15,50 @@ import (
 // savepoint engine: the two do not promise the same thing.
 const durabilityNote = "ours: queued and committed, survives kill -9 (Durability Normal); savepoint: nothing committed, lost on a crash"
 
+// perOp is a sampler that times ops mutations in a row, together (per-op
+// clock reads would be a noticeable part of a 20 µs op), and returns the
+// time of one; reset runs first, untimed, to clear what the previous
+// sample left pending.
+func perOp(ops int, mut func(i int) Mutation, fn func(Mutation) error, reset func() error) sampler {
+	return func(ctx context.Context) (time.Duration, error) {
+		if err := reset(); err != nil {
+			return 0, err
+		}
+		d, err := timed(func() error {
+			for i := range ops {
+				if err := fn(mut(i)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		return d / time.Duration(ops), err
+	}
+}
+
+// mutateSamplers are perOp samplers of local mutations on ours (which
+// pushes and rebases away its own pending work before each sample) and on
+// the savepoint engine (whose server acknowledges its own). mutO and mutB
+// give each engine its sequence. flush clears the last sample's pending
+// work on both.
+func mutateSamplers(ctx context.Context, ops int, o *ours, b *baseline, mutO, mutB func(i int) Mutation) (oursS, spS sampler, flush func() error) {
+	var unacked []Mutation
+	ackB := func() error {
+		err := b.ackAll(ctx, unacked)
+		unacked = unacked[:0]
+		return err
+	}
+	oursS = perOp(ops, mutO, func(m Mutation) error { return o.mutate(ctx, m) }, func() error { return o.pushOwn(ctx) })
+	spS = perOp(ops, mutB, func(m Mutation) error { unacked = append(unacked, m); return b.mutate(ctx, m) }, ackB)
+	flush = func() error {
+		if err := o.pushOwn(ctx); err != nil {
+			return err
+		}
+		return ackB()
+	}
+	return oursS, spS, flush
+}
+
 // runMutate times one local mutation: ours against the savepoint engine,
 // and ours against plain go-sqlite3 doing the same write.
 func runMutate(ctx context.Context, env *Env) ([]Result, error) {
@@ -49,34 +93,9 @@ func runMutate(ctx context.Context, env *Env) ([]Result, error) {
 		}
 		defer p.close()
 
-		// One sample is MutateOps mutations in a row, timed together
-		// (per-op clock reads would be a noticeable part of a 20 µs op);
-		// set-up first clears what the previous sample left pending.
 		ops := max(1, cfg.MutateOps)
-		perOp := func(fn func(Mutation) error, reset func() error) sampler {
-			return func(ctx context.Context) (time.Duration, error) {
-				if err := reset(); err != nil {
-					return 0, err
-				}
-				d, err := timed(func() error {
-					for i := range ops {
-						if err := fn(w.mut(i)); err != nil {
-							return err
-						}
-					}
-					return nil
-				})
-				return d / time.Duration(ops), err
-			}
-		}
-		var bPending []Mutation
-		oursS := perOp(func(m Mutation) error { return o.mutate(ctx, m) }, func() error { return o.pushOwn(ctx) })
-		spS := perOp(func(m Mutation) error { bPending = append(bPending, m); return b.mutate(ctx, m) }, func() error {
-			err := b.ackAll(ctx, bPending)
-			bPending = nil
-			return err
-		})
-		plainS := perOp(func(m Mutation) error { return p.mutate(ctx, m) }, func() error { return nil })
+		oursS, spS, _ := mutateSamplers(ctx, ops, o, b, w.mut, w.mut)
+		plainS := perOp(ops, w.mut, func(m Mutation) error { return p.mutate(ctx, m) }, func() error { return nil })
 
 		a, s, err := measurePair(ctx, cfg.Runs, 1, "µs", oursS, spS)
 		if err != nil {
@@ -111,31 +130,8 @@ func runMutate(ctx context.Context, env *Env) ([]Result, error) {
 		return Mutation{CounterAdd, mustJSON(CounterArgs{ID: int64(i%16 + 1), Delta: 1})}
 	}
 	a, s, err := measurePair(ctx, cfg.Runs, 1, "µs",
-		func(ctx context.Context) (time.Duration, error) {
-			if err := o.pushOwn(ctx); err != nil {
-				return 0, err
-			}
-			d, err := timed(func() error {
-				for i := range ops {
-					if err := o.mutate(ctx, mut(i)); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-			return d / time.Duration(ops), err
-		},
-		func(ctx context.Context) (time.Duration, error) {
-			d, err := timed(func() error {
-				for i := range ops {
-					if err := p.mutate(ctx, mut(i)); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-			return d / time.Duration(ops), err
-		})
+		perOp(ops, mut, func(m Mutation) error { return o.mutate(ctx, m) }, func() error { return o.pushOwn(ctx) }),
+		perOp(ops, mut, func(m Mutation) error { return p.mutate(ctx, m) }, func() error { return nil }))
 	if err != nil {
 		return nil, fmt.Errorf("mutate, durability Full: %w", err)
 	}
@@ -426,47 +422,14 @@ func runTodo(ctx context.Context, env *Env) ([]Result, error) {
 	// Mutate: the same sequence on both engines.
 	ops := max(1, cfg.MutateOps)
 	genO, genB := newTodoGen(1, 1_000_000), newTodoGen(1, 1_000_000)
-	var bPending []Mutation
-	a, s, err := measurePair(ctx, cfg.Runs, 1, "µs",
-		func(ctx context.Context) (time.Duration, error) {
-			if err := o.pushOwn(ctx); err != nil {
-				return 0, err
-			}
-			d, err := timed(func() error {
-				for range ops {
-					if err := o.mutate(ctx, genO.next()); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-			return d / time.Duration(ops), err
-		},
-		func(ctx context.Context) (time.Duration, error) {
-			if err := b.ackAll(ctx, bPending); err != nil {
-				return 0, err
-			}
-			bPending = bPending[:0]
-			d, err := timed(func() error {
-				for range ops {
-					m := genB.next()
-					bPending = append(bPending, m)
-					if err := b.mutate(ctx, m); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-			return d / time.Duration(ops), err
-		})
+	oursS, spS, flush := mutateSamplers(ctx, ops, o, b,
+		func(int) Mutation { return genO.next() }, func(int) Mutation { return genB.next() })
+	a, s, err := measurePair(ctx, cfg.Runs, 1, "µs", oursS, spS)
 	if err != nil {
 		return nil, err
 	}
 	out = append(out, pairResult("workload", label("mutate", "todo"), nil, "µs", "ours", a, "savepoint", s, durabilityNote))
-	if err := o.pushOwn(ctx); err != nil {
-		return nil, err
-	}
-	if err := b.ackAll(ctx, bPending); err != nil {
+	if err := flush(); err != nil {
 		return nil, err
 	}
 
@@ -554,47 +517,14 @@ func sizeSeries(ctx context.Context, env *Env, o *ours, b *baseline, mb int) ([]
 		return p
 	}
 	ops := max(1, cfg.MutateOps)
-	var bPending []Mutation
-	a, s, err := measurePair(ctx, cfg.Runs, 1, "µs",
-		func(ctx context.Context) (time.Duration, error) {
-			if err := o.pushOwn(ctx); err != nil {
-				return 0, err
-			}
-			d, err := timed(func() error {
-				for i := range ops {
-					if err := o.mutate(ctx, demoMutation(fmt.Sprintf("size-%d", i%50), 1)); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-			return d / time.Duration(ops), err
-		},
-		func(ctx context.Context) (time.Duration, error) {
-			if err := b.ackAll(ctx, bPending); err != nil {
-				return 0, err
-			}
-			bPending = bPending[:0]
-			d, err := timed(func() error {
-				for i := range ops {
-					m := demoMutation(fmt.Sprintf("size-%d", i%50), 1)
-					bPending = append(bPending, m)
-					if err := b.mutate(ctx, m); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-			return d / time.Duration(ops), err
-		})
+	mut := func(i int) Mutation { return demoMutation(fmt.Sprintf("size-%d", i%50), 1) }
+	oursS, spS, flush := mutateSamplers(ctx, ops, o, b, mut, mut)
+	a, s, err := measurePair(ctx, cfg.Runs, 1, "µs", oursS, spS)
 	if err != nil {
 		return nil, err
 	}
 	out := []Result{pairResult("size", label("mutate", "seed", sizeLabel), params(), "µs", "ours", a, "savepoint", s, durabilityNote)}
-	if err := o.pushOwn(ctx); err != nil {
-		return nil, err
-	}
-	if err := b.ackAll(ctx, bPending); err != nil {
+	if err := flush(); err != nil {
 		return nil, err
 	}
 	const n = 100
@@ -607,7 +537,7 @@ func sizeSeries(ctx context.Context, env *Env, o *ours, b *baseline, mb int) ([]
 			return nil, err
 		}
 	}
-	oursS, spS := rebaseSamplers(o, b, 1, serverMuts)
+	oursS, spS = rebaseSamplers(o, b, 1, serverMuts)
 	a, s, err = measurePair(ctx, cfg.Runs, cfg.iters(n), "ms", oursS, spS)
 	if err != nil {
 		return nil, err
