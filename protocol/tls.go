@@ -156,9 +156,11 @@ func LoadOrCreateCertificate(certFile, keyFile string, hosts []string) (cert tls
 
 // QUICConfig is the QUIC configuration both ends use: keepalives well inside
 // the idle timeout, so that an idle but healthy session stays up and a dead
-// peer is noticed within the timeout; and a handshake timeout long enough
-// for a slow link (quic-go's default of 5 s fails below a 2.5 s one-way
-// latency, which the seed scenario's client1 has).
+// peer is noticed within the timeout. The handshake timeout is the server's:
+// generous, so that a client on a slow link (the seed scenario's client1 has
+// 3 s each way) is not turned away. A client dials with the timeout of its
+// own link (replica.TransportOptions.HandshakeTimeout): a handshake whose
+// server died half way is abandoned only when it runs out.
 func QUICConfig() *quic.Config {
 	return &quic.Config{
 		HandshakeIdleTimeout:  20 * time.Second,

@@ -42,9 +42,6 @@ const (
 	// connectTimeout bounds a dial and the stream opening; QUIC's own
 	// handshake timeout is shorter, this only guards the whole.
 	connectTimeout = 30 * time.Second
-	// welcomeTimeout bounds the wait for the answer to Hello: a server that
-	// accepts streams but never answers must not hold a replica forever.
-	welcomeTimeout = 30 * time.Second
 	// stableSession is how long a welcomed session must last for the next
 	// reconnect to start again from the shortest backoff; a server that
 	// welcomes and then fails at once is retried ever more slowly.
@@ -302,7 +299,11 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 		return false, fmt.Errorf("send hello to %s: %w", n.remote.Addr, err)
 	}
 
-	w, err := awaitWelcome(sctx, in)
+	// The answer to Hello is one more round trip of the link: wait for it as
+	// long as for the QUIC handshake. A server that died after the
+	// handshake sends no stateless reset to a client that only waits, so
+	// this, not the 20 s idle timeout, is when the replica tries again.
+	w, err := awaitWelcome(sctx, in, n.transport.handshakeTimeout())
 	if err != nil {
 		return false, err
 	}
@@ -351,8 +352,8 @@ func cancelStream(s *quic.Stream) {
 }
 
 // awaitWelcome reads the answer to Hello.
-func awaitWelcome(ctx context.Context, in *inbox) (*protocol.Welcome, error) {
-	t := time.NewTimer(welcomeTimeout)
+func awaitWelcome(ctx context.Context, in *inbox, timeout time.Duration) (*protocol.Welcome, error) {
+	t := time.NewTimer(timeout)
 	defer t.Stop()
 	var m protocol.Message
 	select {
@@ -366,7 +367,7 @@ func awaitWelcome(ctx context.Context, in *inbox) (*protocol.Welcome, error) {
 			return nil, fmt.Errorf("waiting for welcome: %w", err)
 		}
 	case <-t.C:
-		return nil, fmt.Errorf("%w within %v", errNoWelcome, welcomeTimeout)
+		return nil, fmt.Errorf("%w within %v", errNoWelcome, timeout)
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}

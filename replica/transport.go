@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
@@ -93,6 +94,11 @@ type TransportOptions struct {
 	PacketConn net.PacketConn
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// HandshakeTimeout bounds a connection attempt's QUIC handshake and the
+	// wait for the server's Welcome (default 5 s). An attempt on a server
+	// that died half way waits this long before the next one; raise it only
+	// for links slower than about 2 s each way.
+	HandshakeTimeout time.Duration
 }
 
 // Transport owns one QUIC endpoint (one UDP socket) and at most one QUIC
@@ -109,6 +115,17 @@ type Transport struct {
 	own    net.PacketConn  // the socket we created, if any
 	peers  map[string]*peer
 	closed bool
+}
+
+// defaultHandshakeTimeout is quic-go's own default.
+const defaultHandshakeTimeout = 5 * time.Second
+
+// handshakeTimeout is HandshakeTimeout or its default.
+func (t *Transport) handshakeTimeout() time.Duration {
+	if t.opts.HandshakeTimeout > 0 {
+		return t.opts.HandshakeTimeout
+	}
+	return defaultHandshakeTimeout
 }
 
 // ErrTransportClosed is returned by a closed Transport.
@@ -255,7 +272,9 @@ func (p *peer) connection(ctx context.Context) (*quic.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("resolve %s: %w", p.addr, err)
 	}
-	c, err = qt.Dial(ctx, addr, p.tls, protocol.QUICConfig())
+	cfg := protocol.QUICConfig()
+	cfg.HandshakeIdleTimeout = p.t.handshakeTimeout()
+	c, err = qt.Dial(ctx, addr, p.tls, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", p.addr, err)
 	}

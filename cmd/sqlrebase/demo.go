@@ -207,7 +207,8 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 			return demoResult{}, err
 		}
 		c := &demoClient{spec: spec, conn: newLatencyConn(udp, scale(spec.Latency))}
-		c.tp = replica.NewTransport(replica.TransportOptions{PacketConn: c.conn, Logger: cfg.Logger})
+		// A handshake takes two round trips of this link.
+		c.tp = replica.NewTransport(replica.TransportOptions{PacketConn: c.conn, Logger: cfg.Logger, HandshakeTimeout: 4*scale(spec.Latency) + 5*time.Second})
 		rm := *remote
 		rm.Transport = c.tp
 		c.r, err = replica.Open(ctx, filepath.Join(cfg.Dir, spec.Name+".db"), replica.Options{Mutators: reg, Logger: cfg.Logger, Remote: &rm})
