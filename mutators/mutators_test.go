@@ -113,6 +113,7 @@ func TestRunWrapsMutatorError(t *testing.T) {
 	})
 	r.MustRegister("panics", func(context.Context, mutators.Tx, json.RawMessage) error {
 		var m map[string]int
+		//lint:ignore SA5000 the mutator panics on purpose: the test checks that Run recovers
 		m["x"] = 1 // nil map write
 		return nil
 	})
