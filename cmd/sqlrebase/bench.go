@@ -35,7 +35,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	jsonPath := fs.String("json", "", "write the results as JSON to `FILE`")
 	csvPath := fs.String("csv", "", "write the results as CSV to `FILE`")
 	mdPath := fs.String("markdown", "", "write the results as Markdown tables to `FILE`")
-	svgPath := fs.String("svg", "bench-rebase.svg", "write the chart of rebase latency against pending depth to `FILE` (.svg, .png or .pdf; empty: no chart)")
+	svgPath := fs.String("svg", "", "write the chart of rebase latency against pending depth to `FILE` (.svg, .png or .pdf; default: no chart)")
 	dir := fs.String("dir", "", "keep the databases under `DIR` (default: a temporary directory, removed at the end)")
 	huge := fs.Bool("huge", false, "add a 1 GB database to the size series (full suite only; several more minutes and GBs of disk)")
 	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability)")

@@ -393,5 +393,9 @@ func TestDemoAgainstServe(t *testing.T) {
 		if code == 0 || !strings.Contains(errOut, c.says) {
 			t.Errorf("%s: exit %d, stderr %q, stdout:\n%s", c.name, code, errOut, out)
 		}
+		// Said once, as the demo's last line: not also by each replica's log.
+		if n := strings.Count(errOut, c.says); c.says == "unauthorized" && n != 1 {
+			t.Errorf("%s: stderr says %q %d times, want once:\n%s", c.name, c.says, n, errOut)
+		}
 	}
 }

@@ -211,7 +211,10 @@ func runDemo(ctx context.Context, cfg demoConfig, out io.Writer) (demoResult, er
 		c.tp = replica.NewTransport(replica.TransportOptions{PacketConn: c.conn, Logger: cfg.Logger, HandshakeTimeout: 4*scale(spec.Latency) + 5*time.Second})
 		rm := *remote
 		rm.Transport = c.tp
-		c.r, err = replica.Open(ctx, filepath.Join(cfg.Dir, spec.Name+".db"), replica.Options{Mutators: reg, Logger: cfg.Logger, Remote: &rm})
+		// A fatal refusal (a wrong token) is the demo's own last line: the
+		// replicas need not log it three times before that.
+		quiet := slog.New(withoutMessage{cfg.Logger.Handler(), "sqlrebase: sync stopped"})
+		c.r, err = replica.Open(ctx, filepath.Join(cfg.Dir, spec.Name+".db"), replica.Options{Mutators: reg, Logger: quiet, Remote: &rm})
 		if err != nil {
 			c.tp.Close()
 			c.conn.Close()
@@ -554,4 +557,25 @@ func freshDir(dir string) error {
 		return fmt.Errorf("--data %s is not empty: the demo starts from fresh databases; use a new directory", dir)
 	}
 	return nil
+}
+
+// withoutMessage is a slog handler that drops the records with one message.
+type withoutMessage struct {
+	slog.Handler
+	msg string
+}
+
+func (h withoutMessage) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == h.msg {
+		return nil
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h withoutMessage) WithAttrs(as []slog.Attr) slog.Handler {
+	return withoutMessage{h.Handler.WithAttrs(as), h.msg}
+}
+
+func (h withoutMessage) WithGroup(name string) slog.Handler {
+	return withoutMessage{h.Handler.WithGroup(name), h.msg}
 }

@@ -161,3 +161,21 @@ func (l *latencyConn) Close() error {
 	})
 	return err
 }
+
+// SetReadBuffer and SetWriteBuffer pass quic-go's socket buffer sizing on to
+// the real UDP socket. Without them quic-go cannot size the buffers of a
+// wrapped socket and logs its "Not a *net.UDPConn?" warning on every run.
+func (l *latencyConn) SetReadBuffer(n int) error {
+	if c, ok := l.PacketConn.(interface{ SetReadBuffer(int) error }); ok {
+		return c.SetReadBuffer(n)
+	}
+	return nil
+}
+
+// SetWriteBuffer: see SetReadBuffer.
+func (l *latencyConn) SetWriteBuffer(n int) error {
+	if c, ok := l.PacketConn.(interface{ SetWriteBuffer(int) error }); ok {
+		return c.SetWriteBuffer(n)
+	}
+	return nil
+}
