@@ -308,28 +308,12 @@ func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	reg := mutators.NewRegistry()
-	if err := mutators.RegisterDemo(reg); err != nil {
-		return Percentiles{}, err
-	}
-	srv, err := server.Open(ctx, server.Config{Dir: filepath.Join(cfg.Dir, "server"), Mutators: reg, Logger: cfg.Logger, MaxConnsPerAddr: cfg.Replicas + 8,
-		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.Exec(mutators.DemoSchema); return err }})
+	srv, addr, err := startBenchServer(ctx, filepath.Join(cfg.Dir, "server"), cfg.Logger, cfg.Replicas)
 	if err != nil {
 		return Percentiles{}, err
 	}
 	defer srv.Close()
-	if err := srv.AddDatabase(ctx, "bench", "bench-secret"); err != nil {
-		return Percentiles{}, err
-	}
-	addr, err := srv.Listen(ctx, "127.0.0.1:0")
-	if err != nil {
-		return Percentiles{}, err
-	}
 	auth := srv.Authority("bench")
-	tlsConf, err := protocol.ClientTLS(srv.Fingerprint(), "", "")
-	if err != nil {
-		return Percentiles{}, err
-	}
 	type sub struct {
 		conn *quic.Conn
 		got  chan uint64
@@ -341,29 +325,13 @@ func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
 		}
 	}()
 	for i := 0; i < cfg.Replicas; i++ {
-		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		conn, err := quic.DialAddr(dctx, addr, tlsConf, protocol.QUICConfig())
+		pc, err := dialProtocolClient(ctx, srv, addr, fmt.Sprintf("sub-%d", i))
 		if err != nil {
-			cancel()
-			return Percentiles{}, fmt.Errorf("delivery bench: dial: %w", err)
+			return Percentiles{}, fmt.Errorf("delivery bench: %w", err)
 		}
-		stream, err := conn.OpenStreamSync(dctx)
-		cancel()
-		if err != nil {
-			return Percentiles{}, err
-		}
-		s := &sub{conn: conn, got: make(chan uint64, 1024)}
+		s := &sub{conn: pc.conn, got: make(chan uint64, 1024)}
 		subs = append(subs, s)
-		hello := &protocol.Hello{Protocol: protocol.Version, Database: "bench", ClientID: fmt.Sprintf("sub-%d", i), Credential: "bench-secret", Version: auth.Version(), Checksum: auth.Checksum()}
-		if err := protocol.WriteMessage(stream, hello); err != nil {
-			return Percentiles{}, err
-		}
-		r := protocol.NewReader(stream, protocol.DefaultLimits)
-		if m, err := r.Read(); err != nil {
-			return Percentiles{}, err
-		} else if _, ok := m.(*protocol.Welcome); !ok {
-			return Percentiles{}, fmt.Errorf("delivery bench: got %T, want a welcome", m)
-		}
+		r := pc.r
 		go func() {
 			for {
 				m, err := r.Read()
@@ -406,4 +374,75 @@ func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
 		}
 	}
 	return percentiles(lat), nil
+}
+
+// protocolClient is a bare protocol session, standing in for a replica
+// where the bench measures the server alone.
+type protocolClient struct {
+	conn   *quic.Conn
+	stream *quic.Stream
+	r      *protocol.Reader
+}
+
+// dialProtocolClient opens a QUIC connection of its own to the bench
+// server, says Hello to database "bench" as clientID at the server's
+// current version, and reads the Welcome.
+func dialProtocolClient(ctx context.Context, srv *server.Server, addr, clientID string) (*protocolClient, error) {
+	tlsConf, err := protocol.ClientTLS(srv.Fingerprint(), "", "")
+	if err != nil {
+		return nil, err
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, err := quic.DialAddr(dctx, addr, tlsConf, protocol.QUICConfig())
+	if err != nil {
+		return nil, fmt.Errorf("dial: %w", err)
+	}
+	stream, err := conn.OpenStreamSync(dctx)
+	if err != nil {
+		conn.CloseWithError(0, "")
+		return nil, err
+	}
+	auth := srv.Authority("bench")
+	hello := &protocol.Hello{Protocol: protocol.Version, Database: "bench", ClientID: clientID, Credential: "bench-secret", Version: auth.Version(), Checksum: auth.Checksum()}
+	if err := protocol.WriteMessage(stream, hello); err != nil {
+		conn.CloseWithError(0, "")
+		return nil, err
+	}
+	r := protocol.NewReader(stream, protocol.DefaultLimits)
+	m, err := r.Read()
+	if err == nil {
+		if _, ok := m.(*protocol.Welcome); !ok {
+			err = fmt.Errorf("got %T, want a welcome", m)
+		}
+	}
+	if err != nil {
+		conn.CloseWithError(0, "")
+		return nil, err
+	}
+	return &protocolClient{conn: conn, stream: stream, r: r}, nil
+}
+
+// startBenchServer starts a server on a loopback port with the demo
+// mutators and one database, "bench", for protocol clients.
+func startBenchServer(ctx context.Context, dir string, log *slog.Logger, clients int) (*server.Server, string, error) {
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		return nil, "", err
+	}
+	srv, err := server.Open(ctx, server.Config{Dir: dir, Mutators: reg, Logger: log, MaxConnsPerAddr: clients + 8,
+		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.Exec(mutators.DemoSchema); return err }})
+	if err != nil {
+		return nil, "", err
+	}
+	if err := srv.AddDatabase(ctx, "bench", "bench-secret"); err != nil {
+		srv.Close()
+		return nil, "", err
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		srv.Close()
+		return nil, "", err
+	}
+	return srv, addr, nil
 }

@@ -48,3 +48,22 @@ func TestRunDelivery(t *testing.T) {
 		t.Fatalf("percentiles %+v", p)
 	}
 }
+
+// TestRunThroughput runs the throughput section small: every mutation must
+// be acknowledged, and group commit must make fewer versions than
+// mutations when several clients push windows of them.
+func TestRunThroughput(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res, err := RunThroughput(ctx, ThroughputConfig{Dir: t.TempDir(), Clients: 3, Mutations: 500, Batch: 50, Window: 200})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.PerSecond <= 0 || res.Versions == 0 || res.Versions >= 1500 {
+		t.Fatalf("result %+v: want every mutation acknowledged in fewer versions than mutations", res)
+	}
+	rate, err := RunSQLiteRate(ctx, t.TempDir(), 1000)
+	if err != nil || rate <= 0 {
+		t.Fatalf("SQLite rate %v, %v", rate, err)
+	}
+}

@@ -16,12 +16,13 @@ import (
 )
 
 // e2eSections are the end-to-end benchmark sections: a server and replicas
-// talking QUIC on loopback, with 1 and 10 replicas (quick) or 1, 10 and 100.
+// talking QUIC on loopback: the server's throughput against SQLite's own rate,
+// then latency and fan-out with 1 and 10 replicas (quick) or 1, 10 and 100.
 func e2eSections(quick bool) []bench.Section {
 	if quick {
-		return []bench.Section{bench.NetworkSection([]int{1, 10}, 30)}
+		return []bench.Section{bench.ThroughputSection(10, 2000), bench.NetworkSection([]int{1, 10}, 30)}
 	}
-	return []bench.Section{bench.NetworkSection([]int{1, 10, 100}, 100)}
+	return []bench.Section{bench.ThroughputSection(10, 10000), bench.NetworkSection([]int{1, 10, 100}, 100)}
 }
 
 // cmdBench is the bench subcommand: the suite of package bench, our engine
@@ -38,7 +39,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	svgPath := fs.String("svg", "", "write the chart of rebase latency against pending depth to `FILE` (.svg, .png or .pdf; default: no chart)")
 	dir := fs.String("dir", "", "keep the databases under `DIR` (default: a temporary directory, removed at the end)")
 	huge := fs.Bool("huge", false, "add a 1 GB database to the size series (full suite only; several more minutes and GBs of disk)")
-	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability)")
+	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability; with --e2e also throughput,network)")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
 	e2e := fs.Bool("e2e", false, "also run the end-to-end sections over QUIC on loopback (Mutate to confirmed, fan-out, bytes on the wire)")
 	child := fs.String("child", "", "internal: run one child of the suite (peak RSS, kill -9) from its JSON `spec`")
@@ -97,10 +98,6 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	}
 	if *e2e {
 		extra := e2eSections(*quick)
-		if len(extra) == 0 {
-			fmt.Fprintln(stderr, "sqlrebase bench: --e2e needs the network server (issue 3), which is not in this build; no end-to-end numbers yet")
-			return 2
-		}
 		cfg.Sections = append(cfg.Sections, extra...)
 		for _, s := range extra {
 			if len(cfg.Only) > 0 {
