@@ -258,34 +258,76 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float
 func NetworkSection(replicas []int, samples int) Section {
 	return Section{Name: "network", Run: func(ctx context.Context, env *Env) ([]Result, error) {
 		var out []Result
+		msf := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 		for _, n := range replicas {
-			var c50, c99, f50, f99, d50, d99, wire, whole []float64
+			var c50, c99, f50, f99, floor, wire, whole []float64
 			for run := 0; run < max(1, env.Config.Runs); run++ {
 				env.Progress("network: %d replicas, run %d", n, run+1)
 				res, err := RunNetwork(ctx, NetworkConfig{Dir: filepath.Join(env.Dir, fmt.Sprintf("n%d-r%d", n, run)), Replicas: n, Samples: samples})
 				if err != nil {
 					return nil, err
 				}
-				msf := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-				c50, c99 = append(c50, msf(res.Confirm.P50)), append(c99, msf(res.Confirm.P99))
-				f50, f99 = append(f50, msf(res.Fanout.P50)), append(f99, msf(res.Fanout.P99))
-				wire, whole = append(wire, float64(res.WireBytes)), append(whole, float64(res.WholeBytes))
-				del, err := RunDelivery(ctx, NetworkConfig{Dir: filepath.Join(env.Dir, fmt.Sprintf("d%d-r%d", n, run)), Replicas: n, Samples: samples})
+				fl, err := RunConfirmFloor(ctx, filepath.Join(env.Dir, fmt.Sprintf("n%d-r%d", n, run)), samples)
 				if err != nil {
 					return nil, err
 				}
-				d50, d99 = append(d50, msf(del.P50)), append(d99, msf(del.P99))
+				c50, c99 = append(c50, msf(res.Confirm.P50)), append(c99, msf(res.Confirm.P99))
+				f50, f99 = append(f50, msf(res.Fanout.P50)), append(f99, msf(res.Fanout.P99))
+				floor = append(floor, msf(fl.Total()))
+				wire, whole = append(wire, float64(res.WireBytes)), append(whole, float64(res.WholeBytes))
 			}
 			params := map[string]int{"clients": n}
 			out = append(out,
 				spreadResult("network", fmt.Sprintf("Mutate to confirmed, %d replicas connected", n), params, "ms", c50, c99,
 					"over QUIC on loopback: the server ran it and the replica rebased on the version holding it"),
+				pairResult("network", fmt.Sprintf("Mutate to confirmed p50 against its floor, %d replicas", n), params, "ms", "ours", c50, "floor", floor,
+					"the floor: one fsync of a page plus one loopback QUIC round trip of 100 B, measured in the same run"),
 				spreadResult("network", fmt.Sprintf("fan-out of a version to %d replicas", n), params, "ms", f50, f99,
 					"from the server's commit until every replica has rebased on it, all in this process on the same cores"),
-				spreadResult("network", fmt.Sprintf("fan-out delivered to %d subscribers", n), params, "ms", d50, d99,
-					"from the server's commit until every subscriber (a protocol client that only reads) has the version: the server and QUIC alone"),
 				pairResult("network", fmt.Sprintf("one-row update on the wire, %d replicas", n), params, "B", "ours", wire, "whole pages", whole,
 					"zstd with the replica's old pages as dictionary, against the same pages sent whole (SQLSync, libSQL)"),
+			)
+		}
+		return out, nil
+	}}
+}
+
+// FanoutSection is our server's fan-out of a one-row update to protocol
+// subscribers (the server and QUIC alone) against a bare quic-go broadcast of
+// a message of the same size over the same TLS and QUIC settings, at each
+// count of subscribers, interleaved run by run: latency, and deliveries per
+// CPU-second of the process (server and subscribers).
+func FanoutSection(subscribers []int, samples int) Section {
+	return Section{Name: "fanout", Run: func(ctx context.Context, env *Env) ([]Result, error) {
+		var out []Result
+		msf := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+		for _, n := range subscribers {
+			var o50, o99, b50, b99, ocpu, bcpu, make50, make99 []float64
+			for run := 0; run < max(1, env.Config.Runs); run++ {
+				env.Progress("fanout: %d subscribers, run %d", n, run+1)
+				dir := filepath.Join(env.Dir, fmt.Sprintf("fan%d-r%d", n, run))
+				ours, err := RunDelivery(ctx, NetworkConfig{Dir: dir, Replicas: n, Samples: samples})
+				if err != nil {
+					return nil, err
+				}
+				bare, err := RunBareBroadcast(ctx, dir, n, samples, 63)
+				if err != nil {
+					return nil, err
+				}
+				o50, o99 = append(o50, msf(ours.Latency.P50)), append(o99, msf(ours.Latency.P99))
+				b50, b99 = append(b50, msf(bare.Latency.P50)), append(b99, msf(bare.Latency.P99))
+				ocpu, bcpu = append(ocpu, ours.PerCPUSecond), append(bcpu, bare.PerCPUSecond)
+				make50, make99 = append(make50, msf(ours.MakeVersion.P50)), append(make99, msf(ours.MakeVersion.P99))
+			}
+			params := map[string]int{"clients": n}
+			out = append(out,
+				pairResult("fanout", fmt.Sprintf("fan-out p50, %d subscribers", n), params, "ms", "ours", o50, "bare quic-go", b50,
+					"from the server's commit (ours; making the version included) or the first write (bare) until each subscriber has it"),
+				pairResult("fanout", fmt.Sprintf("fan-out p99, %d subscribers", n), params, "ms", "ours", o99, "bare quic-go", b99, ""),
+				pairResult("fanout", fmt.Sprintf("deliveries per CPU-second, %d subscribers", n), params, "1/s", "ours", ocpu, "bare quic-go", bcpu,
+					"server and subscribers share the process; higher is better"),
+				spreadResult("fanout", fmt.Sprintf("making the version, %d subscribers", n), params, "ms", make50, make99,
+					"commit with fsync, capture, checksum, encoding, change-log append and the offer to every queue: the part of our p50 bare has not"),
 			)
 		}
 		return out, nil
@@ -304,13 +346,22 @@ func spreadResult(section, label string, params map[string]int, unit string, p50
 // the time is from the server's commit of a one-row update until every
 // client has read it. With no rebase on the receiving side, this is what
 // the server and QUIC cost, which replicas on other machines would see.
-func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
+// DeliveryResult is what RunDelivery measured.
+type DeliveryResult struct {
+	BroadcastResult
+	// MakeVersion is the time to make each version: the commit with its
+	// fsync, capture, checksum, encoding and change-log append, until
+	// Exec returns (the broadcast to the subscribers' queues included).
+	MakeVersion Percentiles
+}
+
+func RunDelivery(ctx context.Context, cfg NetworkConfig) (DeliveryResult, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	srv, addr, err := startBenchServer(ctx, filepath.Join(cfg.Dir, "server"), cfg.Logger, cfg.Replicas)
 	if err != nil {
-		return Percentiles{}, err
+		return DeliveryResult{}, err
 	}
 	defer srv.Close()
 	auth := srv.Authority("bench")
@@ -327,7 +378,7 @@ func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
 	for i := 0; i < cfg.Replicas; i++ {
 		pc, err := dialProtocolClient(ctx, srv, addr, fmt.Sprintf("sub-%d", i))
 		if err != nil {
-			return Percentiles{}, fmt.Errorf("delivery bench: %w", err)
+			return DeliveryResult{}, fmt.Errorf("delivery bench: %w", err)
 		}
 		s := &sub{conn: pc.conn, got: make(chan uint64, 1024)}
 		subs = append(subs, s)
@@ -347,15 +398,17 @@ func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
 			}
 		}()
 	}
-	var lat []time.Duration
+	var lat, made []time.Duration
+	cpu0 := cpuTime()
 	for i := 0; i < cfg.Samples; i++ {
 		start := time.Now()
 		ps, err := auth.Exec(ctx, func(tx mutators.Tx) error {
 			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES ('Food', 1) ON CONFLICT(name) DO UPDATE SET count = count + 1`)
 			return err
 		})
+		made = append(made, time.Since(start))
 		if err != nil {
-			return Percentiles{}, err
+			return DeliveryResult{}, err
 		}
 		for j, s := range subs {
 			timeout := time.After(30 * time.Second)
@@ -363,17 +416,21 @@ func RunDelivery(ctx context.Context, cfg NetworkConfig) (Percentiles, error) {
 				select {
 				case v, ok := <-s.got:
 					if !ok {
-						return Percentiles{}, fmt.Errorf("delivery bench: subscriber %d's stream ended", j)
+						return DeliveryResult{}, fmt.Errorf("delivery bench: subscriber %d's stream ended", j)
 					}
 					reached = v >= ps.Version
 				case <-timeout:
-					return Percentiles{}, fmt.Errorf("delivery bench: subscriber %d did not get version %d", j, ps.Version)
+					return DeliveryResult{}, fmt.Errorf("delivery bench: subscriber %d did not get version %d", j, ps.Version)
 				}
 			}
 			lat = append(lat, time.Since(start))
 		}
 	}
-	return percentiles(lat), nil
+	cpu := cpuTime() - cpu0
+	return DeliveryResult{
+		BroadcastResult: BroadcastResult{Latency: percentiles(lat), PerCPUSecond: float64(len(lat)) / cpu.Seconds()},
+		MakeVersion:     percentiles(made),
+	}, nil
 }
 
 // protocolClient is a bare protocol session, standing in for a replica

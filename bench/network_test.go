@@ -44,8 +44,19 @@ func TestRunDelivery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.N != 15 || p.P50 <= 0 {
-		t.Fatalf("percentiles %+v", p)
+	if p.Latency.N != 15 || p.Latency.P50 <= 0 || p.MakeVersion.N != 5 || p.PerCPUSecond <= 0 {
+		t.Fatalf("result %+v", p)
+	}
+	bare, err := RunBareBroadcast(ctx, t.TempDir(), 3, 5, 63)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bare.Latency.N != 15 || bare.PerCPUSecond <= 0 {
+		t.Fatalf("bare broadcast %+v", bare)
+	}
+	floor, err := RunConfirmFloor(ctx, t.TempDir(), 5)
+	if err != nil || floor.Fsync <= 0 || floor.RoundTrip <= 0 {
+		t.Fatalf("confirm floor %+v, %v", floor, err)
 	}
 }
 

@@ -20,9 +20,9 @@ import (
 // then latency and fan-out with 1 and 10 replicas (quick) or 1, 10 and 100.
 func e2eSections(quick bool) []bench.Section {
 	if quick {
-		return []bench.Section{bench.ThroughputSection(10, 2000), bench.NetworkSection([]int{1, 10}, 30)}
+		return []bench.Section{bench.ThroughputSection(10, 2000), bench.NetworkSection([]int{1, 10}, 30), bench.FanoutSection([]int{100}, 20)}
 	}
-	return []bench.Section{bench.ThroughputSection(10, 10000), bench.NetworkSection([]int{1, 10, 100}, 100)}
+	return []bench.Section{bench.ThroughputSection(10, 10000), bench.NetworkSection([]int{1, 10, 100}, 100), bench.FanoutSection([]int{100, 300, 1000}, 50)}
 }
 
 // cmdBench is the bench subcommand: the suite of package bench, our engine
@@ -39,7 +39,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	svgPath := fs.String("svg", "", "write the chart of rebase latency against pending depth to `FILE` (.svg, .png or .pdf; default: no chart)")
 	dir := fs.String("dir", "", "keep the databases under `DIR` (default: a temporary directory, removed at the end)")
 	huge := fs.Bool("huge", false, "add a 1 GB database to the size series (full suite only; several more minutes and GBs of disk)")
-	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability; with --e2e also throughput,network)")
+	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability; with --e2e also throughput,network,fanout)")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
 	e2e := fs.Bool("e2e", false, "also run the end-to-end sections over QUIC on loopback (Mutate to confirmed, fan-out, bytes on the wire)")
 	child := fs.String("child", "", "internal: run one child of the suite (peak RSS, kill -9) from its JSON `spec`")
