@@ -56,13 +56,25 @@ import (
 )
 
 // Tx is what a mutator sees: statements on the database inside the
-// transaction the caller opened. It follows database/sql, except that the
-// context is bound once (by [NewTx]) so mutator code reads like plain
-// database/sql code and cannot accidentally outlive the mutation.
+// transaction the caller opened. It follows database/sql: Exec, Query and
+// QueryRow run under the mutation's context, bound once by [NewTx], so that
+// mutator code reads like plain database/sql code and cannot outlive the
+// mutation; the Context methods make a Tx the DBTX that sqlc-generated code
+// (and most query helpers) take.
 type Tx interface {
 	Exec(query string, args ...any) (sql.Result, error)
 	Query(query string, args ...any) (*sql.Rows, error)
 	QueryRow(query string, args ...any) *sql.Row
+
+	// ExecContext, QueryContext, QueryRowContext and PrepareContext run
+	// under the mutation's context too, which carries the caller's
+	// cancellation and the server's time limit: a statement of a mutator
+	// cannot escape them with a context of its own. A ctx that is already
+	// done fails the statement with its error.
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+	PrepareContext(ctx context.Context, query string) (*sql.Stmt, error)
 }
 
 // Querier is the part of database/sql a [Tx] and the reserved-table helpers
@@ -71,6 +83,12 @@ type Querier interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// preparer is a Querier that can also prepare statements, as *sql.Conn,
+// *sql.Tx and [StmtCache] can.
+type preparer interface {
+	PrepareContext(ctx context.Context, query string) (*sql.Stmt, error)
 }
 
 // NewTx binds q to ctx. q is normally a *sql.Conn on which the caller has
@@ -95,6 +113,39 @@ func (t boundTx) Query(query string, args ...any) (*sql.Rows, error) {
 
 func (t boundTx) QueryRow(query string, args ...any) *sql.Row {
 	return t.q.QueryRowContext(t.ctx, query, args...)
+}
+
+func (t boundTx) ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return t.q.ExecContext(t.ctx, query, args...)
+}
+
+func (t boundTx) QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return t.q.QueryContext(t.ctx, query, args...)
+}
+
+func (t boundTx) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
+	if ctx.Err() != nil {
+		// database/sql's Row then carries ctx's error to Scan.
+		return t.q.QueryRowContext(ctx, query, args...)
+	}
+	return t.q.QueryRowContext(t.ctx, query, args...)
+}
+
+func (t boundTx) PrepareContext(ctx context.Context, query string) (*sql.Stmt, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	p, ok := t.q.(preparer)
+	if !ok {
+		return nil, fmt.Errorf("mutators: %T cannot prepare statements", t.q)
+	}
+	return p.PrepareContext(t.ctx, query)
 }
 
 // Func is a mutator. See the package documentation for the rules it must
@@ -160,31 +211,42 @@ func CheckArgs(args json.RawMessage) error {
 // the usual pattern is to register everything at start-up and only look up
 // afterwards.
 type Registry struct {
-	mu    sync.RWMutex
-	funcs map[string]Func
+	mu      sync.RWMutex
+	entries map[string]entry
+}
+
+// entry is one registration: the mutator, and for a typed one the check
+// that its args decode into its argument type.
+type entry struct {
+	fn    Func
+	check func(json.RawMessage) error
 }
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry {
-	return &Registry{funcs: make(map[string]Func)}
+	return &Registry{entries: make(map[string]entry)}
 }
 
 // Register adds fn under name. It fails on an invalid name, a nil fn or a
 // name that is already registered: silently replacing a mutator would let
 // client and server disagree about what a name means.
 func (r *Registry) Register(name string, fn Func) error {
-	if !ValidName(name) {
-		return fmt.Errorf("%w: %q", ErrInvalidName, truncName(name))
-	}
 	if fn == nil {
 		return fmt.Errorf("mutators: register %q: nil func", name)
 	}
+	return r.register(name, fn, nil)
+}
+
+func (r *Registry) register(name string, fn Func, check func(json.RawMessage) error) error {
+	if !ValidName(name) {
+		return fmt.Errorf("%w: %q", ErrInvalidName, truncName(name))
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if _, dup := r.funcs[name]; dup {
+	if _, dup := r.entries[name]; dup {
 		return fmt.Errorf("mutators: register %q: already registered", name)
 	}
-	r.funcs[name] = fn
+	r.entries[name] = entry{fn: fn, check: check}
 	return nil
 }
 
@@ -200,20 +262,25 @@ func (r *Registry) MustRegister(name string, fn Func) {
 // Lookup returns the mutator registered under name, or an error wrapping
 // [ErrUnknownMutator].
 func (r *Registry) Lookup(name string) (Func, error) {
+	e, err := r.lookup(name)
+	return e.fn, err
+}
+
+func (r *Registry) lookup(name string) (entry, error) {
 	r.mu.RLock()
-	fn, ok := r.funcs[name]
+	e, ok := r.entries[name]
 	r.mu.RUnlock()
 	if !ok {
-		return nil, fmt.Errorf("%w: %q", ErrUnknownMutator, name)
+		return entry{}, fmt.Errorf("%w: %q", ErrUnknownMutator, name)
 	}
-	return fn, nil
+	return e, nil
 }
 
 // Names returns the registered names in sorted order.
 func (r *Registry) Names() []string {
 	r.mu.RLock()
-	names := make([]string, 0, len(r.funcs))
-	for n := range r.funcs {
+	names := make([]string, 0, len(r.entries))
+	for n := range r.entries {
 		names = append(names, n)
 	}
 	r.mu.RUnlock()
@@ -224,32 +291,50 @@ func (r *Registry) Names() []string {
 // Check validates name and args without running anything, so a replica can
 // refuse a bad mutation before queueing it and the server can reject one
 // before opening a transaction. Errors wrap [ErrInvalidName],
-// [ErrUnknownMutator] or [ErrInvalidArgs].
+// [ErrUnknownMutator], [ErrInvalidArgs] or, for a typed mutator (see
+// [Register]), [ErrArgsMismatch].
 func (r *Registry) Check(name string, args json.RawMessage) error {
-	if !ValidName(name) {
-		return fmt.Errorf("%w: %q", ErrInvalidName, truncName(name))
-	}
-	if _, err := r.Lookup(name); err != nil {
+	e, err := r.checkShape(name, args)
+	if err != nil {
 		return err
 	}
-	if err := CheckArgs(args); err != nil {
-		return fmt.Errorf("mutator %s: %w", name, err)
+	if e.check != nil {
+		if err := e.check(args); err != nil {
+			return fmt.Errorf("mutator %s: %w", name, err)
+		}
 	}
 	return nil
 }
 
+// checkShape is Check without a typed mutator's decoding (which running it
+// does anyway): the name, the registration and the JSON.
+func (r *Registry) checkShape(name string, args json.RawMessage) (entry, error) {
+	if !ValidName(name) {
+		return entry{}, fmt.Errorf("%w: %q", ErrInvalidName, truncName(name))
+	}
+	e, err := r.lookup(name)
+	if err != nil {
+		return entry{}, err
+	}
+	if err := CheckArgs(args); err != nil {
+		return entry{}, fmt.Errorf("mutator %s: %w", name, err)
+	}
+	return e, nil
+}
+
 // Run checks name and args, then calls the mutator inside tx. A failure of
 // the mutator itself (its returned error, or a panic, which is recovered so
-// that args from the network cannot crash a server) is returned as *[Error];
-// validation failures are returned as from [Registry.Check].
+// that args from the network cannot crash a server) is returned as *[Error],
+// and so are args that do not fit a typed mutator's argument type (the
+// mutation is well-formed, so on the server that is a rejection); other
+// validation failures are returned as from [Registry.Check]. It also looks
+// the mutator up once, not twice as Check then Lookup would.
 func (r *Registry) Run(ctx context.Context, tx Tx, name string, args json.RawMessage) (err error) {
-	if err := r.Check(name, args); err != nil {
-		return err
-	}
-	fn, err := r.Lookup(name)
+	e, err := r.checkShape(name, args)
 	if err != nil {
 		return err
 	}
+	fn := e.fn
 	defer func() {
 		if p := recover(); p != nil {
 			err = &Error{Name: name, Err: fmt.Errorf("%w: %v", ErrPanic, p)}

@@ -69,6 +69,12 @@ func (c *StmtCache) QueryRowContext(ctx context.Context, query string, args ...a
 	return c.conn.QueryRowContext(ctx, query, args...)
 }
 
+// PrepareContext prepares query on the connection, outside the cache: the
+// caller owns the statement and closes it.
+func (c *StmtCache) PrepareContext(ctx context.Context, query string) (*sql.Stmt, error) {
+	return c.conn.PrepareContext(ctx, query)
+}
+
 // Close closes every cached statement.
 func (c *StmtCache) Close() error {
 	var first error
