@@ -5,7 +5,9 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
+	"sync/atomic"
 
 	sqlite3 "github.com/ncruces/go-sqlite3"
 	sqlitedriver "github.com/ncruces/go-sqlite3/driver"
@@ -19,6 +21,7 @@ import (
 type readConnector struct {
 	r     *Replica
 	inner driver.Connector
+	ids   atomic.Int64 // numbers the connections, for ErrReadersBusy
 }
 
 func (c *readConnector) Driver() driver.Driver { return c.inner.Driver() }
@@ -29,7 +32,7 @@ func (c *readConnector) Connect(ctx context.Context) (driver.Conn, error) {
 		return nil, err
 	}
 	raw := dc.(sqlitedriver.Conn).Raw()
-	rc := &readConn{r: c.r, inner: dc, raw: raw, role: roleReader}
+	rc := &readConn{r: c.r, inner: dc, raw: raw, role: roleReader, id: c.ids.Add(1)}
 	if err := c.r.initConn(raw, func() role { return rc.role }, rc.deny); err != nil {
 		dc.Close()
 		return nil, err
@@ -42,11 +45,20 @@ type readConn struct {
 	r      *Replica
 	inner  driver.Conn
 	raw    *sqlite3.Conn
+	id     int64 // for ErrReadersBusy: "DB() connection #id"
 	epoch  uint64
-	inTx   bool
 	role   role // roleReader, or roleEngine while the replica runs its own statement
 	mu     sync.Mutex
 	denied string // what the authorizer refused last, for a clear error
+
+	// hold is this connection's place in the gate, nil when it holds none.
+	// It holds the gate while a statement runs, while a cursor is open
+	// (rows), and while SQLite is outside autocommit, however the
+	// transaction began: BeginTx, Exec("BEGIN"), Exec("SAVEPOINT x"), a
+	// multi-statement Exec. database/sql uses a connection from one
+	// goroutine at a time (Rows.Close included), so no lock guards these.
+	hold *holder
+	rows int
 }
 
 // deny is called by the authorizer when it refuses a statement.
@@ -71,20 +83,45 @@ func (c *readConn) explain(err error) error {
 	return err
 }
 
-// enter passes the gate unless the connection is inside a transaction (which
-// holds the gate already), then reloads the schema if a rebase moved it.
-func (c *readConn) enter(ctx context.Context) (func(), error) {
-	if c.inTx {
-		return func() {}, nil
+// enter makes sure the connection holds the gate for a statement (what it
+// is, for ErrReadersBusy): it passes the gate unless it holds it already
+// (inside a transaction or with a cursor open), then reloads the schema if a
+// rebase moved it. Every enter is followed by release.
+func (c *readConn) enter(ctx context.Context, what string) error {
+	if c.hold != nil {
+		return nil
 	}
-	if err := c.r.gate.enter(ctx); err != nil {
-		return nil, err
+	h := newHolder(c.id, "a statement running ("+what+")")
+	if err := c.r.gate.enter(ctx, h); err != nil {
+		return err
 	}
+	c.hold = h
 	if err := c.refreshSchema(); err != nil {
-		c.r.gate.leave()
-		return nil, err
+		c.release()
+		return err
 	}
-	return c.r.gate.leave, nil
+	return nil
+}
+
+// release lets go of the gate once the connection is back in autocommit
+// with no cursor open; while it is not, the hold says since when and why.
+func (c *readConn) release() {
+	if c.hold == nil {
+		return
+	}
+	if c.rows > 0 {
+		return
+	}
+	if !c.raw.GetAutocommit() {
+		what := *c.hold.what.Load()
+		if !strings.HasPrefix(what, "been in a transaction") {
+			what = "been in a transaction (began with " + strings.TrimSuffix(strings.TrimPrefix(what, "a statement running ("), ")") + ")"
+			c.hold.what.Store(&what)
+		}
+		return
+	}
+	c.r.gate.leave(c.hold)
+	c.hold = nil
 }
 
 func (c *readConn) refreshSchema() error {
@@ -100,29 +137,36 @@ func (c *readConn) refreshSchema() error {
 	return nil
 }
 
+// describeSQL shortens a statement for ErrReadersBusy.
+func describeSQL(call, query string) string {
+	q := strings.Join(strings.Fields(query), " ")
+	if len(q) > 40 {
+		q = q[:40] + "…"
+	}
+	return fmt.Sprintf("%s(%q)", call, q)
+}
+
 func (c *readConn) Prepare(query string) (driver.Stmt, error) {
 	return c.PrepareContext(context.Background(), query)
 }
 
 func (c *readConn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
-	leave, err := c.enter(ctx)
-	if err != nil {
+	if err := c.enter(ctx, describeSQL("Prepare", query)); err != nil {
 		return nil, err
 	}
-	defer leave()
+	defer c.release()
 	s, err := c.inner.(driver.ConnPrepareContext).PrepareContext(ctx, query)
 	if err != nil {
 		return nil, c.explain(err)
 	}
-	return &readStmt{c: c, inner: s}, nil
+	return &readStmt{c: c, inner: s, query: query}, nil
 }
 
 func (c *readConn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
-	leave, err := c.enter(ctx)
-	if err != nil {
+	if err := c.enter(ctx, describeSQL("Exec", query)); err != nil {
 		return nil, err
 	}
-	defer leave()
+	defer c.release()
 	res, err := c.inner.(driver.ExecerContext).ExecContext(ctx, query, args)
 	return res, c.explain(err)
 }
@@ -132,24 +176,35 @@ func (c *readConn) Begin() (driver.Tx, error) {
 }
 
 func (c *readConn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
-	leave, err := c.enter(ctx)
-	if err != nil {
+	if err := c.enter(ctx, "BeginTx"); err != nil {
 		return nil, err
 	}
+	defer c.release()
 	tx, err := c.inner.(driver.ConnBeginTx).BeginTx(ctx, opts)
 	if err != nil {
-		leave()
 		return nil, c.explain(err)
 	}
-	c.inTx = true
-	return &readTx{c: c, inner: tx, leave: leave}, nil
+	return &readTx{c: c, inner: tx}, nil
 }
 
 func (c *readConn) CheckNamedValue(v *driver.NamedValue) error {
 	return c.inner.(driver.NamedValueChecker).CheckNamedValue(v)
 }
 
-func (c *readConn) Close() error { return c.inner.Close() }
+// IsValid tells database/sql not to put a connection back in its pool while
+// it is inside a transaction (the app ran Exec("BEGIN") on the *sql.DB,
+// not on a *sql.Conn): the pool closes it, which rolls the transaction back
+// and lets go of the gate, instead of keeping every rebase out.
+func (c *readConn) IsValid() bool { return c.raw.GetAutocommit() }
+
+func (c *readConn) Close() error {
+	err := c.inner.Close()
+	if c.hold != nil {
+		c.r.gate.leave(c.hold)
+		c.hold = nil
+	}
+	return err
+}
 
 // Raw gives the underlying go-sqlite3 connection, as the driver's own
 // connections do. Statements run on it bypass the gate.
@@ -158,32 +213,24 @@ func (c *readConn) Raw() *sqlite3.Conn { return c.raw }
 type readTx struct {
 	c     *readConn
 	inner driver.Tx
-	leave func()
 }
 
 func (t *readTx) Commit() error {
 	err := t.inner.Commit()
-	t.end()
+	t.c.release()
 	return t.c.explain(err)
 }
 
 func (t *readTx) Rollback() error {
 	err := t.inner.Rollback()
-	t.end()
+	t.c.release()
 	return err
-}
-
-func (t *readTx) end() {
-	if t.leave != nil {
-		t.c.inTx = false
-		t.leave()
-		t.leave = nil
-	}
 }
 
 type readStmt struct {
 	c     *readConn
 	inner driver.Stmt
+	query string
 }
 
 func (s *readStmt) Close() error  { return s.inner.Close() }
@@ -198,26 +245,29 @@ func (s *readStmt) Query(args []driver.Value) (driver.Rows, error) {
 }
 
 func (s *readStmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
-	leave, err := s.c.enter(ctx)
-	if err != nil {
+	if err := s.c.enter(ctx, describeSQL("Exec", s.query)); err != nil {
 		return nil, err
 	}
-	defer leave()
+	defer s.c.release()
 	res, err := s.inner.(driver.StmtExecContext).ExecContext(ctx, args)
 	return res, s.c.explain(err)
 }
 
 func (s *readStmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
-	leave, err := s.c.enter(ctx)
-	if err != nil {
+	if err := s.c.enter(ctx, describeSQL("Query", s.query)); err != nil {
 		return nil, err
 	}
 	rows, err := s.inner.(driver.StmtQueryContext).QueryContext(ctx, args)
 	if err != nil {
-		leave()
+		s.c.release()
 		return nil, s.c.explain(err)
 	}
-	return &readRows{Rows: rows, leave: leave}, nil
+	s.c.rows++
+	if s.c.hold != nil && s.c.raw.GetAutocommit() {
+		what := "a cursor open (" + describeSQL("Query", s.query) + ")"
+		s.c.hold.what.Store(&what)
+	}
+	return &readRows{Rows: rows, c: s.c}, nil
 }
 
 func (s *readStmt) CheckNamedValue(v *driver.NamedValue) error {
@@ -228,14 +278,15 @@ func (s *readStmt) CheckNamedValue(v *driver.NamedValue) error {
 // open read transaction.
 type readRows struct {
 	driver.Rows
-	leave func()
+	c *readConn // nil once closed
 }
 
 func (r *readRows) Close() error {
 	err := r.Rows.Close()
-	if r.leave != nil {
-		r.leave()
-		r.leave = nil
+	if r.c != nil {
+		r.c.rows--
+		r.c.release()
+		r.c = nil
 	}
 	return err
 }

@@ -2,6 +2,8 @@ package replica
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -11,11 +13,12 @@ func TestGateWaitsForReaders(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx := context.Background()
 		g := newGate()
-		if err := g.enter(ctx); err != nil {
+		h1, h2 := newHolder(1, "test"), newHolder(2, "test")
+		if err := g.enter(ctx, h1); err != nil {
 			t.Fatal(err)
 		}
 		closed := make(chan error, 1)
-		go func() { closed <- g.close(ctx, time.Hour) }()
+		go func() { closed <- g.close(ctx, time.Hour, 10*time.Hour) }()
 		synctest.Wait()
 		select {
 		case <-closed:
@@ -24,14 +27,14 @@ func TestGateWaitsForReaders(t *testing.T) {
 		}
 		// A new reader is held back while the gate is closing.
 		entered := make(chan error, 1)
-		go func() { entered <- g.enter(ctx) }()
+		go func() { entered <- g.enter(ctx, h2) }()
 		synctest.Wait()
 		select {
 		case <-entered:
 			t.Fatal("reader entered a closing gate")
 		default:
 		}
-		g.leave()
+		g.leave(h1)
 		if err := <-closed; err != nil {
 			t.Fatal(err)
 		}
@@ -45,7 +48,7 @@ func TestGateWaitsForReaders(t *testing.T) {
 		if err := <-entered; err != nil {
 			t.Fatal(err)
 		}
-		g.leave()
+		g.leave(h2)
 	})
 }
 
@@ -56,15 +59,16 @@ func TestGateNestedReaderDoesNotDeadlock(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx := context.Background()
 		g := newGate()
-		g.enter(ctx)
+		h1, h2 := newHolder(1, "test"), newHolder(2, "test")
+		g.enter(ctx, h1)
 		closed := make(chan error, 1)
-		go func() { closed <- g.close(ctx, 50*time.Millisecond) }()
+		go func() { closed <- g.close(ctx, 50*time.Millisecond, time.Hour) }()
 		synctest.Wait()
-		if err := g.enter(ctx); err != nil { // nested: waits out the patience
+		if err := g.enter(ctx, h2); err != nil { // nested: waits out the patience
 			t.Fatal(err)
 		}
-		g.leave()
-		g.leave()
+		g.leave(h2)
+		g.leave(h1)
 		if err := <-closed; err != nil {
 			t.Fatal(err)
 		}
@@ -75,17 +79,44 @@ func TestGateNestedReaderDoesNotDeadlock(t *testing.T) {
 func TestGateCloseHonoursContext(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		g := newGate()
-		g.enter(context.Background())
+		h1, h2 := newHolder(1, "test"), newHolder(2, "test")
+		g.enter(context.Background(), h1)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		if err := g.close(ctx, 50*time.Millisecond); err == nil {
+		if err := g.close(ctx, 50*time.Millisecond, time.Hour); err == nil {
 			t.Fatal("close returned without the reader leaving")
 		}
 		// The gate is usable again.
-		if err := g.enter(context.Background()); err != nil {
+		if err := g.enter(context.Background(), h2); err != nil {
 			t.Fatal(err)
 		}
-		g.leave()
-		g.leave()
+		g.leave(h2)
+		g.leave(h1)
+	})
+}
+
+// A reader that never leaves makes close give up after its limit with
+// ErrReadersBusy, naming the connection; the gate is open again.
+func TestGateCloseGivesUpAfterLimit(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGate()
+		h := newHolder(3, `been in a transaction (began with Exec("BEGIN"))`)
+		g.enter(context.Background(), h)
+		err := g.close(context.Background(), 50*time.Millisecond, time.Second)
+		if !errors.Is(err, ErrReadersBusy) {
+			t.Fatalf("close: %v, want ErrReadersBusy", err)
+		}
+		if !strings.Contains(err.Error(), "DB() connection #3") || !strings.Contains(err.Error(), `Exec("BEGIN")`) {
+			t.Fatalf("error does not say who holds the gate: %v", err)
+		}
+		h2 := newHolder(4, "test")
+		if err := g.enter(context.Background(), h2); err != nil {
+			t.Fatal(err)
+		}
+		g.leave(h2)
+		g.leave(h)
+		if g.readers() != 0 {
+			t.Fatal("readers left behind")
+		}
 	})
 }

@@ -103,6 +103,10 @@ type queue struct {
 	size   int64 // file size: where the next record goes
 
 	compactMin int64 // queueCompactMin; a field so tests can exercise the rewrite
+	// failWrite, if set, is asked after each header write and rewrite; a
+	// non-nil error is taken as that write's failure (tests inject I/O
+	// errors with it).
+	failWrite func(op string) error
 }
 
 // openQueue opens the queue at path, creating it (with a fresh random client
@@ -347,17 +351,26 @@ func (q *queue) Settle(lmid uint64) error {
 	for n < len(q.pending) && q.pending[n].ID <= lmid {
 		n++
 	}
+	// Memory changes with the file or not at all: a write that fails
+	// before the new base is on disk puts everything back.
+	oldBase, oldPending, oldStarts := q.base, q.pending, q.starts
 	q.base = lmid
 	q.pending = append([]queuedMutation(nil), q.pending[n:]...)
 	q.starts = append([]int64(nil), q.starts[n:]...)
+	var recorded bool
+	var err error
 	if len(q.pending) == 0 {
-		return q.compactEmpty()
+		recorded, err = q.compactEmpty()
+	} else if settledBytes := q.starts[0] - queueHeaderSize; settledBytes > q.compactMin && settledBytes > q.size/2 {
+		recorded, err = q.rewrite()
+	} else {
+		err = q.writeHeader()
+		recorded = err == nil
 	}
-	settledBytes := q.starts[0] - queueHeaderSize
-	if settledBytes > q.compactMin && settledBytes > q.size/2 {
-		return q.rewrite()
+	if !recorded {
+		q.base, q.pending, q.starts = oldBase, oldPending, oldStarts
 	}
-	return q.writeHeader()
+	return err
 }
 
 // compactEmpty empties the file in place once nothing is pending. The new
@@ -365,29 +378,36 @@ func (q *queue) Settle(lmid uint64) error {
 // truncate won but the header was lost, the old base would let settled ids
 // be issued again. A crash between the two leaves settled records that the
 // base filters out on the next open.
-func (q *queue) compactEmpty() error {
-	if q.size == queueHeaderSize {
-		// No records: only the base must be persisted for NextID.
-		return q.writeHeader()
-	}
+//
+// recorded says whether the new base is in the file (then memory keeps it,
+// whatever the error).
+func (q *queue) compactEmpty() (recorded bool, err error) {
 	if err := q.writeHeader(); err != nil {
-		return err
+		return false, err
+	}
+	if q.size == queueHeaderSize {
+		// No records: only the base had to be persisted for NextID.
+		return true, nil
 	}
 	if err := q.f.Truncate(queueHeaderSize); err != nil {
 		// The header already covers the records; the file is merely big.
-		return fmt.Errorf("replica: compact pending queue %s: %w", q.path, err)
+		return true, fmt.Errorf("replica: compact pending queue %s: %w", q.path, err)
 	}
 	q.size = queueHeaderSize
 	if q.sync {
 		if err := unix.Fdatasync(int(q.f.Fd())); err != nil {
-			return fmt.Errorf("replica: sync pending queue %s: %w", q.path, err)
+			return true, fmt.Errorf("replica: sync pending queue %s: %w", q.path, err)
 		}
 	}
-	return nil
+	return true, nil
 }
 
 func (q *queue) writeHeader() error {
-	if _, err := q.f.WriteAt(encodeQueueHeader(q.clientID, q.base), 0); err != nil {
+	_, err := q.f.WriteAt(encodeQueueHeader(q.clientID, q.base), 0)
+	if err == nil && q.failWrite != nil {
+		err = q.failWrite("header")
+	}
+	if err != nil {
 		// The header may be torn; refuse further writes rather than
 		// build on it.
 		q.broken = fmt.Errorf("replica: write pending queue header %s: %w", q.path, err)
@@ -404,11 +424,14 @@ func (q *queue) writeHeader() error {
 // rewrite replaces the file by one holding only the pending records. The
 // lock is taken on the new file before the rename makes it visible, so no
 // other opener can slip in between; the old file's lock goes with it.
-func (q *queue) rewrite() (err error) {
+//
+// recorded says whether the new file is the queue (then memory keeps the new
+// state, whatever the error).
+func (q *queue) rewrite() (recorded bool, err error) {
 	tmpPath := q.path + ".tmp"
 	tmp, err := os.OpenFile(tmpPath, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
-		return fmt.Errorf("replica: compact pending queue: %w", err)
+		return false, fmt.Errorf("replica: compact pending queue: %w", err)
 	}
 	renamed := false
 	defer func() {
@@ -418,7 +441,7 @@ func (q *queue) rewrite() (err error) {
 		}
 	}()
 	if err := lockFile(tmp, tmpPath); err != nil {
-		return err
+		return false, err
 	}
 	buf := encodeQueueHeader(q.clientID, q.base)
 	starts := make([]int64, len(q.pending))
@@ -426,16 +449,20 @@ func (q *queue) rewrite() (err error) {
 		starts[i] = int64(len(buf))
 		buf = appendQueueRecord(buf, m)
 	}
-	if _, err := tmp.Write(buf); err != nil {
-		return fmt.Errorf("replica: compact pending queue: %w", err)
+	_, err = tmp.Write(buf)
+	if err == nil && q.failWrite != nil {
+		err = q.failWrite("rewrite")
+	}
+	if err != nil {
+		return false, fmt.Errorf("replica: compact pending queue: %w", err)
 	}
 	if q.sync {
 		if err := tmp.Sync(); err != nil {
-			return fmt.Errorf("replica: compact pending queue: %w", err)
+			return false, fmt.Errorf("replica: compact pending queue: %w", err)
 		}
 	}
 	if err := os.Rename(tmpPath, q.path); err != nil {
-		return fmt.Errorf("replica: compact pending queue: %w", err)
+		return false, fmt.Errorf("replica: compact pending queue: %w", err)
 	}
 	// From here on the new file is the queue, whatever happens.
 	renamed = true
@@ -446,10 +473,10 @@ func (q *queue) rewrite() (err error) {
 	old.Close()
 	if q.sync {
 		if err := syncDir(filepath.Dir(q.path)); err != nil {
-			return err
+			return true, err
 		}
 	}
-	return nil
+	return true, nil
 }
 
 // Close releases the file and its lock. Closing twice is harmless.

@@ -59,6 +59,11 @@ type Options struct {
 	// sync loop that pushes the pending mutations and rebases on the
 	// server's versions until Close. Nil: the app drives Rebase itself.
 	Remote *Remote
+	// ReaderWait bounds how long a rebase waits for DB() readers (open
+	// transactions and cursors) and for the WAL locks before it gives up
+	// with ErrReadersBusy, which names the connection in the way; the sync
+	// loop tries again later. Zero means DefaultReaderWait.
+	ReaderWait time.Duration
 
 	// crashHook, if set, is called at named points of Mutate and Rebase;
 	// the crash tests use it to kill the process exactly there.
@@ -100,7 +105,14 @@ type Replica struct {
 	files *vfs.Replica
 	queue *queue
 
-	writeMu sync.Mutex // serialises Mutate and Rebase on the writer
+	// Lock order: gate, then writeMu, then the vfs's wal-index locks (taken
+	// by files.Rebase); watchMu, hmu, the queue's and the sync state's
+	// locks are leaves, never held while waiting for another lock. A rebase
+	// closes the gate (waits for DB() readers) before it takes writeMu, and
+	// nothing holding writeMu waits for the gate; so a reader may call
+	// Mutate (writeMu only), Status, Pending or Handle (no writeMu at all)
+	// while a rebase waits for it, and they return.
+	writeMu ctxMutex // serialises Mutate and Rebase on the writer
 	writer  *sql.Conn
 	// engineQ and mutatorQ run statements on the writer prepared once
 	// (parsing was half of a replay). Two caches, because SQLite authorizes
@@ -117,8 +129,18 @@ type Replica struct {
 	// mutatorDenied is what the authorizer refused to a running mutator,
 	// so that its error can say why.
 	mutatorDenied atomic.Pointer[string]
-	lmid          uint64 // last mutation id the server acknowledged
-	handles       map[uint64]*Handle
+	lmid          uint64 // last mutation id the server acknowledged, as the queue recorded it (writeMu)
+	// ackRead is the acknowledged id the confirmed state says (>= lmid;
+	// more while the queue failed to record it): replay skips up to it, so
+	// a failed queue write never shows a mutation twice (writeMu).
+	ackRead uint64
+	hmu     sync.Mutex
+	handles map[uint64]*Handle // hmu; changed only under writeMu too
+
+	// What Status reports, published under writeMu after every change, so
+	// that Status never waits for a Mutate or a rebase.
+	stVersion, stChecksum atomic.Uint64
+	stPending             atomic.Int64
 
 	gate        *gate
 	schemaEpoch atomic.Uint64
@@ -137,6 +159,52 @@ type Replica struct {
 // gatePatience is how long a rebase waits for readers to leave before it
 // lets held-back readers through once and tries again.
 const gatePatience = 50 * time.Millisecond
+
+// DefaultReaderWait is Options.ReaderWait's default.
+const DefaultReaderWait = 10 * time.Second
+
+// ctxMutex is a mutex whose Lock can give up with a context (a 1-buffered
+// channel semaphore): Mutate's wait for the writer honours its ctx.
+type ctxMutex struct {
+	once sync.Once
+	ch   chan struct{}
+}
+
+func (m *ctxMutex) sem() chan struct{} {
+	m.once.Do(func() { m.ch = make(chan struct{}, 1) })
+	return m.ch
+}
+
+// Lock takes the lock, however long that takes.
+func (m *ctxMutex) Lock() { m.sem() <- struct{}{} }
+
+// LockContext takes the lock, or returns ctx's error if ctx ends first.
+func (m *ctxMutex) LockContext(ctx context.Context) error {
+	select {
+	case m.sem() <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Unlock lets go of the lock.
+func (m *ctxMutex) Unlock() { <-m.sem() }
+
+// readerWait is the bound on a rebase's wait for readers.
+func (r *Replica) readerWait() time.Duration {
+	if r.opts.ReaderWait > 0 {
+		return r.opts.ReaderWait
+	}
+	return DefaultReaderWait
+}
+
+// publish makes the state Status reports current. Call with writeMu held.
+func (r *Replica) publish() {
+	r.stVersion.Store(r.files.Version())
+	r.stChecksum.Store(r.files.Checksum())
+	r.stPending.Store(int64(r.queue.Len()))
+}
 
 // Open opens (or creates) the replica database at path. The process holds it
 // exclusively until Close; a second Open fails with ErrLocked. Pending
@@ -236,9 +304,12 @@ func (r *Replica) open(ctx context.Context) error {
 	if err := r.settle(ctx); err != nil {
 		return err
 	}
+	r.hmu.Lock()
 	for _, m := range r.queue.Pending() {
 		r.handles[m.ID] = r.newHandle(m.ID, m.Name)
 	}
+	r.hmu.Unlock()
+	defer r.publish()
 	return r.replay(ctx)
 }
 
@@ -321,20 +392,17 @@ func (r *Replica) DB() *sql.DB { return r.rdb }
 // ClientID is this replica's identity towards the server.
 func (r *Replica) ClientID() string { return r.queue.ClientID() }
 
-// Status reports the replica's state.
+// Status reports the replica's state. It never waits for a Mutate, a
+// rebase or a reader: it reads what the latest of them published.
 func (r *Replica) Status() Status {
-	r.writeMu.Lock()
-	st := Status{ClientID: r.queue.ClientID(), Version: r.files.Version(), Checksum: r.files.Checksum(), Pending: r.queue.Len()}
-	r.writeMu.Unlock()
-	// Not under writeMu: the sync state's lock is never taken inside it.
+	st := Status{ClientID: r.queue.ClientID(), Version: r.stVersion.Load(), Checksum: r.stChecksum.Load(), Pending: int(r.stPending.Load())}
 	r.netStatus(&st)
 	return st
 }
 
-// Pending returns the pending mutations, oldest first.
+// Pending returns the pending mutations, oldest first. It never waits for a
+// rebase (the queue's own lock is held only for its bookkeeping).
 func (r *Replica) Pending() []Mutation {
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
 	q := r.queue.Pending()
 	out := make([]Mutation, len(q))
 	for i, m := range q {
@@ -354,8 +422,8 @@ type Mutation struct {
 // Handle returns the handle of a pending mutation (also of those recovered
 // at Open), or nil if it is not pending.
 func (r *Replica) Handle(id uint64) *Handle {
-	r.writeMu.Lock()
-	defer r.writeMu.Unlock()
+	r.hmu.Lock()
+	defer r.hmu.Unlock()
 	return r.handles[id]
 }
 
@@ -403,8 +471,15 @@ func (r *Replica) crash(point string) {
 	}
 }
 
-// ErrClosed is returned by a closed replica.
-var ErrClosed = errors.New("replica: closed")
+var (
+	// ErrClosed is returned by a closed replica.
+	ErrClosed = errors.New("replica: closed")
+	// ErrReadersBusy is returned by a rebase that gave up waiting
+	// (Options.ReaderWait) for DB() readers or the WAL locks; the error
+	// says which connection was in the way and since when. Nothing
+	// changed; the sync loop tries again later.
+	ErrReadersBusy = errors.New("replica: readers keep the rebase out")
+)
 
 // Mutate records a mutation durably and runs it at once on the replica. It
 // returns an error, and records nothing, only if the mutation cannot be
@@ -418,7 +493,9 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	if err := r.opts.Mutators.Check(name, args); err != nil {
 		return nil, err
 	}
-	r.writeMu.Lock()
+	if err := r.writeMu.LockContext(ctx); err != nil {
+		return nil, fmt.Errorf("mutate %s: wait for the writer: %w", name, err)
+	}
 	id := r.queue.NextID()
 	r.crash("mutate-before-queue")
 	if err := r.queue.Append(queuedMutation{ID: id, Name: name, Args: args}); err != nil {
@@ -427,9 +504,12 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	}
 	r.crash("mutate-after-queue")
 	h := r.newHandle(id, name)
+	r.hmu.Lock()
 	r.handles[id] = h
-	h.localErr = r.runOne(ctx, queuedMutation{ID: id, Name: name, Args: args}, true)
+	r.hmu.Unlock()
+	h.setLocalErr(r.runOne(ctx, queuedMutation{ID: id, Name: name, Args: args}, true))
 	r.crash("mutate-after-run")
+	r.publish()
 	change := Change{Version: r.files.Version(), Pending: r.queue.Len()}
 	r.writeMu.Unlock()
 	r.notify(change)
@@ -479,16 +559,28 @@ func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 }
 
 // rebase runs one rebase whose drop-and-apply step is apply (the server's
-// page sets, or a snapshot image), under the writer lock, and notifies
-// watchers after letting go of it, so that a watcher may call Status or
-// Mutate. waitCtx bounds the wait for readers; applyCtx the rest.
+// page sets, or a snapshot image): it closes the gate, then takes the writer
+// lock (the lock order), and notifies watchers after letting go of both, so
+// that a watcher may call Status or Mutate. waitCtx bounds the waits (for
+// readers, the writer and the WAL locks; Options.ReaderWait too); applyCtx
+// the rest, which must not stop between the drop and the replay.
 func (r *Replica) rebase(waitCtx, applyCtx context.Context, apply func(context.Context) error) error {
 	if r.closed.Load() {
 		return ErrClosed
 	}
-	r.writeMu.Lock()
+	// Bad page sets are refused inside files.Rebase before anything is
+	// dropped, so the pending state survives them; checking here too would
+	// merge and checksum every set twice on the rebase path.
+	if err := r.gate.close(waitCtx, gatePatience, r.readerWait()); err != nil {
+		return fmt.Errorf("rebase: wait for readers: %w", err)
+	}
+	if err := r.writeMu.LockContext(waitCtx); err != nil {
+		r.gate.open()
+		return fmt.Errorf("rebase: wait for the writer: %w", err)
+	}
 	change, err := r.rebaseApplying(waitCtx, applyCtx, apply)
 	r.writeMu.Unlock()
+	r.gate.open()
 	if err != nil {
 		return err
 	}
@@ -498,16 +590,21 @@ func (r *Replica) rebase(waitCtx, applyCtx context.Context, apply func(context.C
 
 // rebaseApplying is a rebase whose drop-and-apply step is apply: the
 // server's page sets (files.Rebase), or a snapshot image
-// (files.InstallSnapshot). writeMu is held.
+// (files.InstallSnapshot). The gate is closed and writeMu held.
 func (r *Replica) rebaseApplying(waitCtx, applyCtx context.Context, apply func(context.Context) error) (Change, error) {
-	// Bad page sets are refused inside files.Rebase before anything is
-	// dropped, so the pending state survives them; checking here too would
-	// merge and checksum every set twice on the rebase path.
-	if err := r.gate.close(waitCtx, gatePatience); err != nil {
-		return Change{}, fmt.Errorf("rebase: wait for readers: %w", err)
-	}
-	err := r.rebaseClosed(applyCtx, apply)
-	r.gate.open()
+	// The only wait inside apply is for the wal-index locks, before
+	// anything is dropped: bound it like the wait for readers. With the
+	// gate closed only a Raw() connection can hold them.
+	lockCtx, cancel := context.WithTimeout(waitCtx, r.readerWait())
+	defer cancel()
+	err := r.rebaseClosed(applyCtx, func(context.Context) error {
+		err := apply(lockCtx)
+		if err != nil && lockCtx.Err() == context.DeadlineExceeded && waitCtx.Err() == nil {
+			err = fmt.Errorf("%w: the WAL locks stayed taken for %s with every DB() connection out (a Raw() connection in a transaction?): %w", ErrReadersBusy, r.readerWait(), err)
+		}
+		return err
+	})
+	r.publish()
 	if err != nil {
 		return Change{}, fmt.Errorf("rebase to version %d: %w", r.files.Version(), err)
 	}
@@ -542,11 +639,15 @@ func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) 
 			return err
 		}
 	}
-	if err := r.settle(ctx); err != nil {
-		return err
-	}
+	// A failed settle still replays what the server has not acknowledged
+	// (invariant 2: no reader sees a state without a pending mutation);
+	// then the rebase reports the failure.
+	serr := r.settle(ctx)
 	if err := r.replay(ctx); err != nil {
-		return err
+		return errors.Join(serr, err)
+	}
+	if serr != nil {
+		return serr
 	}
 	optAfter, err := r.optimisticCookie(ctx, mainAfter)
 	if err != nil {
@@ -597,6 +698,7 @@ func (r *Replica) settle(ctx context.Context) error {
 	if lmid < r.lmid {
 		return fmt.Errorf("server acknowledged mutation %d after %d: acknowledgements went back", lmid, r.lmid)
 	}
+	r.ackRead = lmid
 	if lmid == r.lmid {
 		return nil
 	}
@@ -604,6 +706,16 @@ func (r *Replica) settle(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read rejections: %w", err)
 	}
+	// The queue first: if its write fails, nothing in memory moved (the
+	// handles stay pending, r.lmid stays), so the next settle tries again
+	// from the same place. Once the queue has recorded it (even if a later
+	// step of its compaction failed), memory follows.
+	r.crash("settle-before-queue")
+	qerr := r.queue.Settle(lmid)
+	if r.queue.settled() < lmid {
+		return fmt.Errorf("settle queue: %w", qerr)
+	}
+	r.hmu.Lock()
 	for mid, h := range r.handles {
 		if mid > lmid {
 			continue
@@ -615,10 +727,10 @@ func (r *Replica) settle(ctx context.Context) error {
 		}
 		delete(r.handles, mid)
 	}
+	r.hmu.Unlock()
 	r.lmid = lmid
-	r.crash("settle-before-queue")
-	if err := r.queue.Settle(lmid); err != nil {
-		return fmt.Errorf("settle queue: %w", err)
+	if qerr != nil {
+		return fmt.Errorf("settle queue: %w", qerr)
 	}
 	return nil
 }
@@ -627,6 +739,9 @@ func (r *Replica) settle(ctx context.Context) error {
 // savepoint each: committing them one by one would cost a commit each.
 func (r *Replica) replay(ctx context.Context) error {
 	pending := r.queue.Pending()
+	for len(pending) > 0 && pending[0].ID <= r.ackRead {
+		pending = pending[1:]
+	}
 	if len(pending) == 0 {
 		return nil
 	}
