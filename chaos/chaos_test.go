@@ -1,0 +1,789 @@
+package chaos
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/internal/faultnet"
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/replica"
+	"github.com/sqlrebase/sqlrebase/server"
+	"github.com/sqlrebase/sqlrebase/wal"
+)
+
+var (
+	flagSeed     = flag.Uint64("chaos.seed", 0, "run only this seed (also SQLREBASE_CHAOS_SEED)")
+	flagDuration = flag.Duration("chaos.duration", 0, "soak: run new seeds for this long (SQLREBASE_CHAOS=long: 10m)")
+)
+
+// mode sizes a run.
+type mode struct {
+	name       string
+	seeds      int           // seeds to run, unless soaking
+	soak       time.Duration // run new seeds until this much time has passed
+	runFor     time.Duration // how long the replicas mutate under faults
+	perReplica int           // mutations each replica makes
+	maxCut     time.Duration // longest partition
+}
+
+func chooseMode(t *testing.T) mode {
+	soak := *flagDuration
+	if soak == 0 && os.Getenv("SQLREBASE_CHAOS") == "long" {
+		soak = 10 * time.Minute
+	}
+	switch {
+	case soak > 0:
+		// Partitions past QUIC's 20 s idle timeout: connections die and
+		// are made again.
+		return mode{name: "long", soak: soak, runFor: 30 * time.Second, perReplica: 300, maxCut: 25 * time.Second}
+	case testing.Short():
+		return mode{name: "short", seeds: 2, runFor: 2 * time.Second, perReplica: 24, maxCut: 1200 * time.Millisecond}
+	default:
+		return mode{name: "default", seeds: 5, runFor: 5 * time.Second, perReplica: 60, maxCut: 3 * time.Second}
+	}
+}
+
+// replaySeed is the seed asked for by flag or environment, or 0.
+func replaySeed(t *testing.T) uint64 {
+	if *flagSeed != 0 {
+		return *flagSeed
+	}
+	if s := os.Getenv("SQLREBASE_CHAOS_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 0, 64)
+		if err != nil {
+			t.Fatalf("SQLREBASE_CHAOS_SEED=%q: %v", s, err)
+		}
+		return v
+	}
+	return 0
+}
+
+// TestChaos runs the whole stack under network faults and restarts, one
+// seed after another, and checks the invariants after each.
+func TestChaos(t *testing.T) {
+	if _, err := exec.LookPath("sqlite3"); err != nil {
+		t.Fatal("the chaos suite needs the stock sqlite3 CLI on PATH")
+	}
+	m := chooseMode(t)
+	var seeds []uint64
+	if s := replaySeed(t); s != 0 {
+		seeds = []uint64{s}
+	} else {
+		for range m.seeds {
+			seeds = append(seeds, rand.Uint64())
+		}
+	}
+	var converge []time.Duration
+	start := time.Now()
+	for i := 0; ; i++ {
+		var seed uint64
+		switch {
+		case i < len(seeds):
+			seed = seeds[i]
+		case m.soak > 0 && time.Since(start) < m.soak && replaySeed(t) == 0:
+			seed = rand.Uint64()
+		default:
+			logConvergence(t, m, converge)
+			return
+		}
+		var d time.Duration
+		ok := t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
+			t.Logf("seed %d (replay: go test ./chaos -run 'TestChaos/seed=%d$' -chaos.seed=%d; mode %s)", seed, seed, seed, m.name)
+			d = runSeed(t, seed, m)
+		})
+		if !ok {
+			t.Logf("seed %d failed", seed)
+			return
+		}
+		converge = append(converge, d)
+	}
+}
+
+func logConvergence(t *testing.T, m mode, ds []time.Duration) {
+	if len(ds) == 0 {
+		return
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	t.Logf("mode %s, %d seeds: time from faults stopping to every replica in sync: median %v, max %v (all: %v)",
+		m.name, len(s), s[(len(s)-1)/2].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond), roundAll(ds))
+}
+
+func roundAll(ds []time.Duration) []time.Duration {
+	out := make([]time.Duration, len(ds))
+	for i, d := range ds {
+		out[i] = d.Round(time.Millisecond)
+	}
+	return out
+}
+
+// The test app: the demo mutator, for each replica's own row and a shared
+// row, and a capped counter whose server run fails once it is full, so
+// that rejections depend on the server's order.
+const (
+	dbName   = "chaos"
+	secret   = "chaos-secret"
+	shared   = "shared"
+	capName  = "chaosCapped"
+	capRow   = "capped"
+	capLimit = 7
+)
+
+var errCapFull = errors.New("capped counter is full")
+
+func registry(t *testing.T) *mutators.Registry {
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		t.Fatal(err)
+	}
+	reg.MustRegister(capName, func(_ context.Context, tx mutators.Tx, _ json.RawMessage) error {
+		if _, err := tx.Exec(mutators.DemoSchema); err != nil {
+			return err
+		}
+		var n int64
+		switch err := tx.QueryRow(`SELECT count FROM Categories WHERE name = ?`, capRow).Scan(&n); {
+		case errors.Is(err, sql.ErrNoRows):
+		case err != nil:
+			return err
+		}
+		if n >= capLimit {
+			return errCapFull
+		}
+		_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES (?, 1)
+			ON CONFLICT(name) DO UPDATE SET count = count + 1`, capRow)
+		return err
+	})
+	return reg
+}
+
+// plan is what a seed decides before the run: the fault profile, the
+// partitions, who restarts when, and each replica's mutations.
+type plan struct {
+	replicas       int
+	profile        faultnet.Profile
+	partitions     []faultnet.Partition // offsets from the start of the run
+	restartAt      []int                // per replica, the mutation before which it restarts (-1: none)
+	serverRestarts []restart
+	kinds          [][]kind // per replica, its mutations
+	pause          time.Duration
+	finalCut       time.Duration // the partition of everyone at the end
+}
+
+type restart struct{ at, down time.Duration }
+
+type kind int
+
+const (
+	own kind = iota
+	toShared
+	toCapped
+)
+
+func makePlan(seed uint64, m mode) plan {
+	rng := rand.New(rand.NewPCG(seed, seed^0x5eed))
+	dur := func(lo, hi time.Duration) time.Duration { return lo + time.Duration(rng.Int64N(int64(hi-lo)+1)) }
+	p := plan{replicas: 3}
+	p.profile = faultnet.Profile{
+		Loss:         rng.Float64() * 0.15,
+		Duplicate:    rng.Float64() * 0.1,
+		Reorder:      rng.Float64() * 0.2,
+		Delay:        dur(0, 10*time.Millisecond),
+		Jitter:       dur(0, 10*time.Millisecond),
+		ReorderDelay: dur(5*time.Millisecond, 30*time.Millisecond),
+	}
+	for range 1 + rng.IntN(2) {
+		from := dur(0, m.runFor*3/4)
+		p.partitions = append(p.partitions, faultnet.Partition{
+			From: from, Until: from + dur(m.maxCut/5, m.maxCut),
+			Dir:    []faultnet.Direction{faultnet.Up, faultnet.Down, faultnet.Both}[rng.IntN(3)],
+			Client: rng.IntN(p.replicas + 1), // 0: all
+		})
+	}
+	for range p.replicas {
+		at := -1
+		if rng.IntN(3) != 0 {
+			at = 1 + rng.IntN(m.perReplica-1)
+		}
+		p.restartAt = append(p.restartAt, at)
+		ks := make([]kind, m.perReplica)
+		for j := range ks {
+			switch x := rng.IntN(10); {
+			case x < 5:
+				ks[j] = own
+			case x < 8:
+				ks[j] = toShared
+			default:
+				ks[j] = toCapped
+			}
+		}
+		p.kinds = append(p.kinds, ks)
+	}
+	if rng.IntN(4) != 0 {
+		p.serverRestarts = append(p.serverRestarts, restart{at: dur(m.runFor/5, m.runFor*4/5), down: dur(50*time.Millisecond, 800*time.Millisecond)})
+	}
+	p.pause = m.runFor / time.Duration(m.perReplica)
+	p.finalCut = dur(m.maxCut/5, m.maxCut)
+	return p
+}
+
+// rec is one mutation and what the test knows of it.
+type rec struct {
+	id   uint64
+	kind kind
+	h    *replica.Handle // of the replica's latest life that knew it
+}
+
+// cluster is one seed's server, relay and replicas.
+type cluster struct {
+	t     *testing.T
+	seed  uint64
+	plan  plan
+	reg   *mutators.Registry
+	dir   string
+	logs  *ring
+	log   *slog.Logger
+	relay *faultnet.Relay
+
+	srvMu   sync.Mutex
+	srv     *server.Server
+	srvAddr string
+	fp      string
+
+	reps []*worker
+}
+
+// worker is one replica and the mutations it made.
+type worker struct {
+	c    *cluster
+	i    int
+	path string
+
+	mu   sync.Mutex // guards r, recs
+	r    *replica.Replica
+	recs []*rec
+	life int
+}
+
+func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
+	p := makePlan(seed, m)
+	t.Logf("plan: profile %+v; partitions %+v; replica restarts before mutation %v; server restarts %+v",
+		p.profile, p.partitions, p.restartAt, p.serverRestarts)
+	c := &cluster{t: t, seed: seed, plan: p, reg: registry(t), dir: t.TempDir(), logs: newRing(300)}
+	c.log = slog.New(slog.NewTextHandler(c.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("seed %d failed; the last log lines:\n%s", seed, c.logs.String())
+		}
+	})
+	ctx := context.Background()
+
+	c.startServer(ctx, "127.0.0.1:0", true)
+	relay, err := faultnet.Listen(faultnet.Config{Target: c.srvAddr, Seed: seed, Logger: c.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.relay = relay
+	t.Cleanup(func() { relay.Close() })
+
+	// Connect every replica over a clean network first, so that the
+	// relay numbers them 1..n as the plan's partitions expect.
+	for i := range p.replicas {
+		w := &worker{c: c, i: i, path: filepath.Join(c.dir, fmt.Sprintf("r%d.db", i))}
+		w.open(ctx)
+		c.reps = append(c.reps, w)
+		c.bounded("replica connects", 20*time.Second, func(ctx context.Context) error { return w.r.WaitConnected(ctx) })
+	}
+	t.Cleanup(func() {
+		for _, w := range c.reps {
+			w.close()
+		}
+		c.stopServer()
+	})
+
+	// Faults on, then the run.
+	base := relay.Elapsed()
+	prof := p.profile
+	for _, q := range p.partitions {
+		q.From += base
+		q.Until += base
+		prof.Partitions = append(prof.Partitions, q)
+	}
+	if err := relay.SetProfile(prof); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for _, w := range c.reps {
+		wg.Add(1)
+		go func() { defer wg.Done(); w.run(ctx) }()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for _, rs := range p.serverRestarts {
+			time.Sleep(rs.at - (relay.Elapsed() - base))
+			c.restartServer(ctx, rs.down)
+		}
+	}()
+	c.boundedWait("the run", 10*m.runFor+60*time.Second, &wg)
+	if t.Failed() {
+		t.FailNow()
+	}
+	// Let the last partition end. Then the final cut: every client loses
+	// the server both ways while each replica mutates, and the cut heals
+	// with every fault gone; the time until every replica has synced is
+	// what the suite measures.
+	for _, q := range prof.Partitions {
+		if d := q.Until - relay.Elapsed(); d > 0 {
+			time.Sleep(d)
+		}
+	}
+	cut := p.finalCut
+	if err := relay.SetProfile(faultnet.Profile{Partitions: []faultnet.Partition{{Until: time.Duration(math.MaxInt64), Dir: faultnet.Both}}}); err != nil {
+		t.Fatal(err)
+	}
+	cutStart := time.Now()
+	for _, w := range c.reps {
+		w.mutate(ctx, own)
+		w.mutate(ctx, toShared)
+	}
+	time.Sleep(cut - time.Since(cutStart))
+	if err := relay.SetProfile(faultnet.Profile{}); err != nil {
+		t.Fatal(err)
+	}
+	healed := time.Now()
+	var syncs sync.WaitGroup
+	for _, w := range c.reps {
+		syncs.Add(1)
+		go func() {
+			defer syncs.Done()
+			c.bounded(fmt.Sprintf("replica %d Sync after the faults", w.i), 90*time.Second, w.r.Sync)
+		}()
+	}
+	c.boundedWait("the Syncs", 100*time.Second, &syncs)
+	converged := time.Since(healed)
+	if t.Failed() {
+		t.FailNow()
+	}
+	c.check(ctx)
+	st := relay.Stats()
+	t.Logf("in sync %v after a %v cut healed; relay: %+v", converged.Round(time.Millisecond), cut, st)
+	return converged
+}
+
+// startServer opens the server on c.dir and serves it on addr (retrying
+// while the port is still taken by the previous life).
+func (c *cluster) startServer(ctx context.Context, addr string, first bool) {
+	t := c.t
+	srv, err := server.Open(ctx, server.Config{
+		Dir: filepath.Join(c.dir, "server"), Mutators: c.reg, Logger: c.log,
+		Setup: func(ctx context.Context, tx mutators.Tx) error {
+			_, err := tx.Exec(mutators.DemoSchema)
+			return err
+		},
+	})
+	if err != nil {
+		t.Errorf("server open: %v", err)
+		return
+	}
+	if first {
+		if err := srv.AddDatabase(ctx, dbName, secret); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		a, err := srv.Listen(ctx, addr)
+		if err == nil {
+			c.srvMu.Lock()
+			c.srv, c.srvAddr, c.fp = srv, a, srv.Fingerprint()
+			c.srvMu.Unlock()
+			return
+		}
+		if time.Now().After(deadline) {
+			srv.Close()
+			t.Errorf("server listen %s: %v", addr, err)
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (c *cluster) stopServer() {
+	c.srvMu.Lock()
+	srv := c.srv
+	c.srv = nil
+	c.srvMu.Unlock()
+	if srv != nil {
+		if err := srv.Close(); err != nil {
+			c.t.Errorf("server close: %v", err)
+		}
+	}
+}
+
+func (c *cluster) restartServer(ctx context.Context, down time.Duration) {
+	c.log.Info("chaos: server restarts", "down", down)
+	c.stopServer()
+	time.Sleep(down)
+	c.startServer(ctx, c.srvAddr, false)
+}
+
+func (c *cluster) server() *server.Server {
+	c.srvMu.Lock()
+	defer c.srvMu.Unlock()
+	return c.srv
+}
+
+func (w *worker) open(ctx context.Context) {
+	c := w.c
+	c.srvMu.Lock()
+	fp := c.fp // the same in every life of the server: its certificate is in its directory
+	c.srvMu.Unlock()
+	r, err := replica.Open(ctx, w.path, replica.Options{
+		Mutators: c.reg, Logger: c.log.With("replica", w.i),
+		Remote: &replica.Remote{Addr: c.relay.Addr(), Database: dbName, Credential: secret, Fingerprint: fp},
+	})
+	if err != nil {
+		c.t.Errorf("replica %d open (life %d): %v", w.i, w.life+1, err)
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.r = r
+	w.life++
+	// The handles of the previous life ended with ErrClosed; the
+	// mutations still pending have new ones. One neither settled nor
+	// pending would be lost to the app.
+	for _, m := range w.recs {
+		if h := r.Handle(m.id); h != nil {
+			m.h = h
+			continue
+		}
+		select {
+		case <-m.h.Done():
+			if errors.Is(m.h.Wait(ctx), replica.ErrClosed) {
+				c.t.Errorf("replica %d: mutation %d was unsettled at Close, yet is not pending after reopen", w.i, m.id)
+			}
+		default:
+			c.t.Errorf("replica %d: mutation %d: the handle of a closed replica is not done", w.i, m.id)
+		}
+	}
+}
+
+func (w *worker) close() {
+	w.mu.Lock()
+	r := w.r
+	w.r = nil
+	w.mu.Unlock()
+	if r != nil {
+		if err := r.Close(); err != nil {
+			w.c.t.Errorf("replica %d close: %v", w.i, err)
+		}
+	}
+}
+
+// run makes the replica's planned mutations, restarting it where planned.
+func (w *worker) run(ctx context.Context) {
+	c := w.c
+	rng := rand.New(rand.NewPCG(c.seed, uint64(w.i)))
+	for j, k := range c.plan.kinds[w.i] {
+		if j == c.plan.restartAt[w.i] {
+			c.log.Info("chaos: replica restarts", "replica", w.i)
+			w.close()
+			w.open(ctx)
+		}
+		if !w.mutate(ctx, k) {
+			return
+		}
+		time.Sleep(time.Duration(float64(c.plan.pause) * (0.5 + rng.Float64())))
+	}
+}
+
+// mutate makes one mutation of kind k and records it; false if it failed.
+func (w *worker) mutate(ctx context.Context, k kind) bool {
+	c := w.c
+	w.mu.Lock()
+	r := w.r
+	w.mu.Unlock()
+	if r == nil {
+		return false // open failed, and said so
+	}
+	var h *replica.Handle
+	var err error
+	switch k {
+	case own:
+		h, err = r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs(fmt.Sprintf("r%d", w.i), 1))
+	case toShared:
+		h, err = r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs(shared, 1))
+	case toCapped:
+		h, err = r.Mutate(ctx, capName, json.RawMessage("{}"))
+	}
+	if err != nil {
+		c.t.Errorf("replica %d: Mutate %v: %v", w.i, k, err)
+		return false
+	}
+	w.mu.Lock()
+	w.recs = append(w.recs, &rec{id: h.ID, kind: k, h: h})
+	w.mu.Unlock()
+	return true
+}
+
+// check verifies the invariants once every replica has synced.
+func (c *cluster) check(ctx context.Context) {
+	t := c.t
+	srv := c.server()
+	if srv == nil {
+		t.Fatal("no server")
+	}
+	auth := srv.Authority(dbName)
+
+	// Every mutation settled, with the outcome its kind allows.
+	want := map[string]int64{}
+	capTried, capApplied := 0, 0
+	for _, w := range c.reps {
+		w.mu.Lock()
+		recs := slices.Clone(w.recs)
+		w.mu.Unlock()
+		for _, m := range recs {
+			var err error
+			select {
+			case <-m.h.Done():
+				err = m.h.Wait(ctx)
+			default:
+				t.Errorf("replica %d: mutation %d (%v) not settled after Sync", w.i, m.id, m.kind)
+				continue
+			}
+			var rej *replica.RejectedError
+			switch {
+			case m.kind == toCapped && err == nil:
+				capTried++
+				capApplied++
+			case m.kind == toCapped && errors.As(err, &rej) && strings.Contains(rej.Message, errCapFull.Error()):
+				capTried++
+			case err != nil:
+				t.Errorf("replica %d: mutation %d (%v): %v", w.i, m.id, m.kind, err)
+			case m.kind == own:
+				want[fmt.Sprintf("r%d", w.i)]++
+			case m.kind == toShared:
+				want[shared]++
+			}
+		}
+	}
+	if capApplied > 0 {
+		want[capRow] = int64(capApplied)
+	}
+	if wantCap := min(capTried, capLimit); capApplied != wantCap {
+		t.Errorf("capped: %d of %d applied, want %d", capApplied, capTried, wantCap)
+	}
+
+	// Every replica at the server's version, checksum and rows. A replica
+	// whose Sync returned early may still apply another's last version.
+	srvRows := rows(t, "server", func(q string) (*sql.Rows, error) { return auth.Query(ctx, q) })
+	if got, wantS := srvRows, format(want); got != wantS {
+		t.Errorf("server rows %s, want %s (exact counts of the confirmed mutations)", got, wantS)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for _, w := range c.reps {
+		for {
+			st := w.r.Status()
+			if st.Version == auth.Version() && st.Checksum == auth.Checksum() && st.Pending == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("replica %d at %+v; server at version %d checksum %016x", w.i, st, auth.Version(), auth.Checksum())
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		got := rows(t, fmt.Sprintf("replica %d", w.i), func(q string) (*sql.Rows, error) { return w.r.DB().QueryContext(ctx, q) })
+		if got != srvRows {
+			t.Errorf("replica %d rows %s, server's %s", w.i, got, srvRows)
+		}
+	}
+
+	// The server's file, read by the stock sqlite3 CLI after the server
+	// closed: intact, the same rows, and the checksum the server reported.
+	sum := auth.Checksum()
+	for _, w := range c.reps {
+		w.close()
+	}
+	c.stopServer()
+	file := filepath.Join(c.dir, "server", "dbs", dbName, "db.sqlite")
+	out, err := exec.Command("sqlite3", file, "PRAGMA integrity_check",
+		"SELECT group_concat(name || '=' || count, ',') FROM (SELECT name, count FROM Categories ORDER BY name)").CombinedOutput()
+	if err != nil {
+		t.Fatalf("sqlite3: %v\n%s", err, out)
+	}
+	if got, w := strings.TrimSpace(string(out)), "ok\n"+format(want); got != w {
+		t.Errorf("the sqlite3 CLI reads the server's file as\n%s\nwant\n%s", got, w)
+	}
+	if fs := fileChecksum(t, file); fs != sum {
+		t.Errorf("the server's file (checkpointed by the CLI) has checksum %016x; the server reported %016x", fs, sum)
+	}
+}
+
+// rows lists Categories as "name=count,..." by name.
+func rows(t *testing.T, who string, query func(string) (*sql.Rows, error)) string {
+	rs, err := query(`SELECT name, count FROM Categories ORDER BY name`)
+	if err != nil {
+		t.Errorf("%s: %v", who, err)
+		return ""
+	}
+	defer rs.Close()
+	m := map[string]int64{}
+	for rs.Next() {
+		var n string
+		var v int64
+		if err := rs.Scan(&n, &v); err != nil {
+			t.Errorf("%s: %v", who, err)
+			return ""
+		}
+		m[n] = v
+	}
+	if err := rs.Err(); err != nil {
+		t.Errorf("%s: %v", who, err)
+	}
+	return format(m)
+}
+
+func format(m map[string]int64) string {
+	var names []string
+	for n := range m {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	var b strings.Builder
+	for i, n := range names {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, "%s=%d", n, m[n])
+	}
+	return b.String()
+}
+
+// fileChecksum is the whole-database checksum of a database file, as the
+// server and replicas compute it: wal.PageChecksum over every page.
+func fileChecksum(t *testing.T, path string) uint64 {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) < 100 {
+		t.Fatalf("%s: %d bytes", path, len(b))
+	}
+	ps := uint32(b[16])<<8 | uint32(b[17])
+	if ps == 1 {
+		ps = 65536
+	}
+	if !wal.ValidPageSize(ps) || len(b)%int(ps) != 0 {
+		t.Fatalf("%s: page size %d, %d bytes", path, ps, len(b))
+	}
+	n := uint32(len(b) / int(ps))
+	sums := wal.NewChecksumTable(ps)
+	sums.Resize(n)
+	for i := uint32(0); i < n; i++ {
+		sums.Set(i+1, wal.PageChecksum(i+1, b[i*ps:(i+1)*ps]))
+	}
+	return sums.Sum()
+}
+
+// bounded runs fn under a deadline and fails the test with the cluster's
+// state if it does not return nil in time.
+func (c *cluster) bounded(what string, d time.Duration, fn func(context.Context) error) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	if err := fn(ctx); err != nil {
+		c.t.Errorf("%s: %v (after %v)\n%s", what, err, d, c.state())
+	}
+}
+
+// boundedWait waits for wg, at most d; past it, it fails the test with the
+// cluster's state and every goroutine's stack.
+func (c *cluster) boundedWait(what string, d time.Duration, wg *sync.WaitGroup) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		buf := make([]byte, 4<<20)
+		c.t.Fatalf("%s did not end in %v\n%s\ngoroutines:\n%s", what, d, c.state(), buf[:runtime.Stack(buf, true)])
+	}
+}
+
+// state describes the cluster for a failure message.
+func (c *cluster) state() string {
+	var b strings.Builder
+	if srv := c.server(); srv != nil {
+		a := srv.Authority(dbName)
+		fmt.Fprintf(&b, "server: version %d checksum %016x\n", a.Version(), a.Checksum())
+	} else {
+		b.WriteString("server: down\n")
+	}
+	for _, w := range c.reps {
+		w.mu.Lock()
+		r, life := w.r, w.life
+		w.mu.Unlock()
+		if r != nil {
+			fmt.Fprintf(&b, "replica %d (life %d): %+v\n", w.i, life, r.Status())
+		}
+	}
+	if c.relay != nil {
+		fmt.Fprintf(&b, "relay at %v: %+v\n", c.relay.Elapsed(), c.relay.Stats())
+	}
+	return b.String()
+}
+
+func (k kind) String() string {
+	return [...]string{"own", "shared", "capped"}[k]
+}
+
+// ring keeps the last lines written to it, to show with a failure.
+type ring struct {
+	mu    sync.Mutex
+	lines []string
+	next  int
+	full  bool
+}
+
+func newRing(n int) *ring { return &ring{lines: make([]string, n)} }
+
+func (r *ring) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, l := range strings.Split(strings.TrimRight(string(p), "\n"), "\n") {
+		r.lines[r.next] = l
+		r.next = (r.next + 1) % len(r.lines)
+		if r.next == 0 {
+			r.full = true
+		}
+	}
+	return len(p), nil
+}
+
+func (r *ring) String() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	if r.full {
+		out = append(out, r.lines[r.next:]...)
+	}
+	out = append(out, r.lines[:r.next]...)
+	return strings.Join(out, "\n")
+}
