@@ -28,7 +28,10 @@ func TestTodo(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv, err := server.Open(ctx, server.Config{Dir: filepath.Join(dir, "server"), Mutators: reg,
-		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.ExecContext(ctx, todo.Schema); return err }})
+		Setup: func(ctx context.Context, tx mutators.Tx) error {
+			_, err := tx.ExecContext(ctx, todo.Schema)
+			return err
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
