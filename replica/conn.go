@@ -96,6 +96,11 @@ func (c *readConn) enter(ctx context.Context, what string) error {
 		return err
 	}
 	c.hold = h
+	// Inside the gate no rebase runs: the replica's state is settled.
+	if err := c.r.hiddenErr(); err != nil {
+		c.release()
+		return err
+	}
 	if err := c.refreshSchema(); err != nil {
 		c.release()
 		return err

@@ -68,6 +68,10 @@ type Options struct {
 	// crashHook, if set, is called at named points of Mutate and Rebase;
 	// the crash tests use it to kill the process exactly there.
 	crashHook func(point string)
+	// failHook, if set, is asked at named points ("commit": the COMMIT of
+	// a Mutate or a replay); an error it returns is taken as that
+	// statement's failure (tests inject I/O errors with it).
+	failHook func(point string) error
 }
 
 // Change tells watchers that the replica's visible state moved.
@@ -152,6 +156,12 @@ type Replica struct {
 
 	net   *netState    // the sync loop; nil without Options.Remote
 	fatal *fatalSignal // set when the sync loop stops on a refusal
+
+	// hidden is set when a replay (or a Mutate's own transaction) failed
+	// to write, so that DB() would show a state without some pending
+	// mutation: reads and Mutate fail with ErrPendingHidden until a rebase
+	// (Mutate starts one) replays everything again.
+	hidden atomic.Pointer[error]
 
 	closed atomic.Bool
 }
@@ -479,7 +489,56 @@ var (
 	// says which connection was in the way and since when. Nothing
 	// changed; the sync loop tries again later.
 	ErrReadersBusy = errors.New("replica: readers keep the rebase out")
+	// ErrPendingHidden is returned by DB() reads and Mutate after the
+	// pending mutations could not be written again (a replay's COMMIT
+	// failed twice): rather than show a state that lacks them, the replica
+	// refuses until a rebase replays them (the sync loop's next, a Mutate's
+	// repair, or Rebase(ctx) with no page sets).
+	ErrPendingHidden = errors.New("replica: pending mutations could not be replayed")
 )
+
+// engineError is a failure of the replica's own write (BEGIN, COMMIT, a
+// savepoint, or the storage under a mutator), not of a mutator: the
+// mutation's effect is missing because the write failed.
+type engineError struct{ err error }
+
+func (e *engineError) Error() string { return e.err.Error() }
+func (e *engineError) Unwrap() error { return e.err }
+
+// isEngineFailure says whether err is the replica's write failing rather
+// than the mutator refusing.
+func isEngineFailure(err error) bool {
+	var ee *engineError
+	return errors.As(err, &ee) || errors.Is(err, sqlite3.IOERR) || errors.Is(err, sqlite3.FULL) || errors.Is(err, sqlite3.CORRUPT) || errors.Is(err, sqlite3.CANTOPEN)
+}
+
+func (r *Replica) fail(point string) error {
+	if r.opts.failHook != nil {
+		return r.opts.failHook(point)
+	}
+	return nil
+}
+
+// hiddenErr is ErrPendingHidden with the failure behind it, or nil.
+func (r *Replica) hiddenErr() error {
+	if p := r.hidden.Load(); p != nil {
+		return fmt.Errorf("%w: %w", ErrPendingHidden, *p)
+	}
+	return nil
+}
+
+// repair drops the WAL and replays every pending mutation: a rebase with no
+// page sets. It keeps the lock order (the caller holds neither the gate nor
+// writeMu).
+func (r *Replica) repair(ctx context.Context) error {
+	if err := r.rebase(ctx, context.WithoutCancel(ctx), func(ctx context.Context) error { return r.files.Rebase(ctx) }); err != nil {
+		if r.hidden.Load() != nil {
+			return fmt.Errorf("%w; repair failed: %w", ErrPendingHidden, err)
+		}
+		return fmt.Errorf("repair: %w", err)
+	}
+	return r.hiddenErr()
+}
 
 // Mutate records a mutation durably and runs it at once on the replica. It
 // returns an error, and records nothing, only if the mutation cannot be
@@ -492,6 +551,12 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	}
 	if err := r.opts.Mutators.Check(name, args); err != nil {
 		return nil, err
+	}
+	if r.hidden.Load() != nil {
+		// Never write on top of a state that lacks pending mutations.
+		if err := r.repair(ctx); err != nil {
+			return nil, fmt.Errorf("mutate %s: %w", name, err)
+		}
 	}
 	if err := r.writeMu.LockContext(ctx); err != nil {
 		return nil, fmt.Errorf("mutate %s: wait for the writer: %w", name, err)
@@ -507,7 +572,16 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	r.hmu.Lock()
 	r.handles[id] = h
 	r.hmu.Unlock()
-	h.setLocalErr(r.runOne(ctx, queuedMutation{ID: id, Name: name, Args: args}, true))
+	m := queuedMutation{ID: id, Name: name, Args: args}
+	err := r.runOne(ctx, m, true)
+	if isEngineFailure(err) {
+		// Queued but not written: try once more, else hide the state
+		// until a rebase writes it again.
+		if err = r.runOne(ctx, m, true); isEngineFailure(err) {
+			r.hidden.Store(&err)
+		}
+	}
+	h.setLocalErr(err)
 	r.crash("mutate-after-run")
 	r.publish()
 	change := Change{Version: r.files.Version(), Pending: r.queue.Len()}
@@ -527,7 +601,7 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 		begin, undo, done = "BEGIN IMMEDIATE", "ROLLBACK", "COMMIT"
 	}
 	if _, err := r.engineQ.ExecContext(ctx, begin); err != nil {
-		return fmt.Errorf("%s: %w", begin, err)
+		return &engineError{fmt.Errorf("%s: %w", begin, err)}
 	}
 	r.role.Store(int32(roleMutator))
 	r.mutatorDenied.Store(nil)
@@ -542,9 +616,16 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 		}
 		return err
 	}
-	if _, err := r.engineQ.ExecContext(ctx, done); err != nil {
+	err = nil
+	if alone {
+		err = r.fail("commit")
+	}
+	if err == nil {
+		_, err = r.engineQ.ExecContext(ctx, done)
+	}
+	if err != nil {
 		r.writer.ExecContext(context.WithoutCancel(ctx), undo)
-		return fmt.Errorf("%s: %w", done, err)
+		return &engineError{fmt.Errorf("%s: %w", done, err)}
 	}
 	return nil
 }
@@ -737,7 +818,26 @@ func (r *Replica) settle(ctx context.Context) error {
 
 // replay runs every pending mutation again, in one write transaction with a
 // savepoint each: committing them one by one would cost a commit each.
+//
+// If the replay cannot be written (an I/O error at COMMIT), it is tried once
+// more; if that fails too, DB() reads and Mutate fail with ErrPendingHidden
+// until a later replay succeeds: no reader sees a state that lacks a
+// pending mutation (invariant 2).
 func (r *Replica) replay(ctx context.Context) error {
+	err := r.replayOnce(ctx)
+	if err != nil {
+		r.log.Warn("replay failed; trying again", "err", err)
+		err = r.replayOnce(ctx)
+	}
+	if err != nil {
+		r.hidden.Store(&err)
+		return err
+	}
+	r.hidden.Store(nil)
+	return nil
+}
+
+func (r *Replica) replayOnce(ctx context.Context) error {
 	pending := r.queue.Pending()
 	for len(pending) > 0 && pending[0].ID <= r.ackRead {
 		pending = pending[1:]
@@ -750,6 +850,9 @@ func (r *Replica) replay(ctx context.Context) error {
 		// unit that a failure rolls back (two statements fewer).
 		m := pending[0]
 		err := r.runOne(ctx, m, true)
+		if isEngineFailure(err) {
+			return fmt.Errorf("replay mutation %d: %w", m.ID, err)
+		}
 		if h := r.handles[m.ID]; h != nil {
 			h.setLocalErr(err)
 		}
@@ -761,6 +864,10 @@ func (r *Replica) replay(ctx context.Context) error {
 	}
 	for i, m := range pending {
 		err := r.runOne(ctx, m, false)
+		if isEngineFailure(err) {
+			r.writer.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
+			return fmt.Errorf("replay mutation %d: %w", m.ID, err)
+		}
 		if h := r.handles[m.ID]; h != nil {
 			h.setLocalErr(err)
 		}
@@ -768,7 +875,11 @@ func (r *Replica) replay(ctx context.Context) error {
 			r.crash("replay-middle")
 		}
 	}
-	if _, err := r.engineQ.ExecContext(ctx, "COMMIT"); err != nil {
+	err := r.fail("commit")
+	if err == nil {
+		_, err = r.engineQ.ExecContext(ctx, "COMMIT")
+	}
+	if err != nil {
 		r.writer.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
 		return fmt.Errorf("replay: commit: %w", err)
 	}
