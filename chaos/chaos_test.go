@@ -41,6 +41,7 @@ type mode struct {
 	runFor     time.Duration // how long the replicas mutate under faults
 	perReplica int           // mutations each replica makes
 	maxCut     time.Duration // longest partition
+	restarts   int           // most restarts of each replica, and of the server
 }
 
 func chooseMode(t *testing.T) mode {
@@ -52,11 +53,11 @@ func chooseMode(t *testing.T) mode {
 	case soak > 0:
 		// Partitions past QUIC's 20 s idle timeout: connections die and
 		// are made again.
-		return mode{name: "long", soak: soak, runFor: 30 * time.Second, perReplica: 300, maxCut: 25 * time.Second}
+		return mode{name: "long", soak: soak, runFor: 30 * time.Second, perReplica: 300, maxCut: 25 * time.Second, restarts: 4}
 	case testing.Short():
-		return mode{name: "short", seeds: 2, runFor: 2 * time.Second, perReplica: 24, maxCut: 1200 * time.Millisecond}
+		return mode{name: "short", seeds: 2, runFor: 2 * time.Second, perReplica: 24, maxCut: 1200 * time.Millisecond, restarts: 1}
 	default:
-		return mode{name: "default", seeds: 5, runFor: 5 * time.Second, perReplica: 60, maxCut: 3 * time.Second}
+		return mode{name: "default", seeds: 5, runFor: 5 * time.Second, perReplica: 60, maxCut: 3 * time.Second, restarts: 2}
 	}
 }
 
@@ -179,7 +180,7 @@ type plan struct {
 	replicas       int
 	profile        faultnet.Profile
 	partitions     []faultnet.Partition // offsets from the start of the run
-	restartAt      []int                // per replica, the mutation before which it restarts (-1: none)
+	restartAt      [][]int              // per replica, the mutations before which it restarts
 	serverRestarts []restart
 	kinds          [][]kind // per replica, its mutations
 	pause          time.Duration
@@ -217,11 +218,12 @@ func makePlan(seed uint64, m mode) plan {
 		})
 	}
 	for range p.replicas {
-		at := -1
-		if rng.IntN(3) != 0 {
-			at = 1 + rng.IntN(m.perReplica-1)
+		var at []int
+		for range rng.IntN(m.restarts + 1) {
+			at = append(at, 1+rng.IntN(m.perReplica-1))
 		}
-		p.restartAt = append(p.restartAt, at)
+		slices.Sort(at)
+		p.restartAt = append(p.restartAt, slices.Compact(at))
 		ks := make([]kind, m.perReplica)
 		for j := range ks {
 			switch x := rng.IntN(10); {
@@ -235,8 +237,13 @@ func makePlan(seed uint64, m mode) plan {
 		}
 		p.kinds = append(p.kinds, ks)
 	}
-	if rng.IntN(4) != 0 {
-		p.serverRestarts = append(p.serverRestarts, restart{at: dur(m.runFor/5, m.runFor*4/5), down: dur(50*time.Millisecond, 800*time.Millisecond)})
+	var at []time.Duration
+	for range rng.IntN(m.restarts + 1) {
+		at = append(at, dur(m.runFor/5, m.runFor*4/5))
+	}
+	slices.Sort(at)
+	for _, a := range at {
+		p.serverRestarts = append(p.serverRestarts, restart{at: a, down: dur(50*time.Millisecond, 800*time.Millisecond)})
 	}
 	p.pause = m.runFor / time.Duration(m.perReplica)
 	p.finalCut = dur(m.maxCut/5, m.maxCut)
@@ -382,7 +389,18 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		t.FailNow()
 	}
 	c.check(ctx)
+	// The faults happened, to these clients: the relay was in the path.
 	st := relay.Stats()
+	lives := p.replicas
+	for _, at := range p.restartAt {
+		lives += len(at)
+	}
+	if st.Clients != lives {
+		t.Errorf("the relay saw %d client addresses, want one per replica life (%d)", st.Clients, lives)
+	}
+	if p.profile.Loss > 0.02 && st.Lost[0]+st.Lost[1] == 0 {
+		t.Errorf("loss %.3f, yet the relay lost no packet: %+v", p.profile.Loss, st)
+	}
 	t.Logf("in sync %v after a %v cut healed; relay: %+v", converged.Round(time.Millisecond), cut, st)
 	return converged
 }
@@ -457,6 +475,8 @@ func (w *worker) open(ctx context.Context) {
 	c.srvMu.Unlock()
 	r, err := replica.Open(ctx, w.path, replica.Options{
 		Mutators: c.reg, Logger: c.log.With("replica", w.i),
+		// One replica fsyncs everything, the others the default.
+		Durability: []replica.Durability{replica.Normal, replica.Full}[w.i%2],
 		Remote: &replica.Remote{Addr: c.relay.Addr(), Database: dbName, Credential: secret, Fingerprint: fp},
 	})
 	if err != nil {
@@ -503,7 +523,7 @@ func (w *worker) run(ctx context.Context) {
 	c := w.c
 	rng := rand.New(rand.NewPCG(c.seed, uint64(w.i)))
 	for j, k := range c.plan.kinds[w.i] {
-		if j == c.plan.restartAt[w.i] {
+		if slices.Contains(c.plan.restartAt[w.i], j) {
 			c.log.Info("chaos: replica restarts", "replica", w.i)
 			w.close()
 			w.open(ctx)
