@@ -477,7 +477,7 @@ func (w *worker) open(ctx context.Context) {
 		Mutators: c.reg, Logger: c.log.With("replica", w.i),
 		// One replica fsyncs everything, the others the default.
 		Durability: []replica.Durability{replica.Normal, replica.Full}[w.i%2],
-		Remote: &replica.Remote{Addr: c.relay.Addr(), Database: dbName, Credential: secret, Fingerprint: fp},
+		Remote:     &replica.Remote{Addr: c.relay.Addr(), Database: dbName, Credential: secret, Fingerprint: fp},
 	})
 	if err != nil {
 		c.t.Errorf("replica %d open (life %d): %v", w.i, w.life+1, err)
