@@ -11,7 +11,10 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"syscall"
 	"time"
+
+	sqlite3 "github.com/ncruces/go-sqlite3"
 
 	"github.com/sqlrebase/sqlrebase/wal"
 )
@@ -50,6 +53,14 @@ var (
 	ErrChecksum = errors.New("vfs: checksum mismatch")
 	// ErrPageSize means a page set's page size differs from the database's.
 	ErrPageSize = errors.New("vfs: page size mismatch")
+	// ErrPoisoned means a write to the main file, the WAL or the wal-index
+	// failed part-way, so the files may be torn. The Replica keeps every
+	// reader and writer out and refuses all work until [Replica.Repair]
+	// succeeds. It wraps the failure that caused it.
+	ErrPoisoned = errors.New("vfs: replica is poisoned by a failed write (repair it)")
+	// ErrDiskFull is wrapped into every error whose cause is a full disk
+	// (ENOSPC, SQLITE_FULL), so that it says so; see [IsDiskFull].
+	ErrDiskFull = errors.New("no space left on device")
 )
 
 // Offsets of the wal-index locks in -shm (SQLite's WAL_WRITE_LOCK and
@@ -90,6 +101,23 @@ type Replica struct {
 	change     uint32 // last wal-index change counter written
 	journal    [journalSlots]*os.File
 	nextSlot   int
+	faults     *Faults // nil outside tests
+	// poisoned is the failure that left the files torn, nil when they are
+	// sound. While set, the wal-index locks that exclude every connection
+	// stay held.
+	poisoned error
+	// image is the snapshot an install was copying when it failed: the
+	// journal names its version, not its pages, so Repair copies it again.
+	image *SnapshotImage
+}
+
+// ReplicaOptions configure [OpenReplicaWith].
+type ReplicaOptions struct {
+	// Durability says what survives what.
+	Durability Durability
+	// Faults, if set, is the fault hook the Replica's own file I/O goes
+	// through (tests only).
+	Faults *Faults
 }
 
 // OpenReplica opens the replica database at path, creating it at version 0
@@ -99,13 +127,18 @@ type Replica struct {
 // pending queue replays it), and takes the locks that forbid checkpoints.
 // Open it before any SQLite connection to it.
 func OpenReplica(path string, d Durability) (*Replica, error) {
+	return OpenReplicaWith(path, ReplicaOptions{Durability: d})
+}
+
+// OpenReplicaWith is [OpenReplica] with options.
+func OpenReplicaWith(path string, o ReplicaOptions) (*Replica, error) {
 	if !supported {
 		return nil, ErrUnsupported
 	}
-	r := &Replica{path: path, durability: d, walPath: path + "-wal"}
+	r := &Replica{path: path, durability: o.Durability, walPath: path + "-wal", faults: o.Faults}
 	if err := r.open(); err != nil {
 		r.Close()
-		return nil, fmt.Errorf("open replica %s: %w", path, err)
+		return nil, fmt.Errorf("open replica %s: %w", path, WrapDiskFull(err))
 	}
 	return r, nil
 }
@@ -153,10 +186,10 @@ func (r *Replica) open() error {
 
 // writeEmpty makes the main file the empty database of version 0.
 func (r *Replica) writeEmpty() error {
-	if _, err := r.main.WriteAt(wal.EmptyDatabase(wal.DefaultPageSize), 0); err != nil {
+	if _, err := r.faults.writeAt(r.main, wal.EmptyDatabase(wal.DefaultPageSize), 0); err != nil {
 		return err
 	}
-	return r.main.Sync()
+	return r.faults.sync(r.main)
 }
 
 // The apply journal is two slot files, written in turn: each holds one page
@@ -177,12 +210,19 @@ func (r *Replica) recoverJournal() (uint64, uint64, error) {
 	var newest *wal.PageSet
 	var bad []string
 	for slot := 0; slot < journalSlots; slot++ {
-		f, err := os.OpenFile(r.journalPath(slot), os.O_RDWR|os.O_CREATE, 0o644)
-		if err != nil {
-			return 0, 0, fmt.Errorf("open apply journal: %w", err)
+		f := r.journal[slot]
+		if f == nil {
+			var err error
+			if f, err = os.OpenFile(r.journalPath(slot), os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+				return 0, 0, fmt.Errorf("open apply journal: %w", err)
+			}
+			r.journal[slot] = f
 		}
-		r.journal[slot] = f
-		b, err := io.ReadAll(f)
+		st, err := f.Stat()
+		if err != nil {
+			return 0, 0, fmt.Errorf("read apply journal: %w", err)
+		}
+		b, err := io.ReadAll(io.NewSectionReader(f, 0, st.Size()))
 		if err != nil {
 			return 0, 0, fmt.Errorf("read apply journal: %w", err)
 		}
@@ -280,10 +320,10 @@ func (r *Replica) openShm() error {
 	if err := writeLock(r.shm, shmLockDMS, 1); err != nil {
 		return fmt.Errorf("-shm is in use by another connection: %w", err)
 	}
-	if err := r.shm.Truncate(0); err != nil {
+	if err := r.faults.truncate(r.shm, 0); err != nil {
 		return err
 	}
-	if err := r.shm.Truncate(shmRegionSize); err != nil {
+	if err := r.faults.truncate(r.shm, shmRegionSize); err != nil {
 		return err
 	}
 	var seed [4]byte
@@ -347,7 +387,7 @@ func (r *Replica) resetWAL(truncate bool) error {
 	}
 	r.change++
 	h, ci := wal.EmptyIndex(wal.IndexHeader{Change: r.change - 1}, r.pageSize, r.sums.Pages(), salt1, salt2)
-	if _, err := r.shm.WriteAt(wal.EncodeIndex(h, ci), 0); err != nil {
+	if _, err := r.faults.writeAt(r.shm, wal.EncodeIndex(h, ci), 0); err != nil {
 		return fmt.Errorf("write wal-index header: %w", err)
 	}
 	return nil
@@ -388,7 +428,7 @@ func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
 		return err
 	}
 	if truncate || st.Size() > walTruncateMin {
-		if err := f.Truncate(0); err != nil {
+		if err := r.faults.truncate(f, 0); err != nil {
 			return fmt.Errorf("truncate WAL: %w", err)
 		}
 		return nil
@@ -399,7 +439,7 @@ func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
 	}
 	hdr.Salt1, hdr.Salt2 = salt1, salt2
 	enc := hdr.Encode()
-	if _, err := f.WriteAt(enc[:], 0); err != nil {
+	if _, err := r.faults.writeAt(f, enc[:], 0); err != nil {
 		return fmt.Errorf("write WAL header: %w", err)
 	}
 	return nil
@@ -419,6 +459,9 @@ func (r *Replica) Pages() uint32 { return r.sums.Pages() }
 
 // SchemaCookie reads the schema cookie of the main file (the server's).
 func (r *Replica) SchemaCookie() (uint32, error) {
+	if r.poisoned != nil {
+		return 0, r.poisonedErr()
+	}
 	var b [4]byte
 	if _, err := r.main.ReadAt(b[:], 40); err != nil {
 		return 0, fmt.Errorf("read schema cookie: %w", err)
@@ -496,23 +539,29 @@ func (r *Replica) check(sets []*wal.PageSet) (*wal.PageSet, []uint64, error) {
 // every connection to finish its transaction; the caller should stop new
 // ones first, or they will delay it.
 func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
+	if r.poisoned != nil {
+		return r.poisonedErr()
+	}
 	merged, crcs, err := r.check(sets)
 	if err != nil {
 		return err
 	}
 	if merged != nil {
+		// A failed journal write touched nothing SQLite reads: the other
+		// slot still describes the main file, so this is an error, not a
+		// poison.
 		if err := r.writeJournal(merged); err != nil {
-			return err
+			return WrapDiskFull(err)
 		}
 	}
 	if err := r.lockAll(ctx); err != nil {
 		return err
 	}
-	defer r.unlockAll()
 	if merged != nil {
 		if err := r.writePages(merged); err != nil {
-			// The journal is in place: the next open repairs the file.
-			return fmt.Errorf("apply version %d: %w", merged.Version, err)
+			// The journal is in place: Repair (or the next open) brings the
+			// file to merged.Version.
+			return r.poison(fmt.Errorf("apply version %d: %w", merged.Version, err))
 		}
 		if merged.Flags&wal.FlagSnapshot != 0 {
 			r.sums = wal.NewChecksumTable(merged.PageSize)
@@ -521,8 +570,126 @@ func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 		r.sums.ApplyWith(merged, crcs)
 		r.version = merged.Version
 	}
-	return r.resetWAL(false)
+	if err := r.resetWAL(false); err != nil {
+		return r.poison(fmt.Errorf("drop the WAL: %w", err))
+	}
+	return r.unlockAll()
 }
+
+// poison records that the files may be torn by err and keeps the locks
+// that exclude every connection (the caller holds them), so that nothing
+// reads what the failed write left behind until Repair.
+func (r *Replica) poison(err error) error {
+	r.poisoned = WrapDiskFull(err)
+	// Spoil the wal-index header (isInit of its first copy): a connection
+	// that finds it bad runs recovery, which needs the WRITE and RECOVER
+	// locks we hold, and so gets SQLITE_BUSY_RECOVERY at once, instead of
+	// retrying for the read locks for seconds before SQLITE_PROTOCOL. If
+	// this write fails too, the locks still keep everyone out.
+	r.shm.WriteAt([]byte{0}, 12)
+	return r.poisonedErr()
+}
+
+func (r *Replica) poisonedErr() error {
+	return &poisonError{cause: r.poisoned}
+}
+
+// poisonError is ErrPoisoned with its cause: errors.Is finds both, and
+// its text says what failed (and so "no space left on device" if it did).
+type poisonError struct{ cause error }
+
+func (e *poisonError) Error() string        { return ErrPoisoned.Error() + ": " + e.cause.Error() }
+func (e *poisonError) Unwrap() []error      { return []error{ErrPoisoned, e.cause} }
+func (e *poisonError) Is(target error) bool { return target == ErrPoisoned }
+
+// Poisoned returns the error that poisoned the Replica (wrapping
+// [ErrPoisoned]), or nil if its files are sound.
+func (r *Replica) Poisoned() error {
+	if r.poisoned == nil {
+		return nil
+	}
+	return r.poisonedErr()
+}
+
+// Repair brings a poisoned Replica back, as Open does: it re-applies the
+// newest journal record (or copies again the snapshot image whose install
+// failed, so its Src must stay readable until Repair succeeds), rescans the
+// main file, verifies its checksum against the journal, drops the WAL and
+// lets connections back in. The version and checksum then describe the
+// repaired file: the journaled version, which may be newer than the one
+// before the failed call. On failure it stays poisoned (try again later:
+// a full disk may have space again); if the file cannot be brought to the
+// journaled version the error also wraps ErrDiverged. Repair of a sound
+// Replica does nothing.
+func (r *Replica) Repair(ctx context.Context) error {
+	if r.poisoned == nil {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := r.repair(ctx); err != nil {
+		return fmt.Errorf("%w: repair: %w", ErrPoisoned, WrapDiskFull(err))
+	}
+	r.poisoned, r.image = nil, nil
+	return r.unlockAll()
+}
+
+// repair is Repair's work; the caller holds every lock (a poisoned Replica
+// never let go of them).
+func (r *Replica) repair(ctx context.Context) error {
+	var version, sum uint64
+	if img := r.image; img != nil {
+		if err := r.copyImage(*img); err != nil {
+			return fmt.Errorf("install snapshot of version %d: %w", img.Version, err)
+		}
+		version, sum = img.Version, img.Checksum
+	} else {
+		var err error
+		if version, sum, err = r.recoverJournal(); err != nil {
+			return err
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := r.scan(); err != nil {
+		return err
+	}
+	if r.sums.Sum() != sum {
+		return fmt.Errorf("%w: version %d should have checksum %016x, the file has %016x",
+			ErrDiverged, version, sum, r.sums.Sum())
+	}
+	r.version = version
+	return r.resetWAL(true)
+}
+
+// WrapDiskFull returns err so that, if its cause is a full disk (see
+// [IsDiskFull]), errors.Is(err, ErrDiskFull) holds and its text says "no
+// space left on device". Other errors (and nil) are returned as they are.
+func WrapDiskFull(err error) error {
+	if err == nil || errors.Is(err, ErrDiskFull) || !IsDiskFull(err) {
+		return err
+	}
+	return &diskFullError{err}
+}
+
+// IsDiskFull reports whether err's cause is a full disk: ENOSPC from the
+// OS, SQLITE_FULL from SQLite, or an error already marked with ErrDiskFull.
+func IsDiskFull(err error) bool {
+	return err != nil && (errors.Is(err, ErrDiskFull) || errors.Is(err, syscall.ENOSPC) || errors.Is(err, sqlite3.FULL))
+}
+
+type diskFullError struct{ err error }
+
+func (e *diskFullError) Error() string {
+	if msg := e.err.Error(); strings.Contains(msg, ErrDiskFull.Error()) {
+		return msg
+	} else {
+		return ErrDiskFull.Error() + ": " + msg
+	}
+}
+func (e *diskFullError) Unwrap() []error { return []error{ErrDiskFull, e.err} }
 
 // writeJournal writes the page set into the next journal slot, durably if
 // the durability setting asks, before any page of the main file is touched.
@@ -534,11 +701,11 @@ func (r *Replica) writeJournal(ps *wal.PageSet) error {
 	}
 	binary.LittleEndian.PutUint64(buf, uint64(len(buf)-8))
 	f := r.journal[r.nextSlot]
-	if _, err := f.WriteAt(buf, 0); err != nil {
+	if _, err := r.faults.writeAt(f, buf, 0); err != nil {
 		return fmt.Errorf("write journal: %w", err)
 	}
 	if r.durability == Full {
-		if err := f.Sync(); err != nil {
+		if err := r.faults.sync(f); err != nil {
 			return fmt.Errorf("sync journal: %w", err)
 		}
 	}
@@ -558,7 +725,7 @@ func (r *Replica) writePages(ps *wal.PageSet) error {
 		}
 		off := int64(ps.Pages[i].Pgno-1) * int64(ps.PageSize)
 		if j == i+1 {
-			if _, err := r.main.WriteAt(ps.Pages[i].Data, off); err != nil {
+			if _, err := r.faults.writeAt(r.main, ps.Pages[i].Data, off); err != nil {
 				return err
 			}
 		} else {
@@ -566,25 +733,29 @@ func (r *Replica) writePages(ps *wal.PageSet) error {
 			for _, p := range ps.Pages[i:j] {
 				buf = append(buf, p.Data...)
 			}
-			if _, err := r.main.WriteAt(buf, off); err != nil {
+			if _, err := r.faults.writeAt(r.main, buf, off); err != nil {
 				return err
 			}
 		}
 		i = j
 	}
 	if sizeChanges {
-		if err := r.main.Truncate(size); err != nil {
+		if err := r.faults.truncate(r.main, size); err != nil {
 			return err
 		}
 	}
 	if r.durability == Full {
-		return r.main.Sync()
+		return r.faults.sync(r.main)
 	}
 	return nil
 }
 
-// ReadPage reads one page of the main file (for tests and tools).
+// ReadPage reads one page of the main file (for tests and tools). It
+// refuses while the Replica is poisoned: the page may be torn.
 func (r *Replica) ReadPage(pgno uint32) ([]byte, error) {
+	if r.poisoned != nil {
+		return nil, r.poisonedErr()
+	}
 	p := make([]byte, r.pageSize)
 	if _, err := r.main.ReadAt(p, int64(pgno-1)*int64(r.pageSize)); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err

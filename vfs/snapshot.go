@@ -33,6 +33,9 @@ const snapshotChunkPages = 256
 // the next open refuses with ErrDiverged (the replica then re-syncs from
 // the server): it is never served.
 func (r *Replica) InstallSnapshot(ctx context.Context, img SnapshotImage) error {
+	if r.poisoned != nil {
+		return r.poisonedErr()
+	}
 	switch {
 	case !wal.ValidPageSize(img.PageSize) || img.Pages == 0:
 		return fmt.Errorf("%w: snapshot of %d pages of %d bytes", ErrPageSize, img.Pages, img.PageSize)
@@ -55,28 +58,37 @@ func (r *Replica) InstallSnapshot(ctx context.Context, img SnapshotImage) error 
 	}
 	marker := &wal.PageSet{Version: img.Version, PageSize: img.PageSize, DBSize: img.Pages, PreChecksum: img.Checksum, PostChecksum: img.Checksum}
 	if err := r.writeJournal(marker); err != nil {
-		return err
+		return WrapDiskFull(err) // nothing was touched: not a poison
 	}
 	if err := r.lockAll(ctx); err != nil {
 		return err
 	}
-	defer r.unlockAll()
-	if err := readImage(img, func(first uint32, chunk []byte) error {
-		_, err := r.main.WriteAt(chunk, int64(first-1)*int64(img.PageSize))
-		return err
-	}); err != nil {
-		return fmt.Errorf("install snapshot of version %d: %w", img.Version, err)
-	}
-	if err := r.main.Truncate(int64(img.Pages) * int64(img.PageSize)); err != nil {
-		return fmt.Errorf("install snapshot of version %d: %w", img.Version, err)
-	}
-	if r.durability == Full {
-		if err := r.main.Sync(); err != nil {
-			return fmt.Errorf("install snapshot of version %d: %w", img.Version, err)
-		}
+	if err := r.copyImage(img); err != nil {
+		r.image = &img
+		return r.poison(fmt.Errorf("install snapshot of version %d: %w", img.Version, err))
 	}
 	r.sums, r.pageSize, r.version = sums, img.PageSize, img.Version
-	return r.resetWAL(false)
+	if err := r.resetWAL(false); err != nil {
+		return r.poison(fmt.Errorf("drop the WAL: %w", err))
+	}
+	return r.unlockAll()
+}
+
+// copyImage writes the image's pages over the main file and sets its size.
+func (r *Replica) copyImage(img SnapshotImage) error {
+	if err := readImage(img, func(first uint32, chunk []byte) error {
+		_, err := r.faults.writeAt(r.main, chunk, int64(first-1)*int64(img.PageSize))
+		return err
+	}); err != nil {
+		return err
+	}
+	if err := r.faults.truncate(r.main, int64(img.Pages)*int64(img.PageSize)); err != nil {
+		return err
+	}
+	if r.durability == Full {
+		return r.faults.sync(r.main)
+	}
+	return nil
 }
 
 // readImage calls fn on the image's pages, a chunk at a time.
