@@ -19,6 +19,7 @@ const (
 	TypeAck      Type = 5
 	TypeVersions Type = 6
 	TypeSnapshot Type = 7
+	TypePart     Type = 8 // VersionPart, since protocol 2
 )
 
 // Message is one protocol message.
@@ -36,8 +37,9 @@ type Hello struct {
 	Database   string
 	ClientID   string
 	Credential string
-	Version    uint64 // the version the replica's main file holds (0: empty)
-	Checksum   uint64 // the replica's whole-database checksum at Version
+	Version    uint64        // the version the replica's main file holds (0: empty)
+	Checksum   uint64        // the replica's whole-database checksum at Version
+	Receive    ReceiveLimits // what the client can receive (zero fields: DefaultReceiveLimits)
 }
 
 // Welcome accepts a Hello. The server then sends whatever brings the
@@ -97,6 +99,39 @@ type SnapshotChunk struct {
 	Payload  []byte
 }
 
+// VersionPart carries bytes Offset..Offset+len(Chunk)-1 of one version's
+// encoded record (what AppendBinary writes, Total bytes in all) that is too
+// large for one message. The parts of a version come in order, one after
+// the other with no other message between them; the receiver reassembles
+// the record and decodes it as one version of a Versions message.
+type VersionPart struct {
+	Version uint64
+	Offset  uint64
+	Total   uint64
+	Chunk   []byte
+}
+
+// Type implements Message.
+func (*VersionPart) Type() Type { return TypePart }
+
+func (m *VersionPart) appendBody(b []byte) []byte {
+	b = binary.AppendUvarint(b, m.Version)
+	b = binary.AppendUvarint(b, m.Offset)
+	b = binary.AppendUvarint(b, m.Total)
+	return appendBytes(b, m.Chunk)
+}
+
+func (m *VersionPart) decodeBody(d *decoder, l Limits) error {
+	m.Version = d.uvarint()
+	m.Offset = d.uvarint()
+	m.Total = d.uvarint()
+	m.Chunk = d.bytes(l.MaxMessage)
+	if d.err == nil && (len(m.Chunk) == 0 || m.Offset > m.Total || uint64(len(m.Chunk)) > m.Total-m.Offset) {
+		d.fail("version part of %d bytes at %d of %d", len(m.Chunk), m.Offset, m.Total)
+	}
+	return d.err
+}
+
 // Type implements Message.
 func (*Hello) Type() Type { return TypeHello }
 
@@ -127,7 +162,10 @@ func (m *Hello) appendBody(b []byte) []byte {
 	b = appendString(b, m.ClientID)
 	b = appendString(b, m.Credential)
 	b = binary.AppendUvarint(b, m.Version)
-	return binary.LittleEndian.AppendUint64(b, m.Checksum)
+	b = binary.LittleEndian.AppendUint64(b, m.Checksum)
+	b = binary.AppendUvarint(b, uint64(m.Receive.MaxMessage))
+	b = binary.AppendUvarint(b, uint64(m.Receive.MaxVersions))
+	return binary.AppendUvarint(b, m.Receive.MaxVersionBytes)
 }
 
 func (m *Hello) decodeBody(d *decoder, l Limits) error {
@@ -137,6 +175,13 @@ func (m *Hello) decodeBody(d *decoder, l Limits) error {
 	m.Credential = d.string(l.MaxString)
 	m.Version = d.uvarint()
 	m.Checksum = d.fixed64()
+	if m.Protocol < 2 && len(d.b) == 0 {
+		// A version 1 Hello ends here; the server refuses its protocol.
+		return d.err
+	}
+	m.Receive.MaxMessage = d.uint32()
+	m.Receive.MaxVersions = d.uint32()
+	m.Receive.MaxVersionBytes = d.uvarint()
 	return d.err
 }
 
@@ -286,6 +331,8 @@ func newMessage(t Type) (Message, error) {
 		return new(Versions), nil
 	case TypeSnapshot:
 		return new(SnapshotChunk), nil
+	case TypePart:
+		return new(VersionPart), nil
 	}
 	return nil, fmt.Errorf("%w: %d", ErrUnknownType, t)
 }

@@ -19,7 +19,8 @@ const ALPN = "sqlrebase/1"
 
 // Version is the protocol version this build speaks, sent in Hello. A server
 // that does not speak the client's version answers CodeProtocolVersion.
-const Version = 1
+// Version 2 added the receive limits to Hello and the VersionPart message.
+const Version = 2
 
 // Limits bound what a decoder accepts. A message beyond a limit is an error
 // that closes the stream it came on; it is never truncated or partly used.
@@ -44,6 +45,80 @@ var DefaultLimits = Limits{
 	MaxPageBytes: 256 << 20,
 }
 
+// ReceiveLimits are what a client says in Hello it can receive. The server
+// plans every frame it sends to them (PlanFrames): no message above
+// MaxMessage, no Versions message of more than MaxVersions versions, and a
+// version too large for one message in VersionPart messages. A version whose
+// pages exceed MaxVersionBytes is not sent at all: the server ends the
+// session with CodeVersionTooLarge, fatal, since the same Hello would meet
+// the same version again.
+type ReceiveLimits struct {
+	MaxMessage      uint32 // bytes in one message (type byte and body)
+	MaxVersions     uint32 // versions in one Versions message
+	MaxVersionBytes uint64 // bytes of one version's pages, decoded (pages × page size)
+}
+
+// Floors and defaults of ReceiveLimits. A server refuses a Hello below a
+// floor with CodeLimits: an Ack, an Error and a snapshot chunk of one page
+// of the largest page size must fit in one message, and a version of a
+// whole largest page in what the client holds.
+const (
+	MinMessage      = 1 << 20
+	MinVersions     = 1
+	MinVersionBytes = 1 << 20
+)
+
+// DefaultReceiveLimits are what a client states unless configured
+// otherwise. A zero field of a Hello's limits means its default.
+var DefaultReceiveLimits = ReceiveLimits{MaxMessage: 64 << 20, MaxVersions: 4096, MaxVersionBytes: 1 << 30}
+
+// WithDefaults fills zero fields from DefaultReceiveLimits.
+func (r ReceiveLimits) WithDefaults() ReceiveLimits {
+	d := DefaultReceiveLimits
+	if r.MaxMessage == 0 {
+		r.MaxMessage = d.MaxMessage
+	}
+	if r.MaxVersions == 0 {
+		r.MaxVersions = d.MaxVersions
+	}
+	if r.MaxVersionBytes == 0 {
+		r.MaxVersionBytes = d.MaxVersionBytes
+	}
+	return r
+}
+
+// Check returns an error wrapping ErrLimits if a limit is below its floor.
+func (r ReceiveLimits) Check() error {
+	switch {
+	case r.MaxMessage < MinMessage:
+		return fmt.Errorf("%w: max message %d bytes, at least %d", ErrLimits, r.MaxMessage, MinMessage)
+	case r.MaxVersions < MinVersions:
+		return fmt.Errorf("%w: max versions per message %d, at least %d", ErrLimits, r.MaxVersions, MinVersions)
+	case r.MaxVersionBytes < MinVersionBytes:
+		return fmt.Errorf("%w: max version %d bytes, at least %d", ErrLimits, r.MaxVersionBytes, MinVersionBytes)
+	}
+	return nil
+}
+
+// MaxRecord is the largest encoded version (AppendBinary) the client
+// reassembles from parts: the pages, plus page-number deltas (at most 5
+// bytes for a page of at least 512) and the header.
+func (r ReceiveLimits) MaxRecord() uint64 {
+	return r.MaxVersionBytes + r.MaxVersionBytes/64 + 4096
+}
+
+// Decoding returns the decoder limits a client that stated r reads with:
+// base, with the message, version and page bounds r gives.
+func (r ReceiveLimits) Decoding(base Limits) Limits {
+	const maxInt = int(^uint(0) >> 1)
+	vb := int(min(r.MaxVersionBytes, uint64(maxInt)))
+	base.MaxMessage = int(r.MaxMessage)
+	base.MaxVersions = int(r.MaxVersions)
+	base.MaxPageBytes = max(base.MaxPageBytes, vb)
+	base.MaxPages = max(base.MaxPages, vb/512)
+	return base
+}
+
 // Errors of decoding. They wrap the detail with %w, so callers branch with
 // errors.Is.
 var (
@@ -54,6 +129,8 @@ var (
 	ErrTooLarge = errors.New("protocol: message too large")
 	// ErrUnknownType is a message type this version does not know.
 	ErrUnknownType = errors.New("protocol: unknown message type")
+	// ErrLimits is a Hello's receive limits below the floors.
+	ErrLimits = errors.New("protocol: receive limits below the floor")
 )
 
 // Code is the kind of an Error message, so that a client can tell a refusal
@@ -76,6 +153,8 @@ const (
 	CodeShuttingDown    Code = 11 // the server is stopping; reconnect later
 	CodeUnexpected      Code = 12 // a message that is not valid at this point of the session
 	CodeTooManyConns    Code = 13 // too many connections from the client's address
+	CodeLimits          Code = 14 // the client's receive limits (Hello) are below what the server can honour
+	CodeVersionTooLarge Code = 15 // a version is larger than the client said it can hold (Hello.MaxVersionBytes)
 )
 
 var codeNames = map[Code]string{
@@ -92,6 +171,8 @@ var codeNames = map[Code]string{
 	CodeShuttingDown:    "server shutting down",
 	CodeUnexpected:      "unexpected message",
 	CodeTooManyConns:    "too many connections",
+	CodeLimits:          "receive limits too small",
+	CodeVersionTooLarge: "version too large for the client",
 }
 
 // String names the code.
@@ -106,7 +187,7 @@ func (c Code) String() string {
 // the same hello would be refused again.
 func (c Code) Fatal() bool {
 	switch c {
-	case CodeProtocolVersion, CodeUnauthorized, CodeUnknownDatabase:
+	case CodeProtocolVersion, CodeUnauthorized, CodeUnknownDatabase, CodeLimits, CodeVersionTooLarge:
 		return true
 	}
 	return false
