@@ -14,6 +14,7 @@ func checkPlan(t *testing.T, items []Item, l ReceiveLimits, frames []Frame) {
 	t.Helper()
 	dl := l.Decoding(DefaultLimits)
 	dl.MaxMessage = int(max(l.MaxMessage, minPlanMessage))
+	dl.MaxVersions = int(max(l.MaxVersions, 1))
 	var got []Item
 	asm := NewReassembler(1 << 40)
 	for i := range frames {
@@ -192,4 +193,14 @@ func FuzzPlanFrames(f *testing.F) {
 		}
 		checkPlan(t, items, l, PlanFrames(items, l))
 	})
+}
+
+func TestRecordPageBytes(t *testing.T) {
+	ev := EncodedVersion{Version: 3, PageSize: 4096, DBSize: 9, Pgnos: []uint32{1, 5, 9}, Payload: []byte{1}}
+	if n, err := RecordPageBytes(ev.AppendBinary(nil)); err != nil || n != 3*4096 {
+		t.Fatalf("%d, %v", n, err)
+	}
+	if _, err := RecordPageBytes([]byte{1, 2}); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("truncated: %v", err)
+	}
 }

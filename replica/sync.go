@@ -37,6 +37,13 @@ var ErrNoRemote = errors.New("replica: no Remote configured")
 // stops instead. Open a fresh replica (new files) to go on.
 var ErrHistoryAhead = errors.New("replica: the server has processed mutations this replica never made (are its files restored from a backup?)")
 
+// ErrServerBehind means the server's history ends before this replica's
+// version: the server lost versions it once sent (restored from an older
+// backup). Its snapshot would take the replica back, and the versions the
+// replica's pending mutations were made on are gone, so the loop stops
+// instead of retrying. Pending mutations stay queued.
+var ErrServerBehind = errors.New("replica: the server's history is behind this replica")
+
 // Timeouts of one session.
 const (
 	// connectTimeout bounds a dial and the stream opening; QUIC's own
@@ -201,7 +208,7 @@ func fatalSyncError(err error) bool {
 		return re.Code.Fatal()
 	}
 	var cv *tls.CertificateVerificationError
-	return errors.Is(err, protocol.ErrFingerprint) || errors.Is(err, ErrHistoryAhead) || errors.As(err, &cv)
+	return errors.Is(err, protocol.ErrFingerprint) || errors.Is(err, ErrHistoryAhead) || errors.Is(err, ErrServerBehind) || errors.As(err, &cv)
 }
 
 // inbox is the session's view of the stream reader: messages in order,
@@ -229,8 +236,8 @@ func (in *inbox) poll() (m protocol.Message, ok bool, err error) {
 }
 
 // readLoop reads messages until the stream fails or ctx ends.
-func readLoop(ctx context.Context, s *quic.Stream, in *inbox) {
-	rd := protocol.NewReader(s, protocol.DefaultLimits)
+func readLoop(ctx context.Context, s *quic.Stream, in *inbox, limits protocol.Limits) {
+	rd := protocol.NewReader(s, limits)
 	for {
 		m, err := rd.Read()
 		if err != nil {
@@ -277,7 +284,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		readLoop(sctx, s, in)
+		readLoop(sctx, s, in, r.decodeLimits())
 	}()
 	// However the session ends, the stream is cancelled and its reader
 	// has returned before we do: no goroutine outlives a session.
@@ -293,6 +300,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	hello := &protocol.Hello{
 		Protocol: protocol.Version, Database: n.remote.Database, ClientID: r.queue.ClientID(),
 		Credential: n.remote.Credential, Version: r.files.Version(), Checksum: r.files.Checksum(),
+		Receive: n.remote.receiveLimits(),
 	}
 	r.writeMu.Unlock()
 	if err := protocol.WriteMessage(s, hello); err != nil {
@@ -313,7 +321,11 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	if w.LastMutationID > issued {
 		return false, fmt.Errorf("%w: server at mutation %d of client %s, this replica issued %d", ErrHistoryAhead, w.LastMutationID, hello.ClientID, issued)
 	}
-	sess := &session{r: r, s: s, in: in, cur: pushCursor{Pushed: w.LastMutationID, Acked: w.LastMutationID}, lim: newPushLimits(w), snapshot: w.Snapshot}
+	if serverBehind(hello.Version, w.Version) {
+		return false, fmt.Errorf("%w (version %d < %d): was it restored from a backup?", ErrServerBehind, w.Version, hello.Version)
+	}
+	sess := &session{r: r, s: s, in: in, cur: pushCursor{Pushed: w.LastMutationID, Acked: w.LastMutationID}, lim: newPushLimits(w), snapshot: w.Snapshot,
+		asm: protocol.NewReassembler(n.remote.receiveLimits().MaxRecord())}
 	n.update(func() {
 		n.connected, n.lastErr = true, nil
 		n.welcomeVersion = w.Version
@@ -327,6 +339,21 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 		sess.ready.discard()
 	}()
 	return true, sess.run(sctx)
+}
+
+// serverBehind reports whether a server welcoming at version server can
+// only be one that lost history this replica holds (at version have): the
+// server never goes back on a version it sent.
+func serverBehind(have, server uint64) bool { return server < have }
+
+// decodeLimits are the limits the replica reads the server's messages and
+// decodes versions with: the defaults widened to what its Hello states.
+func (r *Replica) decodeLimits() protocol.Limits {
+	rl := protocol.DefaultReceiveLimits
+	if r.net != nil {
+		rl = r.net.remote.receiveLimits()
+	}
+	return rl.Decoding(protocol.DefaultLimits)
 }
 
 // serverGone reports whether a session's error means the server's end of
@@ -396,6 +423,7 @@ type session struct {
 	snap     *snapBuffer               // the snapshot so far
 	ready    *snapBuffer               // a whole snapshot, waiting to be installed
 	versions []protocol.EncodedVersion // arrived, not yet applied
+	asm      *protocol.Reassembler     // the parts of a version too large for one message
 	wbuf     []byte
 }
 
@@ -483,7 +511,29 @@ func (ss *session) closed(err error) error {
 // handle takes one message of a welcomed session.
 func (ss *session) handle(m protocol.Message) error {
 	n := ss.r.net
+	if _, part := m.(*protocol.VersionPart); !part && ss.asm.Pending() {
+		return fmt.Errorf("%w: %T between the parts of a version", errUnexpected, m)
+	}
 	switch m := m.(type) {
+	case *protocol.VersionPart:
+		if ss.snapshot {
+			return fmt.Errorf("%w: a version part before the snapshot was complete", errUnexpected)
+		}
+		rec, err := ss.asm.Add(m)
+		if err != nil || rec == nil {
+			return err
+		}
+		lim := ss.r.decodeLimits()
+		lim.MaxMessage = int(min(ss.r.net.remote.receiveLimits().MaxRecord(), uint64(^uint(0)>>1)))
+		ev, err := protocol.DecodeEncodedVersion(rec, lim)
+		if err != nil {
+			return fmt.Errorf("version %d in parts: %w", m.Version, err)
+		}
+		if ev.Version != m.Version {
+			return fmt.Errorf("%w: parts of version %d hold version %d", protocol.ErrMalformed, m.Version, ev.Version)
+		}
+		ss.versions = append(ss.versions, ev)
+		n.update(func() { n.serverVersion = max(n.serverVersion, ev.Version) })
 	case *protocol.Versions:
 		if ss.snapshot {
 			return fmt.Errorf("%w: versions before the snapshot was complete", errUnexpected)
@@ -690,7 +740,7 @@ func (r *Replica) decodeVersions(evs []protocol.EncodedVersion) ([]*wal.PageSet,
 			return nil, fmt.Errorf("%w: version %d is a delta against a database of %d pages, the replica has %d", protocol.ErrMalformed, ev.Version, ev.BaseDBSize, dbSize)
 		}
 		if r.dec == nil {
-			r.dec = protocol.NewDecoder(protocol.DefaultLimits)
+			r.dec = protocol.NewDecoder(r.decodeLimits())
 		}
 		ps, err := r.dec.Version(ev, before)
 		if err != nil {

@@ -44,6 +44,21 @@ type Remote struct {
 	// pages received so far and the total. It runs on the sync goroutine
 	// and must not block.
 	OnSnapshotProgress func(done, total uint32)
+
+	// MaxMessage is the largest message this replica takes from the server
+	// (0: 64 MiB, at least 1 MiB). The server plans every message to it,
+	// and sends a version larger than one message in parts.
+	MaxMessage uint32
+	// MaxVersionBytes is the largest version, in bytes of pages, this
+	// replica holds in memory to apply it (0: 1 GiB, at least 1 MiB). The
+	// server ends the session with a fatal "version too large" error
+	// rather than send a larger one.
+	MaxVersionBytes uint64
+}
+
+// receiveLimits are what the replica states in its Hello.
+func (rm *Remote) receiveLimits() protocol.ReceiveLimits {
+	return protocol.ReceiveLimits{MaxMessage: rm.MaxMessage, MaxVersionBytes: rm.MaxVersionBytes}.WithDefaults()
 }
 
 // validate checks what a Remote must hold before anything is dialed, so
@@ -59,6 +74,9 @@ func (rm *Remote) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(rm.Addr); err != nil {
 		return fmt.Errorf("replica: Remote.Addr %q: %w", rm.Addr, err)
+	}
+	if err := rm.receiveLimits().Check(); err != nil {
+		return fmt.Errorf("replica: Remote.MaxMessage or MaxVersionBytes: %w", err)
 	}
 	if _, err := rm.tlsConfig(); err != nil {
 		return fmt.Errorf("replica: %w", err)

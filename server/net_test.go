@@ -289,6 +289,7 @@ func TestRefusals(t *testing.T) {
 	}{
 		{"wrong credential", protocol.Hello{Database: "demo", ClientID: "c", Credential: "nope"}, protocol.CodeUnauthorized, `unauthorized: wrong credential for database "demo"`},
 		{"unknown database", protocol.Hello{Database: "nosuch", ClientID: "c", Credential: "s3cret"}, protocol.CodeUnknownDatabase, `"nosuch"`},
+		{"receive limits below the floor", protocol.Hello{Database: "demo", ClientID: "c", Credential: "s3cret", Receive: protocol.ReceiveLimits{MaxMessage: 1000}}, protocol.CodeLimits, "max message 1000 bytes"},
 		{"protocol version", protocol.Hello{Protocol: 99, Database: "demo", ClientID: "c", Credential: "s3cret"}, protocol.CodeProtocolVersion, "protocol 99"},
 		{"credential of another database", protocol.Hello{Database: "demo", ClientID: "c", Credential: "other-secret"}, protocol.CodeUnauthorized, "unauthorized"},
 	}
@@ -329,7 +330,7 @@ func TestGarbage(t *testing.T) {
 	c, m := openClient(t, good, protocol.Hello{Database: "demo", ClientID: "good", Credential: "s3cret"})
 	welcome(t, m)
 	c.until(1)
-	hello := protocol.AppendFrame(nil, &protocol.Hello{Protocol: 1, Database: "demo", ClientID: "bad", Credential: "s3cret", Checksum: newImage().sums.Sum()})
+	hello := protocol.AppendFrame(nil, &protocol.Hello{Protocol: protocol.Version, Database: "demo", ClientID: "bad", Credential: "s3cret", Checksum: newImage().sums.Sum()})
 	garbage := [][]byte{
 		{0, 0, 0, 5, 99, 1, 2, 3, 4},                      // unknown type
 		{0, 0, 0, 0},                                      // empty message

@@ -34,7 +34,8 @@ type session struct {
 
 	db       *database
 	clientID string
-	inflight atomic.Int64 // mutations pushed and not yet acknowledged
+	recv     protocol.ReceiveLimits // what the client said it can receive: every frame is planned to it
+	inflight atomic.Int64           // mutations pushed and not yet acknowledged
 
 	mu         sync.Mutex
 	queue      []item
@@ -61,7 +62,9 @@ func (s *session) offer(it item) bool {
 	if s.closing != nil {
 		return false
 	}
-	if len(s.queue) >= s.srv.cfg.SessionQueue || s.queueBytes+len(it.rec) > s.srv.cfg.SessionQueueBytes {
+	// One item alone is always taken, however large: a version bigger
+	// than the byte bound is legal, and travels in parts.
+	if len(s.queue) >= s.srv.cfg.SessionQueue || (len(s.queue) > 0 && s.queueBytes+len(it.rec) > s.srv.cfg.SessionQueueBytes) {
 		s.closing = &protocol.Error{Code: protocol.CodeSlowClient, Message: fmt.Sprintf("more than %d versions or %d bytes queued; reconnect to catch up", s.srv.cfg.SessionQueue, s.srv.cfg.SessionQueueBytes)}
 		s.queue, s.queueBytes = nil, 0
 		s.signal()
@@ -175,6 +178,11 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 	if h.Protocol != protocol.Version {
 		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeProtocolVersion, Message: fmt.Sprintf("client speaks protocol %d; this server speaks %d", h.Protocol, protocol.Version)}
 	}
+	recv := h.Receive.WithDefaults()
+	if err := recv.Check(); err != nil {
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeLimits, Message: err.Error()}
+	}
+	s.recv = recv
 	if h.ClientID == "" || len(h.ClientID) > 128 {
 		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeMalformed, Message: "client id must be 1 to 128 bytes"}
 	}
@@ -210,7 +218,9 @@ func codeOf(err error) protocol.Code {
 }
 
 // sender writes everything due to the client, in order: Welcome, the
-// catch-up, then live versions and acks, coalesced into one write per wake.
+// catch-up, then live versions and acks. What is due goes through
+// protocol.PlanFrames, so that every message is within the client's limits
+// and a version larger than one message goes in parts.
 func (s *session) sender(ctx context.Context, c catchUp) {
 	defer close(s.done)
 	defer s.stream.CancelRead(0)
@@ -232,13 +242,16 @@ func (s *session) sender(ctx context.Context, c catchUp) {
 				s.fail(protocol.CodeSlowClient, "the change log moved on during catch-up; reconnect")
 				break
 			}
-			buf = protocol.AppendVersionsFrame(buf, recs...)
+			items := make([]protocol.Item, len(recs))
+			for i, rec := range recs {
+				items[i] = protocol.Item{Version: sent + 1 + uint64(i), Rec: rec}
+			}
 			sent += uint64(len(recs))
-			if !s.write(buf) {
+			var ok bool
+			if buf, ok = s.send(buf, items); !ok {
 				s.finish()
 				return
 			}
-			buf = buf[:0]
 		}
 	}
 	if len(buf) > 0 && !s.write(buf) {
@@ -252,46 +265,84 @@ func (s *session) sender(ctx context.Context, c catchUp) {
 			s.fail(protocol.CodeShuttingDown, "the server is shutting down")
 		}
 		s.mu.Lock()
-		items, closing := s.queue, s.closing
+		queued, closing := s.queue, s.closing
 		s.queue, s.queueBytes = nil, 0
 		s.mu.Unlock()
-		buf = buf[:0]
-		var run [][]byte
-		flush := func() {
-			if len(run) > 0 {
-				buf = protocol.AppendVersionsFrame(buf, run...)
-				run = run[:0]
-			}
-		}
-		for _, it := range items {
+		items := make([]protocol.Item, 0, len(queued)+1)
+		for _, it := range queued {
 			switch {
 			case it.ack != nil:
-				flush()
-				buf = protocol.AppendFrame(buf, it.ack)
+				items = append(items, protocol.Item{Msg: it.ack})
 			case it.version <= sent:
 				// Already in the snapshot or the catch-up.
 			default:
-				run = append(run, it.rec)
+				items = append(items, protocol.Item{Version: it.version, Rec: it.rec})
 				sent = it.version
 			}
 		}
-		flush()
 		if closing != nil {
-			buf = protocol.AppendFrame(buf, closing)
+			items = append(items, protocol.Item{Msg: closing})
 		}
-		if len(buf) > 0 && !s.write(buf) {
-			s.finish()
-			return
+		var ok bool
+		buf, ok = s.send(buf[:0], items)
+		if ok && len(buf) > 0 {
+			ok = s.write(buf)
 		}
-		if closing != nil {
+		if !ok || closing != nil {
 			s.finish()
 			return
 		}
 	}
 }
 
+// flushBytes is how much the sender gathers before a write: small frames
+// share a write (one packet where several writes would cost one each), a
+// large plan goes out in writes of about this size, each with its own
+// deadline.
+const flushBytes = 1 << 20
+
+// send plans items to the client's limits and writes them, keeping under
+// flushBytes unwritten at the end in buf (returned) for the caller to
+// write or add to. A version larger than the client can hold ends the
+// session with CodeVersionTooLarge in its place. false: the session is
+// over.
+func (s *session) send(buf []byte, items []protocol.Item) ([]byte, bool) {
+	closed := false
+	for i, it := range items {
+		if it.Rec == nil {
+			continue
+		}
+		if n, err := protocol.RecordPageBytes(it.Rec); err != nil || n > s.recv.MaxVersionBytes || uint64(len(it.Rec)) > s.recv.MaxRecord() {
+			msg := fmt.Sprintf("version %d has %d bytes of pages (%d encoded); this client holds at most %d: raise its limit (Remote.MaxVersionBytes)", it.Version, n, len(it.Rec), s.recv.MaxVersionBytes)
+			s.log.Warn("version too large for the client", "version", it.Version, "bytes", n, "limit", s.recv.MaxVersionBytes)
+			items = append(items[:i:i], protocol.Item{Msg: &protocol.Error{Code: protocol.CodeVersionTooLarge, Message: msg}})
+			closed = true
+			break
+		}
+	}
+	frames := protocol.PlanFrames(items, s.recv)
+	for i := range frames {
+		buf = frames[i].Append(buf)
+		if len(buf) >= flushBytes {
+			if !s.write(buf) {
+				return buf[:0], false
+			}
+			buf = buf[:0]
+		}
+	}
+	if closed {
+		if len(buf) > 0 {
+			s.write(buf)
+		}
+		s.fail(protocol.CodeVersionTooLarge, "")
+		return buf[:0], false
+	}
+	return buf, true
+}
+
 // sendSnapshot streams the database image in chunks, after what buf holds,
-// and returns the snapshot's version.
+// and returns the snapshot's version. A chunk is at most 256 pages and
+// always fits in one of the client's messages.
 func (s *session) sendSnapshot(ctx context.Context, buf []byte) (uint64, []byte, error) {
 	snap, err := s.db.auth.OpenSnapshot(ctx)
 	if err != nil {
@@ -300,7 +351,7 @@ func (s *session) sendSnapshot(ctx context.Context, buf []byte) (uint64, []byte,
 	defer snap.Close()
 	enc := protocol.NewEncoder()
 	defer enc.Close()
-	const chunkPages = 256
+	chunkPages := uint32(min(256, max(1, (int(s.recv.MaxMessage)-256)/int(snap.PageSize))))
 	for first := uint32(1); first <= snap.DBSize; first += chunkPages {
 		n := min(chunkPages, snap.DBSize-first+1)
 		raw, err := snap.ReadPages(first, n)
