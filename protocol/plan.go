@@ -109,8 +109,8 @@ type Reassembler struct {
 func NewReassembler(max uint64) *Reassembler { return &Reassembler{max: max} }
 
 // Pending reports whether a version has begun and not ended: until it
-// ends, any other message is out of place.
-func (a *Reassembler) Pending() bool { return a.active }
+// ends, any other message is out of place. A nil Reassembler has none.
+func (a *Reassembler) Pending() bool { return a != nil && a.active }
 
 // Add takes the next part. It returns the whole record once the last part
 // is in (the Reassembler is then ready for the next version). Parts out of

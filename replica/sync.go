@@ -519,6 +519,9 @@ func (ss *session) handle(m protocol.Message) error {
 		if ss.snapshot {
 			return fmt.Errorf("%w: a version part before the snapshot was complete", errUnexpected)
 		}
+		if ss.asm == nil {
+			ss.asm = protocol.NewReassembler(ss.r.net.remote.receiveLimits().MaxRecord())
+		}
 		rec, err := ss.asm.Add(m)
 		if err != nil || rec == nil {
 			return err

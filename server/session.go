@@ -225,7 +225,7 @@ func (s *session) sender(ctx context.Context, c catchUp) {
 	defer close(s.done)
 	defer s.stream.CancelRead(0)
 	buf := protocol.AppendFrame(nil, &c.welcome)
-	sent := c.welcome.Version
+	var sent uint64 // the newest version sent
 	if c.welcome.Snapshot {
 		var err error
 		if sent, buf, err = s.sendSnapshot(ctx, buf); err != nil {
