@@ -1,12 +1,14 @@
 package chaos
 
 import (
+	"bufio"
 	"context"
 	"database/sql"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"math/rand/v2"
@@ -150,11 +152,21 @@ const (
 var errCapFull = errors.New("capped counter is full")
 
 func registry(t *testing.T) *mutators.Registry {
-	reg := mutators.NewRegistry()
-	if err := mutators.RegisterDemo(reg); err != nil {
+	reg, err := newRegistry()
+	if err != nil {
 		t.Fatal(err)
 	}
-	reg.MustRegister(capName, func(_ context.Context, tx mutators.Tx, _ json.RawMessage) error {
+	return reg
+}
+
+// newRegistry is the test app's registry, the same in the test and in its
+// child server processes.
+func newRegistry() (*mutators.Registry, error) {
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		return nil, err
+	}
+	err := reg.Register(capName, func(_ context.Context, tx mutators.Tx, _ json.RawMessage) error {
 		if _, err := tx.Exec(mutators.DemoSchema); err != nil {
 			return err
 		}
@@ -171,7 +183,10 @@ func registry(t *testing.T) *mutators.Registry {
 			ON CONFLICT(name) DO UPDATE SET count = count + 1`, capRow)
 		return err
 	})
-	return reg
+	if err != nil {
+		return nil, err
+	}
+	return reg, nil
 }
 
 // plan is what a seed decides before the run: the fault profile, the
@@ -187,7 +202,14 @@ type plan struct {
 	finalCut       time.Duration // the partition of everyone at the end
 }
 
-type restart struct{ at, down time.Duration }
+// restart ends a life of the server at at (since the start of the run) and
+// starts the next after down. A life in a child process ends with SIGKILL
+// (a crash, whatever it was writing); one in this process with Close.
+type restart struct {
+	at, down time.Duration
+	// child: the life this restart starts runs in a child process.
+	child bool
+}
 
 type kind int
 
@@ -238,12 +260,12 @@ func makePlan(seed uint64, m mode) plan {
 		p.kinds = append(p.kinds, ks)
 	}
 	var at []time.Duration
-	for range rng.IntN(m.restarts + 1) {
+	for range 1 + rng.IntN(m.restarts) { // at least one
 		at = append(at, dur(m.runFor/5, m.runFor*4/5))
 	}
 	slices.Sort(at)
 	for _, a := range at {
-		p.serverRestarts = append(p.serverRestarts, restart{at: a, down: dur(50*time.Millisecond, 800*time.Millisecond)})
+		p.serverRestarts = append(p.serverRestarts, restart{at: a, down: dur(50*time.Millisecond, 800*time.Millisecond), child: rng.IntN(2) == 0})
 	}
 	p.pause = m.runFor / time.Duration(m.perReplica)
 	p.finalCut = dur(m.maxCut/5, m.maxCut)
@@ -269,7 +291,8 @@ type cluster struct {
 	relay *faultnet.Relay
 
 	srvMu   sync.Mutex
-	srv     *server.Server
+	srv     *server.Server // the server's life in this process, or nil
+	child   *child         // the server's life in a child process, or nil
 	srvAddr string
 	fp      string
 
@@ -345,12 +368,17 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		defer wg.Done()
 		for _, rs := range p.serverRestarts {
 			time.Sleep(rs.at - (relay.Elapsed() - base))
-			c.restartServer(ctx, rs.down)
+			c.restartServer(ctx, rs.down, rs.child)
 		}
 	}()
 	c.boundedWait("the run", 10*m.runFor+60*time.Second, &wg)
 	if t.Failed() {
 		t.FailNow()
+	}
+	// The checks need the server in this process: a life in a child
+	// process ends with one more crash.
+	if c.hasChild() {
+		c.restartServer(ctx, 0, false)
 	}
 	// Let the last partition end. Then the final cut: every client loses
 	// the server both ways while each replica mutates, and the cut heals
@@ -443,23 +471,148 @@ func (c *cluster) startServer(ctx context.Context, addr string, first bool) {
 	}
 }
 
+// stopServer ends the server's life: Close in this process, SIGKILL in a
+// child.
 func (c *cluster) stopServer() {
 	c.srvMu.Lock()
-	srv := c.srv
-	c.srv = nil
+	srv, ch := c.srv, c.child
+	c.srv, c.child = nil, nil
 	c.srvMu.Unlock()
 	if srv != nil {
 		if err := srv.Close(); err != nil {
 			c.t.Errorf("server close: %v", err)
 		}
 	}
+	if ch != nil {
+		ch.kill()
+	}
 }
 
-func (c *cluster) restartServer(ctx context.Context, down time.Duration) {
-	c.log.Info("chaos: server restarts", "down", down)
+func (c *cluster) restartServer(ctx context.Context, down time.Duration, child bool) {
+	c.t.Logf("server restarts at %v: crash %v, down %v, next life in a child process %v", c.relay.Elapsed().Round(time.Millisecond), c.hasChild(), down.Round(time.Millisecond), child)
 	c.stopServer()
 	time.Sleep(down)
-	c.startServer(ctx, c.srvAddr, false)
+	if child {
+		c.startChild(c.srvAddr)
+	} else {
+		c.startServer(ctx, c.srvAddr, false)
+	}
+}
+
+func (c *cluster) hasChild() bool {
+	c.srvMu.Lock()
+	defer c.srvMu.Unlock()
+	return c.child != nil
+}
+
+// childEnv tells the test binary to run as a child server: its value is a
+// childConfig in JSON.
+const childEnv = "SQLREBASE_CHAOS_CHILD_SERVER"
+
+type childConfig struct{ Dir, Addr string }
+
+func TestMain(m *testing.M) {
+	if cfg := os.Getenv(childEnv); cfg != "" {
+		os.Exit(runChild(cfg))
+	}
+	os.Exit(m.Run())
+}
+
+// runChild serves the test app's server on the given directory and
+// address until its stdin closes (the test ends it, or died) or it is
+// killed. It says "ready" on stdout once it listens; it logs to stderr.
+func runChild(cfgJSON string) int {
+	var cfg childConfig
+	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	reg, err := newRegistry()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	ctx := context.Background()
+	srv, err := server.Open(ctx, server.Config{Dir: cfg.Dir, Mutators: reg,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)).With("server", "child")})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := srv.Listen(ctx, cfg.Addr)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			fmt.Fprintln(os.Stderr, "child:", err)
+			return 1
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	fmt.Println("ready")
+	io.Copy(io.Discard, os.Stdin)
+	srv.Close()
+	return 0
+}
+
+// child is a server life in a child process.
+type child struct {
+	cmd   *exec.Cmd
+	stdin io.Closer
+}
+
+// startChild starts a server life in a child process and waits until it
+// listens.
+func (c *cluster) startChild(addr string) {
+	t := c.t
+	cfg, _ := json.Marshal(childConfig{Dir: filepath.Join(c.dir, "server"), Addr: addr})
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"="+string(cfg))
+	cmd.Stderr = c.logs
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Errorf("child server: %v", err)
+		return
+	}
+	ch := &child{cmd: cmd, stdin: stdin}
+	ready := make(chan error, 1)
+	go func() {
+		line, err := bufio.NewReader(stdout).ReadString('\n')
+		if err == nil && strings.TrimSpace(line) != "ready" {
+			err = fmt.Errorf("said %q", line)
+		}
+		ready <- err
+		io.Copy(io.Discard, stdout)
+	}()
+	select {
+	case err = <-ready:
+	case <-time.After(30 * time.Second):
+		err = errors.New("not ready in 30 s")
+	}
+	if err != nil {
+		ch.kill()
+		t.Errorf("child server: %v", err)
+		return
+	}
+	c.srvMu.Lock()
+	c.child = ch
+	c.srvMu.Unlock()
+}
+
+// kill ends the child with SIGKILL and reaps it.
+func (ch *child) kill() {
+	ch.cmd.Process.Kill()
+	ch.stdin.Close()
+	ch.cmd.Wait()
 }
 
 func (c *cluster) server() *server.Server {
@@ -753,6 +906,8 @@ func (c *cluster) state() string {
 	if srv := c.server(); srv != nil {
 		a := srv.Authority(dbName)
 		fmt.Fprintf(&b, "server: version %d checksum %016x\n", a.Version(), a.Checksum())
+	} else if c.hasChild() {
+		b.WriteString("server: in a child process\n")
 	} else {
 		b.WriteString("server: down\n")
 	}
