@@ -72,6 +72,9 @@ type Options struct {
 	// a Mutate or a replay); an error it returns is taken as that
 	// statement's failure (tests inject I/O errors with it).
 	failHook func(point string) error
+	// rebaseDefer, if set, replaces maxRebaseDefer (the drain tests set
+	// it long, so that they count replays, not time).
+	rebaseDefer time.Duration
 }
 
 // Change tells watchers that the replica's visible state moved.
@@ -162,6 +165,10 @@ type Replica struct {
 	// mutation: reads and Mutate fail with ErrPendingHidden until a rebase
 	// (Mutate starts one) replays everything again.
 	hidden atomic.Pointer[error]
+
+	lastRebase atomic.Int64  // when the last rebase (or Open) ended, Unix ns: rebaseDue's clock
+	deferWake  atomic.Bool   // a wake-up of the sync loop is armed for a deferred rebase
+	replayed   atomic.Uint64 // mutations replayed in all, for tests and benchmarks
 
 	closed atomic.Bool
 }
@@ -320,6 +327,7 @@ func (r *Replica) open(ctx context.Context) error {
 	}
 	r.hmu.Unlock()
 	defer r.publish()
+	r.lastRebase.Store(time.Now().UnixNano())
 	return r.replay(ctx)
 }
 
@@ -686,6 +694,7 @@ func (r *Replica) rebaseApplying(waitCtx, applyCtx context.Context, apply func(c
 		return err
 	})
 	r.publish()
+	r.lastRebase.Store(time.Now().UnixNano())
 	if err != nil {
 		return Change{}, fmt.Errorf("rebase to version %d: %w", r.files.Version(), err)
 	}
@@ -842,6 +851,7 @@ func (r *Replica) replayOnce(ctx context.Context) error {
 	for len(pending) > 0 && pending[0].ID <= r.ackRead {
 		pending = pending[1:]
 	}
+	r.replayed.Add(uint64(len(pending)))
 	if len(pending) == 0 {
 		return nil
 	}

@@ -485,7 +485,7 @@ func (ss *session) run(ctx context.Context) error {
 				break
 			}
 		}
-		if rebaseDue(len(ss.versions)+ss.readyCount(), ss.snapshot, len(ss.in.msgs) > 0) {
+		if ss.rebaseDue() {
 			if err := ss.rebase(ctx); err != nil {
 				return err
 			}

@@ -153,14 +153,57 @@ func backoff(attempt int, minD, maxD time.Duration, jitter float64) time.Duratio
 // arriving, so that a steady stream cannot postpone the rebase forever.
 const maxRebaseBatch = 1024
 
+// rebaseState is what rebaseDue decides on.
+type rebaseState struct {
+	Collected       int    // versions (or a whole snapshot) arrived and not applied
+	SnapshotPartial bool   // a snapshot is half received
+	MoreWaiting     bool   // more messages are already waiting to be read
+	Pending         uint64 // this client's pending mutations (the queue)
+	// Acked is how many of them the server has acknowledged since the last
+	// rebase: the next rebase settles them instead of replaying them.
+	Acked uint64
+	// SinceRebase is the time since the last rebase.
+	SinceRebase time.Duration
+}
+
+const (
+	// drainMinReplay is the replay below which a rebase is never deferred:
+	// replaying that few costs less than keeping other clients' changes
+	// out of sight.
+	drainMinReplay = 64
+	// maxRebaseDefer bounds how long a backlog's drain may defer a rebase,
+	// so that other clients' changes still show within it.
+	maxRebaseDefer = time.Second
+)
+
 // rebaseDue says whether the versions collected so far should be applied
 // now: only when some are there and no snapshot is half received (its pages
-// are one page set; applying a part is impossible); and then when nothing
-// more is already waiting to be read (it would join the same rebase, which
-// costs one replay whatever the number of versions), or the batch is full.
-func rebaseDue(collected int, snapshotPartial bool, moreWaiting bool) bool {
-	if collected == 0 || snapshotPartial {
+// are one page set; applying a part is impossible); a full batch at once;
+// otherwise not while more is already waiting to be read (it would join the
+// same rebase, which costs one replay whatever the number of versions).
+//
+// And not while a backlog drains (the server acknowledges a long queue push
+// by push): a rebase replays every mutation still pending, so rebasing on
+// every version would replay P, then P-batch, and so on, O(P^2) in all.
+// Instead, while the replay would exceed drainMinReplay, the rebase waits
+// until the acknowledgements since the last one reach half of what it would
+// replay, or maxDefer has passed since the last rebase. Each rebase then
+// replays at most twice what it settles, so draining P mutations replays at
+// most 2P in all (plus drainMinReplay per rebase at the tail, plus one
+// backlog per maxDefer of drain time).
+func rebaseDue(s rebaseState, maxDefer time.Duration) bool {
+	if s.Collected == 0 || s.SnapshotPartial {
 		return false
 	}
-	return !moreWaiting || collected >= maxRebaseBatch
+	if s.Collected >= maxRebaseBatch {
+		return true
+	}
+	if s.MoreWaiting {
+		return false
+	}
+	replay := s.Pending - min(s.Acked, s.Pending)
+	if replay <= drainMinReplay || s.SinceRebase >= maxDefer {
+		return true
+	}
+	return 2*s.Acked >= replay
 }

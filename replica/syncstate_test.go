@@ -236,7 +236,7 @@ func TestRebaseDue(t *testing.T) {
 		{maxRebaseBatch, true, false, false}, // never with a partial snapshot
 	}
 	for _, c := range cases {
-		if got := rebaseDue(c.collected, c.partial, c.more); got != c.want {
+		if got := rebaseDue(rebaseState{Collected: c.collected, SnapshotPartial: c.partial, MoreWaiting: c.more}, time.Second); got != c.want {
 			t.Errorf("rebaseDue(%d, %v, %v) = %v", c.collected, c.partial, c.more, got)
 		}
 	}
