@@ -2,12 +2,16 @@ package replica
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
@@ -159,6 +163,71 @@ func removeDir(t *testing.T, dir string) {
 	for _, e := range entries {
 		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
 			t.Fatal(err)
+		}
+	}
+}
+
+// TestSyncReadsWhilePushBlocks: while a push write waits for a server that
+// reads no more (its writer queue is full), the replica goes on reading
+// what the server sends. Before, the sync goroutine sat in the write, the
+// server's sender filled the replica's buffers and was cut off at its
+// write deadline as a slow client: a long backlog could never drain.
+func TestSyncReadsWhilePushBlocks(t *testing.T) {
+	dir := t.TempDir()
+	cert, _, err := protocol.LoadOrCreateCertificate(filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem"), []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := quic.ListenAddr("127.0.0.1:0", protocol.ServerTLS(cert), protocol.QUICConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const marker = 77
+	served := make(chan error, 1)
+	go func() {
+		// A server that welcomes, then never reads again, and sends an Ack.
+		served <- func() error {
+			conn, err := ln.Accept(context.Background())
+			if err != nil {
+				return err
+			}
+			s, err := conn.AcceptStream(context.Background())
+			if err != nil {
+				return err
+			}
+			m, err := protocol.NewReader(s, protocol.DefaultLimits).Read()
+			if err != nil {
+				return err
+			}
+			h := m.(*protocol.Hello)
+			if err := protocol.WriteMessage(s, &protocol.Welcome{Version: h.Version, PageSize: 4096, MaxBatch: 1000, MaxInFlight: 1 << 20}); err != nil {
+				return err
+			}
+			time.Sleep(time.Second) // the pushes fill the stream's window
+			return protocol.WriteMessage(s, &protocol.Ack{Version: marker})
+		}()
+	}()
+	reg := testRegistry(t)
+	rm := &Remote{Addr: ln.Addr().String(), Database: testDB, Credential: testSecret, Fingerprint: protocol.Fingerprint(cert.Certificate[0])}
+	r := openSynced(t, filepath.Join(dir, "r.db"), reg, rm)
+	ctx := waitCtx(t, 20*time.Second)
+	if err := r.WaitConnected(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pad := strings.Repeat("x", 8<<10)
+	for range 1000 { // 8 MiB of pushes, far beyond a stream's window
+		mustMutate(t, r, "exec", json.RawMessage(`["SELECT 1 -- `+pad+`"]`))
+	}
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.After(10 * time.Second)
+	for r.Status().ServerVersion != marker {
+		select {
+		case <-deadline:
+			t.Fatalf("the ack sent while a push write was blocked was never read (status %+v)", r.Status())
+		case <-time.After(10 * time.Millisecond):
 		}
 	}
 }

@@ -423,6 +423,9 @@ type session struct {
 	snap     *snapBuffer               // the snapshot so far
 	ready    *snapBuffer               // a whole snapshot, waiting to be installed
 	versions []protocol.EncodedVersion // arrived, not yet applied
+	out      chan []byte               // a push buffer for the writer goroutine (capacity 1)
+	wrote    chan error                // the writer's result for it (capacity 1)
+	writing  bool                      // a push buffer is with the writer: wbuf is not ours
 	asm      *protocol.Reassembler     // the parts of a version too large for one message
 	wbuf     []byte
 }
@@ -449,7 +452,25 @@ func (b *snapBuffer) discard() {
 	}
 }
 
+// run drives the session. Pushes are written by a goroutine of their own,
+// so that the loop goes on reading while a write waits for the server's
+// flow control: a server that reads pushes no faster than its writer runs
+// them, while its sender waits for us to read, would otherwise hold both
+// ends until its write deadline cut us off. One write is in flight at a
+// time; planPush bounds what it holds.
 func (ss *session) run(ctx context.Context) error {
+	ss.out, ss.wrote = make(chan []byte, 1), make(chan error, 1)
+	wctx, wcancel := context.WithCancel(ctx)
+	wdone := make(chan struct{})
+	go func() {
+		defer close(wdone)
+		ss.writeLoop(wctx)
+	}()
+	defer func() {
+		wcancel()
+		cancelStream(ss.s) // unblocks a write in flight
+		<-wdone
+	}()
 	if err := ss.push(); err != nil {
 		return err
 	}
@@ -461,6 +482,14 @@ func (ss *session) run(ctx context.Context) error {
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-ss.r.net.wake:
+			case err := <-ss.wrote:
+				ss.writing = false
+				if cap(ss.wbuf) > 4<<20 {
+					ss.wbuf = nil // do not keep a large buffer for the life of the session
+				}
+				if err != nil {
+					return fmt.Errorf("push to %s: %w", ss.r.net.remote.Addr, err)
+				}
 			case m := <-ss.in.msgs:
 				if err := ss.handle(m); err != nil {
 					return err
@@ -629,6 +658,9 @@ func (ss *session) rebase(ctx context.Context) error {
 // push sends as many pending mutations as the limits allow, in Push
 // messages of one write.
 func (ss *session) push() error {
+	if ss.writing {
+		return nil // the write in flight ends with a wake of run, which pushes on
+	}
 	ss.wbuf = ss.wbuf[:0]
 	for {
 		base, muts := ss.r.queue.after(ss.cur.Pushed, ss.lim.MaxBatch)
@@ -659,13 +691,33 @@ func (ss *session) push() error {
 	if len(ss.wbuf) == 0 {
 		return nil
 	}
-	if _, err := ss.s.Write(ss.wbuf); err != nil {
-		return fmt.Errorf("push to %s: %w", ss.r.net.remote.Addr, err)
+	if ss.out == nil {
+		// Not running (a test drives the session by hand): write here.
+		if _, err := ss.s.Write(ss.wbuf); err != nil {
+			return fmt.Errorf("push to %s: %w", ss.r.net.remote.Addr, err)
+		}
+		return nil
 	}
-	if cap(ss.wbuf) > 4<<20 {
-		ss.wbuf = nil // do not keep a large buffer for the life of the session
-	}
+	ss.writing = true
+	ss.out <- ss.wbuf // never blocks: the writer holds nothing else
 	return nil
+}
+
+// writeLoop writes the push buffers run hands it, one at a time, and
+// reports each write's result.
+func (ss *session) writeLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-ss.out:
+			_, err := ss.s.Write(b)
+			ss.wrote <- err // never blocks: one write in flight at a time
+			if err != nil {
+				return
+			}
+		}
+	}
 }
 
 // after returns the queue's settled base and up to max pending mutations
