@@ -27,6 +27,7 @@ import (
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/replica"
 	"github.com/sqlrebase/sqlrebase/server"
+	"github.com/sqlrebase/sqlrebase/vfs"
 	"github.com/sqlrebase/sqlrebase/wal"
 )
 
@@ -200,6 +201,19 @@ type plan struct {
 	kinds          [][]kind // per replica, its mutations
 	pause          time.Duration
 	finalCut       time.Duration // the partition of everyone at the end
+	diskFaults     []diskFault   // at most one per replica
+	// sharedTransport: replicas 0 and 1 share one replica.Transport (one
+	// UDP socket, one QUIC connection, a stream each), in every life.
+	sharedTransport bool
+}
+
+// diskFault makes a replica's disk fail for a while: full (ENOSPC, a
+// write writes part of its bytes first), or random I/O errors.
+type diskFault struct {
+	replica  int
+	at, long time.Duration
+	full     bool
+	prob     float64 // of each write, sync and truncate failing, if not full
 }
 
 // restart ends a life of the server at at (since the start of the run) and
@@ -269,6 +283,16 @@ func makePlan(seed uint64, m mode) plan {
 	}
 	p.pause = m.runFor / time.Duration(m.perReplica)
 	p.finalCut = dur(m.maxCut/5, m.maxCut)
+	p.sharedTransport = rng.IntN(2) == 0
+	for i := range p.replicas {
+		if rng.IntN(2) == 0 {
+			continue
+		}
+		p.diskFaults = append(p.diskFaults, diskFault{
+			replica: i, at: dur(0, m.runFor*3/4), long: dur(m.runFor/20, m.runFor/4),
+			full: rng.IntN(2) == 0, prob: 0.05 + rng.Float64()*0.25,
+		})
+	}
 	return p
 }
 
@@ -297,6 +321,7 @@ type cluster struct {
 	fp      string
 
 	reps []*worker
+	tr   *replica.Transport // shared by replicas 0 and 1, or nil
 }
 
 // worker is one replica and the mutations it made.
@@ -305,16 +330,20 @@ type worker struct {
 	i    int
 	path string
 
-	mu   sync.Mutex // guards r, recs
-	r    *replica.Replica
-	recs []*rec
-	life int
+	// faults is the hook under the replica's own file I/O, in every life.
+	faults *vfs.Faults
+
+	mu        sync.Mutex // guards r, recs, life, faultErrs
+	r         *replica.Replica
+	recs      []*rec
+	life      int
+	faultErrs int // Mutate, Open and Close calls the disk faults failed
 }
 
 func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	p := makePlan(seed, m)
-	t.Logf("plan: profile %+v; partitions %+v; replica restarts before mutation %v; server restarts %+v",
-		p.profile, p.partitions, p.restartAt, p.serverRestarts)
+	t.Logf("plan: profile %+v; partitions %+v; replica restarts before mutation %v; server restarts %+v; disk faults %+v; shared transport %v",
+		p.profile, p.partitions, p.restartAt, p.serverRestarts, p.diskFaults, p.sharedTransport)
 	c := &cluster{t: t, seed: seed, plan: p, reg: registry(t), dir: t.TempDir(), logs: newRing(300)}
 	c.log = slog.New(slog.NewTextHandler(c.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	t.Cleanup(func() {
@@ -331,11 +360,14 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	}
 	c.relay = relay
 	t.Cleanup(func() { relay.Close() })
+	if p.sharedTransport {
+		c.tr = replica.NewTransport(replica.TransportOptions{Logger: c.log})
+	}
 
 	// Connect every replica over a clean network first, so that the
 	// relay numbers them 1..n as the plan's partitions expect.
 	for i := range p.replicas {
-		w := &worker{c: c, i: i, path: filepath.Join(c.dir, fmt.Sprintf("r%d.db", i))}
+		w := &worker{c: c, i: i, path: filepath.Join(c.dir, fmt.Sprintf("r%d.db", i)), faults: vfs.NewFaults(seed + uint64(i))}
 		w.open(ctx)
 		c.reps = append(c.reps, w)
 		c.bounded("replica connects", 20*time.Second, func(ctx context.Context) error { return w.r.WaitConnected(ctx) })
@@ -343,6 +375,9 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	t.Cleanup(func() {
 		for _, w := range c.reps {
 			w.close()
+		}
+		if c.tr != nil {
+			c.tr.Close()
 		}
 		c.stopServer()
 	})
@@ -362,6 +397,28 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	for _, w := range c.reps {
 		wg.Add(1)
 		go func() { defer wg.Done(); w.run(ctx) }()
+	}
+	for _, df := range p.diskFaults {
+		if !fileFaultsHooked {
+			t.Logf("disk fault %+v not made: no hook under the replica's files in this build", df)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f := c.reps[df.replica].faults
+			time.Sleep(df.at - (relay.Elapsed() - base))
+			c.log.Info("chaos: disk faults", "replica", df.replica, "fault", fmt.Sprintf("%+v", df))
+			if df.full {
+				f.DiskFull()
+			} else {
+				f.FailRandom(df.prob, vfs.OpAll, false)
+			}
+			time.Sleep(df.long)
+			fired := f.Fired()
+			f.Clear()
+			c.t.Logf("replica %d: disk faults %+v injected %d failures", df.replica, df, fired)
+		}()
 	}
 	wg.Add(1)
 	go func() {
@@ -419,17 +476,29 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	c.check(ctx)
 	// The faults happened, to these clients: the relay was in the path.
 	st := relay.Stats()
-	lives := p.replicas
-	for _, at := range p.restartAt {
-		lives += len(at)
+	lives := 0
+	for i, at := range p.restartAt {
+		switch {
+		case p.sharedTransport && i == 0:
+			lives++ // the shared Transport's one socket
+		case p.sharedTransport && i == 1:
+		default:
+			lives += 1 + len(at)
+		}
 	}
 	if st.Clients != lives {
-		t.Errorf("the relay saw %d client addresses, want one per replica life (%d)", st.Clients, lives)
+		t.Errorf("the relay saw %d client addresses, want one per replica life or shared Transport (%d)", st.Clients, lives)
 	}
 	if p.profile.Loss > 0.02 && st.Lost[0]+st.Lost[1] == 0 {
 		t.Errorf("loss %.3f, yet the relay lost no packet: %+v", p.profile.Loss, st)
 	}
-	t.Logf("in sync %v after a %v cut healed; relay: %+v", converged.Round(time.Millisecond), cut, st)
+	var faultErrs []int
+	for _, w := range c.reps {
+		w.mu.Lock()
+		faultErrs = append(faultErrs, w.faultErrs)
+		w.mu.Unlock()
+	}
+	t.Logf("in sync %v after a %v cut healed; calls failed by disk faults per replica %v; relay: %+v", converged.Round(time.Millisecond), cut, faultErrs, st)
 	return converged
 }
 
@@ -626,15 +695,30 @@ func (w *worker) open(ctx context.Context) {
 	c.srvMu.Lock()
 	fp := c.fp // the same in every life of the server: its certificate is in its directory
 	c.srvMu.Unlock()
-	r, err := replica.Open(ctx, w.path, replica.Options{
+	opts := withFileFaults(replica.Options{
 		Mutators: c.reg, Logger: c.log.With("replica", w.i),
 		// One replica fsyncs everything, the others the default.
 		Durability: []replica.Durability{replica.Normal, replica.Full}[w.i%2],
 		Remote:     &replica.Remote{Addr: c.relay.Addr(), Database: dbName, Credential: secret, Fingerprint: fp},
-	})
-	if err != nil {
-		c.t.Errorf("replica %d open (life %d): %v", w.i, w.life+1, err)
-		return
+	}, w.faults)
+	if w.i < 2 && c.tr != nil {
+		opts.Remote.Transport = c.tr
+	}
+	var r *replica.Replica
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var err error
+		r, err = replica.Open(ctx, w.path, opts)
+		if err == nil {
+			break
+		}
+		// A failing disk may fail an Open; it must say why, and the next
+		// one, once the disk is sound, must work.
+		if !w.faultErr("Open", err) || time.Now().After(deadline) {
+			c.t.Errorf("replica %d open (life %d): %v", w.i, w.life+1, err)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -665,10 +749,26 @@ func (w *worker) close() {
 	w.r = nil
 	w.mu.Unlock()
 	if r != nil {
-		if err := r.Close(); err != nil {
+		if err := r.Close(); err != nil && !w.faultErr("Close", err) {
 			w.c.t.Errorf("replica %d close: %v", w.i, err)
 		}
 	}
+}
+
+// faultErr says whether err is one a disk fault explains, and counts it;
+// one that says "full" must say "no space left on device".
+func (w *worker) faultErr(what string, err error) bool {
+	if !errors.Is(err, vfs.ErrDiskFull) && !errors.Is(err, vfs.ErrPoisoned) && !errors.Is(err, vfs.ErrInjected) {
+		return false
+	}
+	if errors.Is(err, vfs.ErrDiskFull) && !strings.Contains(err.Error(), "no space left on device") {
+		w.c.t.Errorf("replica %d: %s failed on a full disk without saying so: %v", w.i, what, err)
+	}
+	w.mu.Lock()
+	w.faultErrs++
+	w.mu.Unlock()
+	w.c.log.Info("chaos: a disk fault failed a call", "replica", w.i, "call", what, "err", err)
+	return true
 }
 
 // run makes the replica's planned mutations, restarting it where planned.
@@ -708,6 +808,9 @@ func (w *worker) mutate(ctx context.Context, k kind) bool {
 		h, err = r.Mutate(ctx, capName, json.RawMessage("{}"))
 	}
 	if err != nil {
+		if w.faultErr("Mutate", err) {
+			return true // nothing recorded: the mutation was not made
+		}
 		c.t.Errorf("replica %d: Mutate %v: %v", w.i, k, err)
 		return false
 	}
