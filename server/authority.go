@@ -11,7 +11,11 @@ import (
 	"io/fs"
 	"os"
 	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
 
+	sqlite3 "github.com/ncruces/go-sqlite3"
 	"github.com/ncruces/go-sqlite3/driver"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
@@ -19,9 +23,82 @@ import (
 	"github.com/sqlrebase/sqlrebase/wal"
 )
 
-// ErrGap is the error of a mutation whose id skips ahead of the client's last
-// acknowledged id + 1. The client must push its mutations in order.
-var ErrGap = errors.New("server: mutation id is not the next one for this client")
+// Sentinel errors of the authority.
+var (
+	// ErrGap is the error of a mutation whose id skips ahead of the
+	// client's last acknowledged id + 1. The client must push its
+	// mutations in order.
+	ErrGap = errors.New("server: mutation id is not the next one for this client")
+	// ErrForbidden is wrapped in the rejection of a mutator that broke the
+	// mutator contract (transaction control, reserved tables, ATTACH,
+	// writes outside the replicated database, pragmas that change the
+	// file): see mutators.Authorize, which replicas enforce too.
+	ErrForbidden = errors.New("server: statement not allowed in a mutator")
+	// ErrTimeLimit is wrapped in the rejection of a mutator that had not
+	// returned within the mutator time limit.
+	ErrTimeLimit = errors.New("time limit exceeded")
+	// ErrDiskFull is wrapped in the error of a batch (or any write) that
+	// failed because the disk is full (SQLITE_FULL, or an I/O error caused
+	// by ENOSPC). Nothing of the batch is committed; once space returns
+	// the authority goes on.
+	ErrDiskFull = errors.New("server: no space left on device")
+	// ErrSelfCheck is the error of Verify when the file does not match the
+	// checksum the authority tracks (and ships to replicas).
+	ErrSelfCheck = errors.New("server: self-check failed: the database file does not match the tracked checksum")
+)
+
+// Defaults and limits of the authority.
+const (
+	// DefaultMutatorTimeout is how long one mutator may run on the server
+	// by default. Every other client of the database waits while it runs
+	// (batches are the global order), so the limit is what one buggy or
+	// hostile mutation can cost everybody.
+	DefaultMutatorTimeout = 5 * time.Second
+	// DefaultLogVersions and DefaultLogBytes bound the in-memory log an
+	// in-process Authority keeps for Since (the network server keeps an
+	// on-disk change log instead and no in-memory one).
+	DefaultLogVersions = 1000
+	DefaultLogBytes    = 64 << 20
+	// savepointName is the savepoint around each mutation. Its name has
+	// the reserved prefix, so the authorizer refuses a mutator that
+	// releases or rolls back to it.
+	savepointName = mutators.ReservedPrefix + "mutation"
+	// scanChunkPages is how many pages a scan of the main file reads at
+	// once: the authority never holds the whole database in memory.
+	scanChunkPages = 256
+)
+
+// AuthorityOptions tune an Authority. Zero values take the defaults named.
+type AuthorityOptions struct {
+	// MutatorTimeout bounds how long one mutator may run
+	// (DefaultMutatorTimeout; negative: no limit). A mutator past it is
+	// rejected with ErrTimeLimit, its effects rolled back, and the batch
+	// goes on. SQLite statements are interrupted at the limit; a mutator
+	// spinning in Go code without calling SQLite cannot be interrupted,
+	// and is rejected only when it returns.
+	MutatorTimeout time.Duration
+	// SelfCheck runs Verify after every commit and stops the authority
+	// (every later call fails with ErrSelfCheck) if the file does not
+	// match. It reads the whole database each time: for tests and
+	// debugging only.
+	SelfCheck bool
+	// LogVersions and LogBytes bound the in-memory log kept for Since
+	// (DefaultLogVersions, DefaultLogBytes; negative: keep none).
+	LogVersions int
+	LogBytes    int64
+}
+
+func (o *AuthorityOptions) defaults() {
+	if o.MutatorTimeout == 0 {
+		o.MutatorTimeout = DefaultMutatorTimeout
+	}
+	if o.LogVersions == 0 {
+		o.LogVersions = DefaultLogVersions
+	}
+	if o.LogBytes == 0 {
+		o.LogBytes = DefaultLogBytes
+	}
+}
 
 // Mutation is one client mutation as the authority receives it.
 type Mutation struct {
@@ -61,13 +138,19 @@ type Authority struct {
 	reg         *mutators.Registry
 	db          *sql.DB
 	conn        *sql.Conn
-	q           *mutators.StmtCache // a.conn with its statements prepared once: the writer's path
+	raw         *sqlite3.Conn       // a.conn's SQLite connection: its authorizer, its autocommit state
+	q           *mutators.StmtCache // a.conn with the authority's own statements prepared once (role Engine)
+	mq          *mutators.StmtCache // a.conn with the mutators' statements prepared once (role Mutator)
+	role        atomic.Int32        // mutators.Role of statements being prepared on a.conn, for the authorizer
+	denied      atomic.Pointer[string]
+	opts        AuthorityOptions
 	capture     *vfs.Capture
 	sums        *wal.ChecksumTable
 	pageSize    uint32
 	version     uint64
 	dbSize      uint32         // database size in pages at version
-	log         []*wal.PageSet // every version since open, for in-process use; the network server keeps an on-disk change log instead
+	log         []*wal.PageSet // the latest versions (bounded by opts), for in-process use; the network server keeps an on-disk change log instead
+	logBytes    int64          // page bytes in log
 	logBase     uint64         // version before log[0]
 	noLog       bool           // keep no in-memory log (the network server's change log has the versions)
 	pinned      int            // snapshots being read from the main file: no checkpoint may write it meanwhile
@@ -94,7 +177,13 @@ const checkpointFrames = 1000
 // 0, setup runs as version 1 together with the reserved tables: that is where
 // an app creates its schema.
 func OpenAuthority(ctx context.Context, path string, reg *mutators.Registry, setup func(ctx context.Context, tx mutators.Tx) error) (*Authority, error) {
-	a := &Authority{path: path, reg: reg}
+	return OpenAuthorityWith(ctx, path, reg, setup, AuthorityOptions{})
+}
+
+// OpenAuthorityWith is OpenAuthority with options.
+func OpenAuthorityWith(ctx context.Context, path string, reg *mutators.Registry, setup func(ctx context.Context, tx mutators.Tx) error, opts AuthorityOptions) (*Authority, error) {
+	opts.defaults()
+	a := &Authority{path: path, reg: reg, opts: opts}
 	if err := a.open(ctx, setup); err != nil {
 		a.Close()
 		return nil, fmt.Errorf("open authority %s: %w", path, err)
@@ -117,7 +206,21 @@ func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx
 	if err != nil {
 		return err
 	}
+	if err := a.conn.Raw(func(dc any) error {
+		c, ok := dc.(driver.Conn)
+		if !ok {
+			return fmt.Errorf("server: driver connection is %T, not a go-sqlite3 connection", dc)
+		}
+		a.raw = c.Raw()
+		return a.raw.SetAuthorizer(a.authorize)
+	}); err != nil {
+		return err
+	}
+	// Two caches, because SQLite authorizes a statement when it prepares
+	// it: a statement prepared for the authority must never run for a
+	// mutator.
 	a.q = mutators.NewStmtCache(a.conn, 256)
+	a.mq = mutators.NewStmtCache(a.conn, 256)
 	for _, p := range []string{
 		"PRAGMA journal_mode=WAL",
 		"PRAGMA synchronous=FULL",
@@ -155,28 +258,80 @@ func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx
 }
 
 // scan builds the checksum table from the main file, which holds everything
-// after the TRUNCATE checkpoint at open.
+// after the TRUNCATE checkpoint at open. It reads the file in chunks, so that
+// opening a large database does not load it into memory.
 func (a *Authority) scan() error {
-	b, err := os.ReadFile(a.path)
+	f, err := os.Open(a.path)
 	if err != nil {
 		return err
 	}
-	a.pageSize = wal.DefaultPageSize
-	if len(b) >= 100 {
-		if ps := uint32(b[16])<<8 | uint32(b[17]); ps == 1 {
-			a.pageSize = 65536
+	defer f.Close()
+	sums, n, err := scanPages(context.Background(), f, nil)
+	if err != nil {
+		return err
+	}
+	a.pageSize = sums.PageSize()
+	a.sums = sums
+	a.dbSize = n
+	return nil
+}
+
+// scanPages computes the checksum table of the database in f, reading
+// scanChunkPages pages at a time; over, if not nil, supplies newer images
+// of some pages (the WAL's). The database has the file's size in pages
+// unless over says otherwise (dbSize > 0).
+func scanPages(ctx context.Context, f *os.File, over *walOverlay) (*wal.ChecksumTable, uint32, error) {
+	var hdr [100]byte
+	pageSize := uint32(wal.DefaultPageSize)
+	if _, err := f.ReadAt(hdr[:], 0); err == nil {
+		if ps := uint32(hdr[16])<<8 | uint32(hdr[17]); ps == 1 {
+			pageSize = 65536
 		} else if ps >= 512 {
-			a.pageSize = ps
+			pageSize = ps
 		}
 	}
-	a.sums = wal.NewChecksumTable(a.pageSize)
-	n := uint32(len(b) / int(a.pageSize))
-	a.dbSize = n
-	a.sums.Resize(n)
-	for i := uint32(0); i < n; i++ {
-		a.sums.Set(i+1, wal.PageChecksum(i+1, b[int(i)*int(a.pageSize):int(i+1)*int(a.pageSize)]))
+	st, err := f.Stat()
+	if err != nil {
+		return nil, 0, err
 	}
-	return nil
+	n := uint32(st.Size() / int64(pageSize))
+	if over != nil && over.dbSize > 0 {
+		if over.pageSize != pageSize {
+			return nil, 0, fmt.Errorf("WAL page size %d, database %d", over.pageSize, pageSize)
+		}
+		n = over.dbSize
+	}
+	sums := wal.NewChecksumTable(pageSize)
+	sums.Resize(n)
+	buf := make([]byte, scanChunkPages*int(pageSize))
+	fileN := uint32(st.Size() / int64(pageSize))
+	for first := uint32(1); first <= n; {
+		if err := ctx.Err(); err != nil {
+			return nil, 0, err
+		}
+		k := min(n-first+1, scanChunkPages)
+		chunk := buf[:int(k)*int(pageSize)]
+		clear(chunk)
+		if first <= fileN {
+			m := min(k, fileN-first+1)
+			if _, err := f.ReadAt(chunk[:int(m)*int(pageSize)], int64(first-1)*int64(pageSize)); err != nil {
+				return nil, 0, fmt.Errorf("read main file: %w", err)
+			}
+		}
+		for i := uint32(0); i < k; i++ {
+			page := chunk[int(i)*int(pageSize) : int(i+1)*int(pageSize)]
+			if over != nil {
+				if p, err := over.page(first + i); err != nil {
+					return nil, 0, err
+				} else if p != nil {
+					page = p
+				}
+			}
+			sums.Set(first+i, wal.PageChecksum(first+i, page))
+		}
+		first += k
+	}
+	return sums, n, nil
 }
 
 // commit runs fn in one transaction that also bumps the version, then
@@ -186,10 +341,16 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		return nil, a.broken
 	}
 	if _, err := a.q.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
-		return nil, err
+		return nil, diskFull(err)
 	}
 	tx := mutators.NewTx(ctx, a.q)
 	err := fn(tx)
+	if err == nil && a.raw.GetAutocommit() {
+		// Something ended the transaction under fn (SQLite rolls back the
+		// whole transaction on some errors): committing now would commit
+		// nothing, or only what ran after it. Fail the batch instead.
+		err = errors.New("server: the transaction ended before its commit")
+	}
 	if err == nil {
 		err = mutators.SetVersion(ctx, a.q, a.version+1)
 	}
@@ -197,8 +358,15 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		_, err = a.q.ExecContext(ctx, "COMMIT")
 	}
 	if err != nil {
-		a.conn.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
-		return nil, err
+		if !a.raw.GetAutocommit() {
+			if _, rerr := a.conn.ExecContext(context.WithoutCancel(ctx), "ROLLBACK"); rerr != nil {
+				// The transaction is still open and cannot be rolled
+				// back: the next batch would run inside it.
+				a.broken = fmt.Errorf("server: roll back a failed batch: %w (after %w)", diskFull(rerr), err)
+				return nil, a.broken
+			}
+		}
+		return nil, diskFull(err)
 	}
 	a.version++
 	pages, before, dbSize, err := a.capture.NextBefore()
@@ -213,16 +381,53 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 	a.sums.Apply(ps)
 	base := a.dbSize
 	a.dbSize = dbSize
-	if !a.noLog {
-		a.log = append(a.log, ps)
-	}
+	a.remember(ps)
 	if a.onCommit != nil {
 		a.onCommit(ps, before, base)
 	}
 	if err := a.maybeCheckpoint(ctx); err != nil {
-		return nil, err
+		return nil, diskFull(err)
+	}
+	if a.opts.SelfCheck {
+		if err := a.verify(); err != nil {
+			a.broken = err
+			return nil, err
+		}
 	}
 	return ps, nil
+}
+
+// remember appends ps to the in-memory log and drops its oldest versions
+// beyond the bounds.
+func (a *Authority) remember(ps *wal.PageSet) {
+	if a.noLog || a.opts.LogVersions < 0 || a.opts.LogBytes < 0 {
+		a.logBase = a.version
+		return
+	}
+	a.log = append(a.log, ps)
+	a.logBytes += int64(len(ps.Pages)) * int64(ps.PageSize)
+	drop := 0
+	for drop < len(a.log)-1 && (len(a.log)-drop > a.opts.LogVersions || a.logBytes > a.opts.LogBytes) {
+		a.logBytes -= int64(len(a.log[drop].Pages)) * int64(a.log[drop].PageSize)
+		a.log[drop] = nil
+		drop++
+	}
+	if drop > 0 {
+		a.log = append(a.log[:0:0], a.log[drop:]...)
+		a.logBase += uint64(drop)
+	}
+}
+
+// diskFull wraps err in ErrDiskFull when its cause is a full disk, so that
+// the log and the client say so instead of "disk I/O error".
+func diskFull(err error) error {
+	if err == nil || errors.Is(err, ErrDiskFull) {
+		return err
+	}
+	if errors.Is(err, sqlite3.FULL) || errors.Is(err, syscall.ENOSPC) {
+		return fmt.Errorf("%w: %w", ErrDiskFull, err)
+	}
+	return err
 }
 
 func (a *Authority) maybeCheckpoint(ctx context.Context) error {
@@ -248,13 +453,51 @@ func (a *Authority) maybeCheckpoint(ctx context.Context) error {
 // Push runs a batch of mutations in one transaction, a SAVEPOINT each, in
 // the order given. It returns the new version's page set (nil if nothing was
 // applied or rejected) and one result per mutation.
+//
+// A mutator's own failure (its error, a panic, a statement the contract
+// forbids, the time limit) rejects that mutation only. If a mutator's
+// failure ended the whole transaction (SQLite rolls it back when a write
+// statement is interrupted), the batch runs again from the start with that
+// mutation rejected up front. Any other failure fails the whole batch and
+// commits nothing.
 func (a *Authority) Push(ctx context.Context, batch []Mutation) (*wal.PageSet, []Result, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// rejected holds the mutations that lost an earlier attempt its
+	// transaction, with their rejection.
+	rejected := map[int]string{}
+	for {
+		results, ps, lost, err := a.pushOnce(ctx, batch, rejected)
+		if lost != nil && len(rejected) < len(batch) {
+			rejected[lost.index] = lost.msg
+			continue
+		}
+		if errors.Is(err, errNothing) {
+			return nil, results, nil
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("push batch of %d: %w", len(batch), err)
+		}
+		return ps, results, nil
+	}
+}
+
+// lostTx is the failure of a batch attempt whose transaction mutation index
+// ended by failing.
+type lostTx struct {
+	index int
+	msg   string
+}
+
+func (l *lostTx) Error() string {
+	return fmt.Sprintf("mutation %d of the batch ended the transaction: %s", l.index, l.msg)
+}
+
+func (a *Authority) pushOnce(ctx context.Context, batch []Mutation, rejected map[int]string) ([]Result, *wal.PageSet, *lostTx, error) {
 	results := make([]Result, len(batch))
-	var processed int
+	var lost *lostTx
 	ps, err := a.commit(ctx, func(tx mutators.Tx) error {
-		processed = 0
+		processed := 0
 		last := map[string]uint64{}
 		for i, m := range batch {
 			results[i] = Result{Mutation: m}
@@ -276,23 +519,43 @@ func (a *Authority) Push(ctx context.Context, batch []Mutation) (*wal.PageSet, [
 				last[m.ClientID] = lmid
 				continue
 			}
-			if _, err := tx.Exec("SAVEPOINT mutation"); err != nil {
-				return err
-			}
-			if err := a.reg.Run(ctx, tx, m.Name, m.Args); err != nil {
-				if _, rerr := tx.Exec("ROLLBACK TO mutation"); rerr != nil {
-					return rerr
+			msg, pre := rejected[i]
+			if !pre {
+				if _, err := a.q.ExecContext(ctx, "SAVEPOINT "+savepointName); err != nil {
+					return err
 				}
+				merr := a.runMutator(ctx, m)
+				if df := (*diskFullError)(nil); errors.As(merr, &df) {
+					return df.err // the whole batch fails, and is retried later
+				}
+				if a.raw.GetAutocommit() {
+					// The failure rolled back the whole transaction.
+					why := "the transaction ended"
+					if merr != nil {
+						why = merr.Error()
+					}
+					lost = &lostTx{index: i, msg: why}
+					return lost
+				}
+				if merr != nil {
+					if _, err := a.q.ExecContext(ctx, "ROLLBACK TO "+savepointName); err != nil {
+						return err
+					}
+					msg = merr.Error()
+				}
+				if _, err := a.q.ExecContext(ctx, "RELEASE "+savepointName); err != nil {
+					return err
+				}
+				pre = merr != nil
+			}
+			if pre {
 				results[i].Outcome = Rejected
-				results[i].Err = err.Error()
-				if err := mutators.RecordRejection(ctx, a.q, m.ClientID, m.ID, m.Name, err.Error(), a.version+1); err != nil {
+				results[i].Err = msg
+				if err := mutators.RecordRejection(ctx, a.q, m.ClientID, m.ID, m.Name, msg, a.version+1); err != nil {
 					return err
 				}
 			} else {
 				results[i].Outcome = Applied
-			}
-			if _, err := tx.Exec("RELEASE mutation"); err != nil {
-				return err
 			}
 			if err := mutators.SetLastMutationID(ctx, a.q, m.ClientID, m.ID); err != nil {
 				return err
@@ -305,13 +568,57 @@ func (a *Authority) Push(ctx context.Context, batch []Mutation) (*wal.PageSet, [
 		}
 		return nil
 	})
-	if errors.Is(err, errNothing) {
-		return nil, results, nil
+	if lost != nil && errors.Is(err, lost) && !errors.Is(err, ErrDiskFull) {
+		return results, nil, lost, err
 	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("push batch of %d: %w", len(batch), err)
+	return results, ps, nil, err
+}
+
+// runMutator runs one mutator under the mutator role and the time limit.
+// It returns the mutator's rejection: its own error, a statement the
+// contract forbids (ErrForbidden, naming it), or ErrTimeLimit.
+func (a *Authority) runMutator(ctx context.Context, m Mutation) error {
+	mctx, cancel := ctx, context.CancelFunc(func() {})
+	if a.opts.MutatorTimeout > 0 {
+		mctx, cancel = context.WithTimeoutCause(ctx, a.opts.MutatorTimeout, ErrTimeLimit)
 	}
-	return ps, results, nil
+	defer cancel()
+	a.denied.Store(nil)
+	a.role.Store(int32(mutators.RoleMutator))
+	err := a.reg.Run(mctx, mutators.NewTx(mctx, a.mq), m.Name, m.Args)
+	a.role.Store(int32(mutators.RoleEngine))
+	if why := a.denied.Swap(nil); why != nil {
+		// Rejected even if the mutator swallowed the error: it broke the
+		// contract, and its effects cannot be trusted.
+		return fmt.Errorf("mutator %s: %w: %s", m.Name, ErrForbidden, *why)
+	}
+	if context.Cause(mctx) == ErrTimeLimit && ctx.Err() == nil {
+		return fmt.Errorf("mutator %s: %w (%v)", m.Name, ErrTimeLimit, a.opts.MutatorTimeout)
+	}
+	if err != nil && (errors.Is(err, sqlite3.FULL) || errors.Is(err, syscall.ENOSPC)) {
+		// Not the mutator's fault: fail the batch, so that the mutation
+		// is retried once space returns instead of being rejected.
+		return &diskFullError{err: diskFull(err)}
+	}
+	return err
+}
+
+// diskFullError is a mutator's failure caused by a full disk.
+type diskFullError struct{ err error }
+
+func (e *diskFullError) Error() string { return e.err.Error() }
+func (e *diskFullError) Unwrap() error { return e.err }
+
+// authorize is the authorizer of the writer connection: mutators.Authorize
+// under the role of whoever is preparing the statement.
+func (a *Authority) authorize(action sqlite3.AuthorizerActionCode, name3, name4, schema, _ string) sqlite3.AuthorizerReturnCode {
+	who := mutators.Role(a.role.Load())
+	why, ok := mutators.Authorize(who, action, name3, name4, schema)
+	if ok {
+		return sqlite3.AUTH_OK
+	}
+	a.denied.CompareAndSwap(nil, &why)
+	return sqlite3.AUTH_DENY
 }
 
 var errNothing = errors.New("nothing to commit")
@@ -463,6 +770,9 @@ func (a *Authority) Close() error {
 	}
 	if a.q != nil {
 		errs = append(errs, a.q.Close())
+	}
+	if a.mq != nil {
+		errs = append(errs, a.mq.Close())
 	}
 	if a.conn != nil {
 		errs = append(errs, a.conn.Close())

@@ -30,6 +30,35 @@ func testRegistry(t testing.TB) *mutators.Registry {
 		}
 		return errFail
 	})
+	// exec runs the statements of its args (a JSON array of strings), for
+	// tests of what a mutator may and may not do.
+	reg.MustRegister("exec", func(ctx context.Context, tx mutators.Tx, args json.RawMessage) error {
+		var stmts []string
+		if err := json.Unmarshal(args, &stmts); err != nil {
+			return err
+		}
+		for _, s := range stmts {
+			if _, err := tx.Exec(s); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	// query runs one query and reads all its rows, for the time limit.
+	reg.MustRegister("query", func(ctx context.Context, tx mutators.Tx, args json.RawMessage) error {
+		var q string
+		if err := json.Unmarshal(args, &q); err != nil {
+			return err
+		}
+		rows, err := tx.Query(q)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+		}
+		return rows.Err()
+	})
 	return reg
 }
 

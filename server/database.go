@@ -54,7 +54,9 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	if d.clog, err = openChangeLog(filepath.Join(dir, "log"), cfg.SegmentVersions, cfg.SegmentBytes, cfg.Retention); err != nil {
 		return nil, err
 	}
-	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit}
+	opts := AuthorityOptions{MutatorTimeout: cfg.MutatorTimeout, SelfCheck: cfg.SelfCheck, LogVersions: -1}
+	opts.defaults()
+	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, opts: opts}
 	if err := a.open(ctx, cfg.Setup); err != nil {
 		a.Close()
 		d.clog.close()

@@ -57,6 +57,15 @@ type Config struct {
 	// client (1,024 items, 64 MiB); beyond, it is cut off as too slow.
 	SessionQueue      int
 	SessionQueueBytes int
+	// MutatorTimeout bounds how long one mutator may run (5 s; negative:
+	// no limit). Every client of a database waits while one of its
+	// mutators runs; one past the limit is rejected with "time limit
+	// exceeded" and the batch goes on.
+	MutatorTimeout time.Duration
+	// SelfCheck re-reads each database after every commit and compares it
+	// with the checksum shipped to replicas (see Authority.Verify). Costly:
+	// for debugging.
+	SelfCheck bool
 	// Retention bounds each change log; segments roll every
 	// SegmentVersions versions (10,000) or SegmentBytes bytes (64 MiB).
 	Retention       Retention
