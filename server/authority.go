@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -341,7 +342,7 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		return nil, a.broken
 	}
 	if _, err := a.q.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
-		return nil, diskFull(err)
+		return nil, a.diskFull(err)
 	}
 	tx := mutators.NewTx(ctx, a.q)
 	err := fn(tx)
@@ -362,11 +363,11 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 			if _, rerr := a.conn.ExecContext(context.WithoutCancel(ctx), "ROLLBACK"); rerr != nil {
 				// The transaction is still open and cannot be rolled
 				// back: the next batch would run inside it.
-				a.broken = fmt.Errorf("server: roll back a failed batch: %w (after %w)", diskFull(rerr), err)
+				a.broken = fmt.Errorf("server: roll back a failed batch: %w (after %w)", a.diskFull(rerr), err)
 				return nil, a.broken
 			}
 		}
-		return nil, diskFull(err)
+		return nil, a.diskFull(err)
 	}
 	a.version++
 	pages, before, dbSize, err := a.capture.NextBefore()
@@ -386,7 +387,7 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		a.onCommit(ps, before, base)
 	}
 	if err := a.maybeCheckpoint(ctx); err != nil {
-		return nil, diskFull(err)
+		return nil, a.diskFull(err)
 	}
 	if a.opts.SelfCheck {
 		if err := a.verify(); err != nil {
@@ -420,14 +421,31 @@ func (a *Authority) remember(ps *wal.PageSet) {
 
 // diskFull wraps err in ErrDiskFull when its cause is a full disk, so that
 // the log and the client say so instead of "disk I/O error".
-func diskFull(err error) error {
+func (a *Authority) diskFull(err error) error {
 	if err == nil || errors.Is(err, ErrDiskFull) {
 		return err
 	}
-	if errors.Is(err, sqlite3.FULL) || errors.Is(err, syscall.ENOSPC) {
+	if isDiskFull(err) || (errors.Is(err, sqlite3.IOERR) && lowOnSpace(filepath.Dir(a.path), a.pageSize)) {
 		return fmt.Errorf("%w: %w", ErrDiskFull, err)
 	}
 	return err
+}
+
+// isDiskFull reports whether err says itself that the disk is full.
+func isDiskFull(err error) bool {
+	return errors.Is(err, sqlite3.FULL) || errors.Is(err, syscall.ENOSPC)
+}
+
+// lowOnSpace reports whether the file system of dir has less than a few
+// pages free. go-sqlite3 reports a write that failed with ENOSPC as a bare
+// SQLITE_IOERR_WRITE (it misses the errno inside *os.PathError), so an I/O
+// error on a file system with no room left is taken for what it is.
+func lowOnSpace(dir string, pageSize uint32) bool {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return false
+	}
+	return uint64(st.Bavail)*uint64(st.Bsize) < 16*uint64(max(pageSize, 4096))
 }
 
 func (a *Authority) maybeCheckpoint(ctx context.Context) error {
@@ -595,10 +613,10 @@ func (a *Authority) runMutator(ctx context.Context, m Mutation) error {
 	if context.Cause(mctx) == ErrTimeLimit && ctx.Err() == nil {
 		return fmt.Errorf("mutator %s: %w (%v)", m.Name, ErrTimeLimit, a.opts.MutatorTimeout)
 	}
-	if err != nil && (errors.Is(err, sqlite3.FULL) || errors.Is(err, syscall.ENOSPC)) {
+	if err != nil && (isDiskFull(err) || (errors.Is(err, sqlite3.IOERR) && lowOnSpace(filepath.Dir(a.path), a.pageSize))) {
 		// Not the mutator's fault: fail the batch, so that the mutation
 		// is retried once space returns instead of being rejected.
-		return &diskFullError{err: diskFull(err)}
+		return &diskFullError{err: a.diskFull(err)}
 	}
 	return err
 }

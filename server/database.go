@@ -220,9 +220,15 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 	}
 	_, results, err := d.auth.Push(ctx, batch)
 	if err != nil {
+		msg := "the server could not run the batch; retry later"
+		if errors.Is(err, ErrDiskFull) {
+			// Nothing of the batch is committed; the client retries and
+			// the batch runs once space returns.
+			msg = "the server could not run the batch: no space left on device; retry later"
+		}
 		d.log.Error("push batch", "mutations", len(batch), "err", err)
 		for _, r := range reqs {
-			r.s.fail(protocol.CodeInternal, "the server could not run the batch; retry later")
+			r.s.fail(protocol.CodeInternal, msg)
 		}
 		return
 	}
