@@ -198,7 +198,6 @@ func queueLocal(b *testing.B, r *Replica, n int) {
 		if err := r.queue.Append(m); err != nil {
 			b.Fatal(err)
 		}
-		r.handles[m.ID] = newHandle(m.ID, m.Name)
 	}
 	if err := r.files.Rebase(context.Background()); err != nil {
 		b.Fatal(err)
@@ -207,7 +206,7 @@ func queueLocal(b *testing.B, r *Replica, n int) {
 		b.Fatal(err)
 	}
 	for _, m := range r.queue.Pending() {
-		if err := r.handles[m.ID].LocalErr(); err != nil {
+		if err := r.Handle(m.ID).LocalErr(); err != nil {
 			b.Fatalf("local mutation %d: %v", m.ID, err)
 		}
 	}

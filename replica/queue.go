@@ -322,6 +322,17 @@ func (q *queue) Pending() []queuedMutation {
 	return append([]queuedMutation(nil), q.pending...)
 }
 
+// name returns the mutator name of pending mutation id.
+func (q *queue) name(id uint64) (string, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if id <= q.base || id > q.base+uint64(len(q.pending)) {
+		return "", false
+	}
+	m := q.pending[id-q.base-1]
+	return m.Name, m.ID == id
+}
+
 // Len returns the number of unsettled mutations.
 func (q *queue) Len() int {
 	q.mu.Lock()

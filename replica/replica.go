@@ -22,6 +22,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"weak"
 
 	sqlite3 "github.com/ncruces/go-sqlite3"
 	sqlitedriver "github.com/ncruces/go-sqlite3/driver"
@@ -142,7 +143,11 @@ type Replica struct {
 	// a failed queue write never shows a mutation twice (writeMu).
 	ackRead uint64
 	hmu     sync.Mutex
-	handles map[uint64]*Handle // hmu; changed only under writeMu too
+	// handles holds the Handle of each pending mutation weakly: one the
+	// app has dropped costs no memory beyond its map entry (a long offline
+	// queue), and Handle makes a new one on demand. hmu; changed only under
+	// writeMu too.
+	handles map[uint64]weak.Pointer[Handle]
 
 	// What Status reports, published under writeMu after every change, so
 	// that Status never waits for a Mutate or a rebase.
@@ -243,7 +248,7 @@ func Open(ctx context.Context, path string, opts Options) (*Replica, error) {
 	}
 	r := &Replica{
 		path: path, opts: opts, log: opts.Logger,
-		handles: map[uint64]*Handle{}, gate: newGate(), watchers: map[int]func(Change){},
+		handles: map[uint64]weak.Pointer[Handle]{}, gate: newGate(), watchers: map[int]func(Change){},
 		fatal: newFatalSignal(),
 	}
 	if r.log == nil {
@@ -321,11 +326,7 @@ func (r *Replica) open(ctx context.Context) error {
 	if err := r.settle(ctx); err != nil {
 		return err
 	}
-	r.hmu.Lock()
-	for _, m := range r.queue.Pending() {
-		r.handles[m.ID] = r.newHandle(m.ID, m.Name)
-	}
-	r.hmu.Unlock()
+	// The handles of the recovered mutations are made when asked for.
 	defer r.publish()
 	r.lastRebase.Store(time.Now().UnixNano())
 	return r.replay(ctx)
@@ -442,7 +443,23 @@ type Mutation struct {
 func (r *Replica) Handle(id uint64) *Handle {
 	r.hmu.Lock()
 	defer r.hmu.Unlock()
-	return r.handles[id]
+	if h := r.handles[id].Value(); h != nil {
+		return h
+	}
+	name, ok := r.queue.name(id)
+	if !ok {
+		return nil
+	}
+	h := r.newHandle(id, name)
+	r.handles[id] = weak.Make(h)
+	return h
+}
+
+// liveHandle is the handle of a pending mutation if anyone holds it.
+func (r *Replica) liveHandle(id uint64) *Handle {
+	r.hmu.Lock()
+	defer r.hmu.Unlock()
+	return r.handles[id].Value()
 }
 
 // OnChange calls fn after every change of the visible state: each Mutate and
@@ -578,7 +595,7 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	r.crash("mutate-after-queue")
 	h := r.newHandle(id, name)
 	r.hmu.Lock()
-	r.handles[id] = h
+	r.handles[id] = weak.Make(h)
 	r.hmu.Unlock()
 	m := queuedMutation{ID: id, Name: name, Args: args}
 	err := r.runOne(ctx, m, true)
@@ -805,12 +822,17 @@ func (r *Replica) settle(ctx context.Context) error {
 	if r.queue.settled() < lmid {
 		return fmt.Errorf("settle queue: %w", qerr)
 	}
+	// Status first: whoever a settled handle wakes sees a Status at
+	// least as new (the version and checksum are the applied ones).
+	r.publish()
 	r.hmu.Lock()
-	for mid, h := range r.handles {
+	for mid, wp := range r.handles {
 		if mid > lmid {
 			continue
 		}
-		if msg, ok := rejected[mid]; ok {
+		if h := wp.Value(); h == nil {
+			// Dropped by the app: nobody to tell.
+		} else if msg, ok := rejected[mid]; ok {
 			h.settle(&RejectedError{ID: mid, Name: h.Name, Message: msg})
 		} else {
 			h.settle(nil)
@@ -863,7 +885,7 @@ func (r *Replica) replayOnce(ctx context.Context) error {
 		if isEngineFailure(err) {
 			return fmt.Errorf("replay mutation %d: %w", m.ID, err)
 		}
-		if h := r.handles[m.ID]; h != nil {
+		if h := r.liveHandle(m.ID); h != nil {
 			h.setLocalErr(err)
 		}
 		r.crash("replay-middle")
@@ -878,7 +900,7 @@ func (r *Replica) replayOnce(ctx context.Context) error {
 			r.writer.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
 			return fmt.Errorf("replay mutation %d: %w", m.ID, err)
 		}
-		if h := r.handles[m.ID]; h != nil {
+		if h := r.liveHandle(m.ID); h != nil {
 			h.setLocalErr(err)
 		}
 		if i == len(pending)/2 {
@@ -939,8 +961,10 @@ func (r *Replica) Close() error {
 	if r.queue != nil {
 		errs = append(errs, r.queue.Close())
 	}
-	for _, h := range r.handles {
-		h.settle(ErrClosed)
+	for _, wp := range r.handles {
+		if h := wp.Value(); h != nil {
+			h.settle(ErrClosed)
+		}
 	}
 	return errors.Join(errs...)
 }
