@@ -45,6 +45,7 @@ type mode struct {
 	perReplica int           // mutations each replica makes
 	maxCut     time.Duration // longest partition
 	restarts   int           // most restarts of each replica, and of the server
+	backlog    int           // mutations each replica makes offline, in the final cut
 }
 
 func chooseMode(t *testing.T) mode {
@@ -56,11 +57,11 @@ func chooseMode(t *testing.T) mode {
 	case soak > 0:
 		// Partitions past QUIC's 20 s idle timeout: connections die and
 		// are made again.
-		return mode{name: "long", soak: soak, runFor: 30 * time.Second, perReplica: 300, maxCut: 25 * time.Second, restarts: 4}
+		return mode{name: "long", soak: soak, runFor: 30 * time.Second, perReplica: 300, maxCut: 25 * time.Second, restarts: 4, backlog: 2000}
 	case testing.Short():
-		return mode{name: "short", seeds: 2, runFor: 2 * time.Second, perReplica: 24, maxCut: 1200 * time.Millisecond, restarts: 1}
+		return mode{name: "short", seeds: 2, runFor: 2 * time.Second, perReplica: 24, maxCut: 1200 * time.Millisecond, restarts: 1, backlog: 30}
 	default:
-		return mode{name: "default", seeds: 5, runFor: 5 * time.Second, perReplica: 60, maxCut: 3 * time.Second, restarts: 2}
+		return mode{name: "default", seeds: 5, runFor: 5 * time.Second, perReplica: 60, maxCut: 3 * time.Second, restarts: 2, backlog: 300}
 	}
 }
 
@@ -451,10 +452,19 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		t.Fatal(err)
 	}
 	cutStart := time.Now()
+	// Each replica makes a backlog offline, which it must drain once the
+	// cut heals.
+	var offline sync.WaitGroup
 	for _, w := range c.reps {
-		w.mutate(ctx, own)
-		w.mutate(ctx, toShared)
+		offline.Add(1)
+		go func() {
+			defer offline.Done()
+			for j := range m.backlog {
+				w.mutate(ctx, []kind{own, toShared}[j%2])
+			}
+		}()
 	}
+	c.boundedWait("the offline backlog", 120*time.Second, &offline)
 	time.Sleep(cut - time.Since(cutStart))
 	if err := relay.SetProfile(faultnet.Profile{}); err != nil {
 		t.Fatal(err)
@@ -498,7 +508,7 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		faultErrs = append(faultErrs, w.faultErrs)
 		w.mu.Unlock()
 	}
-	t.Logf("in sync %v after a %v cut healed; calls failed by disk faults per replica %v; relay: %+v", converged.Round(time.Millisecond), cut, faultErrs, st)
+	t.Logf("in sync %v after a %v cut healed (%d mutations made offline by each replica); calls failed by disk faults per replica %v; relay: %+v", converged.Round(time.Millisecond), cut, m.backlog, faultErrs, st)
 	return converged
 }
 
