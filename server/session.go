@@ -234,24 +234,28 @@ func (s *session) sender(ctx context.Context, c catchUp) {
 			s.finish()
 			return
 		}
+		// A bootstrap that began earlier pins the main file at its
+		// version, and OpenSnapshot shares that pin: the snapshot may be
+		// older than the Welcome. The versions between come from the log.
+		c.to = c.welcome.Version
 	} else {
 		sent = c.from - 1
-		for sent < c.to {
-			recs, err := s.db.readLog(sent+1, c.to, 512)
-			if err != nil {
-				s.fail(protocol.CodeSlowClient, "the change log moved on during catch-up; reconnect")
-				break
-			}
-			items := make([]protocol.Item, len(recs))
-			for i, rec := range recs {
-				items[i] = protocol.Item{Version: sent + 1 + uint64(i), Rec: rec}
-			}
-			sent += uint64(len(recs))
-			var ok bool
-			if buf, ok = s.send(buf, items); !ok {
-				s.finish()
-				return
-			}
+	}
+	for sent < c.to {
+		recs, err := s.db.readLog(sent+1, c.to, 512)
+		if err != nil {
+			s.fail(protocol.CodeSlowClient, "the change log moved on during catch-up; reconnect")
+			break
+		}
+		items := make([]protocol.Item, len(recs))
+		for i, rec := range recs {
+			items[i] = protocol.Item{Version: sent + 1 + uint64(i), Rec: rec}
+		}
+		sent += uint64(len(recs))
+		var ok bool
+		if buf, ok = s.send(buf, items); !ok {
+			s.finish()
+			return
 		}
 	}
 	if len(buf) > 0 && !s.write(buf) {
