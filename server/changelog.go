@@ -15,8 +15,9 @@ import (
 )
 
 // Retention bounds the change log. A replica further behind than the log
-// reaches catches up with a snapshot instead. Zero fields mean no bound of
-// that kind; the newest segment is never removed.
+// reaches catches up with a snapshot instead. A zero Retention is
+// DefaultRetention(); otherwise zero (or negative) fields mean no bound of
+// that kind. The newest segment is never removed.
 type Retention struct {
 	Versions int           // keep at most this many versions (roughly: whole segments go)
 	Bytes    int64         // keep at most this many bytes of log
@@ -31,6 +32,13 @@ type Retention struct {
 // and a torn record at the end of the newest segment (a crash mid-append) is
 // cut off at open. The log is not fsynced: it can always be rebuilt from
 // nothing, since a replica it cannot serve gets a snapshot.
+// DefaultRetention returns the change log's bound when Config.Retention is
+// zero: 256 MiB or 7 days, whichever is reached first. A catch-up that
+// weighs more than the database is sent as a snapshot anyway, so a longer
+// log mostly costs disk; 7 days lets a replica offline for a week catch up
+// with the versions it missed rather than the whole database.
+func DefaultRetention() Retention { return Retention{Bytes: 256 << 20, Age: 7 * 24 * time.Hour} }
+
 type changeLog struct {
 	dir         string
 	segs        []*segment // oldest first; the last one is appended to

@@ -66,8 +66,9 @@ type Config struct {
 	// with the checksum shipped to replicas (see Authority.Verify). Costly:
 	// for debugging.
 	SelfCheck bool
-	// Retention bounds each change log; segments roll every
-	// SegmentVersions versions (10,000) or SegmentBytes bytes (64 MiB).
+	// Retention bounds each change log (zero: DefaultRetention(), 256 MiB
+	// or 7 days); segments roll every SegmentVersions versions (10,000)
+	// or SegmentBytes bytes (64 MiB).
 	Retention       Retention
 	SegmentVersions int
 	SegmentBytes    int64
@@ -91,6 +92,9 @@ func (c *Config) defaults() {
 	setDefault(&c.SessionQueue, 1024)
 	setDefault(&c.SessionQueueBytes, 64<<20)
 	setDefault(&c.SegmentVersions, 10_000)
+	if c.Retention == (Retention{}) {
+		c.Retention = DefaultRetention()
+	}
 	if c.SegmentBytes == 0 {
 		c.SegmentBytes = 64 << 20
 	}
