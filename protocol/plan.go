@@ -148,25 +148,35 @@ func (a *Reassembler) Add(p *VersionPart) ([]byte, error) {
 
 func (a *Reassembler) reset() { a.active, a.buf, a.version, a.total = false, nil, 0, 0 }
 
-// RecordPageBytes returns the bytes a version's pages decode to (pages ×
-// page size), read from the header of its encoded record without decoding
-// the rest: what a server compares with a client's MaxVersionBytes.
-func RecordPageBytes(rec []byte) (uint64, error) {
+// RecordHeader is what the header of an encoded version record says,
+// read without decoding its pages.
+type RecordHeader struct {
+	Version     uint64
+	PageBytes   uint64 // pages × page size: what the pages decode to
+	PreChecksum uint64
+}
+
+// ReadRecordHeader reads the header of an encoded record (AppendBinary),
+// whatever its size: what a server compares with a client's
+// MaxVersionBytes, and the checksum a catch-up starts from.
+func ReadRecordHeader(rec []byte) (RecordHeader, error) {
 	d := &decoder{b: rec}
-	d.uvarint() // version
+	var h RecordHeader
+	h.Version = d.uvarint()
 	d.uvarint() // flags
 	pageSize := d.uvarint()
 	d.uvarint() // db size
-	d.fixed64()
+	h.PreChecksum = d.fixed64()
 	d.fixed64()
 	d.byte()    // codec
 	d.uvarint() // base db size
 	n := d.uvarint()
 	if d.err != nil {
-		return 0, fmt.Errorf("version record header: %w", d.err)
+		return RecordHeader{}, fmt.Errorf("version record header: %w", d.err)
 	}
 	if pageSize > 1<<16 || n > 1<<32 {
-		return 0, fmt.Errorf("version record header: %w: %d pages of %d bytes", ErrMalformed, n, pageSize)
+		return RecordHeader{}, fmt.Errorf("version record header: %w: %d pages of %d bytes", ErrMalformed, n, pageSize)
 	}
-	return n * pageSize, nil
+	h.PageBytes = n * pageSize
+	return h, nil
 }

@@ -158,11 +158,13 @@ func (d *database) checksumAt(v uint64) uint64 {
 	if err != nil {
 		return 0
 	}
-	ev, err := protocol.DecodeEncodedVersion(recs[0], d.cfg.Limits)
+	// The header only: a version of any size (beyond the decoder's page
+	// limits) still vouches for the checksum before it.
+	h, err := protocol.ReadRecordHeader(recs[0])
 	if err != nil {
 		return 0
 	}
-	return ev.PreChecksum
+	return h.PreChecksum
 }
 
 // readLog returns encoded versions from..to (at most max of them), or an

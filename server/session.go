@@ -316,7 +316,8 @@ func (s *session) send(buf []byte, items []protocol.Item) ([]byte, bool) {
 		if it.Rec == nil {
 			continue
 		}
-		if n, err := protocol.RecordPageBytes(it.Rec); err != nil || n > s.recv.MaxVersionBytes || uint64(len(it.Rec)) > s.recv.MaxRecord() {
+		if h, err := protocol.ReadRecordHeader(it.Rec); err != nil || h.PageBytes > s.recv.MaxVersionBytes || uint64(len(it.Rec)) > s.recv.MaxRecord() {
+			n := h.PageBytes
 			msg := fmt.Sprintf("version %d has %d bytes of pages (%d encoded); this client holds at most %d: raise its limit (Remote.MaxVersionBytes)", it.Version, n, len(it.Rec), s.recv.MaxVersionBytes)
 			s.log.Warn("version too large for the client", "version", it.Version, "bytes", n, "limit", s.recv.MaxVersionBytes)
 			items = append(items[:i:i], protocol.Item{Msg: &protocol.Error{Code: protocol.CodeVersionTooLarge, Message: msg}})
