@@ -26,12 +26,40 @@ type readConnector struct {
 
 func (c *readConnector) Driver() driver.Driver { return c.inner.Driver() }
 
+// innerConn is what readConn needs of a go-sqlite3 driver connection,
+// checked once in Connect (an error, not a panic, if a go-sqlite3 bump
+// drops one of them).
+type innerConn interface {
+	sqlitedriver.Conn
+	driver.ExecerContext
+	driver.NamedValueChecker
+}
+
+// innerStmt is what readStmt needs of a go-sqlite3 statement, checked in
+// PrepareContext.
+type innerStmt interface {
+	driver.Stmt
+	driver.StmtExecContext
+	driver.StmtQueryContext
+	driver.NamedValueChecker
+}
+
 func (c *readConnector) Connect(ctx context.Context) (driver.Conn, error) {
-	dc, err := c.inner.Connect(ctx)
+	// A poisoned replica's files may be torn, and SQLite is locked out of
+	// them: say so at once rather than let the driver's setup wait.
+	if err := c.r.files.Poisoned(); err != nil {
+		return nil, fmt.Errorf("replica: %w", err)
+	}
+	conn, err := c.inner.Connect(ctx)
 	if err != nil {
 		return nil, err
 	}
-	raw := dc.(sqlitedriver.Conn).Raw()
+	dc, ok := conn.(innerConn)
+	if !ok {
+		conn.Close()
+		return nil, fmt.Errorf("replica: the go-sqlite3 connection %T lacks an interface the replica needs", conn)
+	}
+	raw := dc.Raw()
 	rc := &readConn{r: c.r, inner: dc, raw: raw, role: roleReader, id: c.ids.Add(1)}
 	if err := c.r.initConn(raw, func() role { return rc.role }, rc.deny); err != nil {
 		dc.Close()
@@ -43,7 +71,7 @@ func (c *readConnector) Connect(ctx context.Context) (driver.Conn, error) {
 
 type readConn struct {
 	r      *Replica
-	inner  driver.Conn
+	inner  innerConn
 	raw    *sqlite3.Conn
 	id     int64 // for ErrReadersBusy: "DB() connection #id"
 	epoch  uint64
@@ -97,6 +125,11 @@ func (c *readConn) enter(ctx context.Context, what string) error {
 	}
 	c.hold = h
 	// Inside the gate no rebase runs: the replica's state is settled.
+	// Files a failed write left torn are never read (Repair first).
+	if err := c.r.files.Poisoned(); err != nil {
+		c.release()
+		return fmt.Errorf("replica: %w", err)
+	}
 	if err := c.r.hiddenErr(); err != nil {
 		c.release()
 		return err
@@ -160,11 +193,16 @@ func (c *readConn) PrepareContext(ctx context.Context, query string) (driver.Stm
 		return nil, err
 	}
 	defer c.release()
-	s, err := c.inner.(driver.ConnPrepareContext).PrepareContext(ctx, query)
+	s, err := c.inner.PrepareContext(ctx, query)
 	if err != nil {
 		return nil, c.explain(err)
 	}
-	return &readStmt{c: c, inner: s, query: query}, nil
+	is, ok := s.(innerStmt)
+	if !ok {
+		s.Close()
+		return nil, fmt.Errorf("replica: the go-sqlite3 statement %T lacks an interface the replica needs", s)
+	}
+	return &readStmt{c: c, inner: is, query: query}, nil
 }
 
 func (c *readConn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
@@ -172,7 +210,7 @@ func (c *readConn) ExecContext(ctx context.Context, query string, args []driver.
 		return nil, err
 	}
 	defer c.release()
-	res, err := c.inner.(driver.ExecerContext).ExecContext(ctx, query, args)
+	res, err := c.inner.ExecContext(ctx, query, args)
 	return res, c.explain(err)
 }
 
@@ -185,7 +223,7 @@ func (c *readConn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.T
 		return nil, err
 	}
 	defer c.release()
-	tx, err := c.inner.(driver.ConnBeginTx).BeginTx(ctx, opts)
+	tx, err := c.inner.BeginTx(ctx, opts)
 	if err != nil {
 		return nil, c.explain(err)
 	}
@@ -193,7 +231,7 @@ func (c *readConn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.T
 }
 
 func (c *readConn) CheckNamedValue(v *driver.NamedValue) error {
-	return c.inner.(driver.NamedValueChecker).CheckNamedValue(v)
+	return c.inner.CheckNamedValue(v)
 }
 
 // IsValid tells database/sql not to put a connection back in its pool while
@@ -234,7 +272,7 @@ func (t *readTx) Rollback() error {
 
 type readStmt struct {
 	c     *readConn
-	inner driver.Stmt
+	inner innerStmt
 	query string
 }
 
@@ -254,7 +292,7 @@ func (s *readStmt) ExecContext(ctx context.Context, args []driver.NamedValue) (d
 		return nil, err
 	}
 	defer s.c.release()
-	res, err := s.inner.(driver.StmtExecContext).ExecContext(ctx, args)
+	res, err := s.inner.ExecContext(ctx, args)
 	return res, s.c.explain(err)
 }
 
@@ -262,7 +300,7 @@ func (s *readStmt) QueryContext(ctx context.Context, args []driver.NamedValue) (
 	if err := s.c.enter(ctx, describeSQL("Query", s.query)); err != nil {
 		return nil, err
 	}
-	rows, err := s.inner.(driver.StmtQueryContext).QueryContext(ctx, args)
+	rows, err := s.inner.QueryContext(ctx, args)
 	if err != nil {
 		s.c.release()
 		return nil, s.c.explain(err)
@@ -276,7 +314,7 @@ func (s *readStmt) QueryContext(ctx context.Context, args []driver.NamedValue) (
 }
 
 func (s *readStmt) CheckNamedValue(v *driver.NamedValue) error {
-	return s.inner.(driver.NamedValueChecker).CheckNamedValue(v)
+	return s.inner.CheckNamedValue(v)
 }
 
 // readRows holds the gate until the rows are closed: an open cursor is an

@@ -76,6 +76,9 @@ type Options struct {
 	// rebaseDefer, if set, replaces maxRebaseDefer (the drain tests set
 	// it long, so that they count replays, not time).
 	rebaseDefer time.Duration
+	// fileFaults, if set, is the fault hook under the replica's own file
+	// I/O (vfs.Replica's): tests fill the disk with it.
+	fileFaults *vfs.Faults
 }
 
 // Change tells watchers that the replica's visible state moved.
@@ -278,7 +281,7 @@ func (r *Replica) open(ctx context.Context) error {
 	if r.queue, err = openQueue(r.path+"-pending", r.opts.Durability == Full); err != nil {
 		return err
 	}
-	r.files, err = vfs.OpenReplica(r.path, r.opts.Durability)
+	r.files, err = vfs.OpenReplicaWith(r.path, vfs.ReplicaOptions{Durability: r.opts.Durability, Faults: r.opts.fileFaults})
 	if errors.Is(err, vfs.ErrDiverged) && r.opts.Remote != nil {
 		// The main file is not a state the server ever had (a write torn
 		// by a power failure under Durability Normal). It is never served:
@@ -290,7 +293,7 @@ func (r *Replica) open(ctx context.Context) error {
 			return errors.Join(err, qerr)
 		}
 		r.log.Warn("replica's main file diverged from every server version; set aside, re-syncing from the server", "err", err, "aside", aside)
-		r.files, err = vfs.OpenReplica(r.path, r.opts.Durability)
+		r.files, err = vfs.OpenReplicaWith(r.path, vfs.ReplicaOptions{Durability: r.opts.Durability, Faults: r.opts.fileFaults})
 	}
 	if err != nil {
 		return err
@@ -565,6 +568,30 @@ func (r *Replica) repair(ctx context.Context) error {
 	return r.hiddenErr()
 }
 
+// Repair brings back a replica whose files a failed write left poisoned
+// (vfs.ErrPoisoned: a full disk or an I/O error part-way through a rebase),
+// as Open would, without a restart: the main file is brought to its
+// journaled version, and the pending mutations are replayed on top. Until
+// then reads and Mutate fail with an error that wraps vfs.ErrPoisoned (and
+// says "no space left on device" if that was the cause). The sync loop
+// calls it by itself, with backoff; on a sound replica it does nothing.
+func (r *Replica) Repair(ctx context.Context) error {
+	if r.files.Poisoned() == nil {
+		return nil
+	}
+	err := r.rebase(ctx, context.WithoutCancel(ctx), func(ctx context.Context) error {
+		if r.files.Poisoned() == nil {
+			return nil // another repair came first
+		}
+		return r.files.Repair(ctx)
+	})
+	if err != nil {
+		return fmt.Errorf("replica: %w", err)
+	}
+	r.log.Info("sqlrebase: repaired the replica's files", "version", r.files.Version())
+	return nil
+}
+
 // Mutate records a mutation durably and runs it at once on the replica. It
 // returns an error, and records nothing, only if the mutation cannot be
 // queued: an unknown mutator, args that are not JSON, or an I/O error. If the
@@ -576,6 +603,12 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	}
 	if err := r.opts.Mutators.Check(name, args); err != nil {
 		return nil, err
+	}
+	if r.files.Poisoned() != nil {
+		// Never write on top of torn files: repair them first.
+		if err := r.Repair(ctx); err != nil {
+			return nil, fmt.Errorf("mutate %s: %w", name, err)
+		}
 	}
 	if r.hidden.Load() != nil {
 		// Never write on top of a state that lacks pending mutations.
@@ -719,15 +752,21 @@ func (r *Replica) rebaseApplying(waitCtx, applyCtx context.Context, apply func(c
 }
 
 func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) error) error {
-	mainBefore, err := r.files.SchemaCookie()
-	if err != nil {
-		return err
-	}
-	// The cookie the connections see: the main file's unless pending
-	// frames are in the WAL (then ask SQLite, which reads it from there).
-	optBefore, err := r.optimisticCookie(ctx, mainBefore)
-	if err != nil {
-		return err
+	// A poisoned replica's files may be torn and SQLite is locked out: only
+	// a repair (apply is then files.Repair) may run, and every connection's
+	// schema is reloaded after it.
+	poisoned := r.files.Poisoned()
+	var mainBefore, optBefore uint32
+	if poisoned == nil {
+		var err error
+		if mainBefore, err = r.files.SchemaCookie(); err != nil {
+			return err
+		}
+		// The cookie the connections see: the main file's unless pending
+		// frames are in the WAL (then ask SQLite, which reads it from there).
+		if optBefore, err = r.optimisticCookie(ctx, mainBefore); err != nil {
+			return err
+		}
 	}
 	r.crash("rebase-before-apply")
 	if err := apply(ctx); err != nil {
@@ -741,7 +780,7 @@ func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) 
 	// The schema-cookie ABA fix: if the cookie moved at all, a connection's
 	// cached schema may belong to a state the cookie no longer tells apart.
 	// Reload it everywhere before the next statement, the replay's included.
-	if optBefore != mainBefore || mainBefore != mainAfter {
+	if poisoned != nil || optBefore != mainBefore || mainBefore != mainAfter {
 		if err := r.resetSchema(ctx); err != nil {
 			return err
 		}

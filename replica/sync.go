@@ -172,7 +172,15 @@ func (r *Replica) syncLoop(ctx context.Context) {
 	attempt := 0
 	for {
 		start := time.Now()
-		welcomed, err := r.session(ctx)
+		// Files a failed write poisoned (a full disk) are repaired before
+		// the next session, retried with the loop's backoff until it works.
+		var welcomed bool
+		err := r.Repair(ctx)
+		if err != nil {
+			r.log.Warn("sqlrebase: repair failed, will retry", "err", err)
+		} else {
+			welcomed, err = r.session(ctx)
+		}
 		if ctx.Err() != nil {
 			n.update(func() { n.connected = false })
 			return

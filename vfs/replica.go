@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -104,8 +105,9 @@ type Replica struct {
 	faults     *Faults // nil outside tests
 	// poisoned is the failure that left the files torn, nil when they are
 	// sound. While set, the wal-index locks that exclude every connection
-	// stay held.
-	poisoned error
+	// stay held. It is atomic so that [Replica.Poisoned] may be asked from
+	// any goroutine (the replica package's readers) while a rebase runs.
+	poisoned atomic.Pointer[poisonError]
 	// image is the snapshot an install was copying when it failed: the
 	// journal names its version, not its pages, so Repair copies it again.
 	image *SnapshotImage
@@ -459,7 +461,7 @@ func (r *Replica) Pages() uint32 { return r.sums.Pages() }
 
 // SchemaCookie reads the schema cookie of the main file (the server's).
 func (r *Replica) SchemaCookie() (uint32, error) {
-	if r.poisoned != nil {
+	if r.poisoned.Load() != nil {
 		return 0, r.poisonedErr()
 	}
 	var b [4]byte
@@ -539,7 +541,7 @@ func (r *Replica) check(sets []*wal.PageSet) (*wal.PageSet, []uint64, error) {
 // every connection to finish its transaction; the caller should stop new
 // ones first, or they will delay it.
 func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
-	if r.poisoned != nil {
+	if r.poisoned.Load() != nil {
 		return r.poisonedErr()
 	}
 	merged, crcs, err := r.check(sets)
@@ -580,7 +582,7 @@ func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 // that exclude every connection (the caller holds them), so that nothing
 // reads what the failed write left behind until Repair.
 func (r *Replica) poison(err error) error {
-	r.poisoned = WrapDiskFull(err)
+	r.poisoned.Store(&poisonError{cause: WrapDiskFull(err)})
 	// Spoil the wal-index header (isInit of its first copy): a connection
 	// that finds it bad runs recovery, which needs the WRITE and RECOVER
 	// locks we hold, and so gets SQLITE_BUSY_RECOVERY at once, instead of
@@ -591,7 +593,10 @@ func (r *Replica) poison(err error) error {
 }
 
 func (r *Replica) poisonedErr() error {
-	return &poisonError{cause: r.poisoned}
+	if p := r.poisoned.Load(); p != nil {
+		return p
+	}
+	return nil
 }
 
 // poisonError is ErrPoisoned with its cause: errors.Is finds both, and
@@ -603,13 +608,9 @@ func (e *poisonError) Unwrap() []error      { return []error{ErrPoisoned, e.caus
 func (e *poisonError) Is(target error) bool { return target == ErrPoisoned }
 
 // Poisoned returns the error that poisoned the Replica (wrapping
-// [ErrPoisoned]), or nil if its files are sound.
-func (r *Replica) Poisoned() error {
-	if r.poisoned == nil {
-		return nil
-	}
-	return r.poisonedErr()
-}
+// [ErrPoisoned]), or nil if its files are sound. Unlike the rest of
+// Replica it is safe to call from any goroutine.
+func (r *Replica) Poisoned() error { return r.poisonedErr() }
 
 // Repair brings a poisoned Replica back, as Open does: it re-applies the
 // newest journal record (or copies again the snapshot image whose install
@@ -622,7 +623,7 @@ func (r *Replica) Poisoned() error {
 // journaled version the error also wraps ErrDiverged. Repair of a sound
 // Replica does nothing.
 func (r *Replica) Repair(ctx context.Context) error {
-	if r.poisoned == nil {
+	if r.poisoned.Load() == nil {
 		return nil
 	}
 	if err := ctx.Err(); err != nil {
@@ -631,7 +632,8 @@ func (r *Replica) Repair(ctx context.Context) error {
 	if err := r.repair(ctx); err != nil {
 		return fmt.Errorf("%w: repair: %w", ErrPoisoned, WrapDiskFull(err))
 	}
-	r.poisoned, r.image = nil, nil
+	r.poisoned.Store(nil)
+	r.image = nil
 	return r.unlockAll()
 }
 
@@ -753,7 +755,7 @@ func (r *Replica) writePages(ps *wal.PageSet) error {
 // ReadPage reads one page of the main file (for tests and tools). It
 // refuses while the Replica is poisoned: the page may be torn.
 func (r *Replica) ReadPage(pgno uint32) ([]byte, error) {
-	if r.poisoned != nil {
+	if r.poisoned.Load() != nil {
 		return nil, r.poisonedErr()
 	}
 	p := make([]byte, r.pageSize)

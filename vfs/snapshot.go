@@ -33,7 +33,7 @@ const snapshotChunkPages = 256
 // the next open refuses with ErrDiverged (the replica then re-syncs from
 // the server): it is never served.
 func (r *Replica) InstallSnapshot(ctx context.Context, img SnapshotImage) error {
-	if r.poisoned != nil {
+	if r.poisoned.Load() != nil {
 		return r.poisonedErr()
 	}
 	switch {
