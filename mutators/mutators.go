@@ -24,6 +24,17 @@
 //   - Returning an error rejects the mutation: the caller rolls back all of
 //     its effects. On the server the rejection is recorded for the client;
 //     it is not retried.
+//   - Quick: the server runs mutators one at a time, so it gives each a
+//     time limit (server.Config.MutatorTimeout, 5 s by default). Past it
+//     the mutator's SQLite statements are interrupted and the mutation is
+//     rejected with "time limit exceeded". Go code that spins without
+//     calling tx cannot be interrupted; it is rejected when it returns.
+//
+// Both the replica and the server enforce the rules that SQLite can see
+// (transaction control, reserved tables, ATTACH, writes outside the
+// replicated database, pragmas that change the file) with the same
+// authorizer policy, [Authorize]: a statement that breaks them fails, and
+// the server rejects the mutation naming the statement.
 //
 // Args are JSON, validated by [Registry.Check] before anything runs: at most
 // [MaxArgsSize] bytes of valid JSON (an empty value is not JSON; pass "null"
