@@ -2,6 +2,7 @@ package chaos
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -203,6 +204,9 @@ type plan struct {
 	pause          time.Duration
 	finalCut       time.Duration // the partition of everyone at the end
 	diskFaults     []diskFault   // at most one per replica
+	// serverFull, if long is set, fills the server's disk for a while: a
+	// real ENOSPC, on a tmpfs the test mounts (root only; else not made).
+	serverFull diskFault
 	// sharedTransport: replicas 0 and 1 share one replica.Transport (one
 	// UDP socket, one QUIC connection, a stream each), in every life.
 	sharedTransport bool
@@ -285,6 +289,9 @@ func makePlan(seed uint64, m mode) plan {
 	p.pause = m.runFor / time.Duration(m.perReplica)
 	p.finalCut = dur(m.maxCut/5, m.maxCut)
 	p.sharedTransport = rng.IntN(2) == 0
+	if rng.IntN(2) == 0 {
+		p.serverFull = diskFault{replica: -1, at: dur(0, m.runFor*3/4), long: dur(m.runFor/20, m.runFor/4), full: true}
+	}
 	for i := range p.replicas {
 		if rng.IntN(2) == 0 {
 			continue
@@ -323,6 +330,11 @@ type cluster struct {
 
 	reps []*worker
 	tr   *replica.Transport // shared by replicas 0 and 1, or nil
+
+	// serverDir is the server's data directory; on a small tmpfs of its
+	// own (serverDisk) when the plan fills the server's disk and the test
+	// may mount one.
+	serverDir, serverDisk string
 }
 
 // worker is one replica and the mutations it made.
@@ -343,8 +355,8 @@ type worker struct {
 
 func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	p := makePlan(seed, m)
-	t.Logf("plan: profile %+v; partitions %+v; replica restarts before mutation %v; server restarts %+v; disk faults %+v; shared transport %v",
-		p.profile, p.partitions, p.restartAt, p.serverRestarts, p.diskFaults, p.sharedTransport)
+	t.Logf("plan: profile %+v; partitions %+v; replica restarts before mutation %v; server restarts %+v; disk faults %+v; server disk full %+v; shared transport %v",
+		p.profile, p.partitions, p.restartAt, p.serverRestarts, p.diskFaults, p.serverFull, p.sharedTransport)
 	c := &cluster{t: t, seed: seed, plan: p, reg: registry(t), dir: t.TempDir(), logs: newRing(300)}
 	c.log = slog.New(slog.NewTextHandler(c.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	t.Cleanup(func() {
@@ -353,8 +365,19 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		}
 	})
 	ctx := context.Background()
+	c.serverDir = filepath.Join(c.dir, "server")
+	if p.serverFull.long > 0 {
+		if disk, err := smallDisk(t, "64m"); err != nil {
+			t.Logf("the server's disk will not fill: %v", err)
+		} else {
+			c.serverDisk = disk
+			c.serverDir = filepath.Join(disk, "server")
+		}
+	}
 
-	c.startServer(ctx, "127.0.0.1:0", true)
+	if err := c.startServer(ctx, "127.0.0.1:0", true); err != nil {
+		t.Fatal(err)
+	}
 	relay, err := faultnet.Listen(faultnet.Config{Target: c.srvAddr, Seed: seed, Logger: c.log})
 	if err != nil {
 		t.Fatal(err)
@@ -419,6 +442,20 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 			fired := f.Fired()
 			f.Clear()
 			c.t.Logf("replica %d: disk faults %+v injected %d failures", df.replica, df, fired)
+		}()
+	}
+	if c.serverDisk != "" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(p.serverFull.at - (relay.Elapsed() - base))
+			filler := filepath.Join(c.serverDisk, "filler")
+			n, err := fill(filler)
+			t.Logf("the server's disk is full (%d bytes of filler; %v) for %v", n, err, p.serverFull.long.Round(time.Millisecond))
+			time.Sleep(p.serverFull.long)
+			if err := os.Remove(filler); err != nil {
+				t.Errorf("free the server's disk: %v", err)
+			}
 		}()
 	}
 	wg.Add(1)
@@ -502,6 +539,15 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	if p.profile.Loss > 0.02 && st.Lost[0]+st.Lost[1] == 0 {
 		t.Errorf("loss %.3f, yet the relay lost no packet: %+v", p.profile.Loss, st)
 	}
+	c.logs.mu.Lock()
+	noSpace, vague := c.logs.noSpace, c.logs.vague
+	c.logs.mu.Unlock()
+	if len(vague) > 0 {
+		t.Errorf("disk errors said vaguely (a full disk must say \"no space left on device\"):\n%s", strings.Join(vague, "\n"))
+	}
+	if c.serverDisk != "" {
+		t.Logf("%d log lines said \"no space left on device\"", noSpace)
+	}
 	var faultErrs []int
 	for _, w := range c.reps {
 		w.mu.Lock()
@@ -514,22 +560,21 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 
 // startServer opens the server on c.dir and serves it on addr (retrying
 // while the port is still taken by the previous life).
-func (c *cluster) startServer(ctx context.Context, addr string, first bool) {
-	t := c.t
+func (c *cluster) startServer(ctx context.Context, addr string, first bool) error {
 	srv, err := server.Open(ctx, server.Config{
-		Dir: filepath.Join(c.dir, "server"), Mutators: c.reg, Logger: c.log,
+		Dir: c.serverDir, Mutators: c.reg, Logger: c.log,
 		Setup: func(ctx context.Context, tx mutators.Tx) error {
 			_, err := tx.Exec(mutators.DemoSchema)
 			return err
 		},
 	})
 	if err != nil {
-		t.Errorf("server open: %v", err)
-		return
+		return fmt.Errorf("server open: %w", err)
 	}
 	if first {
 		if err := srv.AddDatabase(ctx, dbName, secret); err != nil {
-			t.Fatal(err)
+			srv.Close()
+			return err
 		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
@@ -539,12 +584,11 @@ func (c *cluster) startServer(ctx context.Context, addr string, first bool) {
 			c.srvMu.Lock()
 			c.srv, c.srvAddr, c.fp = srv, a, srv.Fingerprint()
 			c.srvMu.Unlock()
-			return
+			return nil
 		}
 		if time.Now().After(deadline) {
 			srv.Close()
-			t.Errorf("server listen %s: %v", addr, err)
-			return
+			return fmt.Errorf("server listen %s: %w", addr, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -571,10 +615,25 @@ func (c *cluster) restartServer(ctx context.Context, down time.Duration, child b
 	c.t.Logf("server restarts at %v: crash %v, down %v, next life in a child process %v", c.relay.Elapsed().Round(time.Millisecond), c.hasChild(), down.Round(time.Millisecond), child)
 	c.stopServer()
 	time.Sleep(down)
-	if child {
-		c.startChild(c.srvAddr)
-	} else {
-		c.startServer(ctx, c.srvAddr, false)
+	// As a supervisor would, start it again until it works: on a full
+	// disk it may not open (it must say why), and does once space returns.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var err error
+		if child {
+			err = c.startChild(c.srvAddr)
+		} else {
+			err = c.startServer(ctx, c.srvAddr, false)
+		}
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Errorf("the server did not start again in 30 s: %v", err)
+			return
+		}
+		c.t.Logf("the server did not start (will retry): %v", err)
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
@@ -644,23 +703,21 @@ type child struct {
 
 // startChild starts a server life in a child process and waits until it
 // listens.
-func (c *cluster) startChild(addr string) {
-	t := c.t
-	cfg, _ := json.Marshal(childConfig{Dir: filepath.Join(c.dir, "server"), Addr: addr})
+func (c *cluster) startChild(addr string) error {
+	cfg, _ := json.Marshal(childConfig{Dir: c.serverDir, Addr: addr})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+string(cfg))
 	cmd.Stderr = c.logs
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	if err := cmd.Start(); err != nil {
-		t.Errorf("child server: %v", err)
-		return
+		return fmt.Errorf("child server: %w", err)
 	}
 	ch := &child{cmd: cmd, stdin: stdin}
 	ready := make(chan error, 1)
@@ -679,12 +736,12 @@ func (c *cluster) startChild(addr string) {
 	}
 	if err != nil {
 		ch.kill()
-		t.Errorf("child server: %v", err)
-		return
+		return fmt.Errorf("child server: %w", err)
 	}
 	c.srvMu.Lock()
 	c.child = ch
 	c.srvMu.Unlock()
+	return nil
 }
 
 // kill ends the child with SIGKILL and reaps it.
@@ -910,7 +967,7 @@ func (c *cluster) check(ctx context.Context) {
 		w.close()
 	}
 	c.stopServer()
-	file := filepath.Join(c.dir, "server", "dbs", dbName, "db.sqlite")
+	file := filepath.Join(c.serverDir, "dbs", dbName, "db.sqlite")
 	out, err := exec.Command("sqlite3", file, "PRAGMA integrity_check",
 		"SELECT group_concat(name || '=' || count, ',') FROM (SELECT name, count FROM Categories ORDER BY name)").CombinedOutput()
 	if err != nil {
@@ -922,6 +979,42 @@ func (c *cluster) check(ctx context.Context) {
 	if fs := fileChecksum(t, file); fs != sum {
 		t.Errorf("the server's file (checkpointed by the CLI) has checksum %016x; the server reported %016x", fs, sum)
 	}
+}
+
+// smallDisk mounts a tmpfs of the given size on a temporary directory
+// (root only) and unmounts it at the end of the test.
+func smallDisk(t *testing.T, size string) (string, error) {
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("mount tmpfs: %v %s", err, bytes.TrimSpace(out))
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return dir, nil
+}
+
+// fill writes path until the disk is full, and returns how much it wrote
+// and the error that stopped it (ENOSPC, normally).
+func fill(path string) (int64, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	var n int64
+	for _, size := range []int{1 << 20, 4 << 10, 512} {
+		chunk := make([]byte, size)
+		for {
+			k, err := f.Write(chunk)
+			n += int64(k)
+			if err != nil {
+				if size == 512 {
+					return n, err
+				}
+				break
+			}
+		}
+	}
+	return n, nil
 }
 
 // rows lists Categories as "name=count,..." by name.
@@ -1048,6 +1141,11 @@ type ring struct {
 	lines []string
 	next  int
 	full  bool
+	// noSpace counts lines that say "no space left on device"; vague
+	// keeps lines that say "disk I/O error" without it (a full disk said
+	// vaguely).
+	noSpace int
+	vague   []string
 }
 
 func newRing(n int) *ring { return &ring{lines: make([]string, n)} }
@@ -1056,6 +1154,12 @@ func (r *ring) Write(p []byte) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, l := range strings.Split(strings.TrimRight(string(p), "\n"), "\n") {
+		switch {
+		case strings.Contains(l, "no space left on device"):
+			r.noSpace++
+		case strings.Contains(l, "disk I/O error") && len(r.vague) < 10:
+			r.vague = append(r.vague, l)
+		}
 		r.lines[r.next] = l
 		r.next = (r.next + 1) % len(r.lines)
 		if r.next == 0 {
