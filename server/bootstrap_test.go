@@ -2,8 +2,11 @@ package server
 
 import (
 	"context"
+	"encoding/json"
+	"strings"
 	"testing"
 
+	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
 	"github.com/sqlrebase/sqlrebase/wal"
 )
@@ -74,5 +77,37 @@ func TestConcurrentBootstraps(t *testing.T) {
 	late.until(w.im.version)
 	if late.im.sums.Sum() != srv.Authority("demo").Checksum() {
 		t.Fatal("diverged after a shared snapshot")
+	}
+}
+
+// TestSessionMutatorCommitIsRejected: over the wire, a mutator that runs
+// COMMIT is rejected and acknowledged like any rejection; the client's
+// next mutation is acknowledged too (it used to get "internal error, retry
+// later" forever, and the server committed part of the batch each time).
+func TestSessionMutatorCommitIsRejected(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.SelfCheck = true })
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "c", Credential: "s3cret"})
+	welcome(t, m)
+	bad, _ := json.Marshal([]string{"INSERT INTO Categories(name, count) VALUES('bad', 1)", "COMMIT"})
+	if err := protocol.WriteMessage(c.stream, &protocol.Push{Mutations: []protocol.Mutation{{ID: 1, Name: "exec", Args: bad}}}); err != nil {
+		t.Fatal(err)
+	}
+	c.acked(1)
+	c.push(2)
+	c.acked(2)
+	a := srv.Authority("demo")
+	if err := a.Verify(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if count(t, a, "bad") != 0 || count(t, a, "Food") != 1 {
+		t.Fatalf("bad %d, Food %d; want 0 and 1", count(t, a, "bad"), count(t, a, "Food"))
+	}
+	rej, err := mutators.Rejections(context.Background(), a.db, "c", 0, 2)
+	if err != nil || !strings.Contains(rej[1], "COMMIT inside a mutator") {
+		t.Fatalf("rejection of 1: %q (%v)", rej[1], err)
+	}
+	if c.im.sums.Sum() != a.Checksum() {
+		t.Fatal("the client's image differs from the server's")
 	}
 }
