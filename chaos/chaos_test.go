@@ -345,6 +345,9 @@ type worker struct {
 
 	// faults is the hook under the replica's own file I/O, in every life.
 	faults *vfs.Faults
+	// disk, if set, is the small tmpfs the replica's files are on, which
+	// a full-disk fault fills: a real ENOSPC for every file it writes.
+	disk string
 
 	mu        sync.Mutex // guards r, recs, life, faultErrs
 	r         *replica.Replica
@@ -392,6 +395,15 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	// relay numbers them 1..n as the plan's partitions expect.
 	for i := range p.replicas {
 		w := &worker{c: c, i: i, path: filepath.Join(c.dir, fmt.Sprintf("r%d.db", i)), faults: vfs.NewFaults(seed + uint64(i))}
+		for _, df := range p.diskFaults {
+			if df.replica == i && df.full {
+				if disk, err := smallDisk(t, "32m"); err != nil {
+					t.Logf("replica %d's disk will not fill for real: %v", i, err)
+				} else {
+					w.disk, w.path = disk, filepath.Join(disk, fmt.Sprintf("r%d.db", i))
+				}
+			}
+		}
 		w.open(ctx)
 		c.reps = append(c.reps, w)
 		c.bounded("replica connects", 20*time.Second, func(ctx context.Context) error { return w.r.WaitConnected(ctx) })
@@ -423,6 +435,21 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		go func() { defer wg.Done(); w.run(ctx) }()
 	}
 	for _, df := range p.diskFaults {
+		if w := c.reps[df.replica]; w.disk != "" {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				time.Sleep(df.at - (relay.Elapsed() - base))
+				filler := filepath.Join(w.disk, "filler")
+				n, err := fill(filler)
+				t.Logf("replica %d's disk is full (%d bytes of filler; %v) for %v", w.i, n, err, df.long.Round(time.Millisecond))
+				time.Sleep(df.long)
+				if err := os.Remove(filler); err != nil {
+					t.Errorf("free replica %d's disk: %v", w.i, err)
+				}
+			}()
+			continue
+		}
 		if !fileFaultsHooked {
 			t.Logf("disk fault %+v not made: no hook under the replica's files in this build", df)
 			continue
@@ -825,7 +852,8 @@ func (w *worker) close() {
 // faultErr says whether err is one a disk fault explains, and counts it;
 // one that says "full" must say "no space left on device".
 func (w *worker) faultErr(what string, err error) bool {
-	if !errors.Is(err, vfs.ErrDiskFull) && !errors.Is(err, vfs.ErrPoisoned) && !errors.Is(err, vfs.ErrInjected) {
+	if !errors.Is(err, vfs.ErrDiskFull) && !errors.Is(err, vfs.ErrPoisoned) && !errors.Is(err, vfs.ErrInjected) &&
+		!strings.Contains(err.Error(), "no space left on device") {
 		return false
 	}
 	if errors.Is(err, vfs.ErrDiskFull) && !strings.Contains(err.Error(), "no space left on device") {
