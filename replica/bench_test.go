@@ -205,7 +205,7 @@ func queueLocal(b *testing.B, r *Replica, n int) {
 	if err := r.replay(context.Background()); err != nil {
 		b.Fatal(err)
 	}
-	for _, m := range r.queue.Pending() {
+	for _, m := range pendingOf(b, r.queue) {
 		if err := r.Handle(m.ID).LocalErr(); err != nil {
 			b.Fatalf("local mutation %d: %v", m.ID, err)
 		}

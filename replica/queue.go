@@ -219,6 +219,18 @@ func initQueue(f *os.File, path string, sync bool) (*queue, error) {
 		}
 	}
 	q.size = keep
+	// Memory keeps only ids and names (interned): the args are read from
+	// the file when needed (replay, push), so a long offline queue costs
+	// little RAM.
+	names := map[string]string{}
+	for i := range recs {
+		n, ok := names[recs[i].Name]
+		if !ok {
+			n = recs[i].Name
+			names[n] = n
+		}
+		recs[i].Name, recs[i].Args = n, nil
+	}
 	q.pending = recs
 	q.starts = make([]int64, len(offs))
 	for i, o := range offs {
@@ -298,8 +310,8 @@ func (q *queue) Append(m queuedMutation) error {
 		}
 		return fmt.Errorf("replica: append mutation %d to pending queue: %w", m.ID, err)
 	}
-	// Keep our own copy: the caller's buffer may be reused.
-	m.Args = append(json.RawMessage(nil), m.Args...)
+	// The args stay in the file only (read back by withArgs).
+	m.Args = nil
 	q.pending = append(q.pending, m)
 	q.starts = append(q.starts, q.size)
 	q.size += int64(len(rec))
@@ -314,12 +326,39 @@ func (q *queue) writable() error {
 	return q.broken
 }
 
-// Pending returns the unsettled mutations in id order. The slice is a copy;
-// the Args bytes are shared and must not be modified.
-func (q *queue) Pending() []queuedMutation {
+// Pending returns the unsettled mutations in id order, with their args read
+// from the file. Nil, with the error, if the file cannot be read.
+func (q *queue) Pending() ([]queuedMutation, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return append([]queuedMutation(nil), q.pending...)
+	return q.withArgs(0, len(q.pending))
+}
+
+// withArgs returns pending[i:j] with their args, read from the file in one
+// read. Call with q.mu held.
+func (q *queue) withArgs(i, j int) ([]queuedMutation, error) {
+	if i >= j {
+		return nil, nil
+	}
+	if q.f == nil {
+		return nil, errQueueClosed
+	}
+	end := q.size
+	if j < len(q.starts) {
+		end = q.starts[j]
+	}
+	buf := make([]byte, end-q.starts[i])
+	if _, err := q.f.ReadAt(buf, q.starts[i]); err != nil {
+		return nil, fmt.Errorf("replica: read pending queue %s: %w", q.path, err)
+	}
+	recs, _, _, _ := decodeQueueRecordsAt(buf, 0)
+	if len(recs) != j-i || recs[0].ID != q.pending[i].ID {
+		return nil, fmt.Errorf("replica: pending queue %s: %d records at offset %d, want %d from id %d", q.path, len(recs), q.starts[i], j-i, q.pending[i].ID)
+	}
+	for k := range recs {
+		recs[k].Name = q.pending[i+k].Name
+	}
+	return recs, nil
 }
 
 // name returns the mutator name of pending mutation id.
@@ -454,9 +493,13 @@ func (q *queue) rewrite() (recorded bool, err error) {
 	if err := lockFile(tmp, tmpPath); err != nil {
 		return false, err
 	}
+	full, err := q.withArgs(0, len(q.pending))
+	if err != nil {
+		return false, fmt.Errorf("replica: compact pending queue: %w", err)
+	}
 	buf := encodeQueueHeader(q.clientID, q.base)
-	starts := make([]int64, len(q.pending))
-	for i, m := range q.pending {
+	starts := make([]int64, len(full))
+	for i, m := range full {
 		starts[i] = int64(len(buf))
 		buf = appendQueueRecord(buf, m)
 	}

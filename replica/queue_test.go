@@ -70,7 +70,7 @@ func fileSize(t testing.TB, path string) int64 {
 
 func checkPending(t testing.TB, q *queue, want []uint64) {
 	t.Helper()
-	got := q.Pending()
+	got := pendingOf(t, q)
 	if !reflect.DeepEqual(ids(got), want) {
 		t.Fatalf("pending ids = %v, want %v", ids(got), want)
 	}
@@ -394,7 +394,7 @@ func TestQueueCompactRewrite(t *testing.T) {
 			}
 			checkPending(t, q, idRange(16, 20))
 			var want []byte
-			for _, m := range q.Pending() {
+			for _, m := range pendingOf(t, q) {
 				want = appendQueueRecord(want, m)
 			}
 			if after.Size() != int64(queueHeaderSize+len(want)) {
@@ -528,7 +528,7 @@ func TestQueueModel(t *testing.T) {
 				reopen()
 			},
 			"": func(rt *rapid.T) {
-				if got := q.Pending(); !reflect.DeepEqual(got, model) && !(len(got) == 0 && len(model) == 0) {
+				if got := pendingOf(t, q); !reflect.DeepEqual(got, model) && !(len(got) == 0 && len(model) == 0) {
 					rt.Fatalf("Pending = %v, want %v", ids(got), ids(model))
 				}
 				if q.Len() != len(model) {
@@ -646,7 +646,7 @@ func TestQueueCrash(t *testing.T) {
 		}
 
 		q := mustOpenQueue(t, path, false)
-		pending := q.Pending()
+		pending := pendingOf(t, q)
 		// The child may have settled further than it got to print.
 		if q.base < settled || len(printed) > 0 && q.base > printed[len(printed)-1] {
 			t.Fatalf("round %d: base %d, want between %d and the last printed id", round, q.base, settled)
@@ -765,4 +765,14 @@ func TestQueueFailedAppendLeavesStateUnchanged(t *testing.T) {
 	q = mustOpenQueue(t, path, false)
 	defer q.Close()
 	checkPending(t, q, idRange(1, 2))
+}
+
+// pendingOf is q.Pending for tests: a read error fails the test.
+func pendingOf(t tb, q *queue) []queuedMutation {
+	t.Helper()
+	p, err := q.Pending()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -425,7 +425,10 @@ func (r *Replica) Status() Status {
 // Pending returns the pending mutations, oldest first. It never waits for a
 // rebase (the queue's own lock is held only for its bookkeeping).
 func (r *Replica) Pending() []Mutation {
-	q := r.queue.Pending()
+	q, err := r.queue.Pending()
+	if err != nil {
+		r.log.Error("read pending mutations", "err", err)
+	}
 	out := make([]Mutation, len(q))
 	for i, m := range q {
 		out[i] = Mutation{ClientID: r.queue.ClientID(), ID: m.ID, Name: m.Name, Args: m.Args}
@@ -908,7 +911,10 @@ func (r *Replica) replay(ctx context.Context) error {
 }
 
 func (r *Replica) replayOnce(ctx context.Context) error {
-	pending := r.queue.Pending()
+	pending, err := r.queue.Pending()
+	if err != nil {
+		return &engineError{err}
+	}
 	for len(pending) > 0 && pending[0].ID <= r.ackRead {
 		pending = pending[1:]
 	}
@@ -946,7 +952,7 @@ func (r *Replica) replayOnce(ctx context.Context) error {
 			r.crash("replay-middle")
 		}
 	}
-	err := r.fail("commit")
+	err = r.fail("commit")
 	if err == nil {
 		_, err = r.engineQ.ExecContext(ctx, "COMMIT")
 	}

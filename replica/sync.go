@@ -746,7 +746,10 @@ func (q *queue) after(id uint64, limit int) (base uint64, out []queuedMutation) 
 		start = int(id - first + 1)
 	}
 	end := min(len(q.pending), start+limit)
-	return q.base, append([]queuedMutation(nil), q.pending[start:end]...)
+	// A queue file that cannot be read pushes nothing now; the replay
+	// reports (and hides the state on) the same failure.
+	out, _ = q.withArgs(start, end)
+	return q.base, out
 }
 
 // rebaseRemote decodes versions that arrived against the replica's pages
