@@ -3,12 +3,14 @@ package replica
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
 	"github.com/sqlrebase/sqlrebase/vfs"
 )
 
@@ -124,5 +126,67 @@ func TestDiskFullSyncLoopRepairs(t *testing.T) {
 		if got := categories(t, x.DB()); got["Food"] != 151 {
 			t.Fatalf("%s: Food %d, want 151", x.ClientID(), got["Food"])
 		}
+	}
+}
+
+// The disk fills part-way through copying a snapshot that arrived: the
+// replica is poisoned, and the snapshot's file is kept, so that once space
+// returns Repair copies it again (on the old main the session removed it
+// at once, and the file stayed torn until a restart).
+func TestDiskFullDuringSnapshotInstallRepairs(t *testing.T) {
+	ctx := context.Background()
+	reg := testRegistry(t)
+	a := newAuthority(t, reg)
+	other := openReplica(t, filepath.Join(t.TempDir(), "other.db"), reg)
+	catchUp(t, a, other)
+	for i := 0; i < 3; i++ {
+		if _, err := other.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Rent", 5)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	push(t, a, other)
+	f := vfs.NewFaults(4)
+	r, err := Open(ctx, filepath.Join(t.TempDir(), "r.db"), Options{Mutators: reg, fileFaults: f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	snap, err := a.Snapshot(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file, err := os.Create(filepath.Join(t.TempDir(), "snapshot"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range snap.Pages {
+		if _, err := file.Write(p.Data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	buf := &snapBuffer{first: protocol.SnapshotChunk{Version: snap.Version, PageSize: snap.PageSize, DBSize: snap.DBSize, Checksum: snap.PostChecksum}, f: file}
+	f.FailAt(2, vfs.OpWrite, true)
+	ss := &session{r: r, ready: buf}
+	if err := ss.rebase(ctx); !errors.Is(err, vfs.ErrPoisoned) || !strings.Contains(err.Error(), "no space left on device") {
+		t.Fatalf("install on a full disk: %v", err)
+	}
+	if _, err := r.DB().ExecContext(ctx, "SELECT 1"); !errors.Is(err, vfs.ErrPoisoned) {
+		t.Fatalf("read on a poisoned replica: %v", err)
+	}
+	if err := r.Repair(ctx); !errors.Is(err, vfs.ErrPoisoned) {
+		t.Fatalf("repair while the disk is full: %v", err)
+	}
+	f.Clear()
+	if err := r.Repair(ctx); err != nil {
+		t.Fatalf("repair once space returns: %v", err)
+	}
+	if st := r.Status(); st.Version != a.Version() || st.Checksum != a.Checksum() {
+		t.Fatalf("after repair: %+v, server at %d/%016x", st, a.Version(), a.Checksum())
+	}
+	if got := categories(t, r.DB()); got["Rent"] != 15 {
+		t.Fatalf("after repair: %v, want Rent 15", got)
+	}
+	if _, err := os.Stat(file.Name()); !os.IsNotExist(err) {
+		t.Fatalf("the snapshot file outlived the repair: %v", err)
 	}
 }

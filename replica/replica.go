@@ -173,6 +173,9 @@ type Replica struct {
 	// mutation: reads and Mutate fail with ErrPendingHidden until a rebase
 	// (Mutate starts one) replays everything again.
 	hidden atomic.Pointer[error]
+	// repairSnap is the snapshot file whose install poisoned the files:
+	// Repair copies it again, so it is kept until then (or Close).
+	repairSnap atomic.Pointer[snapBuffer]
 
 	lastRebase atomic.Int64  // when the last rebase (or Open) ended, Unix ns: rebaseDue's clock
 	deferWake  atomic.Bool   // a wake-up of the sync loop is armed for a deferred rebase
@@ -591,6 +594,7 @@ func (r *Replica) Repair(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("replica: %w", err)
 	}
+	r.repairSnap.Swap(nil).discard()
 	r.log.Info("sqlrebase: repaired the replica's files", "version", r.files.Version())
 	return nil
 }
@@ -1003,6 +1007,7 @@ func (r *Replica) Close() error {
 	if r.files != nil {
 		errs = append(errs, r.files.Close())
 	}
+	r.repairSnap.Swap(nil).discard()
 	if r.queue != nil {
 		errs = append(errs, r.queue.Close())
 	}

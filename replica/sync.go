@@ -648,7 +648,13 @@ func (ss *session) rebase(ctx context.Context) error {
 		// The snapshot first, as a rebase of its own; the versions after
 		// it are deltas against its pages, which are then the main file's.
 		err := ss.r.installRemoteSnapshot(ctx, ready.image())
-		ready.discard()
+		if errors.Is(err, vfs.ErrPoisoned) && ss.r.files.Poisoned() != nil {
+			// The copy failed part-way: Repair copies the image again,
+			// so its file stays until then.
+			ss.r.repairSnap.Swap(ready).discard()
+		} else {
+			ready.discard()
+		}
 		if err != nil {
 			return err
 		}
