@@ -105,6 +105,13 @@ type Status struct {
 	// ServerVersion is the newest server version the replica has heard
 	// of: the gap to Version is what it has still to apply.
 	ServerVersion uint64
+
+	// ForeignWrites counts the times the replica found frames in its WAL
+	// that its own writer did not commit (another process wrote to the
+	// database, e.g. with the sqlite3 shell) and dropped them. Replicated
+	// data changes only through mutators; such a write was visible to
+	// readers until it was found, at the next Mutate or rebase.
+	ForeignWrites int
 }
 
 // Replica is an open replica database. Its methods are safe for concurrent
@@ -176,6 +183,12 @@ type Replica struct {
 	// repairSnap is the snapshot file whose install poisoned the files:
 	// Repair copies it again, so it is kept until then (or Close).
 	repairSnap atomic.Pointer[snapBuffer]
+
+	// ownFrames is the WAL's frame count after the writer's last commit
+	// (its WAL hook), 0 after a drop: a wal-index that counts more frames
+	// holds another process's write (see Status.ForeignWrites).
+	ownFrames     atomic.Uint32
+	foreignWrites atomic.Int64
 
 	lastRebase atomic.Int64  // when the last rebase (or Open) ended, Unix ns: rebaseDue's clock
 	deferWake  atomic.Bool   // a wake-up of the sync loop is armed for a deferred rebase
@@ -377,7 +390,11 @@ func (r *Replica) initConn(c *sqlite3.Conn, roleOf func() role, deny func(string
 	}
 	// The local database checkpoints as usual; the replicated one never.
 	c.WALHook(func(db *sqlite3.Conn, schema string, pages int) error {
-		if schema != "main" && pages >= 1000 {
+		if schema == "main" {
+			// Only the writer commits to the replicated database (the
+			// authorizer refuses everyone else): what it leaves is ours.
+			r.ownFrames.Store(uint32(pages))
+		} else if pages >= 1000 {
 			db.WALCheckpoint(schema, sqlite3.CHECKPOINT_PASSIVE)
 		}
 		return nil
@@ -420,7 +437,8 @@ func (r *Replica) ClientID() string { return r.queue.ClientID() }
 // Status reports the replica's state. It never waits for a Mutate, a
 // rebase or a reader: it reads what the latest of them published.
 func (r *Replica) Status() Status {
-	st := Status{ClientID: r.queue.ClientID(), Version: r.stVersion.Load(), Checksum: r.stChecksum.Load(), Pending: int(r.stPending.Load())}
+	st := Status{ClientID: r.queue.ClientID(), Version: r.stVersion.Load(), Checksum: r.stChecksum.Load(), Pending: int(r.stPending.Load()),
+		ForeignWrites: int(r.foreignWrites.Load())}
 	r.netStatus(&st)
 	return st
 }
@@ -626,6 +644,17 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	if err := r.writeMu.LockContext(ctx); err != nil {
 		return nil, fmt.Errorf("mutate %s: wait for the writer: %w", name, err)
 	}
+	if r.foreignFrames(false) {
+		// Never build on another process's write: drop it (a rebase with
+		// no versions replays the queue, and counts it), then go on.
+		r.writeMu.Unlock()
+		if err := r.Rebase(ctx); err != nil {
+			return nil, fmt.Errorf("mutate %s: drop another process's write: %w", name, err)
+		}
+		if err := r.writeMu.LockContext(ctx); err != nil {
+			return nil, fmt.Errorf("mutate %s: wait for the writer: %w", name, err)
+		}
+	}
 	id := r.queue.NextID()
 	r.crash("mutate-before-queue")
 	if err := r.queue.Append(queuedMutation{ID: id, Name: name, Args: args}); err != nil {
@@ -655,6 +684,24 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	// Tell the sync loop there is something to push; never wait for it.
 	r.net.kick()
 	return h, nil
+}
+
+// foreignFrames reports whether the WAL holds frames the writer did not
+// commit: another process (the sqlite3 shell, a tool) wrote to the
+// replicated database behind the replica's back, which no lock can refuse (a
+// WAL writer takes the locks our own writer takes). count says to count and
+// log the finding, as the rebase that drops the frames does. writeMu is held.
+func (r *Replica) foreignFrames(count bool) bool {
+	n, err := r.files.WALFrames()
+	if err != nil || n == r.ownFrames.Load() {
+		return false
+	}
+	if count {
+		r.foreignWrites.Add(1)
+		r.log.Error("sqlrebase: another process wrote to the replica's database; its write is dropped (replicated data changes only through mutators)",
+			"path", r.path, "frames", n, "own", r.ownFrames.Load())
+	}
+	return true
 }
 
 // runOne runs one mutator: alone, in a transaction of its own (an error
@@ -775,10 +822,14 @@ func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) 
 			return err
 		}
 	}
+	if poisoned == nil {
+		r.foreignFrames(true) // counted and logged; the apply drops them
+	}
 	r.crash("rebase-before-apply")
 	if err := apply(ctx); err != nil {
 		return err
 	}
+	r.ownFrames.Store(0) // the WAL is empty now
 	r.crash("rebase-after-apply")
 	mainAfter, err := r.files.SchemaCookie()
 	if err != nil {

@@ -411,6 +411,22 @@ func (r *Replica) WALWritten() bool {
 	return err != nil || h.MxFrame != 0
 }
 
+// WALFrames is the number of frames the wal-index says the WAL holds: every
+// frame appended since the last drop, by whoever appended it. The replica
+// package compares it with what its own writer committed to find frames
+// that another process wrote.
+func (r *Replica) WALFrames() (uint32, error) {
+	var b [wal.IndexHeaderSize]byte
+	if _, err := r.shm.ReadAt(b[:], 0); err != nil {
+		return 0, fmt.Errorf("read wal-index header: %w", err)
+	}
+	h, _, err := wal.DecodeIndex(b[:])
+	if err != nil {
+		return 0, fmt.Errorf("wal-index header: %w", err)
+	}
+	return h.MxFrame, nil
+}
+
 func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
 	f, err := os.OpenFile(r.walPath, os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
