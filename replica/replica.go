@@ -704,11 +704,16 @@ func (r *Replica) foreignFrames(count bool) bool {
 	return true
 }
 
+// savepointName is the savepoint each replayed mutation runs in.
+const savepointName = mutators.ReservedPrefix + "mutation"
+
 // runOne runs one mutator: alone, in a transaction of its own (an error
 // rolls it back); in a replay, in a savepoint of the replay's transaction (an
 // error rolls back the savepoint). The mutator's error is returned.
 func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) error {
-	begin, undo, done := "SAVEPOINT mutation", "ROLLBACK TO mutation; RELEASE mutation", "RELEASE mutation"
+	// The savepoint has the reserved prefix, as the server's has, so that
+	// the mutator contract forbids a mutator to release or roll it back.
+	begin, undo, done := "SAVEPOINT "+savepointName, "ROLLBACK TO "+savepointName+"; RELEASE "+savepointName, "RELEASE "+savepointName
 	if alone {
 		begin, undo, done = "BEGIN IMMEDIATE", "ROLLBACK", "COMMIT"
 	}
