@@ -13,11 +13,11 @@ import (
 	"github.com/sqlrebase/sqlrebase/server"
 )
 
-// knownServerOpenVague: server.Open on a full disk fails with "PRAGMA
+// knownServerOpenVague: server.Open on a full disk failed with "PRAGMA
 // journal_mode=WAL: sqlite3: disk I/O error", not "no space left on
 // device" (found by TestChaos restarting the server while its disk was
-// full). Set it to false once the server says it as such.
-const knownServerOpenVague = true
+// full). Fixed: the open's error is classified as a batch's is.
+const knownServerOpenVague = false
 
 // TestServerOpenOnFullDiskSaysSo: a server whose disk is full may fail to
 // open, but must say why: "no space left on device".

@@ -192,7 +192,10 @@ func OpenAuthorityWith(ctx context.Context, path string, reg *mutators.Registry,
 	return a, nil
 }
 
-func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx mutators.Tx) error) error {
+func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx mutators.Tx) error) (err error) {
+	// Opening writes too (the WAL, the checkpoint, version 1): a full disk
+	// says so, as a batch's does.
+	defer func() { err = a.diskFull(err) }()
 	if _, err := os.Stat(a.path); errors.Is(err, fs.ErrNotExist) {
 		if err := os.WriteFile(a.path, wal.EmptyDatabase(wal.DefaultPageSize), 0o644); err != nil {
 			return err
