@@ -155,6 +155,7 @@ const (
 	CodeTooManyConns    Code = 13 // too many connections from the client's address
 	CodeLimits          Code = 14 // the client's receive limits (Hello) are below what the server can honour
 	CodeVersionTooLarge Code = 15 // a version is larger than the client said it can hold (Hello.MaxVersionBytes)
+	CodeBusy            Code = 16 // the server holds as many databases open as it may and none is idle; retry later
 )
 
 var codeNames = map[Code]string{
@@ -173,6 +174,7 @@ var codeNames = map[Code]string{
 	CodeTooManyConns:    "too many connections",
 	CodeLimits:          "receive limits too small",
 	CodeVersionTooLarge: "version too large for the client",
+	CodeBusy:            "server busy",
 }
 
 // String names the code.

@@ -248,7 +248,7 @@ func TestSnapshotChunk(t *testing.T) {
 }
 
 func TestCodes(t *testing.T) {
-	if !CodeUnauthorized.Fatal() || CodeGap.Fatal() || CodeSlowClient.Fatal() {
+	if !CodeUnauthorized.Fatal() || CodeGap.Fatal() || CodeSlowClient.Fatal() || CodeBusy.Fatal() || CodeBusy.String() != "server busy" {
 		t.Fatal("fatal codes")
 	}
 	e := (&Error{Code: CodeUnknownDatabase, Message: `no database "x"`}).Err()
