@@ -135,6 +135,7 @@ type Result struct {
 // concurrent use; batches run one at a time, which is the global order.
 type Authority struct {
 	mu          sync.Mutex
+	limit       *mutatorLimit // the mutators' reusable deadline (guarded by mu)
 	path        string
 	reg         *mutators.Registry
 	db          *sql.DB
@@ -599,21 +600,33 @@ func (a *Authority) pushOnce(ctx context.Context, batch []Mutation, rejected map
 // It returns the mutator's rejection: its own error, a statement the
 // contract forbids (ErrForbidden, naming it), or ErrTimeLimit.
 func (a *Authority) runMutator(ctx context.Context, m Mutation) error {
-	mctx, cancel := ctx, context.CancelFunc(func() {})
-	if a.opts.MutatorTimeout > 0 {
-		mctx, cancel = context.WithTimeoutCause(ctx, a.opts.MutatorTimeout, ErrTimeLimit)
+	mctx, timedOut := context.Context(ctx), func() bool { return false }
+	switch {
+	case a.opts.MutatorTimeout <= 0:
+	case ctx.Done() == nil:
+		// The writer's context is never done: one reusable deadline.
+		if a.limit == nil || a.limit.Context != ctx {
+			a.limit = newMutatorLimit(ctx)
+		}
+		a.limit = a.limit.arm(a.opts.MutatorTimeout)
+		limit := a.limit
+		mctx, timedOut = limit, limit.disarm
+	default:
+		tctx, cancel := context.WithTimeoutCause(ctx, a.opts.MutatorTimeout, ErrTimeLimit)
+		defer cancel()
+		mctx, timedOut = tctx, func() bool { return context.Cause(tctx) == ErrTimeLimit && ctx.Err() == nil }
 	}
-	defer cancel()
 	a.denied.Store(nil)
 	a.role.Store(int32(mutators.RoleMutator))
 	err := a.reg.Run(mctx, mutators.NewTx(mctx, a.mq), m.Name, m.Args)
 	a.role.Store(int32(mutators.RoleEngine))
+	late := timedOut()
 	if why := a.denied.Swap(nil); why != nil {
 		// Rejected even if the mutator swallowed the error: it broke the
 		// contract, and its effects cannot be trusted.
 		return fmt.Errorf("mutator %s: %w: %s", m.Name, ErrForbidden, *why)
 	}
-	if context.Cause(mctx) == ErrTimeLimit && ctx.Err() == nil {
+	if late {
 		return fmt.Errorf("mutator %s: %w (%v)", m.Name, ErrTimeLimit, a.opts.MutatorTimeout)
 	}
 	if err != nil && (isDiskFull(err) || (errors.Is(err, sqlite3.IOERR) && lowOnSpace(filepath.Dir(a.path), a.pageSize))) {

@@ -227,3 +227,34 @@ func TestVerifyDetectsAMismatch(t *testing.T) {
 		t.Fatalf("Verify after a write behind its back: %v, want ErrSelfCheck", err)
 	}
 }
+
+// TestMutatorTimeLimitUnderCancellableContext: a Push under a context of
+// the caller's that can be cancelled takes the other path of runMutator (a
+// deadline derived from that context); the limit holds there too, and many
+// mutators in a row under the writer's own context reuse one deadline
+// without one of them inheriting an earlier one's expiry.
+func TestMutatorTimeLimitUnderCancellableContext(t *testing.T) {
+	limit := 200 * time.Millisecond
+	a := openChecked(t, AuthorityOptions{MutatorTimeout: limit})
+	args, _ := json.Marshal(slowQuery)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var res []Result
+	withDeadline(t, 20*time.Second, func() {
+		var err error
+		_, res, err = a.Push(ctx, []Mutation{upsert("c1", 1, "Food", 1), {ClientID: "slow", ID: 1, Name: "query", Args: args}})
+		if err != nil {
+			t.Error(err)
+		}
+	})
+	if len(res) != 2 || res[0].Outcome != Applied || res[1].Outcome != Rejected || !strings.Contains(res[1].Err, "time limit exceeded") {
+		t.Fatalf("results %+v", res)
+	}
+	// After a fired limit, fast mutators under the writer's context are
+	// not rejected: each gets a fresh deadline.
+	for i := uint64(2); i < 50; i++ {
+		if _, res := push(t, a, upsert("c1", i, "Food", 1)); res[0].Outcome != Applied {
+			t.Fatalf("mutation %d: %+v", i, res[0])
+		}
+	}
+}
