@@ -167,6 +167,9 @@ type Authority struct {
 	// broadcasts the version there, so that subscribers see versions in
 	// order and a new subscriber can register between two commits.
 	onCommit func(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
+	// observeCommit and observeCheckpoint, if set, take the duration of
+	// each COMMIT statement (with the WAL fsync) and checkpoint (metrics).
+	observeCommit, observeCheckpoint observer
 }
 
 // checkpointFrames is the WAL length after which the authority checkpoints.
@@ -360,7 +363,11 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		err = mutators.SetVersion(ctx, a.q, a.version+1)
 	}
 	if err == nil {
+		start := time.Now()
 		_, err = a.q.ExecContext(ctx, "COMMIT")
+		if err == nil && a.observeCommit != nil {
+			a.observeCommit.Observe(time.Since(start).Seconds())
+		}
 	}
 	if err != nil {
 		if !a.raw.GetAutocommit() {
@@ -468,7 +475,11 @@ func (a *Authority) maybeCheckpoint(ctx context.Context) error {
 	// running after every commit.
 	a.ckptAt = frames
 	a.checkpoints++
+	start := time.Now()
 	_, err := a.conn.ExecContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)")
+	if err == nil && a.observeCheckpoint != nil {
+		a.observeCheckpoint.Observe(time.Since(start).Seconds())
+	}
 	return err
 }
 

@@ -56,7 +56,9 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	}
 	opts := AuthorityOptions{MutatorTimeout: cfg.MutatorTimeout, SelfCheck: cfg.SelfCheck, LogVersions: -1}
 	opts.defaults()
-	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, opts: opts}
+	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, opts: opts,
+		observeCommit:     cfg.metrics.commit.WithLabelValues(cfg.metrics.lv(name)...),
+		observeCheckpoint: cfg.metrics.checkpoint.WithLabelValues(cfg.metrics.lv(name)...)}
 	if err := a.open(ctx, cfg.Setup); err != nil {
 		a.Close()
 		d.clog.close()
@@ -101,6 +103,8 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 		}
 	}
 	rec := ev.AppendBinary(nil)
+	d.cfg.metrics.published.WithLabelValues(d.cfg.metrics.lv(d.name)...).Add(float64(len(rec)))
+	d.cfg.metrics.versions.WithLabelValues(d.cfg.metrics.lv(d.name)...).Inc()
 	if err := d.clog.append(ps.Version, rec, time.Now()); err != nil {
 		d.log.Error("change log append failed; the log starts afresh", "version", ps.Version, "err", err)
 		d.clog.reset()
@@ -235,6 +239,7 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 		return
 	}
 	version := d.auth.Version()
+	d.cfg.metrics.batchDone(d.name, results)
 	if d.cfg.OnBatch != nil {
 		d.cfg.OnBatch(d.name, version, results)
 	}

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
@@ -72,6 +73,15 @@ type Config struct {
 	Retention       Retention
 	SegmentVersions int
 	SegmentBytes    int64
+
+	// Metrics, if set, is where the server registers its Prometheus
+	// collectors (see Server.Handler and the README's table). Series are
+	// server-wide unless MetricsPerDatabase labels them "db": a label per
+	// tenant grows the series count with the tenants.
+	Metrics            prometheus.Registerer
+	MetricsPerDatabase bool
+
+	metrics *metrics // the collectors (always made; registered on Metrics)
 }
 
 func (c *Config) defaults() {
@@ -147,6 +157,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, errors.New("server: give both a certificate and a key file, or neither")
 	}
 	var err error
+	if s.cfg.metrics, err = newMetrics(s, cfg.Metrics, cfg.MetricsPerDatabase); err != nil {
+		return nil, err
+	}
 	if s.cert, _, err = protocol.LoadOrCreateCertificate(certFile, keyFile, cfg.Hosts); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
@@ -312,6 +325,7 @@ func (s *Server) accept(ctx context.Context, ln *quic.Listener) {
 		}
 		s.mu.Unlock()
 		if over {
+			s.cfg.metrics.refused(protocol.CodeTooManyConns)
 			conn.CloseWithError(quic.ApplicationErrorCode(protocol.CodeTooManyConns), fmt.Sprintf("more than %d connections from %s", s.cfg.MaxConnsPerAddr, host))
 			continue
 		}

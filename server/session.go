@@ -65,6 +65,7 @@ func (s *session) offer(it item) bool {
 	// One item alone is always taken, however large: a version bigger
 	// than the byte bound is legal, and travels in parts.
 	if len(s.queue) >= s.srv.cfg.SessionQueue || (len(s.queue) > 0 && s.queueBytes+len(it.rec) > s.srv.cfg.SessionQueueBytes) {
+		s.srv.cfg.metrics.slow.WithLabelValues(s.srv.cfg.metrics.lv(s.dbName(), "queue")...).Inc()
 		s.closing = &protocol.Error{Code: protocol.CodeSlowClient, Message: fmt.Sprintf("more than %d versions or %d bytes queued; reconnect to catch up", s.srv.cfg.SessionQueue, s.srv.cfg.SessionQueueBytes)}
 		s.queue, s.queueBytes = nil, 0
 		s.signal()
@@ -130,8 +131,11 @@ func (s *session) run(ctx context.Context) {
 	}
 	s.log = s.log.With("db", s.db.name, "client", s.clientID)
 	s.log.Debug("session open", "version", hello.Version, "server", c.welcome.Version, "snapshot", c.welcome.Snapshot)
+	open := s.srv.cfg.metrics.sessions.WithLabelValues(s.srv.cfg.metrics.lv(s.db.name)...)
+	open.Inc()
 	go s.sender(ctx, c)
 	defer func() {
+		open.Dec()
 		s.db.unsubscribe(s)
 		<-s.done
 	}()
@@ -204,6 +208,7 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 
 // refuse sends an Error before any session exists, and ends the stream.
 func (s *session) refuse(code protocol.Code, msg string) {
+	s.srv.cfg.metrics.refused(code)
 	s.stream.SetWriteDeadline(time.Now().Add(time.Second))
 	protocol.WriteMessage(s.stream, &protocol.Error{Code: code, Message: msg})
 	close(s.done)
@@ -234,6 +239,7 @@ func (s *session) sender(ctx context.Context, c catchUp) {
 			s.finish()
 			return
 		}
+		s.srv.cfg.metrics.snapshots.WithLabelValues(s.srv.cfg.metrics.lv(s.db.name)...).Inc()
 		// A bootstrap that began earlier pins the main file at its
 		// version, and OpenSnapshot shares that pin: the snapshot may be
 		// older than the Welcome. The versions between come from the log.
@@ -380,7 +386,10 @@ func (s *session) sendSnapshot(ctx context.Context, buf []byte) (uint64, []byte,
 // is over.
 func (s *session) write(buf []byte) bool {
 	s.stream.SetWriteDeadline(time.Now().Add(writeTimeout))
-	if _, err := s.stream.Write(buf); err != nil {
+	n, err := s.stream.Write(buf)
+	s.srv.cfg.metrics.sent.WithLabelValues(s.srv.cfg.metrics.lv(s.dbName())...).Add(float64(n))
+	if err != nil {
+		s.srv.cfg.metrics.slow.WithLabelValues(s.srv.cfg.metrics.lv(s.dbName(), "write")...).Inc()
 		s.log.Debug("write", "err", err)
 		// Part of a message may have gone out, so no Error message can
 		// follow it: reset the stream with the reason as its error code.

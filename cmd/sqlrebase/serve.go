@@ -8,8 +8,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"strings"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/server"
@@ -57,6 +61,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	key := fs.String("key", "", "key file (PEM) of --cert")
 	retainVersions := fs.Int("retain-versions", 100_000, "keep about this many versions per change log (older replicas get a snapshot)")
 	retainAge := fs.Duration("retain-age", 0, "drop change log segments older than this (0: no limit)")
+	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on http://ADDR/metrics, with /healthz and /readyz (HOST:PORT; empty: off)")
 	verbose := fs.Bool("v", false, "log every session (debug level)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: sqlrebase serve --data DIR --listen HOST:PORT [--db NAME:SECRET ...] [--cert F --key F]")
@@ -84,11 +89,20 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 		fmt.Fprintf(stderr, "sqlrebase serve: --listen %q: %v\n", *listen, err)
 		return 2
 	}
-	srv, err := server.Open(ctx, server.Config{
+	var reg *prometheus.Registry
+	if *metricsAddr != "" {
+		reg = prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	cfg := server.Config{
 		Dir: *data, Mutators: demoRegistry(), Setup: demoSetup, Logger: log,
 		CertFile: *cert, KeyFile: *key, Hosts: []string{host},
 		Retention: server.Retention{Versions: *retainVersions, Age: *retainAge},
-	})
+	}
+	if reg != nil {
+		cfg.Metrics = reg
+	}
+	srv, err := server.Open(ctx, cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
 		return 1
@@ -113,6 +127,15 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	fmt.Fprintf(stdout, "listening: %s\n", addr)
 	fmt.Fprintf(stdout, "fingerprint: %s\n", srv.Fingerprint())
 	fmt.Fprintf(stdout, "databases: %s\n", strings.Join(srv.Databases(), ", "))
+	if reg != nil {
+		stop, maddr, err := serveMetrics(*metricsAddr, srv.Handler(reg), log)
+		if err != nil {
+			fmt.Fprintf(stderr, "sqlrebase serve: --metrics %s: %v\n", *metricsAddr, err)
+			return 1
+		}
+		defer stop()
+		fmt.Fprintf(stdout, "metrics: http://%s/metrics\n", maddr)
+	}
 	if f, ok := stdout.(interface{ Sync() error }); ok {
 		f.Sync()
 	}
@@ -125,4 +148,27 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	}
 	log.Info("stopped", "took", time.Since(start))
 	return 0
+}
+
+// serveMetrics serves h over HTTP on addr until stop is called, and
+// returns the bound address.
+func serveMetrics(addr string, h http.Handler, log *slog.Logger) (stop func(), bound string, err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, "", err
+	}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		hs.Shutdown(ctx)
+		<-done
+	}, ln.Addr().String(), nil
 }
