@@ -41,7 +41,9 @@ var ErrNotReady = errors.New("server: not ready")
 // counter costs an atomic add), and are registered only when
 // Config.Metrics is set, so that the code that counts needs no nil checks.
 type metrics struct {
-	perDB bool
+	perDB      bool
+	reg        prometheus.Registerer
+	registered []prometheus.Collector // unregistered by Close, so that a server opened again may register its own
 
 	mutations  *prometheus.CounterVec   // outcome
 	batch      *prometheus.HistogramVec // mutations per batch
@@ -103,13 +105,25 @@ func newMetrics(s *Server, reg prometheus.Registerer, perDB bool) (*metrics, err
 		return float64(len(s.conns))
 	})
 	dbs := newDatabasesCollector(s)
+	m.reg = reg
 	for _, c := range []prometheus.Collector{m.mutations, m.batch, m.commit, m.checkpoint, m.versions, m.published,
 		m.sessions, m.sent, m.slow, m.snapshots, m.refusals, conns, dbs} {
 		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("server: register metrics: %w", err)
+			m.unregister()
+			return nil, fmt.Errorf("server: register metrics (another server open on this registry?): %w", err)
 		}
+		m.registered = append(m.registered, c)
 	}
 	return m, nil
+}
+
+// unregister takes the collectors off the registry (at Close): the gauges
+// read a server that is gone, and the same process may open it again.
+func (m *metrics) unregister() {
+	for _, c := range m.registered {
+		m.reg.Unregister(c)
+	}
+	m.registered = nil
 }
 
 // lv is the label values of a series: the database's name first when

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/sqlrebase/sqlrebase/protocol"
@@ -202,6 +203,9 @@ func TestMetrics(t *testing.T) {
 	if n := get(metricSlow, "reason", "queue"); n != 1 {
 		t.Fatalf("slow client cut-offs %v, want 1", n)
 	}
+	if problems, err := testutil.GatherAndLint(reg); err != nil || len(problems) > 0 {
+		t.Fatalf("lint: %v %v", problems, err)
+	}
 }
 
 // TestHealthHandler: /healthz answers while the process is up, /readyz
@@ -292,5 +296,26 @@ func TestMetricsPerDatabase(t *testing.T) {
 			t.Fatal("a series has a db label without MetricsPerDatabase")
 		}
 		srv.Close()
+	}
+}
+
+// TestMetricsReopen: Close takes the server's collectors off the registry,
+// so that the process may open the server again on the same one; two
+// servers open at once on one registry is an error at Open.
+func TestMetricsReopen(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	dir := t.TempDir()
+	srv, _ := testServer(t, dir, func(c *Config) { c.Metrics = reg })
+	if _, err := Open(context.Background(), Config{Dir: t.TempDir(), Mutators: testRegistry(t), Setup: demoSetup, Metrics: reg}); err == nil || !strings.Contains(err.Error(), "register metrics") {
+		t.Fatalf("a second server on the same registry: %v", err)
+	}
+	srv.Close()
+	srv2, err := Open(context.Background(), Config{Dir: dir, Mutators: testRegistry(t), Setup: demoSetup, Metrics: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv2.Close()
+	if v, _ := scrape(t, reg, metricDatabases, "state", "open"); v != 1 {
+		t.Fatalf("open databases after reopen %v, want 1", v)
 	}
 }

@@ -157,15 +157,15 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, errors.New("server: give both a certificate and a key file, or neither")
 	}
 	var err error
-	if s.cfg.metrics, err = newMetrics(s, cfg.Metrics, cfg.MetricsPerDatabase); err != nil {
-		return nil, err
-	}
 	if s.cert, _, err = protocol.LoadOrCreateCertificate(certFile, keyFile, cfg.Hosts); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	entries, err := os.ReadDir(filepath.Join(cfg.Dir, "dbs"))
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
+	}
+	if s.cfg.metrics, err = newMetrics(s, cfg.Metrics, cfg.MetricsPerDatabase); err != nil {
+		return nil, err
 	}
 	for _, e := range entries {
 		if e.IsDir() && validName.MatchString(e.Name()) {
@@ -400,5 +400,6 @@ func (s *Server) Close() error {
 	for _, d := range dbs {
 		errs = append(errs, d.close())
 	}
+	s.cfg.metrics.unregister()
 	return errors.Join(errs...)
 }
