@@ -193,6 +193,7 @@ type Replica struct {
 	lastRebase atomic.Int64  // when the last rebase (or Open) ended, Unix ns: rebaseDue's clock
 	deferWake  atomic.Bool   // a wake-up of the sync loop is armed for a deferred rebase
 	replayed   atomic.Uint64 // mutations replayed in all, for tests and benchmarks
+	stats      stats         // the rest of Stats
 
 	closed atomic.Bool
 }
@@ -776,8 +777,12 @@ func (r *Replica) rebase(waitCtx, applyCtx context.Context, apply func(context.C
 		r.gate.open()
 		return fmt.Errorf("rebase: wait for the writer: %w", err)
 	}
+	held := time.Now()
 	change, err := r.rebaseApplying(waitCtx, applyCtx, apply)
 	r.writeMu.Unlock()
+	if err == nil {
+		r.stats.rebaseDone(time.Since(held))
+	}
 	r.gate.open()
 	if err != nil {
 		return err

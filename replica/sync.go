@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"sync"
@@ -244,7 +245,7 @@ func (in *inbox) poll() (m protocol.Message, ok bool, err error) {
 }
 
 // readLoop reads messages until the stream fails or ctx ends.
-func readLoop(ctx context.Context, s *quic.Stream, in *inbox, limits protocol.Limits) {
+func readLoop(ctx context.Context, s io.Reader, in *inbox, limits protocol.Limits) {
 	rd := protocol.NewReader(s, limits)
 	for {
 		m, err := rd.Read()
@@ -292,7 +293,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		readLoop(sctx, s, in, r.decodeLimits())
+		readLoop(sctx, countingReader{s, &r.stats.received}, in, r.decodeLimits())
 	}()
 	// However the session ends, the stream is cancelled and its reader
 	// has returned before we do: no goroutine outlives a session.
@@ -311,7 +312,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 		Receive: n.remote.receiveLimits(),
 	}
 	r.writeMu.Unlock()
-	if err := protocol.WriteMessage(s, hello); err != nil {
+	if err := protocol.WriteMessage(countingWriter{s, &r.stats.sent}, hello); err != nil {
 		return false, fmt.Errorf("send hello to %s: %w", n.remote.Addr, err)
 	}
 
@@ -334,6 +335,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	}
 	sess := &session{r: r, s: s, in: in, cur: pushCursor{Pushed: w.LastMutationID, Acked: w.LastMutationID}, lim: newPushLimits(w), snapshot: w.Snapshot,
 		asm: protocol.NewReassembler(n.remote.receiveLimits().MaxRecord())}
+	r.stats.sessions.Add(1)
 	n.update(func() {
 		n.connected, n.lastErr = true, nil
 		n.welcomeVersion = w.Version
@@ -648,6 +650,9 @@ func (ss *session) rebase(ctx context.Context) error {
 		// The snapshot first, as a rebase of its own; the versions after
 		// it are deltas against its pages, which are then the main file's.
 		err := ss.r.installRemoteSnapshot(ctx, ready.image())
+		if err == nil {
+			ss.r.stats.snapshots.Add(1)
+		}
 		if errors.Is(err, vfs.ErrPoisoned) && ss.r.files.Poisoned() != nil {
 			// The copy failed part-way: Repair copies the image again,
 			// so its file stays until then.
@@ -663,6 +668,7 @@ func (ss *session) rebase(ctx context.Context) error {
 		if err := ss.r.rebaseRemote(ctx, evs); err != nil {
 			return err
 		}
+		ss.r.stats.versions.Add(uint64(len(evs)))
 	}
 	n := ss.r.net
 	n.update(func() {})
@@ -707,7 +713,9 @@ func (ss *session) push() error {
 	}
 	if ss.out == nil {
 		// Not running (a test drives the session by hand): write here.
-		if _, err := ss.s.Write(ss.wbuf); err != nil {
+		k, err := ss.s.Write(ss.wbuf)
+		ss.r.stats.sent.Add(uint64(k))
+		if err != nil {
 			return fmt.Errorf("push to %s: %w", ss.r.net.remote.Addr, err)
 		}
 		return nil
@@ -725,7 +733,8 @@ func (ss *session) writeLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case b := <-ss.out:
-			_, err := ss.s.Write(b)
+			k, err := ss.s.Write(b)
+			ss.r.stats.sent.Add(uint64(k))
 			ss.wrote <- err // never blocks: one write in flight at a time
 			if err != nil {
 				return

@@ -612,6 +612,9 @@ func TestSyncSnapshotBootstrap(t *testing.T) {
 	if got := categories(t, a.DB())["Food"]; got != 7 {
 		t.Fatalf("Food = %d", got)
 	}
+	if st := a.Stats(); st.SnapshotsInstalled != 1 {
+		t.Fatalf("Stats().SnapshotsInstalled = %d, want 1", st.SnapshotsInstalled)
+	}
 }
 
 // TestSyncNoGoroutineLeak: opening and closing synced replicas, connected
