@@ -86,6 +86,16 @@ type Change struct {
 	Version uint64 // the server version under the pending mutations
 	Pending int    // pending mutations after the change
 	Rebased bool   // false: a local Mutate; true: a rebase
+
+	// Tables are the replicated tables (lower case, sorted) the change may
+	// have changed, unless AllTables: a schema change, a snapshot, or a
+	// version whose pages could not be placed (see Watch).
+	Tables    []string
+	AllTables bool
+	// Settled are the mutations the server acknowledged in this rebase,
+	// Rejected the ones among them it rejected: a UI's "saving…" ends.
+	Settled  []uint64
+	Rejected []*RejectedError
 }
 
 // Status is a snapshot of the replica's state.
@@ -171,6 +181,7 @@ type Replica struct {
 	watchMu  sync.Mutex
 	watchers map[int]func(Change)
 	nextW    int
+	live     liveState // live queries' bookkeeping (watch.go)
 
 	net   *netState    // the sync loop; nil without Options.Remote
 	fatal *fatalSignal // set when the sync loop stops on a refusal
@@ -317,6 +328,7 @@ func (r *Replica) open(ctx context.Context) error {
 	}
 	dsn := "file:" + (&url.URL{Path: r.path}).EscapedPath() + "?vfs=" + vfs.Name
 	r.wdb, err = sqlitedriver.Open(dsn+"&_txlock=immediate", func(c *sqlite3.Conn) error {
+		c.UpdateHook(r.live.wrote) // which tables each change wrote, for Watch
 		return r.initConn(c, func() role { return role(r.role.Load()) }, nil)
 	})
 	if err != nil {
@@ -401,6 +413,9 @@ func (r *Replica) initConn(c *sqlite3.Conn, roleOf func() role, deny func(string
 		return nil
 	})
 	return c.SetAuthorizer(func(action sqlite3.AuthorizerActionCode, name3, name4, schema, _ string) sqlite3.AuthorizerReturnCode {
+		if action == sqlite3.AUTH_READ {
+			r.live.noteRead(c, schema, name3) // what a live query reads
+		}
 		who := roleOf()
 		why, ok := authorize(who, action, name3, name4, schema)
 		if ok {
@@ -680,6 +695,7 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 	r.crash("mutate-after-run")
 	r.publish()
 	change := Change{Version: r.files.Version(), Pending: r.queue.Len()}
+	r.live.takeMutate(&change)
 	r.writeMu.Unlock()
 	r.notify(change)
 	// Tell the sync loop there is something to push; never wait for it.
@@ -754,7 +770,10 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 // never between. If the page sets do not check out (version gap, checksum or
 // page size mismatch, corrupt), it returns the error and changes nothing.
 func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
-	return r.rebase(ctx, ctx, func(ctx context.Context) error { return r.files.Rebase(ctx, sets...) })
+	return r.rebase(ctx, ctx, func(ctx context.Context) error {
+		r.live.notePages(sets)
+		return r.files.Rebase(ctx, sets...)
+	})
 }
 
 // rebase runs one rebase whose drop-and-apply step is apply (the server's
@@ -809,10 +828,12 @@ func (r *Replica) rebaseApplying(waitCtx, applyCtx context.Context, apply func(c
 	})
 	r.publish()
 	r.lastRebase.Store(time.Now().UnixNano())
+	change := Change{Version: r.files.Version(), Pending: r.queue.Len(), Rebased: true}
+	r.liveRebased(&change, err)
 	if err != nil {
 		return Change{}, fmt.Errorf("rebase to version %d: %w", r.files.Version(), err)
 	}
-	return Change{Version: r.files.Version(), Pending: r.queue.Len(), Rebased: true}, nil
+	return change, nil
 }
 
 func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) error) error {
@@ -944,6 +965,7 @@ func (r *Replica) settle(ctx context.Context) error {
 		} else {
 			h.settle(nil)
 		}
+		r.live.noteSettled(mid, rejected, wp.Value())
 		delete(r.handles, mid)
 	}
 	r.hmu.Unlock()

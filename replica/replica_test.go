@@ -92,7 +92,7 @@ func TestOnChangeAfterMutateAndRebase(t *testing.T) {
 		t.Fatalf("changes %+v, want %+v", got, want)
 	}
 	for i := range want {
-		if got[i] != want[i] {
+		if g := got[i]; g.Version != want[i].Version || g.Pending != want[i].Pending || g.Rebased != want[i].Rebased {
 			t.Fatalf("change %d: %+v, want %+v", i, got[i], want[i])
 		}
 	}
