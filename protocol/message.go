@@ -40,6 +40,10 @@ type Hello struct {
 	Version    uint64        // the version the replica's main file holds (0: empty)
 	Checksum   uint64        // the replica's whole-database checksum at Version
 	Receive    ReceiveLimits // what the client can receive (zero fields: DefaultReceiveLimits)
+	// AppVersion is the app's build number (since protocol 3; 0: not
+	// stated). A server with a minimum refuses a lower one with
+	// CodeUpgradeRequired.
+	AppVersion uint64
 }
 
 // Welcome accepts a Hello. The server then sends whatever brings the
@@ -165,7 +169,11 @@ func (m *Hello) appendBody(b []byte) []byte {
 	b = binary.LittleEndian.AppendUint64(b, m.Checksum)
 	b = binary.AppendUvarint(b, uint64(m.Receive.MaxMessage))
 	b = binary.AppendUvarint(b, uint64(m.Receive.MaxVersions))
-	return binary.AppendUvarint(b, m.Receive.MaxVersionBytes)
+	b = binary.AppendUvarint(b, m.Receive.MaxVersionBytes)
+	if m.Protocol < 3 {
+		return b
+	}
+	return binary.AppendUvarint(b, m.AppVersion)
 }
 
 func (m *Hello) decodeBody(d *decoder, l Limits) error {
@@ -182,6 +190,10 @@ func (m *Hello) decodeBody(d *decoder, l Limits) error {
 	m.Receive.MaxMessage = d.uint32()
 	m.Receive.MaxVersions = d.uint32()
 	m.Receive.MaxVersionBytes = d.uvarint()
+	if m.Protocol < 3 {
+		return d.err
+	}
+	m.AppVersion = d.uvarint()
 	return d.err
 }
 

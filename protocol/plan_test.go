@@ -204,3 +204,33 @@ func TestReadRecordHeader(t *testing.T) {
 		t.Fatalf("truncated: %v", err)
 	}
 }
+
+// TestHelloAppVersion: a version 3 Hello carries AppVersion; a version 2
+// Hello (no AppVersion) still decodes, with AppVersion 0, so a server of
+// this build admits clients of the previous protocol.
+func TestHelloAppVersion(t *testing.T) {
+	h := &Hello{Protocol: Version, Database: "d", ClientID: "c", AppVersion: 1<<40 + 7}
+	m, err := Decode(Encode(h), DefaultLimits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := m.(*Hello).AppVersion; got != h.AppVersion {
+		t.Fatalf("app version %d, want %d", got, h.AppVersion)
+	}
+	v2 := &Hello{Protocol: 2, Database: "d", ClientID: "c", AppVersion: 9}
+	b := Encode(v2)
+	m, err = Decode(b, DefaultLimits)
+	if err != nil {
+		t.Fatalf("version 2 hello: %v", err)
+	}
+	if got := m.(*Hello); got.Protocol != 2 || got.AppVersion != 0 {
+		t.Fatalf("version 2 hello decoded as %+v", got)
+	}
+	// A version 2 hello with a trailing field is malformed, not read.
+	if _, err := Decode(append(b, 5), DefaultLimits); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("version 2 hello with trailing bytes: %v", err)
+	}
+	if !CodeUpgradeRequired.Fatal() {
+		t.Fatal("upgrade required must be fatal")
+	}
+}

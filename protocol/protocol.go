@@ -19,8 +19,14 @@ const ALPN = "sqlrebase/1"
 
 // Version is the protocol version this build speaks, sent in Hello. A server
 // that does not speak the client's version answers CodeProtocolVersion.
-// Version 2 added the receive limits to Hello and the VersionPart message.
-const Version = 2
+// Version 2 added the receive limits to Hello and the VersionPart message;
+// version 3 added Hello.AppVersion. A server speaks every version from
+// MinVersion to Version: a version 2 Hello is a version 3 one with
+// AppVersion 0.
+const Version = 3
+
+// MinVersion is the oldest protocol version a server of this build accepts.
+const MinVersion = 2
 
 // Limits bound what a decoder accepts. A message beyond a limit is an error
 // that closes the stream it came on; it is never truncated or partly used.
@@ -156,6 +162,7 @@ const (
 	CodeLimits          Code = 14 // the client's receive limits (Hello) are below what the server can honour
 	CodeVersionTooLarge Code = 15 // a version is larger than the client said it can hold (Hello.MaxVersionBytes)
 	CodeBusy            Code = 16 // the server holds as many databases open as it may and none is idle; retry later
+	CodeUpgradeRequired Code = 17 // the client's Hello.AppVersion is below the oldest the server accepts
 )
 
 var codeNames = map[Code]string{
@@ -175,6 +182,7 @@ var codeNames = map[Code]string{
 	CodeLimits:          "receive limits too small",
 	CodeVersionTooLarge: "version too large for the client",
 	CodeBusy:            "server busy",
+	CodeUpgradeRequired: "app upgrade required",
 }
 
 // String names the code.
@@ -189,7 +197,7 @@ func (c Code) String() string {
 // the same hello would be refused again.
 func (c Code) Fatal() bool {
 	switch c {
-	case CodeProtocolVersion, CodeUnauthorized, CodeUnknownDatabase, CodeLimits, CodeVersionTooLarge:
+	case CodeProtocolVersion, CodeUnauthorized, CodeUnknownDatabase, CodeLimits, CodeVersionTooLarge, CodeUpgradeRequired:
 		return true
 	}
 	return false

@@ -60,6 +60,13 @@ type Options struct {
 	// sync loop that pushes the pending mutations and rebases on the
 	// server's versions until Close. Nil: the app drives Rebase itself.
 	Remote *Remote
+	// AppVersion is the app's build number, stated to the server in Hello
+	// (0: none). Raise it with every release. A server whose
+	// MinAppVersion is higher refuses to sync with ErrUpgradeRequired;
+	// the pending mutations stay queued for the upgraded build, opening
+	// the same files, to push. An integer rather than a semver string, so
+	// that "older" is one comparison the server cannot get wrong.
+	AppVersion uint64
 	// ReaderWait bounds how long a rebase waits for DB() readers (open
 	// transactions and cursors) and for the WAL locks before it gives up
 	// with ErrReadersBusy, which names the connection in the way; the sync

@@ -45,6 +45,22 @@ var ErrHistoryAhead = errors.New("replica: the server has processed mutations th
 // instead of retrying. Pending mutations stay queued.
 var ErrServerBehind = errors.New("replica: the server's history is behind this replica")
 
+// ErrUpgradeRequired means the server refuses this app build
+// (Options.AppVersion is below its MinAppVersion): the app must be
+// upgraded. The loop stops; pending mutations stay queued, and the
+// upgraded build, opening the same files, pushes them.
+var ErrUpgradeRequired = errors.New("replica: the server requires a newer app version")
+
+// ErrClientCollected means the server no longer has a record of this
+// client although it settled some of its mutations: the record was
+// collected after the client was away longer than the server keeps it
+// (server.Config.ClientTTL). The server cannot tell which of its pending
+// mutations it applied, so the loop stops rather than push them again
+// under ids it would take as new. The pending mutations stay queued
+// (Pending lists them): the app opens a fresh replica (new files) and
+// may issue them again there.
+var ErrClientCollected = errors.New("replica: the server collected this client's record (away too long); open a fresh replica")
+
 // Timeouts of one session.
 const (
 	// connectTimeout bounds a dial and the stream opening; QUIC's own
@@ -217,7 +233,7 @@ func fatalSyncError(err error) bool {
 		return re.Code.Fatal()
 	}
 	var cv *tls.CertificateVerificationError
-	return errors.Is(err, protocol.ErrFingerprint) || errors.Is(err, ErrHistoryAhead) || errors.Is(err, ErrServerBehind) || errors.As(err, &cv)
+	return errors.Is(err, protocol.ErrFingerprint) || errors.Is(err, ErrHistoryAhead) || errors.Is(err, ErrServerBehind) || errors.Is(err, ErrClientCollected) || errors.As(err, &cv)
 }
 
 // inbox is the session's view of the stream reader: messages in order,
@@ -309,7 +325,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	hello := &protocol.Hello{
 		Protocol: protocol.Version, Database: n.remote.Database, ClientID: r.queue.ClientID(),
 		Credential: n.remote.Credential, Version: r.files.Version(), Checksum: r.files.Checksum(),
-		Receive: n.remote.receiveLimits(),
+		Receive: n.remote.receiveLimits(), AppVersion: r.opts.AppVersion,
 	}
 	r.writeMu.Unlock()
 	if err := protocol.WriteMessage(countingWriter{s, &r.stats.sent}, hello); err != nil {
@@ -322,16 +338,22 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	// this, not the 20 s idle timeout, is when the replica tries again.
 	w, err := awaitWelcome(sctx, in, n.transport.handshakeTimeout())
 	if err != nil {
+		if re := (*protocol.RemoteError)(nil); errors.As(err, &re) && re.Code == protocol.CodeUpgradeRequired {
+			return false, fmt.Errorf("%w: %w", ErrUpgradeRequired, err)
+		}
 		return false, err
 	}
 	r.writeMu.Lock()
-	issued := r.queue.NextID() - 1
+	issued, settled := r.queue.NextID()-1, r.queue.settled()
 	r.writeMu.Unlock()
 	if w.LastMutationID > issued {
 		return false, fmt.Errorf("%w: server at mutation %d of client %s, this replica issued %d", ErrHistoryAhead, w.LastMutationID, hello.ClientID, issued)
 	}
 	if serverBehind(hello.Version, w.Version) {
 		return false, fmt.Errorf("%w (version %d < %d): was it restored from a backup?", ErrServerBehind, w.Version, hello.Version)
+	}
+	if err := checkWelcome(w.LastMutationID, settled); err != nil {
+		return false, fmt.Errorf("client %s: %w", hello.ClientID, err)
 	}
 	sess := &session{r: r, s: s, in: in, cur: pushCursor{Pushed: w.LastMutationID, Acked: w.LastMutationID}, lim: newPushLimits(w), snapshot: w.Snapshot,
 		asm: protocol.NewReassembler(n.remote.receiveLimits().MaxRecord())}
@@ -349,6 +371,17 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 		sess.ready.discard()
 	}()
 	return true, sess.run(sctx)
+}
+
+// checkWelcome reports ErrClientCollected if the server's last mutation
+// id of this client (welcomed) is below what the replica knows it settled:
+// the server forgot the client. Ids only grow on the server, so a lower
+// one is never a race, only a lost record.
+func checkWelcome(welcomed, settled uint64) error {
+	if welcomed < settled {
+		return fmt.Errorf("%w: server at mutation %d, this replica saw %d settled", ErrClientCollected, welcomed, settled)
+	}
+	return nil
 }
 
 // serverBehind reports whether a server welcoming at version server can

@@ -46,6 +46,14 @@ type Config struct {
 	// Hosts are names and addresses a created certificate is made for.
 	Hosts []string
 
+	// MinAppVersion is the oldest app build (replica.Options.AppVersion)
+	// this server syncs with (0: any, including clients that state none).
+	// An older client is refused with a fatal "upgrade required" and keeps
+	// its pending mutations for its upgraded build to push. Raise it in
+	// the contract step of a migration, once no client needs the old
+	// mutators or columns.
+	MinAppVersion uint64
+
 	// Limits bound what clients may send (zero fields: protocol.DefaultLimits).
 	Limits protocol.Limits
 	// MaxInFlight bounds a client's pushed, unacknowledged mutations (10,000).

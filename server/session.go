@@ -179,8 +179,11 @@ func (s *session) run(ctx context.Context) {
 // admit checks a hello and subscribes the session. Refusals are
 // *protocol.RemoteError.
 func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error) {
-	if h.Protocol != protocol.Version {
-		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeProtocolVersion, Message: fmt.Sprintf("client speaks protocol %d; this server speaks %d", h.Protocol, protocol.Version)}
+	if h.Protocol < protocol.MinVersion || h.Protocol > protocol.Version {
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeProtocolVersion, Message: fmt.Sprintf("client speaks protocol %d; this server speaks %d to %d", h.Protocol, protocol.MinVersion, protocol.Version)}
+	}
+	if min := s.srv.cfg.MinAppVersion; h.AppVersion < min {
+		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUpgradeRequired, Message: fmt.Sprintf("app version %d is older than the oldest this server accepts (%d): upgrade the app", h.AppVersion, min)}
 	}
 	recv := h.Receive.WithDefaults()
 	if err := recv.Check(); err != nil {
