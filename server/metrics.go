@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -265,4 +267,11 @@ func (s *session) dbName() string {
 		return ""
 	}
 	return s.db.name
+}
+
+// isTimeout reports whether a write failed on its deadline: the client
+// read nothing for writeTimeout.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
@@ -511,7 +512,8 @@ func TestRestart(t *testing.T) {
 // TestSlowClient: a client that reads nothing is cut off once its bounded
 // queue overflows, and does not hold up anyone else's versions.
 func TestSlowClient(t *testing.T) {
-	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.SessionQueue = 8 })
+	reg := prometheus.NewRegistry()
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.SessionQueue = 8; c.Metrics = reg })
 	slow, m := openClient(t, dial(t, addr, srv.Fingerprint()), protocol.Hello{Database: "demo", ClientID: "slow", Credential: "s3cret"})
 	welcome(t, m)
 	fast, m := openClient(t, dial(t, addr, srv.Fingerprint()), protocol.Hello{Database: "demo", ClientID: "fast", Credential: "s3cret"})
@@ -594,6 +596,14 @@ func TestSlowClient(t *testing.T) {
 			break
 		}
 	}
+	// Counted: its queue overflowed, and its sender's blocked write may
+	// time out after that too.
+	queue, _ := scrape(t, reg, metricSlow, "reason", "queue")
+	write, _ := scrape(t, reg, metricSlow, "reason", "write")
+	if queue+write < 1 || queue > 1 || write > 1 {
+		t.Fatalf("slow-client cut-offs: queue %v, write %v", queue, write)
+	}
+	t.Logf("cut-offs: queue %v, write %v", queue, write)
 }
 
 // TestCatchUpChoosesTheCheaper: a replica gets the versions it lacks

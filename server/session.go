@@ -392,7 +392,9 @@ func (s *session) write(buf []byte) bool {
 	n, err := s.stream.Write(buf)
 	s.srv.cfg.metrics.sent.WithLabelValues(s.srv.cfg.metrics.lv(s.dbName())...).Add(float64(n))
 	if err != nil {
-		s.srv.cfg.metrics.slow.WithLabelValues(s.srv.cfg.metrics.lv(s.dbName(), "write")...).Inc()
+		if isTimeout(err) { // a client that went away was not slow
+			s.srv.cfg.metrics.slow.WithLabelValues(s.srv.cfg.metrics.lv(s.dbName(), "write")...).Inc()
+		}
 		s.log.Debug("write", "err", err)
 		// Part of a message may have gone out, so no Error message can
 		// follow it: reset the stream with the reason as its error code.
