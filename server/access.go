@@ -25,6 +25,17 @@ type credential struct {
 	ID   string `json:"id"`
 	Salt []byte `json:"salt"`
 	Hash []byte `json:"hash"`
+	// Iter is the credential's PBKDF2 work factor (0: hashIterations, as
+	// files written before it was stored say nothing).
+	Iter int `json:"iter,omitempty"`
+}
+
+// iterations is c's work factor.
+func (c *credential) iterations() int {
+	if c.Iter > 0 {
+		return c.Iter
+	}
+	return hashIterations
 }
 
 // access is a database's credentials and the binding of client ids to them,
@@ -32,6 +43,7 @@ type credential struct {
 // replicated to every client, the credentials must not be).
 type access struct {
 	path string
+	iter int // the work factor of new credentials
 
 	mu       sync.Mutex
 	file     accessFile
@@ -49,8 +61,13 @@ var (
 	errClientBound     = errors.New("client id belongs to another credential")
 )
 
-func loadAccess(path string) (*access, error) {
-	a := &access{path: path, verified: map[[sha256.Size]byte]string{}}
+// loadAccess reads an access file (none: no credentials yet). New
+// credentials get iter rounds of PBKDF2 (0: hashIterations).
+func loadAccess(path string, iter int) (*access, error) {
+	if iter <= 0 {
+		iter = hashIterations
+	}
+	a := &access{path: path, iter: iter, verified: map[[sha256.Size]byte]string{}}
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		a.file.Clients = map[string]string{}
@@ -82,11 +99,15 @@ func (a *access) add(secret string) error {
 	rand.Read(salt)
 	id := make([]byte, 8)
 	rand.Read(id)
-	h, err := pbkdf2.Key(sha256.New, secret, salt, hashIterations, 32)
+	h, err := pbkdf2.Key(sha256.New, secret, salt, a.iter, 32)
 	if err != nil {
 		return err
 	}
-	a.file.Credentials = append(a.file.Credentials, credential{ID: hex.EncodeToString(id), Salt: salt, Hash: h})
+	c := credential{ID: hex.EncodeToString(id), Salt: salt, Hash: h}
+	if a.iter != hashIterations {
+		c.Iter = a.iter
+	}
+	a.file.Credentials = append(a.file.Credentials, c)
 	return a.save()
 }
 
@@ -97,7 +118,7 @@ func (a *access) match(secret string) (string, error) {
 		return id, nil
 	}
 	for _, c := range a.file.Credentials {
-		h, err := pbkdf2.Key(sha256.New, secret, c.Salt, hashIterations, len(c.Hash))
+		h, err := pbkdf2.Key(sha256.New, secret, c.Salt, c.iterations(), len(c.Hash))
 		if err != nil {
 			return "", err
 		}

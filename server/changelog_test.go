@@ -145,7 +145,7 @@ func FuzzChangeLogSegment(f *testing.F) {
 
 func TestAccess(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "access.json")
-	a, err := loadAccess(path)
+	a, err := loadAccess(path, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func TestAccess(t *testing.T) {
 		t.Fatal("client id bound to one credential accepted with another")
 	}
 	// The binding survives a reload.
-	a2, err := loadAccess(path)
+	a2, err := loadAccess(path, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"sort"
+	"sync/atomic"
 	"time"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
@@ -14,16 +15,17 @@ import (
 	"github.com/sqlrebase/sqlrebase/wal"
 )
 
-// database is one hosted database: its authority, change log, credentials,
-// writer goroutine and subscribers.
+// database is one open hosted database: its authority, change log, writer
+// goroutine and subscribers. (Its credentials belong to its tenant, which
+// outlives it: see registry.)
 type database struct {
-	name   string
-	auth   *Authority
-	access *access
-	cfg    *Config
-	log    *slog.Logger
+	name string
+	auth *Authority
+	cfg  *Config
+	log  *slog.Logger
 
-	pushes chan pushRequest
+	pushes  chan pushRequest
+	pending atomic.Int64 // pushes handed to the writer and not yet run: the database is not idle
 	stop   chan struct{}
 	done   chan struct{}
 
@@ -48,9 +50,6 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 		subs: map[*session]struct{}{}, enc: protocol.NewEncoder(),
 	}
 	var err error
-	if d.access, err = loadAccess(filepath.Join(dir, "access.json")); err != nil {
-		return nil, err
-	}
 	if d.clog, err = openChangeLog(filepath.Join(dir, "log"), cfg.SegmentVersions, cfg.SegmentBytes, cfg.Retention); err != nil {
 		return nil, err
 	}
@@ -214,6 +213,7 @@ func (d *database) writer() {
 			}
 		}
 		d.run(ctx, reqs)
+		d.pending.Add(-int64(len(reqs)))
 	}
 }
 
@@ -269,12 +269,15 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 // push hands a session's push to the writer, waiting if the writer is
 // backed up (back-pressure on that client's stream only).
 func (d *database) push(ctx context.Context, r pushRequest) error {
+	d.pending.Add(1)
 	select {
 	case d.pushes <- r:
 		return nil
 	case <-ctx.Done():
+		d.pending.Add(-1)
 		return ctx.Err()
 	case <-d.stop:
+		d.pending.Add(-1)
 		return errors.New("database closed")
 	}
 }

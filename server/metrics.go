@@ -184,13 +184,11 @@ func (c *databasesCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(idle), "idle")
 }
 
-// databaseStates counts the registry's databases that are open and idle.
-// Every database in s.dbs is open today; a registry that closes idle
-// databases reports them here.
+// databaseStates counts the registry's databases that are open (opening
+// and closing ones too: they hold files) and idle (closed).
 func (s *Server) databaseStates() (open, idle int) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.dbs), 0
+	hosted, open := s.reg.counts()
+	return open, hosted - open
 }
 
 // Ready reports whether the server can serve: it is listening, not closed,
@@ -199,11 +197,8 @@ func (s *Server) databaseStates() (open, idle int) {
 func (s *Server) Ready(ctx context.Context) error {
 	s.mu.Lock()
 	listening, closed := s.listener != nil, s.closed
-	dbs := make([]*database, 0, len(s.dbs))
-	for _, d := range s.dbs {
-		dbs = append(dbs, d)
-	}
 	s.mu.Unlock()
+	dbs := s.reg.openDatabases() // a closed database is checked when it next opens
 	switch {
 	case closed:
 		return fmt.Errorf("%w: closed", ErrNotReady)

@@ -92,11 +92,16 @@ func TestMetrics(t *testing.T) {
 		v, _ := scrape(t, reg, name, labels...)
 		return v
 	}
-	if n := get(metricDatabases, "state", "open"); n != 1 {
-		t.Fatalf("open databases %v, want 1", n)
+	// Added, not yet opened (the first Hello or admin call opens it).
+	if n := get(metricDatabases, "state", "open"); n != 0 {
+		t.Fatalf("open databases %v, want 0", n)
 	}
-	if n := get(metricDatabases, "state", "idle"); n != 0 {
-		t.Fatalf("idle databases %v, want 0", n)
+	if n := get(metricDatabases, "state", "idle"); n != 1 {
+		t.Fatalf("idle databases %v, want 1", n)
+	}
+	srv.Authority("demo")
+	if open, idle := get(metricDatabases, "state", "open"), get(metricDatabases, "state", "idle"); open != 1 || idle != 0 {
+		t.Fatalf("open databases %v, idle %v; want 1, 0", open, idle)
 	}
 	versions0, bytes0 := get(metricVersions), get(metricPublished)
 	commits0, _ := scrape(t, reg, metricCommit)
@@ -315,6 +320,7 @@ func TestMetricsReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv2.Close()
+	srv2.Authority("demo")
 	if v, _ := scrape(t, reg, metricDatabases, "state", "open"); v != 1 {
 		t.Fatalf("open databases after reopen %v, want 1", v)
 	}

@@ -573,7 +573,7 @@ func TestSlowClient(t *testing.T) {
 		t.Fatal("fast client diverged")
 	}
 	a.mu.Lock()
-	n := len(srv.database("demo").subs)
+	n := len(pinnedDB(t, srv, "demo").subs)
 	a.mu.Unlock()
 	if n != 1 {
 		t.Fatalf("%d subscribers, want only the fast one", n)
@@ -620,7 +620,7 @@ func TestCatchUpChoosesTheCheaper(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	d := srv.database("demo")
+	d := pinnedDB(t, srv, "demo")
 	a.mu.Lock()
 	t.Logf("log of versions 1..%d: %d bytes; database: %d bytes", a.version, d.clog.size(1, a.version), int64(a.dbSize)*int64(a.pageSize))
 	a.mu.Unlock()

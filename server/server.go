@@ -82,6 +82,26 @@ type Config struct {
 	SegmentVersions int
 	SegmentBytes    int64
 
+	// IdleClose is how long a database stays open once nothing holds it
+	// (no session, no queued push, no admin call) before it is closed and
+	// costs only its name and credentials again (5 min; negative: never).
+	// A database is opened on its first Hello or admin call.
+	IdleClose time.Duration
+	// MaxOpenDatabases bounds how many databases are open at once (1,000;
+	// negative: no bound). To open one more, the least recently used idle
+	// one is closed; if none is idle, a Hello waits up to OpenWait (2 s)
+	// for one and is then refused with protocol.CodeBusy, which clients
+	// retry.
+	MaxOpenDatabases int
+	OpenWait         time.Duration
+	// CredentialHashIterations is the PBKDF2-SHA256 work factor of a
+	// credential AddDatabase stores (100,000, about 20 ms a credential).
+	// It guards weak, operator-chosen secrets against a stolen access
+	// file; random tokens of 128 bits or more gain nothing from it, and
+	// an operator adding thousands of databases with such tokens may
+	// lower it. Stored credentials keep the factor they were made with.
+	CredentialHashIterations int
+
 	// Metrics, if set, is where the server registers its Prometheus
 	// collectors (see Server.Handler and the README's table). Series are
 	// server-wide unless MetricsPerDatabase labels them "db": a label per
@@ -116,6 +136,14 @@ func (c *Config) defaults() {
 	if c.SegmentBytes == 0 {
 		c.SegmentBytes = 64 << 20
 	}
+	if c.IdleClose == 0 {
+		c.IdleClose = defaultIdleClose
+	}
+	setDefault(&c.MaxOpenDatabases, defaultMaxOpenDatabases)
+	if c.OpenWait <= 0 {
+		c.OpenWait = defaultOpenWait
+	}
+	setDefault(&c.CredentialHashIterations, hashIterations)
 }
 
 func setDefault(p *int, v int) {
@@ -133,8 +161,9 @@ type Server struct {
 	log  *slog.Logger
 	cert tls.Certificate
 
-	mu       sync.Mutex
-	dbs      map[string]*database
+	reg *registry // the hosted databases, opened on use and closed when idle
+
+	mu       sync.Mutex // guards the fields below; never held with a registry lock
 	perAddr  map[string]int
 	conns    map[*quic.Conn]struct{}
 	listener *quic.Listener
@@ -148,7 +177,9 @@ type Server struct {
 var validName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 // Open opens the server's data directory, creating it and a self-signed
-// certificate if needed, and opens every database already in it.
+// certificate if needed, and registers every database already in it. None
+// is opened yet: each opens on its first Hello or admin call, and closes
+// after Config.IdleClose without use.
 func Open(ctx context.Context, cfg Config) (*Server, error) {
 	cfg.defaults()
 	if cfg.Mutators == nil {
@@ -157,7 +188,19 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "dbs"), 0o755); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, dbs: map[string]*database{}, perAddr: map[string]int{}, conns: map[*quic.Conn]struct{}{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, perAddr: map[string]int{}, conns: map[*quic.Conn]struct{}{}}
+	s.reg = newRegistry(s.log, &s.cfg)
+	s.reg.openDB = func(ctx context.Context, t *tenant) (*database, error) {
+		if err := os.MkdirAll(t.dir, 0o755); err != nil {
+			return nil, fmt.Errorf("server: open database %s: %w", t.name, err)
+		}
+		d, err := openDatabase(ctx, t.name, t.dir, &s.cfg, s.log)
+		if err == nil {
+			s.log.Debug("opened database", "db", t.name)
+		}
+		return d, err
+	}
+	s.reg.closeDB = func(d *database) error { return d.close() }
 	certFile, keyFile := cfg.CertFile, cfg.KeyFile
 	if certFile == "" && keyFile == "" {
 		certFile, keyFile = filepath.Join(cfg.Dir, "cert.pem"), filepath.Join(cfg.Dir, "key.pem")
@@ -168,82 +211,101 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if s.cert, _, err = protocol.LoadOrCreateCertificate(certFile, keyFile, cfg.Hosts); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	entries, err := os.ReadDir(filepath.Join(cfg.Dir, "dbs"))
-	if err != nil {
-		return nil, fmt.Errorf("server: %w", err)
-	}
 	if s.cfg.metrics, err = newMetrics(s, cfg.Metrics, cfg.MetricsPerDatabase); err != nil {
 		return nil, err
 	}
-	for _, e := range entries {
-		if e.IsDir() && validName.MatchString(e.Name()) {
-			if _, err := s.openDatabase(ctx, e.Name()); err != nil {
-				s.Close()
-				return nil, err
-			}
-		}
+	if err := s.reg.scanTenants(filepath.Join(cfg.Dir, "dbs")); err != nil {
+		s.cfg.metrics.unregister()
+		return nil, err
 	}
 	return s, nil
 }
 
-func (s *Server) openDatabase(ctx context.Context, name string) (*database, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if d := s.dbs[name]; d != nil {
-		return d, nil
-	}
-	dir := filepath.Join(s.cfg.Dir, "dbs", name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("server: %w", err)
-	}
-	d, err := openDatabase(ctx, name, dir, &s.cfg, s.log)
-	if err != nil {
-		return nil, err
-	}
-	s.dbs[name] = d
-	return d, nil
-}
-
 // AddDatabase creates the database if it does not exist, and adds a
 // credential for it (stored hashed; adding the same secret again does
-// nothing).
+// nothing). It does not open the database: the first Hello or admin call
+// does, and creates its file (the schema of Config.Setup as version 1).
 func (s *Server) AddDatabase(ctx context.Context, name, secret string) error {
 	if !validName.MatchString(name) {
 		return fmt.Errorf("server: database name %q: use 1 to 64 letters, digits, '_', '-', '.'", name)
 	}
-	d, err := s.openDatabase(ctx, name)
+	dir := filepath.Join(s.cfg.Dir, "dbs", name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("server: add database %s: %w", name, err)
+	}
+	t, err := s.reg.add(name, dir)
 	if err != nil {
 		return err
 	}
-	return d.access.add(secret)
+	a, err := t.credentials(s.cfg.CredentialHashIterations)
+	if err != nil {
+		return err
+	}
+	return a.add(secret)
 }
 
-func (s *Server) database(name string) *database {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.dbs[name]
+// tenant returns the named database's tenant, or ErrUnknownDatabase.
+func (s *Server) tenant(name string) (*tenant, error) {
+	if t := s.reg.lookup(name); t != nil {
+		return t, nil
+	}
+	return nil, fmt.Errorf("%w: %q", ErrUnknownDatabase, name)
+}
+
+// acquire opens the named database if needed and holds it open until
+// release is called (once).
+func (s *Server) acquire(ctx context.Context, name string) (*database, func(), error) {
+	t, err := s.tenant(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	d, err := s.reg.acquire(ctx, t)
+	if err != nil {
+		return nil, nil, err
+	}
+	var once sync.Once
+	return d, func() { once.Do(func() { s.reg.release(t) }) }, nil
 }
 
 // Authority returns a database's authority (for tools, tests and
 // administrative changes with Exec, which replicas receive like any other
-// version), or nil.
+// version), or nil if there is no such database or it cannot be opened
+// (the error is logged). It opens the database if needed and pins it open
+// until the server closes: the *Authority stays valid. For a short
+// administrative call that lets the database close when idle again, use
+// WithAuthority.
 func (s *Server) Authority(name string) *Authority {
-	if d := s.database(name); d != nil {
-		return d.auth
+	t, err := s.tenant(name)
+	if err != nil {
+		return nil
 	}
-	return nil
+	d, err := s.reg.pin(context.Background(), t)
+	if err != nil {
+		s.log.Error("open database", "db", name, "err", err)
+		return nil
+	}
+	return d.auth
 }
 
-// Databases lists the hosted databases.
-func (s *Server) Databases() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var names []string
-	for n := range s.dbs {
-		names = append(names, n)
+// WithAuthority opens a database if needed and runs fn with its
+// authority, holding the database open until fn returns (and not longer:
+// fn must not keep the *Authority).
+func (s *Server) WithAuthority(ctx context.Context, name string, fn func(*Authority) error) error {
+	d, release, err := s.acquire(ctx, name)
+	if err != nil {
+		return err
 	}
-	return names
+	defer release()
+	return fn(d.auth)
 }
+
+// Databases lists the hosted databases, open or not.
+func (s *Server) Databases() []string { return s.reg.names() }
+
+// DatabaseCounts says how many databases the server hosts and how many of
+// them are open now (for metrics: an open database holds files and a
+// goroutine, a closed one only its name and credentials).
+func (s *Server) DatabaseCounts() (hosted, open int) { return s.reg.counts() }
 
 // resetKey derives the QUIC stateless reset key from the private key.
 func (s *Server) resetKey() *quic.StatelessResetKey {
@@ -261,10 +323,11 @@ func (s *Server) Fingerprint() string { return protocol.Fingerprint(s.cert.Certi
 // EncodedVersion returns version v of a database as it travels (for
 // measuring the wire size), if the change log still holds it.
 func (s *Server) EncodedVersion(db string, v uint64) ([]byte, error) {
-	d := s.database(db)
-	if d == nil {
-		return nil, fmt.Errorf("%w: %q", ErrUnknownDatabase, db)
+	d, release, err := s.acquire(context.Background(), db)
+	if err != nil {
+		return nil, err
 	}
+	defer release()
 	recs, err := d.readLog(v, v, 1)
 	if err != nil {
 		return nil, err
@@ -304,7 +367,7 @@ func (s *Server) Serve(ctx context.Context, udp net.PacketConn) (string, error) 
 		cancel()
 		ln.Close()
 		udp.Close()
-		return "", errors.New("server: closed")
+		return "", ErrClosed
 	}
 	s.listener, s.udp, s.tr, s.cancel = ln, udp, tr, cancel
 	s.mu.Unlock()
@@ -380,10 +443,9 @@ func (s *Server) Close() error {
 	}
 	s.closed = true
 	ln, udp, tr, cancel := s.listener, s.udp, s.tr, s.cancel
-	dbs := s.dbs
 	s.mu.Unlock()
 	var errs []error
-	for _, d := range dbs {
+	for _, d := range s.reg.openDatabases() {
 		// Sessions get their Error first, while the connections are up.
 		d.auth.mu.Lock()
 		for sess := range d.subs {
@@ -405,9 +467,7 @@ func (s *Server) Close() error {
 		s.wg.Wait()
 		errs = append(errs, tr.Close(), udp.Close())
 	}
-	for _, d := range dbs {
-		errs = append(errs, d.close())
-	}
+	errs = append(errs, s.reg.closeAll())
 	s.cfg.metrics.unregister()
 	return errors.Join(errs...)
 }

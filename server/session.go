@@ -33,6 +33,7 @@ type session struct {
 	log    *slog.Logger
 
 	db       *database
+	release  func() // gives back the hold on db that admit took
 	clientID string
 	recv     protocol.ReceiveLimits // what the client said it can receive: every frame is planned to it
 	inflight atomic.Int64           // mutations pushed and not yet acknowledged
@@ -129,6 +130,7 @@ func (s *session) run(ctx context.Context) {
 		}
 		return
 	}
+	defer s.release() // after the unsubscribe below: the database may then close when idle
 	s.log = s.log.With("db", s.db.name, "client", s.clientID)
 	s.log.Debug("session open", "version", hello.Version, "server", c.welcome.Version, "snapshot", c.welcome.Snapshot)
 	open := s.srv.cfg.metrics.sessions.WithLabelValues(s.srv.cfg.metrics.lv(s.db.name)...)
@@ -193,20 +195,17 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 	if h.ClientID == "" || len(h.ClientID) > 128 {
 		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeMalformed, Message: "client id must be 1 to 128 bytes"}
 	}
-	db := s.srv.database(h.Database)
-	if db == nil {
-		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
-	}
-	switch err := db.access.authorize(h.ClientID, h.Credential); {
-	case errors.Is(err, errWrongCredential):
-		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("wrong credential for database %q", h.Database)}
-	case errors.Is(err, errClientBound):
-		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("client id %q of database %q belongs to another credential", h.ClientID, h.Database)}
-	case err != nil:
+	db, err := s.srv.admitDatabase(ctx, h)
+	if err != nil {
 		return catchUp{}, err
 	}
-	s.db, s.clientID = db, h.ClientID
-	return db.subscribe(ctx, s, h.Version, h.Checksum)
+	s.release = db.release
+	s.db, s.clientID = db.d, h.ClientID
+	c, err := s.db.subscribe(ctx, s, h.Version, h.Checksum)
+	if err != nil {
+		s.release()
+	}
+	return c, err
 }
 
 // refuse sends an Error before any session exists, and ends the stream.

@@ -1,0 +1,493 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/protocol"
+)
+
+// Errors and limits of the tenant registry.
+var (
+	// ErrBusy is a database that could not be opened because the server
+	// holds Config.MaxOpenDatabases open and none of them became idle
+	// within Config.OpenWait. Clients are told protocol.CodeBusy and
+	// retry.
+	ErrBusy = errors.New("server: too many databases open and none idle; retry later")
+	// ErrClosed is a call on a closed server.
+	ErrClosed = errors.New("server: closed")
+)
+
+// Defaults of the registry's Config fields.
+const (
+	defaultIdleClose        = 5 * time.Minute
+	defaultMaxOpenDatabases = 1_000
+	defaultOpenWait         = 2 * time.Second
+)
+
+// tenant is one hosted database as the registry knows it. Closed, it is its
+// name, its directory and (once someone asked) its credentials: no
+// goroutine, no open file. Open, it also has its database.
+type tenant struct {
+	name, dir string
+
+	accessMu sync.Mutex
+	access   *access // loaded on first need (a Hello, AddDatabase), then kept
+
+	mu    sync.Mutex
+	life  life
+	db    *database     // set while open or closing
+	ready chan struct{} // closed when the current opening or closing ends
+	err   error         // the last opening's error, for those who waited on it
+	timer *time.Timer   // the idle timer, while idle
+}
+
+// credentials returns the tenant's access, loading access.json the first
+// time.
+func (t *tenant) credentials(iter int) (*access, error) {
+	t.accessMu.Lock()
+	defer t.accessMu.Unlock()
+	if t.access == nil {
+		a, err := loadAccess(filepath.Join(t.dir, "access.json"), iter)
+		if err != nil {
+			return nil, fmt.Errorf("database %s: %w", t.name, err)
+		}
+		t.access = a
+	}
+	return t.access, nil
+}
+
+// registry is the set of hosted databases and which of them are open. It
+// opens a database on first use, closes it once it has been idle for
+// IdleClose, and keeps at most MaxOpen open, closing the least recently
+// used idle one to make room.
+//
+// Lock order: registry.mu, then tenant.mu (never the other way: a tenant's
+// lock is dropped before the registry's is taken), then database locks
+// (auth.mu), which are never taken under either of the first two: opening
+// and closing a database (files, the writer goroutine, auth.mu) run with
+// no registry lock held. tenant.accessMu is a leaf.
+type registry struct {
+	log       *slog.Logger
+	idleClose time.Duration // <0: never
+	maxOpen   int           // <=0: no bound
+	openWait  time.Duration
+
+	// open and close do the I/O; busy says whether a database still has
+	// work queued (it is then not idle). Tests replace them.
+	openDB  func(ctx context.Context, t *tenant) (*database, error)
+	closeDB func(d *database) error
+	busy    func(d *database) bool
+
+	mu        sync.Mutex
+	tenants   map[string]*tenant
+	open      map[*tenant]struct{} // tenants holding a slot: opening, open or closing
+	slotFreed chan struct{}        // closed (and replaced) when a slot frees or a tenant becomes idle
+	closed    bool
+}
+
+func newRegistry(log *slog.Logger, cfg *Config) *registry {
+	return &registry{
+		log: log, idleClose: cfg.IdleClose, maxOpen: cfg.MaxOpenDatabases, openWait: cfg.OpenWait,
+		tenants: map[string]*tenant{}, open: map[*tenant]struct{}{}, slotFreed: make(chan struct{}),
+		busy: func(d *database) bool { return d.pending.Load() > 0 },
+	}
+}
+
+// add registers a tenant (idempotent) and returns it.
+func (r *registry) add(name, dir string) (*tenant, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, ErrClosed
+	}
+	t := r.tenants[name]
+	if t == nil {
+		t = &tenant{name: name, dir: dir}
+		r.tenants[name] = t
+	}
+	return t, nil
+}
+
+func (r *registry) lookup(name string) *tenant {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.tenants[name]
+}
+
+func (r *registry) names() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	names := make([]string, 0, len(r.tenants))
+	for n := range r.tenants {
+		names = append(names, n)
+	}
+	return names
+}
+
+// counts returns how many databases are hosted and how many are open
+// (opening and closing ones included: they hold files).
+func (r *registry) counts() (hosted, open int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.tenants), len(r.open)
+}
+
+// signal wakes those waiting for a slot. Called with r.mu held.
+func (r *registry) signal() {
+	close(r.slotFreed)
+	r.slotFreed = make(chan struct{})
+}
+
+// acquire returns t's database, open, with a reference the caller gives
+// back with release (once). Two acquirers of a closed database open it
+// once; an acquirer during a close waits for it and opens the database
+// again.
+func (r *registry) acquire(ctx context.Context, t *tenant) (*database, error) {
+	for {
+		t.mu.Lock()
+		switch t.life.acquire() {
+		case stepUse:
+			if t.timer != nil {
+				t.timer.Stop()
+				t.timer = nil
+			}
+			d := t.db
+			t.mu.Unlock()
+			return d, nil
+		case stepWait:
+			ch := t.ready
+			opening := t.life.state == tOpening
+			t.mu.Unlock()
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			if opening {
+				// The opening this caller waited on failed: say why,
+				// rather than each waiter opening again in turn.
+				t.mu.Lock()
+				err := t.err
+				failed := t.life.state == tClosed
+				t.mu.Unlock()
+				if failed && err != nil {
+					return nil, err
+				}
+			}
+		case stepOpen:
+			t.ready, t.err = make(chan struct{}), nil
+			t.mu.Unlock()
+			return r.openTenant(ctx, t)
+		}
+	}
+}
+
+// openTenant opens t, claimed by this caller (state opening), once a slot
+// is free.
+func (r *registry) openTenant(ctx context.Context, t *tenant) (*database, error) {
+	err := r.takeSlot(ctx, t)
+	var d *database
+	if err == nil {
+		// Not the caller's context: others may wait on this opening,
+		// and one of them giving up must not fail it for the rest.
+		d, err = r.openDB(context.WithoutCancel(ctx), t)
+		if err != nil {
+			r.freeSlot(t)
+		}
+	}
+	t.mu.Lock()
+	t.life.opened(err == nil, time.Now())
+	t.db, t.err = d, err
+	close(t.ready)
+	t.mu.Unlock()
+	return d, err
+}
+
+// takeSlot waits until t may hold an open database: fewer than maxOpen are
+// open, or an idle one was closed to make room. It gives up with ErrBusy
+// after openWait.
+func (r *registry) takeSlot(ctx context.Context, t *tenant) error {
+	var deadline <-chan time.Time
+	for {
+		r.mu.Lock()
+		if r.closed {
+			r.mu.Unlock()
+			return ErrClosed
+		}
+		if r.maxOpen <= 0 || len(r.open) < r.maxOpen {
+			r.open[t] = struct{}{}
+			r.mu.Unlock()
+			return nil
+		}
+		v := r.victimLocked()
+		wake := r.slotFreed
+		r.mu.Unlock()
+		if v != nil {
+			// Closed outside the registry's lock; the slot it frees
+			// is taken in the next round (by this caller or another).
+			r.closeTenant(v)
+			continue
+		}
+		if deadline == nil {
+			tm := time.NewTimer(r.openWait)
+			defer tm.Stop()
+			deadline = tm.C
+		}
+		select {
+		case <-wake:
+		case <-deadline:
+			return ErrBusy
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// victimLocked picks the least recently used idle open tenant and moves it
+// to closing, or returns nil if none is idle. Called with r.mu held.
+func (r *registry) victimLocked() *tenant {
+	for {
+		ts := make([]*tenant, 0, len(r.open))
+		cands := make([]victim, 0, len(r.open))
+		for t := range r.open {
+			t.mu.Lock()
+			cands = append(cands, victim{idle: t.db != nil && t.life.idle(r.busy(t.db)), idleSince: t.life.idleSince})
+			t.mu.Unlock()
+			ts = append(ts, t)
+		}
+		i := pickVictim(cands)
+		if i < 0 {
+			return nil
+		}
+		v := ts[i]
+		v.mu.Lock()
+		ok := v.startClosingLocked(r)
+		v.mu.Unlock()
+		if ok {
+			return v
+		}
+		// Acquired between the look and now: look again.
+	}
+}
+
+// startClosingLocked moves t to closing if it is idle. Called with t.mu
+// held.
+func (t *tenant) startClosingLocked(r *registry) bool {
+	if t.db == nil || !t.life.startClose(r.busy(t.db)) {
+		return false
+	}
+	t.ready = make(chan struct{})
+	if t.timer != nil {
+		t.timer.Stop()
+		t.timer = nil
+	}
+	return true
+}
+
+// closeTenant closes t, which the caller moved to closing, and frees its
+// slot.
+func (r *registry) closeTenant(t *tenant) {
+	t.mu.Lock()
+	d := t.db
+	t.mu.Unlock()
+	if err := r.closeDB(d); err != nil {
+		r.log.Error("close idle database", "db", t.name, "err", err)
+	} else {
+		r.log.Debug("closed idle database", "db", t.name)
+	}
+	t.mu.Lock()
+	t.life.closed()
+	t.db = nil
+	close(t.ready)
+	t.mu.Unlock()
+	r.freeSlot(t)
+}
+
+func (r *registry) freeSlot(t *tenant) {
+	r.mu.Lock()
+	delete(r.open, t)
+	r.signal()
+	r.mu.Unlock()
+}
+
+// release gives back a reference acquire returned. The last one arms the
+// idle timer.
+func (r *registry) release(t *tenant) {
+	t.mu.Lock()
+	idle := t.life.release(time.Now())
+	if idle && r.idleClose >= 0 {
+		gen := t.life.gen
+		t.timer = time.AfterFunc(r.idleClose, func() { r.idleTimer(t, gen) })
+	}
+	t.mu.Unlock()
+	if idle {
+		// Someone waiting for a slot may now close this one.
+		r.mu.Lock()
+		r.signal()
+		r.mu.Unlock()
+	}
+}
+
+// idleTimer closes t if it is still idle since the timer of gen was armed.
+// A database with pushes still queued is looked at again later.
+func (r *registry) idleTimer(t *tenant, gen uint64) {
+	r.mu.Lock()
+	closed := r.closed
+	r.mu.Unlock()
+	if closed {
+		return
+	}
+	t.mu.Lock()
+	if t.life.gen != gen || t.life.state != tOpen {
+		t.mu.Unlock()
+		return
+	}
+	if t.db != nil && r.busy(t.db) {
+		t.timer = time.AfterFunc(r.idleClose, func() { r.idleTimer(t, gen) })
+		t.mu.Unlock()
+		return
+	}
+	ok := t.life.idleFor(gen, r.idleClose, false, time.Now()) && t.startClosingLocked(r)
+	t.mu.Unlock()
+	if ok {
+		r.closeTenant(t)
+	}
+}
+
+// pin acquires t and keeps it open until the registry closes.
+func (r *registry) pin(ctx context.Context, t *tenant) (*database, error) {
+	d, err := r.acquire(ctx, t)
+	if err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	t.life.pin()
+	t.mu.Unlock()
+	r.release(t)
+	return d, nil
+}
+
+// openDatabases returns the databases open now.
+func (r *registry) openDatabases() []*database {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var dbs []*database
+	for t := range r.open {
+		t.mu.Lock()
+		if t.life.state == tOpen {
+			dbs = append(dbs, t.db)
+		}
+		t.mu.Unlock()
+	}
+	return dbs
+}
+
+// closeAll closes every open database, held or not, and refuses further
+// opens. Openings under way finish first.
+func (r *registry) closeAll() error {
+	r.mu.Lock()
+	r.closed = true
+	ts := make([]*tenant, 0, len(r.open))
+	for t := range r.open {
+		ts = append(ts, t)
+	}
+	r.mu.Unlock()
+	var errs []error
+	for _, t := range ts {
+		for {
+			t.mu.Lock()
+			if t.timer != nil {
+				t.timer.Stop()
+				t.timer = nil
+			}
+			if t.life.state == tOpening || t.life.state == tClosing {
+				ch := t.ready
+				t.mu.Unlock()
+				<-ch
+				continue
+			}
+			d := t.db
+			ok := t.life.forceClose()
+			if ok {
+				t.ready = make(chan struct{})
+			}
+			t.mu.Unlock()
+			if ok {
+				errs = append(errs, r.closeDB(d))
+				t.mu.Lock()
+				t.life.closed()
+				t.db = nil
+				close(t.ready)
+				t.mu.Unlock()
+			}
+			break
+		}
+	}
+	r.mu.Lock()
+	r.open = map[*tenant]struct{}{}
+	r.signal()
+	r.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// scanTenants registers every database directory under dir, without
+// opening any.
+func (r *registry) scanTenants(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	for _, e := range entries {
+		if e.IsDir() && validName.MatchString(e.Name()) {
+			if _, err := r.add(e.Name(), filepath.Join(dir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// heldDatabase is an open database and the hold on it that keeps it open.
+type heldDatabase struct {
+	d       *database
+	release func()
+}
+
+// admitDatabase checks a Hello's database and credential and then opens
+// the database (in that order: a wrong credential opens nothing). Refusals
+// are *protocol.RemoteError.
+func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello) (heldDatabase, error) {
+	t := s.reg.lookup(h.Database)
+	if t == nil {
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
+	}
+	a, err := t.credentials(s.cfg.CredentialHashIterations)
+	if err != nil {
+		return heldDatabase{}, err
+	}
+	switch err := a.authorize(h.ClientID, h.Credential); {
+	case errors.Is(err, errWrongCredential):
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("wrong credential for database %q", h.Database)}
+	case errors.Is(err, errClientBound):
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("client id %q of database %q belongs to another credential", h.ClientID, h.Database)}
+	case err != nil:
+		return heldDatabase{}, err
+	}
+	d, release, err := s.acquire(ctx, h.Database)
+	switch {
+	case errors.Is(err, ErrBusy):
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeBusy, Message: fmt.Sprintf("database %q cannot be opened now: %d databases are open and none is idle; retry later", h.Database, s.cfg.MaxOpenDatabases)}
+	case errors.Is(err, ErrClosed):
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeShuttingDown, Message: "the server is shutting down"}
+	case err != nil:
+		return heldDatabase{}, err
+	}
+	return heldDatabase{d: d, release: release}, nil
+}
