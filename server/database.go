@@ -24,10 +24,11 @@ type database struct {
 	cfg  *Config
 	log  *slog.Logger
 
-	pushes  chan pushRequest
-	pending atomic.Int64 // pushes handed to the writer and not yet run: the database is not idle
+	pushes chan pushRequest
 	stop   chan struct{}
 	done   chan struct{}
+
+	pending atomic.Int64 // pushes handed to the writer and not yet run: the database is not idle
 
 	// Guarded by auth.mu: onCommit runs under it, and subscribing takes it,
 	// so a new subscriber sits exactly between two versions.
