@@ -81,18 +81,6 @@ func bounded(t *testing.T, what string, fn func()) {
 	}
 }
 
-// eventually waits (bounded) until cond holds.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not after 15 s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func (f *fakeRegistry) state(tn *tenant) tstate {
 	tn.mu.Lock()
 	defer tn.mu.Unlock()
