@@ -55,7 +55,7 @@ func TestServeMetrics(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
-	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, `sqlrebase_server_databases{state="open"} 1`) || !strings.Contains(body, "go_goroutines") {
+	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, `sqlrebase_server_databases{state="idle"} 1`) /* added; opens on its first Hello */ || !strings.Contains(body, "go_goroutines") {
 		t.Fatalf("/metrics: %d\n%s", code, body)
 	}
 	for _, p := range []string{"/healthz", "/readyz"} {
