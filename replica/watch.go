@@ -159,6 +159,8 @@ func sortedKeys(m map[string]bool) []string {
 // keeps the page map up to date. It runs under writeMu, after the replay.
 func (r *Replica) liveRebased(c *Change, err error) {
 	l := &r.live
+	// l.mu is held over the map's reads (a SELECT and page reads): no
+	// write, so the writer's update hook, which takes l.mu, cannot fire.
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	pages, noted := l.pages, l.noted
@@ -289,6 +291,10 @@ type LiveQuery struct {
 // for server versions, the b-trees of their pages. A consumer that falls
 // behind gets the newest result only. The live query ends when ctx is done,
 // or with ErrQueryGone when a schema change makes it fail to prepare.
+// Close live queries (or cancel ctx) before closing the replica.
+//
+// Writes an app makes through DB() to a local (attached) table are not
+// seen; a query reading a temp or local table re-runs on every change.
 func (r *Replica) Watch(ctx context.Context, query string, args ...any) (*LiveQuery, error) {
 	if r.closed.Load() {
 		return nil, ErrClosed
