@@ -19,6 +19,7 @@ import (
 // descriptors and goroutines.
 type procUsage struct {
 	rssKB, fds, goroutines int
+	heapMiB                float64 // the Go heap in use: the rest of RSS is SQLite's (C) memory, the runtime and the binary
 }
 
 func usage(b *testing.B) procUsage {
@@ -26,6 +27,9 @@ func usage(b *testing.B) procUsage {
 	runtime.GC()
 	var u procUsage
 	u.goroutines = runtime.NumGoroutine()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	u.heapMiB = float64(ms.HeapInuse) / (1 << 20)
 	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
 		u.fds = len(ents)
 	}
@@ -44,7 +48,7 @@ func usage(b *testing.B) procUsage {
 }
 
 func (u procUsage) String() string {
-	return fmt.Sprintf("RSS %.1f MiB, %d fds, %d goroutines", float64(u.rssKB)/1024, u.fds, u.goroutines)
+	return fmt.Sprintf("RSS %.1f MiB (Go heap %.1f MiB), %d fds, %d goroutines", float64(u.rssKB)/1024, u.heapMiB, u.fds, u.goroutines)
 }
 
 // BenchmarkManyTenants measures a server hosting many databases (10,000;
