@@ -25,6 +25,11 @@ const (
 	// TableRejections holds the error message of each rejected mutation and
 	// the version at which it was rejected.
 	TableRejections = ReservedPrefix + "rejections"
+	// TableActivity holds, per client, when the server last took a push
+	// from it (Unix seconds, rounded down to the hour so that a busy
+	// client rewrites its row at most once an hour). The server collects
+	// the records of clients away longer than its ClientTTL.
+	TableActivity = ReservedPrefix + "client_activity"
 	// TableMeta holds integer metadata; key 'version' is the database
 	// version, raised by the server with every change it publishes.
 	TableMeta = ReservedPrefix + "meta"
@@ -43,6 +48,10 @@ CREATE TABLE IF NOT EXISTS ` + TableRejections + ` (
 	error TEXT NOT NULL,
 	version INTEGER NOT NULL,
 	PRIMARY KEY (client_id, mutation_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ` + TableActivity + ` (
+	client_id TEXT PRIMARY KEY,
+	last_push INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ` + TableMeta + ` (
 	key TEXT PRIMARY KEY,
@@ -190,6 +199,60 @@ func Rejections(ctx context.Context, q Querier, clientID string, after, upTo uin
 		return nil, fmt.Errorf("mutators: read rejections of %q: %w", clientID, err)
 	}
 	return out, nil
+}
+
+// ActivityGranularity is what TouchClient rounds a push time down to.
+const ActivityGranularity = 3600 // seconds
+
+// TouchClient records that the server took a push from clientID at unix
+// (seconds). The time is rounded down to ActivityGranularity and only
+// ever raised, so most calls write nothing. The reserved tables must exist.
+func TouchClient(ctx context.Context, q Querier, clientID string, unix int64) error {
+	t := unix - unix%ActivityGranularity
+	_, err := q.ExecContext(ctx, `INSERT INTO `+TableActivity+`(client_id, last_push) VALUES (?, ?)
+		ON CONFLICT(client_id) DO UPDATE SET last_push = excluded.last_push WHERE last_push < excluded.last_push`, clientID, t)
+	if err != nil {
+		return fmt.Errorf("mutators: record push time of %q: %w", clientID, err)
+	}
+	return nil
+}
+
+// CollectClients deletes the records (last mutation id, rejections,
+// activity) of every client whose last push was before the unix time
+// before, and returns how many clients it collected. A client with a
+// record and no activity row (one from before activity was recorded) is
+// given now as its last push first, so that it gets the whole time to
+// come back. The reserved tables must exist.
+func CollectClients(ctx context.Context, q Querier, now, before int64) (int, error) {
+	if _, err := q.ExecContext(ctx, `INSERT OR IGNORE INTO `+TableActivity+`(client_id, last_push)
+		SELECT client_id, ? FROM `+TableClients, now-now%ActivityGranularity); err != nil {
+		return 0, fmt.Errorf("mutators: adopt clients without activity: %w", err)
+	}
+	gone := `SELECT client_id FROM ` + TableActivity + ` WHERE last_push < ?`
+	for _, t := range []string{TableRejections, TableClients} {
+		if _, err := q.ExecContext(ctx, `DELETE FROM `+t+` WHERE client_id IN (`+gone+`)`, before); err != nil {
+			return 0, fmt.Errorf("mutators: collect %s: %w", t, err)
+		}
+	}
+	res, err := q.ExecContext(ctx, `DELETE FROM `+TableActivity+` WHERE last_push < ?`, before)
+	if err != nil {
+		return 0, fmt.Errorf("mutators: collect %s: %w", TableActivity, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, fmt.Errorf("mutators: collect %s: %w", TableActivity, err)
+	}
+	return int(n), nil
+}
+
+// HasActivityTable reports whether the database has TableActivity (one
+// made before it existed lacks it until the server upgrades it).
+func HasActivityTable(ctx context.Context, q Querier) (bool, error) {
+	var n int
+	if err := q.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?`, TableActivity).Scan(&n); err != nil {
+		return false, fmt.Errorf("mutators: look for %s: %w", TableActivity, err)
+	}
+	return n > 0, nil
 }
 
 // absent interprets err from a statement on table: missing reports that

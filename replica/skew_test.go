@@ -6,6 +6,7 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -78,5 +79,42 @@ func TestSyncRemovedMutator(t *testing.T) {
 	converged(t, ts, r)
 	if got := categories(t, r.DB()); got["Retired"] != 0 || got["Food"] != 1 {
 		t.Fatalf("after the rejection: %v", got)
+	}
+}
+
+// TestSyncClientCollected: the server collects the records of a client
+// away longer than its ClientTTL (injected clock). The client, coming back
+// with a pending mutation, stops with ErrClientCollected instead of
+// pushing it under ids the server would take as new; the mutation stays
+// queued. On today's main it would loop on "mutation id gap" forever.
+func TestSyncClientCollected(t *testing.T) {
+	reg := testRegistry(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	clock := func() time.Time { return time.Unix(0, now.Load()) }
+	ts := startServer(t, reg, "", "127.0.0.1:0", func(c *server.Config) { c.ClientTTL = 30 * 24 * time.Hour; c.Now = clock })
+	path := filepath.Join(t.TempDir(), "away.db")
+	away := openSynced(t, path, reg, ts.remote())
+	mustMutate(t, away, mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1))
+	converged(t, ts, away)
+	if err := away.Close(); err != nil {
+		t.Fatal(err)
+	}
+	now.Add(int64(31 * 24 * time.Hour))
+	other := openSynced(t, filepath.Join(t.TempDir(), "other.db"), reg, ts.remote())
+	mustMutate(t, other, mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1))
+	converged(t, ts, other)
+
+	ctx := waitCtx(t, 30*time.Second)
+	back := openSynced(t, path, reg, ts.remote())
+	h := mustMutate(t, back, mutators.CreateCategoryOrIncrementIfExists, incr("Late", 1))
+	if err := back.WaitConnected(ctx); !errors.Is(err, ErrClientCollected) {
+		t.Fatalf("WaitConnected: %v, want ErrClientCollected", err)
+	}
+	if err := h.Wait(ctx); !errors.Is(err, ErrClientCollected) {
+		t.Fatalf("Handle.Wait: %v", err)
+	}
+	if st := back.Status(); st.Pending != 1 {
+		t.Fatalf("pending %d, want the mutation kept", st.Pending)
 	}
 }

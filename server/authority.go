@@ -87,11 +87,22 @@ type AuthorityOptions struct {
 	// (DefaultLogVersions, DefaultLogBytes; negative: keep none).
 	LogVersions int
 	LogBytes    int64
+	// ClientTTL is how long after a client's last push its records (last
+	// mutation id, rejections) are kept (DefaultClientTTL; negative:
+	// forever). A batch collects older ones, at most once per
+	// CollectEvery; the client, coming back, stops with
+	// replica.ErrClientCollected.
+	ClientTTL time.Duration
+	// Now is the clock of push times and collections (nil: time.Now).
+	Now func() time.Time
 }
 
 func (o *AuthorityOptions) defaults() {
 	if o.MutatorTimeout == 0 {
 		o.MutatorTimeout = DefaultMutatorTimeout
+	}
+	if o.ClientTTL == 0 {
+		o.ClientTTL = DefaultClientTTL
 	}
 	if o.LogVersions == 0 {
 		o.LogVersions = DefaultLogVersions
@@ -160,6 +171,7 @@ type Authority struct {
 	checkpoints int            // checkpoints run, for tests
 	pin         snapshotPin    // the version the main file holds while pinned
 	broken      error          // set when a committed version could not be captured; the authority then refuses work (reopen it)
+	gc          gcState        // when bookkeeping was last collected (guarded by mu)
 
 	// onCommit, if set, runs under the authority's lock after each captured
 	// commit, with each page's image before it (nil for a new page) and the
@@ -261,8 +273,9 @@ func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx
 		}); err != nil {
 			return fmt.Errorf("set up version 1: %w", err)
 		}
+		return nil
 	}
-	return nil
+	return a.upgradeReserved(ctx)
 }
 
 // scan builds the checksum table from the main file, which holds everything
@@ -599,8 +612,11 @@ func (a *Authority) pushOnce(ctx context.Context, batch []Mutation, rejected map
 		if processed == 0 {
 			return errNothing
 		}
-		return nil
+		return a.bookkeep(ctx, last)
 	})
+	if err == nil {
+		a.collected()
+	}
 	if lost != nil && errors.Is(err, lost) && !errors.Is(err, ErrDiskFull) {
 		return results, nil, lost, err
 	}

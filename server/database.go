@@ -54,7 +54,7 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	if d.clog, err = openChangeLog(filepath.Join(dir, "log"), cfg.SegmentVersions, cfg.SegmentBytes, cfg.Retention); err != nil {
 		return nil, err
 	}
-	opts := AuthorityOptions{MutatorTimeout: cfg.MutatorTimeout, SelfCheck: cfg.SelfCheck, LogVersions: -1}
+	opts := AuthorityOptions{MutatorTimeout: cfg.MutatorTimeout, SelfCheck: cfg.SelfCheck, LogVersions: -1, ClientTTL: cfg.ClientTTL, Now: cfg.Now}
 	opts.defaults()
 	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, opts: opts,
 		observeCommit:     cfg.metrics.commit.WithLabelValues(cfg.metrics.lv(name)...),

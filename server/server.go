@@ -54,6 +54,16 @@ type Config struct {
 	// mutators or columns.
 	MinAppVersion uint64
 
+	// ClientTTL is how long after a client's last push the server keeps
+	// its records (last mutation id, rejections) in the reserved tables
+	// (0: DefaultClientTTL, 30 days; negative: forever). They are collected
+	// in a batch, at most once per CollectEvery; a client that comes back
+	// later stops with replica.ErrClientCollected.
+	ClientTTL time.Duration
+	// Now is the clock of push times and collections (nil: time.Now), for
+	// tests.
+	Now func() time.Time
+
 	// Limits bound what clients may send (zero fields: protocol.DefaultLimits).
 	Limits protocol.Limits
 	// MaxInFlight bounds a client's pushed, unacknowledged mutations (10,000).
