@@ -778,8 +778,11 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 // page size mismatch, corrupt), it returns the error and changes nothing.
 func (r *Replica) Rebase(ctx context.Context, sets ...*wal.PageSet) error {
 	return r.rebase(ctx, ctx, func(ctx context.Context) error {
+		if err := r.files.Rebase(ctx, sets...); err != nil {
+			return err // refused sets changed nothing; a failed apply invalidates every live query
+		}
 		r.live.notePages(sets)
-		return r.files.Rebase(ctx, sets...)
+		return nil
 	})
 }
 

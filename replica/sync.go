@@ -815,8 +815,11 @@ func (r *Replica) rebaseRemote(ctx context.Context, evs []protocol.EncodedVersio
 		if err != nil {
 			return err
 		}
+		if err := r.files.Rebase(ctx, sets...); err != nil {
+			return err
+		}
 		r.live.notePages(sets) // which tables changed, for Watch
-		return r.files.Rebase(ctx, sets...)
+		return nil
 	})
 }
 

@@ -105,6 +105,9 @@ func (l *liveState) notePages(sets []*wal.PageSet) {
 		l.pages = map[uint32]bool{}
 	}
 	for _, s := range sets {
+		if s == nil {
+			continue
+		}
 		if s.Flags&wal.FlagSnapshot != 0 {
 			l.noted = false
 		}
