@@ -286,6 +286,11 @@ type LiveQuery struct {
 	posted bool            // a result has been posted
 }
 
+// Runs is how many times the live query has run so far (its first run
+// included): what a benchmark or a diagnostic counts to see that a change to
+// another table did not re-run it.
+func (q *LiveQuery) Runs() int64 { return q.runs.Load() }
+
 // Watch runs query (through DB(), so never on a state half rebased) and
 // delivers its result at once, then again after every Mutate or rebase that
 // changed a table the query reads and changed its result. Tables read are

@@ -39,7 +39,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	svgPath := fs.String("svg", "", "write the chart of rebase latency against pending depth to `FILE` (.svg, .png or .pdf; default: no chart)")
 	dir := fs.String("dir", "", "keep the databases under `DIR` (default: a temporary directory, removed at the end)")
 	huge := fs.Bool("huge", false, "add a 1 GB database to the size series (full suite only; several more minutes and GBs of disk)")
-	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability; with --e2e also throughput,network,fanout)")
+	only := fs.String("only", "", "run only these comma-separated `sections` (mutate,rebase,drop,workload,size,memory,capability,live; with --e2e also throughput,network,fanout)")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
 	e2e := fs.Bool("e2e", false, "also run the end-to-end sections over QUIC on loopback (Mutate to confirmed, fan-out, bytes on the wire)")
 	child := fs.String("child", "", "internal: run one child of the suite (peak RSS, kill -9) from its JSON `spec`")
@@ -96,6 +96,11 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	if *only != "" {
 		cfg.Only = strings.Split(*only, ",")
 	}
+	liveSamples := 5
+	if *quick {
+		liveSamples = 3
+	}
+	cfg.Sections = append(cfg.Sections, bench.LiveSection(liveSamples))
 	if *e2e {
 		extra := e2eSections(*quick)
 		cfg.Sections = append(cfg.Sections, extra...)
