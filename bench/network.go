@@ -341,11 +341,6 @@ func spreadResult(section, label string, params map[string]int, unit string, p50
 		A: Side{"p50", summarize(p50)}, B: Side{"p99", summarize(p99)}, Note: note}
 }
 
-// RunDelivery measures the server's fan-out alone: cfg.Replicas protocol
-// clients, each on a QUIC connection of its own, subscribe and only read;
-// the time is from the server's commit of a one-row update until every
-// client has read it. With no rebase on the receiving side, this is what
-// the server and QUIC cost, which replicas on other machines would see.
 // DeliveryResult is what RunDelivery measured.
 type DeliveryResult struct {
 	BroadcastResult
@@ -355,6 +350,11 @@ type DeliveryResult struct {
 	MakeVersion Percentiles
 }
 
+// RunDelivery measures the server's fan-out alone: cfg.Replicas protocol
+// clients, each on a QUIC connection of its own, subscribe and only read;
+// the time is from the server's commit of a one-row update until every
+// client has read it. With no rebase on the receiving side, this is what
+// the server and QUIC cost, which replicas on other machines would see.
 func RunDelivery(ctx context.Context, cfg NetworkConfig) (DeliveryResult, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
