@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"strings"
 	"sync"
-	"sync/atomic"
 
 	sqlite3 "github.com/ncruces/go-sqlite3"
 	sqlitedriver "github.com/ncruces/go-sqlite3/driver"
@@ -21,7 +20,6 @@ import (
 type readConnector struct {
 	r     *Replica
 	inner driver.Connector
-	ids   atomic.Int64 // numbers the connections, for ErrReadersBusy
 }
 
 func (c *readConnector) Driver() driver.Driver { return c.inner.Driver() }
@@ -60,7 +58,7 @@ func (c *readConnector) Connect(ctx context.Context) (driver.Conn, error) {
 		return nil, fmt.Errorf("replica: the go-sqlite3 connection %T lacks an interface the replica needs", conn)
 	}
 	raw := dc.Raw()
-	rc := &readConn{r: c.r, inner: dc, raw: raw, role: roleReader, id: c.ids.Add(1)}
+	rc := &readConn{r: c.r, inner: dc, raw: raw, role: roleReader, id: c.r.connIDs.Add(1)}
 	if err := c.r.initConn(raw, func() role { return rc.role }, rc.deny); err != nil {
 		dc.Close()
 		return nil, err

@@ -205,6 +205,10 @@ type Replica struct {
 	// ownFrames is the WAL's frame count after the writer's last commit
 	// (its WAL hook), 0 after a drop: a wal-index that counts more frames
 	// holds another process's write (see Status.ForeignWrites).
+	// connIDs numbers the read connections of DB() and of every
+	// Connector alike, so that ErrReadersBusy's "connection #N" names one.
+	connIDs atomic.Int64
+
 	ownFrames     atomic.Uint32
 	foreignWrites atomic.Int64
 
