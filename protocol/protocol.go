@@ -146,43 +146,49 @@ type Code uint16
 
 // Error codes. Values are part of the wire format: never renumber.
 const (
-	CodeInternal        Code = 1  // the server failed; retry later
-	CodeProtocolVersion Code = 2  // the server does not speak the client's protocol version
-	CodeUnauthorized    Code = 3  // wrong credential, or the client id belongs to another credential
-	CodeUnknownDatabase Code = 4  // no database of that name
-	CodeMalformed       Code = 5  // the server could not decode a message
-	CodeTooLarge        Code = 6  // a message or batch beyond the server's limits
-	CodeGap             Code = 7  // a pushed mutation id skips ahead of the last processed + 1
-	CodeTooManyPending  Code = 8  // the client has more unacknowledged mutations in flight than allowed
-	CodeSlowClient      Code = 9  // the client fell behind its bounded queue and was cut off
-	CodeDiverged        Code = 10 // the replica's state is not one the server ever had
-	CodeShuttingDown    Code = 11 // the server is stopping; reconnect later
-	CodeUnexpected      Code = 12 // a message that is not valid at this point of the session
-	CodeTooManyConns    Code = 13 // too many connections from the client's address
-	CodeLimits          Code = 14 // the client's receive limits (Hello) are below what the server can honour
-	CodeVersionTooLarge Code = 15 // a version is larger than the client said it can hold (Hello.MaxVersionBytes)
-	CodeBusy            Code = 16 // the server holds as many databases open as it may and none is idle; retry later
-	CodeUpgradeRequired Code = 17 // the client's Hello.AppVersion is below the oldest the server accepts
+	CodeInternal          Code = 1  // the server failed; retry later
+	CodeProtocolVersion   Code = 2  // the server does not speak the client's protocol version
+	CodeUnauthorized      Code = 3  // wrong credential, or the client id belongs to another credential
+	CodeUnknownDatabase   Code = 4  // no database of that name
+	CodeMalformed         Code = 5  // the server could not decode a message
+	CodeTooLarge          Code = 6  // a message or batch beyond the server's limits
+	CodeGap               Code = 7  // a pushed mutation id skips ahead of the last processed + 1
+	CodeTooManyPending    Code = 8  // the client has more unacknowledged mutations in flight than allowed
+	CodeSlowClient        Code = 9  // the client fell behind its bounded queue and was cut off
+	CodeDiverged          Code = 10 // the replica's state is not one the server ever had
+	CodeShuttingDown      Code = 11 // the server is stopping; reconnect later
+	CodeUnexpected        Code = 12 // a message that is not valid at this point of the session
+	CodeTooManyConns      Code = 13 // too many connections from the client's address
+	CodeLimits            Code = 14 // the client's receive limits (Hello) are below what the server can honour
+	CodeVersionTooLarge   Code = 15 // a version is larger than the client said it can hold (Hello.MaxVersionBytes)
+	CodeBusy              Code = 16 // the server holds as many databases open as it may and none is idle; retry later
+	CodeUpgradeRequired   Code = 17 // the client's Hello.AppVersion is below the oldest the server accepts
+	CodeCredentialExpired Code = 18 // the session's token expired: fetch a fresh one and reconnect
+	CodeCredentialRevoked Code = 19 // the session's credential was revoked while it was open
+	CodeRateLimited       Code = 20 // too many failed credential checks from the client's address; retry later
 )
 
 var codeNames = map[Code]string{
-	CodeInternal:        "internal error",
-	CodeProtocolVersion: "protocol version mismatch",
-	CodeUnauthorized:    "unauthorized",
-	CodeUnknownDatabase: "unknown database",
-	CodeMalformed:       "malformed message",
-	CodeTooLarge:        "too large",
-	CodeGap:             "mutation id gap",
-	CodeTooManyPending:  "too many pending mutations",
-	CodeSlowClient:      "client too slow",
-	CodeDiverged:        "replica diverged",
-	CodeShuttingDown:    "server shutting down",
-	CodeUnexpected:      "unexpected message",
-	CodeTooManyConns:    "too many connections",
-	CodeLimits:          "receive limits too small",
-	CodeVersionTooLarge: "version too large for the client",
-	CodeBusy:            "server busy",
-	CodeUpgradeRequired: "app upgrade required",
+	CodeInternal:          "internal error",
+	CodeProtocolVersion:   "protocol version mismatch",
+	CodeUnauthorized:      "unauthorized",
+	CodeUnknownDatabase:   "unknown database",
+	CodeMalformed:         "malformed message",
+	CodeTooLarge:          "too large",
+	CodeGap:               "mutation id gap",
+	CodeTooManyPending:    "too many pending mutations",
+	CodeSlowClient:        "client too slow",
+	CodeDiverged:          "replica diverged",
+	CodeShuttingDown:      "server shutting down",
+	CodeUnexpected:        "unexpected message",
+	CodeTooManyConns:      "too many connections",
+	CodeLimits:            "receive limits too small",
+	CodeVersionTooLarge:   "version too large for the client",
+	CodeBusy:              "server busy",
+	CodeUpgradeRequired:   "app upgrade required",
+	CodeCredentialExpired: "credential expired",
+	CodeCredentialRevoked: "credential revoked",
+	CodeRateLimited:       "rate limited",
 }
 
 // String names the code.
@@ -194,7 +200,10 @@ func (c Code) String() string {
 }
 
 // Fatal reports whether a client should stop retrying and surface the error:
-// the same hello would be refused again.
+// the same hello would be refused again. CodeCredentialExpired,
+// CodeCredentialRevoked and CodeRateLimited are not fatal: the client
+// reconnects (with a fresh token, if it has a token source), and a
+// credential that is now refused for good meets CodeUnauthorized, which is.
 func (c Code) Fatal() bool {
 	switch c {
 	case CodeProtocolVersion, CodeUnauthorized, CodeUnknownDatabase, CodeLimits, CodeVersionTooLarge, CodeUpgradeRequired:
