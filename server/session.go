@@ -35,6 +35,10 @@ type session struct {
 	db       *database
 	release  func() // gives back the hold on db that admit took
 	clientID string
+	// identity is who the session speaks for, as the authenticator
+	// established it at admission; set before the session subscribes and
+	// never changed after, so readers need no lock.
+	identity Identity
 	recv     protocol.ReceiveLimits // what the client said it can receive: every frame is planned to it
 	inflight atomic.Int64           // mutations pushed and not yet acknowledged
 
