@@ -118,6 +118,17 @@ type Mutation struct {
 	ID       uint64
 	Name     string
 	Args     json.RawMessage
+	// UserID and Claims are the identity of the session that pushed the
+	// mutation (Identity.UserID and Claims). The mutator sees them, with
+	// ClientID, through mutators.CallerFrom; a batch mixes callers, and
+	// each mutator sees its own.
+	UserID string
+	Claims map[string]any
+}
+
+// caller is the mutators.Caller a mutator of m runs as.
+func (m *Mutation) caller() mutators.Caller {
+	return mutators.Caller{ClientID: m.ClientID, UserID: m.UserID, Claims: m.Claims}
 }
 
 // Outcome is what the authority did with a mutation.
@@ -643,6 +654,9 @@ func (a *Authority) runMutator(ctx context.Context, m Mutation) error {
 		defer cancel()
 		mctx, timedOut = tctx, func() bool { return context.Cause(tctx) == ErrTimeLimit && ctx.Err() == nil }
 	}
+	// The caller goes on top of the limit: a value context delegates Done
+	// and Err to it, so the statements still see the reusable deadline.
+	mctx = mutators.WithCaller(mctx, m.caller())
 	a.denied.Store(nil)
 	a.role.Store(int32(mutators.RoleMutator))
 	err := a.reg.Run(mctx, mutators.NewTx(mctx, a.mq), m.Name, m.Args)

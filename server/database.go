@@ -221,8 +221,11 @@ func (d *database) writer() {
 func (d *database) run(ctx context.Context, reqs []pushRequest) {
 	var batch []Mutation
 	for _, r := range reqs {
+		// Each push carries its own session's identity: a batch mixes
+		// callers, and each mutator sees its own.
+		id := &r.s.identity
 		for _, m := range r.mutations {
-			batch = append(batch, Mutation{ClientID: r.s.clientID, ID: m.ID, Name: m.Name, Args: m.Args})
+			batch = append(batch, Mutation{ClientID: r.s.clientID, ID: m.ID, Name: m.Name, Args: m.Args, UserID: id.UserID, Claims: id.Claims})
 		}
 	}
 	_, results, err := d.auth.Push(ctx, batch)
