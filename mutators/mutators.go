@@ -36,6 +36,16 @@
 // authorizer policy, [Authorize]: a statement that breaks them fails, and
 // the server rejects the mutation naming the statement.
 //
+// Every run knows who called it: [CallerFrom] on the mutator's context
+// gives the client id, the user and the token's claims. On the server they
+// are the identity its authenticator established for the session that
+// pushed the mutation (each mutation of a batch sees its own); on a replica,
+// the identity the app configured for its local user (replica.Options.User
+// and Claims). Take the user from the caller, never from args, to enforce a
+// permission. Where the two differ, the server's run wins: a mutation it
+// rejects ("not your row") is rolled back on the replica, and the server's
+// effects are what every replica rebases onto.
+//
 // Args are JSON, validated by [Registry.Check] before anything runs: at most
 // [MaxArgsSize] bytes of valid JSON (an empty value is not JSON; pass "null"
 // or "{}" for a mutator without arguments).

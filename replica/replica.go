@@ -72,6 +72,16 @@ type Options struct {
 	// with ErrReadersBusy, which names the connection in the way; the sync
 	// loop tries again later. Zero means DefaultReaderWait.
 	ReaderWait time.Duration
+	// User and Claims are the local user's identity: every mutator this
+	// replica runs (Mutate's optimistic run, and every replay after a
+	// rebase) sees them, with the replica's client id, through
+	// mutators.CallerFrom. Set them to what the server's authenticator
+	// will establish for this replica's credential (a JWT's "sub" and
+	// claims), so that the optimistic run and the server's run agree.
+	// Where they differ, the server's run wins: a mutation the server
+	// rejects is rolled back here, and its effects are the server's.
+	User   string
+	Claims map[string]any
 
 	// crashHook, if set, is called at named points of Mutate and Rebase;
 	// the crash tests use it to kill the process exactly there.
@@ -139,6 +149,9 @@ type Replica struct {
 	log   *slog.Logger
 	files *vfs.Replica
 	queue *queue
+	// caller is who every mutator of this replica runs as (Options.User
+	// and Claims, and the client id): set at open, never changed.
+	caller mutators.Caller
 
 	// Lock order: gate, then writeMu, then the vfs's wal-index locks (taken
 	// by files.Rebase); watchMu, hmu, the queue's and the sync state's
@@ -320,6 +333,7 @@ func (r *Replica) open(ctx context.Context) error {
 	if r.queue, err = openQueue(r.path+"-pending", r.opts.Durability == Full); err != nil {
 		return err
 	}
+	r.caller = mutators.Caller{ClientID: r.queue.ClientID(), UserID: r.opts.User, Claims: r.opts.Claims}
 	r.files, err = vfs.OpenReplicaWith(r.path, vfs.ReplicaOptions{Durability: r.opts.Durability, Faults: r.opts.fileFaults})
 	if errors.Is(err, vfs.ErrDiverged) && r.opts.Remote != nil {
 		// The main file is not a state the server ever had (a write torn
@@ -750,7 +764,8 @@ func (r *Replica) runOne(ctx context.Context, m queuedMutation, alone bool) erro
 	}
 	r.role.Store(int32(roleMutator))
 	r.mutatorDenied.Store(nil)
-	err := r.opts.Mutators.Run(ctx, mutators.NewTx(ctx, r.mutatorQ), m.Name, m.Args)
+	mctx := mutators.WithCaller(ctx, r.caller)
+	err := r.opts.Mutators.Run(mctx, mutators.NewTx(mctx, r.mutatorQ), m.Name, m.Args)
 	r.role.Store(int32(roleEngine))
 	if why := r.mutatorDenied.Swap(nil); why != nil && err != nil {
 		err = fmt.Errorf("%w: %s (%v)", ErrForbidden, *why, err)
