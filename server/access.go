@@ -11,7 +11,9 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"slices"
 	"sync"
+	"unicode/utf8"
 )
 
 // hashIterations is the PBKDF2-SHA256 work factor of a stored credential.
@@ -20,9 +22,15 @@ import (
 // memory (by its SHA-256), so reconnects do not pay it again.
 const hashIterations = 100_000
 
+// maxUserID bounds a secret's name (its UserID), as a client id is bounded.
+const maxUserID = 128
+
 // credential is a database credential as stored: never the secret itself.
 type credential struct {
-	ID   string `json:"id"`
+	ID string `json:"id"`
+	// Name is the secret's user (Identity.UserID). Empty: an unnamed
+	// secret, as `serve --db NAME:SECRET` adds, whose user is its id.
+	Name string `json:"name,omitempty"`
 	Salt []byte `json:"salt"`
 	Hash []byte `json:"hash"`
 	// Iter is the credential's PBKDF2 work factor (0: hashIterations, as
@@ -38,12 +46,35 @@ func (c *credential) iterations() int {
 	return hashIterations
 }
 
-// access is a database's credentials and the binding of client ids to them,
-// kept in access.json next to the database (not inside it: the database is
-// replicated to every client, the credentials must not be).
+// userID is the user a session with c speaks for: its name, or for an
+// unnamed secret its id. Files written before secrets had names bound
+// client ids to credential ids, so those bindings name the same users.
+func (c *credential) userID() string {
+	if c.Name != "" {
+		return c.Name
+	}
+	return c.ID
+}
+
+// identity is who a session with c speaks for.
+func (c *credential) identity() Identity {
+	return Identity{UserID: c.userID(), Credential: c.ID}
+}
+
+// access is a database's credentials and the binding of client ids to
+// users, kept in access.json next to the database (not inside it: the
+// database is replicated to every client, the credentials must not be).
+//
+// mu is a leaf: nothing else is taken under it, and no PBKDF2 runs under
+// it (a check snapshots the credentials, hashes with mu released and takes
+// mu again to record what it verified), so a flood of wrong secrets never
+// holds up a Hello whose secret is cached.
 type access struct {
 	path string
 	iter int // the work factor of new credentials
+	// hashing, if set, is called by check with mu released, just before
+	// it hashes: tests hold a check there.
+	hashing func()
 
 	mu       sync.Mutex
 	file     accessFile
@@ -51,14 +82,50 @@ type access struct {
 }
 
 type accessFile struct {
-	Credentials []credential      `json:"credentials"`
-	Clients     map[string]string `json:"clients"` // client id → credential id that first used it
+	Credentials []credential `json:"credentials"`
+	// Clients maps a client id to the user that first used it.
+	Clients map[string]string `json:"clients"`
+	// Revoked are credential ids (a secret's, or a token's jti) whose
+	// sessions were ended; a Hello that presents one is refused.
+	Revoked []string `json:"revoked,omitempty"`
+	// RevokedUsers are users cut off from the database: whatever
+	// credential they present, they are refused.
+	RevokedUsers []string `json:"revoked_users,omitempty"`
 }
 
-// Refusals of authorize. Both are "unauthorized" to the client.
+// clone returns a deep copy of f, for a change that becomes f only once
+// saved.
+func (f *accessFile) clone() accessFile {
+	c := accessFile{
+		Credentials:  slices.Clone(f.Credentials),
+		Clients:      make(map[string]string, len(f.Clients)+1),
+		Revoked:      slices.Clone(f.Revoked),
+		RevokedUsers: slices.Clone(f.RevokedUsers),
+	}
+	for k, v := range f.Clients {
+		c.Clients[k] = v
+	}
+	return c
+}
+
+// find returns the index of the credential ref names (its id or its name),
+// or -1.
+func (f *accessFile) find(ref string) int {
+	return slices.IndexFunc(f.Credentials, func(c credential) bool { return c.ID == ref || (c.Name != "" && c.Name == ref) })
+}
+
+// Refusals of the access file. Callers branch on them; all but
+// errAccessInternal reach clients as "unauthorized" or admin callers as a
+// 4xx.
 var (
 	errWrongCredential = errors.New("wrong credential")
-	errClientBound     = errors.New("client id belongs to another credential")
+	errClientBound     = errors.New("client id belongs to another user")
+	// ErrNoCredential is an admin call naming a secret the database does
+	// not have.
+	ErrNoCredential = errors.New("server: no such credential")
+	// ErrCredentialExists is a named secret added under a name (or a
+	// secret) the database already has for another user.
+	ErrCredentialExists = errors.New("server: credential exists")
 )
 
 // loadAccess reads an access file (none: no credentials yet). New
@@ -85,86 +152,255 @@ func loadAccess(path string, iter int) (*access, error) {
 	return a, nil
 }
 
-// add stores a credential for secret, unless one already matches it.
-func (a *access) add(secret string) error {
-	if secret == "" {
-		return errors.New("access: empty secret")
+// validUserID says whether name may name a secret's user.
+func validUserID(name string) error {
+	if name == "" || len(name) > maxUserID || !utf8.ValidString(name) {
+		return fmt.Errorf("user name must be 1 to %d bytes of UTF-8", maxUserID)
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if _, err := a.match(secret); err == nil {
-		return nil
+	return nil
+}
+
+// newCredential hashes secret into a credential (with no lock held: it
+// costs the work factor).
+func (a *access) newCredential(id, name, secret string) (credential, error) {
+	if secret == "" {
+		return credential{}, errors.New("access: empty secret")
 	}
 	salt := make([]byte, 16)
 	rand.Read(salt)
-	id := make([]byte, 8)
-	rand.Read(id)
+	if id == "" {
+		b := make([]byte, 8)
+		rand.Read(b)
+		id = hex.EncodeToString(b)
+	}
 	h, err := pbkdf2.Key(sha256.New, secret, salt, a.iter, 32)
 	if err != nil {
-		return err
+		return credential{}, err
 	}
-	c := credential{ID: hex.EncodeToString(id), Salt: salt, Hash: h}
+	c := credential{ID: id, Name: name, Salt: salt, Hash: h}
 	if a.iter != hashIterations {
 		c.Iter = a.iter
 	}
-	a.file.Credentials = append(a.file.Credentials, c)
-	return a.save()
+	return c, nil
 }
 
-// match returns the id of the credential secret matches. Called with mu held.
-func (a *access) match(secret string) (string, error) {
-	key := sha256.Sum256([]byte(secret))
-	if id, ok := a.verified[key]; ok {
-		return id, nil
-	}
-	for _, c := range a.file.Credentials {
-		h, err := pbkdf2.Key(sha256.New, secret, c.Salt, c.iterations(), len(c.Hash))
-		if err != nil {
-			return "", err
-		}
-		if subtle.ConstantTimeCompare(h, c.Hash) == 1 {
-			a.verified[key] = c.ID
-			return c.ID, nil
+// add stores a credential for secret, named name (empty: unnamed), unless
+// one already matches the secret: then it returns that one if it has the
+// same name, and ErrCredentialExists if not. A name may not be another
+// credential's name or id (that would speak for its clients).
+func (a *access) add(name, secret string) (credential, error) {
+	if name != "" {
+		if err := validUserID(name); err != nil {
+			return credential{}, fmt.Errorf("access: %w", err)
 		}
 	}
-	return "", errWrongCredential
-}
-
-// authorize checks secret and binds clientID to its credential on first
-// use: afterwards only that credential may speak for that client id.
-func (a *access) authorize(clientID, secret string) error {
+	switch c, err := a.check(secret); {
+	case err == nil && c.Name == name:
+		return c, nil
+	case err == nil:
+		return credential{}, fmt.Errorf("%w: that secret is already credential %s", ErrCredentialExists, c.ID)
+	case !errors.Is(err, errWrongCredential):
+		return credential{}, err
+	}
+	c, err := a.newCredential("", name, secret)
+	if err != nil {
+		return credential{}, err
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	id, err := a.match(secret)
-	if err != nil {
-		return err
+	if name != "" && a.file.find(name) >= 0 {
+		return credential{}, fmt.Errorf("%w: %q", ErrCredentialExists, name)
 	}
+	return c, a.update(func(f *accessFile) {
+		f.Credentials = append(f.Credentials, c)
+		f.Revoked = slices.DeleteFunc(f.Revoked, func(r string) bool { return r == c.ID })
+	})
+}
+
+// cached returns the credential a secret verified earlier matched, if it
+// still exists.
+func (a *access) cached(secret string) (credential, bool) {
+	key := sha256.Sum256([]byte(secret))
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	id, ok := a.verified[key]
+	if !ok {
+		return credential{}, false
+	}
+	if i := a.file.find(id); i >= 0 {
+		return a.file.Credentials[i], true
+	}
+	return credential{}, false
+}
+
+// check returns the credential secret matches: from the verified cache,
+// or by hashing it against each credential with mu released. A credential
+// rotated or revoked while it hashed does not count.
+func (a *access) check(secret string) (credential, error) {
+	if c, ok := a.cached(secret); ok {
+		return c, nil
+	}
+	a.mu.Lock()
+	creds := slices.Clone(a.file.Credentials)
+	a.mu.Unlock()
+	if a.hashing != nil {
+		a.hashing()
+	}
+	for _, c := range creds {
+		h, err := pbkdf2.Key(sha256.New, secret, c.Salt, c.iterations(), len(c.Hash))
+		if err != nil {
+			return credential{}, err
+		}
+		if subtle.ConstantTimeCompare(h, c.Hash) != 1 {
+			continue
+		}
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		i := a.file.find(c.ID)
+		if i < 0 || subtle.ConstantTimeCompare(a.file.Credentials[i].Hash, c.Hash) != 1 {
+			return credential{}, errWrongCredential // rotated or revoked meanwhile
+		}
+		a.verified[sha256.Sum256([]byte(secret))] = c.ID
+		return a.file.Credentials[i], nil
+	}
+	return credential{}, errWrongCredential
+}
+
+// bind binds clientID to user on first use: afterwards only that user may
+// speak for that client id.
+func (a *access) bind(clientID, user string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	switch bound, ok := a.file.Clients[clientID]; {
 	case !ok:
-		a.file.Clients[clientID] = id
-		return a.save()
-	case bound != id:
+		return a.update(func(f *accessFile) { f.Clients[clientID] = user })
+	case bound != user:
 		return errClientBound
 	}
 	return nil
 }
 
-// save writes the file atomically (temporary file, fsync, rename).
-func (a *access) save() error {
-	b, err := json.MarshalIndent(&a.file, "", "  ")
+// revokedReason says why id may not open the database ("" if it may):
+// its user or its credential was revoked.
+func (a *access) revokedReason(id Identity) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if slices.Contains(a.file.RevokedUsers, id.UserID) {
+		return fmt.Sprintf("user %q was revoked", id.UserID)
+	}
+	if id.Credential != "" && slices.Contains(a.file.Revoked, id.Credential) {
+		return fmt.Sprintf("credential %s was revoked", id.Credential)
+	}
+	return ""
+}
+
+// forgetLocked drops the verified cache's entries for credential id.
+// Called with mu held.
+func (a *access) forgetLocked(id string) {
+	for k, v := range a.verified {
+		if v == id {
+			delete(a.verified, k)
+		}
+	}
+}
+
+// rotate gives the credential ref names a new secret: same id, same user,
+// so its clients stay bound; the old secret stops working at once.
+func (a *access) rotate(ref, secret string) (credential, error) {
+	a.mu.Lock()
+	i := a.file.find(ref)
+	var old credential
+	if i >= 0 {
+		old = a.file.Credentials[i]
+	}
+	a.mu.Unlock()
+	if i < 0 {
+		return credential{}, fmt.Errorf("%w: %q", ErrNoCredential, ref)
+	}
+	c, err := a.newCredential(old.ID, old.Name, secret)
+	if err != nil {
+		return credential{}, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if i = a.file.find(old.ID); i < 0 {
+		return credential{}, fmt.Errorf("%w: %q (revoked meanwhile)", ErrNoCredential, ref)
+	}
+	if err := a.update(func(f *accessFile) { f.Credentials[i] = c }); err != nil {
+		return credential{}, err
+	}
+	a.forgetLocked(c.ID)
+	return c, nil
+}
+
+// revoke deletes the credential ref names and records its id as revoked,
+// so that the sessions holding it can be found and ended.
+func (a *access) revoke(ref string) (credential, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	i := a.file.find(ref)
+	if i < 0 {
+		return credential{}, fmt.Errorf("%w: %q", ErrNoCredential, ref)
+	}
+	c := a.file.Credentials[i]
+	if err := a.update(func(f *accessFile) {
+		f.Credentials = slices.Delete(f.Credentials, i, i+1)
+		if !slices.Contains(f.Revoked, c.ID) {
+			f.Revoked = append(f.Revoked, c.ID)
+		}
+	}); err != nil {
+		return credential{}, err
+	}
+	a.forgetLocked(c.ID)
+	return c, nil
+}
+
+// revokeUser cuts user off: every Hello as that user is refused from now
+// on, whatever its credential.
+func (a *access) revokeUser(user string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if slices.Contains(a.file.RevokedUsers, user) {
+		return nil
+	}
+	return a.update(func(f *accessFile) { f.RevokedUsers = append(f.RevokedUsers, user) })
+}
+
+// view returns a copy of the file, for listings.
+func (a *access) view() accessFile {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.file.clone()
+}
+
+// update applies fn to a copy of the file, saves the copy and only then
+// makes it the file: a failed save changes nothing. Called with mu held.
+func (a *access) update(fn func(f *accessFile)) error {
+	f := a.file.clone()
+	fn(&f)
+	if err := a.save(&f); err != nil {
+		return err
+	}
+	a.file = f
+	return nil
+}
+
+// save writes f atomically (temporary file, fsync, rename).
+func (a *access) save(f *accessFile) error {
+	b, err := json.MarshalIndent(f, "", "  ")
 	if err != nil {
 		return err
 	}
 	tmp := a.path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	fh, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return fmt.Errorf("access: %w", err)
 	}
-	_, err = f.Write(b)
+	_, err = fh.Write(b)
 	if err == nil {
-		err = f.Sync()
+		err = fh.Sync()
 	}
-	if cerr := f.Close(); err == nil {
+	if cerr := fh.Close(); err == nil {
 		err = cerr
 	}
 	if err == nil {

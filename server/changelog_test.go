@@ -143,38 +143,3 @@ func FuzzChangeLogSegment(f *testing.F) {
 	})
 }
 
-func TestAccess(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "access.json")
-	a, err := loadAccess(path, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.add("correct horse"); err != nil {
-		t.Fatal(err)
-	}
-	b, _ := os.ReadFile(path)
-	if bytes.Contains(b, []byte("correct horse")) {
-		t.Fatal("the secret is stored in clear")
-	}
-	if err := a.authorize("c1", "wrong"); err == nil {
-		t.Fatal("wrong secret accepted")
-	}
-	if err := a.authorize("c1", "correct horse"); err != nil {
-		t.Fatal(err)
-	}
-	a.add("second")
-	if err := a.authorize("c1", "second"); err == nil {
-		t.Fatal("client id bound to one credential accepted with another")
-	}
-	// The binding survives a reload.
-	a2, err := loadAccess(path, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a2.authorize("c1", "second"); err == nil {
-		t.Fatal("binding lost on reload")
-	}
-	if err := a2.authorize("c2", "second"); err != nil {
-		t.Fatal(err)
-	}
-}

@@ -301,14 +301,15 @@ func TestRefusals(t *testing.T) {
 			t.Errorf("%s: got %#v", c.name, m)
 		}
 	}
-	// A client id is bound to the first credential that used it.
+	// A client id is bound to the user that first used it (an unnamed
+	// secret's user is its credential id).
 	if err := srv.AddDatabase(ctx, "demo", "second-secret"); err != nil {
 		t.Fatal(err)
 	}
 	_, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "bob", Credential: "s3cret"})
 	welcome(t, m)
 	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "bob", Credential: "second-secret"})
-	if e, ok := m.(*protocol.Error); !ok || e.Code != protocol.CodeUnauthorized || !strings.Contains(e.Message, "another credential") {
+	if e, ok := m.(*protocol.Error); !ok || e.Code != protocol.CodeUnauthorized || !strings.Contains(e.Message, "client id bob belongs to another user") {
 		t.Fatalf("impersonation: %#v", m)
 	}
 	if srv.Authority("demo").Version() != 1 {

@@ -112,6 +112,21 @@ type Config struct {
 	// lower it. Stored credentials keep the factor they were made with.
 	CredentialHashIterations int
 
+	// Authenticator decides whether a Hello may open a database and as
+	// whom (nil: the database's shared secrets, as AddDatabase and the
+	// admin API store them, each secret's name its UserID). It runs with
+	// no server lock held. Whatever it is, the server then binds the
+	// client id to the UserID and refuses revoked users and credentials.
+	Authenticator Authenticator
+	// AuthFailureBurst and AuthFailureEvery bound failed credential
+	// checks per client address (IPv4 address or IPv6 /64): an address
+	// may fail AuthFailureBurst (10) checks in a row and earns one more
+	// every AuthFailureEvery (1 s). Beyond, its Hellos are refused with
+	// protocol.CodeRateLimited before any check runs, unless their
+	// secret is one the server already verified.
+	AuthFailureBurst int
+	AuthFailureEvery time.Duration
+
 	// Metrics, if set, is where the server registers its Prometheus
 	// collectors (see Server.Handler and the README's table). Series are
 	// server-wide unless MetricsPerDatabase labels them "db": a label per
@@ -162,8 +177,14 @@ func setDefault(p *int, v int) {
 	}
 }
 
-// ErrUnknownDatabase names a database the server does not host.
-var ErrUnknownDatabase = errors.New("server: unknown database")
+// Errors of the server's administrative calls.
+var (
+	// ErrUnknownDatabase names a database the server does not host.
+	ErrUnknownDatabase = errors.New("server: unknown database")
+	// ErrInvalid is an administrative call with an argument out of range
+	// (a database or user name, an empty secret).
+	ErrInvalid = errors.New("server: invalid argument")
+)
 
 // Server hosts databases and serves replicas over QUIC.
 type Server struct {
@@ -171,7 +192,8 @@ type Server struct {
 	log  *slog.Logger
 	cert tls.Certificate
 
-	reg *registry // the hosted databases, opened on use and closed when idle
+	reg     *registry       // the hosted databases, opened on use and closed when idle
+	limiter *failureLimiter // failed credential checks per address
 
 	mu       sync.Mutex // guards the fields below; never held with a registry lock
 	perAddr  map[string]int
@@ -200,6 +222,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, perAddr: map[string]int{}, conns: map[*quic.Conn]struct{}{}}
 	s.reg = newRegistry(s.log, &s.cfg)
+	s.limiter = newFailureLimiter(cfg.AuthFailureEvery, cfg.AuthFailureBurst, defaultAuthLimiterAddrs)
 	s.reg.openDB = func(ctx context.Context, t *tenant) (*database, error) {
 		if err := os.MkdirAll(t.dir, 0o755); err != nil {
 			return nil, fmt.Errorf("server: open database %s: %w", t.name, err)
@@ -236,22 +259,25 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 // nothing). It does not open the database: the first Hello or admin call
 // does, and creates its file (the schema of Config.Setup as version 1).
 func (s *Server) AddDatabase(ctx context.Context, name, secret string) error {
+	if err := s.CreateDatabase(ctx, name); err != nil {
+		return err
+	}
+	_, err := s.AddSecret(ctx, name, "", secret)
+	return err
+}
+
+// CreateDatabase registers a database (idempotent) with no credential
+// yet. Like AddDatabase it opens nothing.
+func (s *Server) CreateDatabase(_ context.Context, name string) error {
 	if !validName.MatchString(name) {
-		return fmt.Errorf("server: database name %q: use 1 to 64 letters, digits, '_', '-', '.'", name)
+		return fmt.Errorf("%w: database name %q: use 1 to 64 letters, digits, '_', '-', '.'", ErrInvalid, name)
 	}
 	dir := filepath.Join(s.cfg.Dir, "dbs", name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("server: add database %s: %w", name, err)
 	}
-	t, err := s.reg.add(name, dir)
-	if err != nil {
-		return err
-	}
-	a, err := t.credentials(s.cfg.CredentialHashIterations)
-	if err != nil {
-		return err
-	}
-	return a.add(secret)
+	_, err := s.reg.add(name, dir)
+	return err
 }
 
 // tenant returns the named database's tenant, or ErrUnknownDatabase.
@@ -439,7 +465,9 @@ func (s *Server) serveConn(ctx context.Context, conn *quic.Conn) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			newSession(s, stream, conn.RemoteAddr().String()).run(ctx)
+			sess := newSession(s, stream, conn.RemoteAddr().String())
+			sess.addr = conn.RemoteAddr()
+			sess.run(ctx)
 		}()
 	}
 }

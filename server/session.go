@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +31,7 @@ type session struct {
 	srv    *Server
 	stream *quic.Stream
 	remote string
+	addr   net.Addr // the client's address, for the authenticator and the failure limiter (nil in tests)
 	log    *slog.Logger
 
 	db       *database
@@ -39,6 +41,7 @@ type session struct {
 	// established it at admission; set before the session subscribes and
 	// never changed after, so readers need no lock.
 	identity Identity
+	expiry   *time.Timer            // ends the session when identity.Expires passes (nil: never)
 	recv     protocol.ReceiveLimits // what the client said it can receive: every frame is planned to it
 	inflight atomic.Int64           // mutations pushed and not yet acknowledged
 
@@ -135,6 +138,7 @@ func (s *session) run(ctx context.Context) {
 		return
 	}
 	defer s.release() // after the unsubscribe below: the database may then close when idle
+	defer s.stopExpiry()
 	s.log = s.log.With("db", s.db.name, "client", s.clientID)
 	s.log.Debug("session open", "version", hello.Version, "server", c.welcome.Version, "snapshot", c.welcome.Snapshot)
 	open := s.srv.cfg.metrics.sessions.WithLabelValues(s.srv.cfg.metrics.lv(s.db.name)...)
@@ -199,17 +203,38 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 	if h.ClientID == "" || len(h.ClientID) > 128 {
 		return catchUp{}, &protocol.RemoteError{Code: protocol.CodeMalformed, Message: "client id must be 1 to 128 bytes"}
 	}
-	db, err := s.srv.admitDatabase(ctx, h)
+	db, err := s.srv.admitDatabase(ctx, h, s.addr)
 	if err != nil {
 		return catchUp{}, err
 	}
 	s.release = db.release
-	s.db, s.clientID = db.d, h.ClientID
+	s.db, s.clientID, s.identity = db.d, h.ClientID, db.identity
 	c, err := s.db.subscribe(ctx, s, h.Version, h.Checksum)
 	if err != nil {
 		s.release()
+		return c, err
 	}
-	return c, err
+	// A revocation ends the sessions it finds subscribed after it has
+	// recorded itself; one that recorded itself after this session's
+	// check but before its subscription would miss it, so check again
+	// now that the session is findable. The session then ends at once,
+	// through its sender, like any other it finds.
+	if why := db.access.revokedReason(s.identity); why != "" {
+		s.fail(protocol.CodeCredentialRevoked, why)
+	}
+	if exp := s.identity.Expires; !exp.IsZero() {
+		s.expiry = time.AfterFunc(time.Until(exp), func() {
+			s.fail(protocol.CodeCredentialExpired, "credential expired; reconnect with a fresh one")
+		})
+	}
+	return c, nil
+}
+
+// stopExpiry stops the expiry timer, when the session ends.
+func (s *session) stopExpiry() {
+	if s.expiry != nil {
+		s.expiry.Stop()
+	}
 }
 
 // refuse sends an Error before any session exists, and ends the stream.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -454,16 +455,25 @@ func (r *registry) scanTenants(dir string) error {
 	return nil
 }
 
-// heldDatabase is an open database and the hold on it that keeps it open.
+// heldDatabase is an open database, the hold on it that keeps it open, and
+// who the session that holds it speaks for.
 type heldDatabase struct {
-	d       *database
-	release func()
+	d        *database
+	release  func()
+	identity Identity
+	access   *access // the database's access file, to check revocation after subscribing
 }
 
+// errRateLimited is a Hello from an address over its failure budget,
+// refused before its credential was checked.
+var errRateLimited = errors.New("too many failed credential checks from this address")
+
 // admitDatabase checks a Hello's database and credential and then opens
-// the database (in that order: a wrong credential opens nothing). Refusals
-// are *protocol.RemoteError.
-func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello) (heldDatabase, error) {
+// the database (in that order: a wrong credential opens nothing). An
+// unknown database is refused first; then the authenticator runs, with no
+// server, tenant or access lock held; then the client id is bound to the
+// identity's user. Refusals are *protocol.RemoteError.
+func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello, remote net.Addr) (heldDatabase, error) {
 	t := s.reg.lookup(h.Database)
 	if t == nil {
 		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
@@ -472,11 +482,34 @@ func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello) (heldData
 	if err != nil {
 		return heldDatabase{}, err
 	}
-	switch err := a.authorize(h.ClientID, h.Credential); {
+	req := AuthRequest{Database: h.Database, ClientID: h.ClientID, Credential: h.Credential, Remote: remote}
+	id, err := s.authenticate(ctx, a, req)
+	var ae *AuthError
+	switch {
+	case errors.Is(err, errRateLimited):
+		s.log.Warn("hello refused: rate limited", "remote", limiterKey(remote), "db", h.Database)
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeRateLimited, Message: fmt.Sprintf("%v; retry later", err)}
 	case errors.Is(err, errWrongCredential):
 		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("wrong credential for database %q", h.Database)}
+	case errors.As(err, &ae) && ae.Expired:
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeCredentialExpired, Message: ae.Reason}
+	case ae != nil:
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: ae.Reason}
+	case err != nil:
+		return heldDatabase{}, fmt.Errorf("authenticate %s for %s: %w", h.ClientID, h.Database, err)
+	}
+	if id.UserID == "" {
+		return heldDatabase{}, fmt.Errorf("authenticate %s for %s: the authenticator returned no UserID", h.ClientID, h.Database)
+	}
+	if !id.Expires.IsZero() && !time.Now().Before(id.Expires) {
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeCredentialExpired, Message: "credential expired"}
+	}
+	if why := a.revokedReason(id); why != "" {
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("%s for database %q", why, h.Database)}
+	}
+	switch err := a.bind(h.ClientID, id.UserID); {
 	case errors.Is(err, errClientBound):
-		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("client id %q of database %q belongs to another credential", h.ClientID, h.Database)}
+		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("client id %s belongs to another user", h.ClientID)}
 	case err != nil:
 		return heldDatabase{}, err
 	}
@@ -489,5 +522,34 @@ func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello) (heldData
 	case err != nil:
 		return heldDatabase{}, err
 	}
-	return heldDatabase{d: d, release: release}, nil
+	return heldDatabase{d: d, release: release, identity: id, access: a}, nil
+}
+
+// authenticate runs the configured authenticator, or the database's
+// secrets, under the failed-check limiter. A secret already verified
+// passes without the limiter (it costs nothing to check); any other check
+// needs its address to be within its failure budget.
+func (s *Server) authenticate(ctx context.Context, a *access, req AuthRequest) (Identity, error) {
+	if s.cfg.Authenticator == nil {
+		if c, ok := a.cached(req.Credential); ok {
+			return c.identity(), nil
+		}
+	}
+	done, ok := s.limiter.take(req.Remote)
+	if !ok {
+		return Identity{}, errRateLimited
+	}
+	var id Identity
+	var err error
+	if s.cfg.Authenticator == nil {
+		var c credential
+		if c, err = a.check(req.Credential); err == nil {
+			id = c.identity()
+		}
+	} else {
+		id, err = s.cfg.Authenticator.Authenticate(ctx, req)
+	}
+	var ae *AuthError
+	done(!errors.Is(err, errWrongCredential) && !errors.As(err, &ae))
+	return id, err
 }

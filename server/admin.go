@@ -1,0 +1,276 @@
+package server
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+)
+
+// Credentials managed while the server runs. Every change is saved to the
+// database's access.json (atomically) before it takes effect, so it
+// survives a restart; the HTTP API of AdminHandler and `sqlrebase admin`
+// are these calls.
+
+// CredentialInfo names a stored secret: its id and the user it speaks for
+// (its name, or its id for an unnamed secret). The secret itself is never
+// kept.
+type CredentialInfo struct {
+	ID   string `json:"id"`
+	User string `json:"user"`
+}
+
+// ClientInfo is a client id a database has seen.
+type ClientInfo struct {
+	ClientID string `json:"client_id"`
+	// User is the user the client id is bound to.
+	User string `json:"user"`
+	// LastPush is when the server last took a push from it, to the hour
+	// (zero: never, or not known: its record was collected).
+	LastPush time.Time `json:"last_push,omitzero"`
+	// Sessions is how many sessions the client has open now.
+	Sessions int `json:"sessions"`
+}
+
+// UserInfo is a user a database knows: one with a secret, one a client id
+// is bound to, or one revoked.
+type UserInfo struct {
+	User string `json:"user"`
+	// Credentials are the ids of the user's secrets.
+	Credentials []string `json:"credentials,omitempty"`
+	// Clients is how many client ids are bound to the user.
+	Clients int `json:"clients"`
+	// Sessions is how many sessions the user has open now.
+	Sessions int `json:"sessions"`
+	// Revoked says the user was cut off (RevokeUser).
+	Revoked bool `json:"revoked,omitempty"`
+}
+
+// access returns the named database's access file.
+func (s *Server) accessOf(db string) (*access, error) {
+	t, err := s.tenant(db)
+	if err != nil {
+		return nil, err
+	}
+	return t.credentials(s.cfg.CredentialHashIterations)
+}
+
+// AddSecret adds a secret for db, named user (empty: unnamed, its user
+// is its id). Adding a secret the database has under the same name does
+// nothing; under another name, or a name taken, is ErrCredentialExists.
+func (s *Server) AddSecret(_ context.Context, db, user, secret string) (CredentialInfo, error) {
+	if secret == "" {
+		return CredentialInfo{}, fmt.Errorf("%w: empty secret", ErrInvalid)
+	}
+	if user != "" {
+		if err := validUserID(user); err != nil {
+			return CredentialInfo{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	}
+	a, err := s.accessOf(db)
+	if err != nil {
+		return CredentialInfo{}, err
+	}
+	c, err := a.add(user, secret)
+	if err != nil {
+		return CredentialInfo{}, err
+	}
+	return CredentialInfo{ID: c.ID, User: c.userID()}, nil
+}
+
+// RotateSecret gives db's secret ref (its id or name) a new value. It
+// keeps its id and user, so the client ids bound to it keep working with
+// the new secret; the old one is refused from now on. Sessions open with
+// the old secret stay open (rotation is not revocation).
+func (s *Server) RotateSecret(_ context.Context, db, ref, secret string) (CredentialInfo, error) {
+	if secret == "" {
+		return CredentialInfo{}, fmt.Errorf("%w: empty secret", ErrInvalid)
+	}
+	a, err := s.accessOf(db)
+	if err != nil {
+		return CredentialInfo{}, err
+	}
+	c, err := a.rotate(ref, secret)
+	if err != nil {
+		return CredentialInfo{}, err
+	}
+	s.log.Info("rotated secret", "db", db, "credential", c.ID, "user", c.userID())
+	return CredentialInfo{ID: c.ID, User: c.userID()}, nil
+}
+
+// RevokeSecret deletes db's secret ref (its id or name) and ends the open
+// sessions that presented it, with protocol.CodeCredentialRevoked: they
+// reconnect, and the secret is then refused (fatal). It returns how many
+// sessions it ended.
+func (s *Server) RevokeSecret(_ context.Context, db, ref string) (int, error) {
+	a, err := s.accessOf(db)
+	if err != nil {
+		return 0, err
+	}
+	c, err := a.revoke(ref)
+	if err != nil {
+		return 0, err
+	}
+	n := s.endSessions(db, func(id Identity) bool { return id.Credential == c.ID },
+		fmt.Sprintf("credential %s was revoked", c.ID))
+	s.log.Info("revoked secret", "db", db, "credential", c.ID, "user", c.userID(), "sessions", n)
+	return n, nil
+}
+
+// RevokeUser cuts user off from db, whatever credential it presents (a
+// secret or a token): its open sessions end with
+// protocol.CodeCredentialRevoked and its Hellos are refused from now on.
+// It returns how many sessions it ended.
+func (s *Server) RevokeUser(_ context.Context, db, user string) (int, error) {
+	if err := validUserID(user); err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	a, err := s.accessOf(db)
+	if err != nil {
+		return 0, err
+	}
+	if err := a.revokeUser(user); err != nil {
+		return 0, err
+	}
+	n := s.endSessions(db, func(id Identity) bool { return id.UserID == user },
+		fmt.Sprintf("user %q was revoked", user))
+	s.log.Info("revoked user", "db", db, "user", user, "sessions", n)
+	return n, nil
+}
+
+// sessionsOf returns the identities and client ids of db's open sessions
+// (none if the database is not open: then it has none).
+func (s *Server) sessionsOf(db string) (ids []Identity, clients []string) {
+	s.eachSession(db, func(sess *session) {
+		ids = append(ids, sess.identity)
+		clients = append(clients, sess.clientID)
+	})
+	return ids, clients
+}
+
+// eachSession calls fn for each session subscribed to db, under the
+// database's Authority.mu (the lock that guards its subscribers; fn takes
+// at most a session's own mutex, which sits below it). The tenant's lock
+// is let go before Authority.mu is taken.
+func (s *Server) eachSession(db string, fn func(*session)) {
+	t := s.reg.lookup(db)
+	if t == nil {
+		return
+	}
+	t.mu.Lock()
+	d := t.db
+	t.mu.Unlock()
+	if d == nil {
+		return
+	}
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	for sess := range d.subs {
+		fn(sess)
+	}
+}
+
+// endSessions ends db's sessions whose identity match says, with
+// CodeCredentialRevoked and msg, and returns how many. A session admitted
+// but not yet subscribed is not found here; it checks the access file
+// again once subscribed (session.admit), and a revocation records itself
+// there before it calls this.
+func (s *Server) endSessions(db string, match func(Identity) bool, msg string) int {
+	n := 0
+	s.eachSession(db, func(sess *session) {
+		if match(sess.identity) {
+			sess.fail(protocol.CodeCredentialRevoked, msg)
+			n++
+		}
+	})
+	return n
+}
+
+// Clients lists the client ids db has bound, each with its user, when it
+// last pushed (read from the database, which this opens if needed) and
+// its open sessions.
+func (s *Server) Clients(ctx context.Context, db string) ([]ClientInfo, error) {
+	a, err := s.accessOf(db)
+	if err != nil {
+		return nil, err
+	}
+	f := a.view()
+	_, open := s.sessionsOf(db)
+	pushed := map[string]int64{}
+	err = s.WithAuthority(ctx, db, func(auth *Authority) error {
+		rows, err := auth.Query(ctx, `SELECT client_id, last_push FROM `+mutators.TableActivity)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var id string
+			var at sql.NullInt64
+			if err := rows.Scan(&id, &at); err != nil {
+				return err
+			}
+			pushed[id] = at.Int64
+		}
+		return rows.Err()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("server: clients of %s: %w", db, err)
+	}
+	out := make([]ClientInfo, 0, len(f.Clients))
+	for id, user := range f.Clients {
+		ci := ClientInfo{ClientID: id, User: user}
+		if at, ok := pushed[id]; ok && at > 0 {
+			ci.LastPush = time.Unix(at, 0).UTC()
+		}
+		for _, c := range open {
+			if c == id {
+				ci.Sessions++
+			}
+		}
+		out = append(out, ci)
+	}
+	slices.SortFunc(out, func(x, y ClientInfo) int { return strings.Compare(x.ClientID, y.ClientID) })
+	return out, nil
+}
+
+// Users lists db's users: those with a secret, those a client id is bound
+// to, and those revoked.
+func (s *Server) Users(_ context.Context, db string) ([]UserInfo, error) {
+	a, err := s.accessOf(db)
+	if err != nil {
+		return nil, err
+	}
+	f := a.view()
+	ids, _ := s.sessionsOf(db)
+	users := map[string]*UserInfo{}
+	get := func(u string) *UserInfo {
+		if users[u] == nil {
+			users[u] = &UserInfo{User: u}
+		}
+		return users[u]
+	}
+	for _, c := range f.Credentials {
+		u := get(c.userID())
+		u.Credentials = append(u.Credentials, c.ID)
+	}
+	for _, u := range f.Clients {
+		get(u).Clients++
+	}
+	for _, u := range f.RevokedUsers {
+		get(u).Revoked = true
+	}
+	for _, id := range ids {
+		get(id.UserID).Sessions++
+	}
+	out := make([]UserInfo, 0, len(users))
+	for _, u := range users {
+		out = append(out, *u)
+	}
+	slices.SortFunc(out, func(x, y UserInfo) int { return strings.Compare(x.User, y.User) })
+	return out, nil
+}
