@@ -142,4 +142,3 @@ func FuzzChangeLogSegment(f *testing.F) {
 		}
 	})
 }
-
