@@ -735,7 +735,12 @@ func (r *Replica) Mutate(ctx context.Context, name string, args json.RawMessage)
 // log the finding, as the rebase that drops the frames does. writeMu is held.
 func (r *Replica) foreignFrames(count bool) bool {
 	n, err := r.files.WALFrames()
-	if err != nil || n == r.ownFrames.Load() {
+	return err == nil && r.foreignIn(n, count)
+}
+
+// foreignIn is foreignFrames for a wal-index that counts n frames.
+func (r *Replica) foreignIn(n uint32, count bool) bool {
+	if n == r.ownFrames.Load() {
 		return false
 	}
 	if count {
@@ -877,13 +882,14 @@ func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) 
 			return err
 		}
 		// The cookie the connections see: the main file's unless pending
-		// frames are in the WAL (then ask SQLite, which reads it from there).
-		if optBefore, err = r.optimisticCookie(ctx, mainBefore); err != nil {
+		// frames in the WAL hold page 1. One read of the wal-index also
+		// says whether another process appended frames: counted and
+		// logged; the apply drops them.
+		var frames uint32
+		if optBefore, frames, err = r.optimisticCookie(ctx); err != nil {
 			return err
 		}
-	}
-	if poisoned == nil {
-		r.foreignFrames(true) // counted and logged; the apply drops them
+		r.foreignIn(frames, true)
 	}
 	r.crash("rebase-before-apply")
 	if err := apply(ctx); err != nil {
@@ -913,7 +919,7 @@ func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) 
 	if serr != nil {
 		return serr
 	}
-	optAfter, err := r.optimisticCookie(ctx, mainAfter)
+	optAfter, _, err := r.optimisticCookie(ctx)
 	if err != nil {
 		return err
 	}
@@ -923,17 +929,23 @@ func (r *Replica) rebaseClosed(ctx context.Context, apply func(context.Context) 
 	return nil
 }
 
-// optimisticCookie is the schema cookie the connections see, main being
-// the main file's: the same unless the WAL holds frames.
-func (r *Replica) optimisticCookie(ctx context.Context, main uint32) (uint32, error) {
-	if !r.files.WALWritten() {
-		return main, nil
+// optimisticCookie is the schema cookie the connections see, and the
+// frames the wal-index counts. vfs reads both from the files (the newest
+// copy of page 1 in the WAL, else the main file) without a read
+// transaction; should that fail (a wal-index header torn by another
+// process's write), SQLite is asked, and the frames are taken to be ours.
+func (r *Replica) optimisticCookie(ctx context.Context) (cookie, frames uint32, err error) {
+	v, verr := r.files.View()
+	if verr == nil {
+		return v.Cookie, v.Frames, nil
 	}
-	var c uint32
-	if err := r.engineQ.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&c); err != nil {
-		return 0, fmt.Errorf("read schema cookie: %w", err)
+	if r.files.Poisoned() != nil {
+		return 0, 0, verr
 	}
-	return c, nil
+	if err := r.engineQ.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&cookie); err != nil {
+		return 0, 0, fmt.Errorf("read schema cookie: %w", errors.Join(verr, err))
+	}
+	return cookie, r.ownFrames.Load(), nil
 }
 
 func (r *Replica) resetSchema(ctx context.Context) error {

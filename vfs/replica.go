@@ -102,6 +102,13 @@ type Replica struct {
 	change     uint32 // last wal-index change counter written
 	journal    [journalSlots]*os.File
 	nextSlot   int
+	// walf is a handle on the WAL file, opened at its first use and kept:
+	// opening and closing it on every drop was a tenth of a small rebase.
+	// It is reopened if the file was unlinked (see walFile).
+	walf *os.File
+	// jbuf is the journal record's buffer, reused across rebases while it
+	// is small (see writeJournal).
+	jbuf []byte
 	faults     *Faults // nil outside tests
 	// poisoned is the failure that left the files torn, nil when they are
 	// sound. While set, the wal-index locks that exclude every connection
@@ -201,6 +208,11 @@ func (r *Replica) writeEmpty() error {
 // written, and then no page of the main file was touched yet, so the other
 // slot still describes the main file.
 const journalSlots = 2
+
+// journalBufKeep is the largest journal record buffer kept for the next
+// rebase: enough for the few pages of a small version, so that a replica
+// does not hold on to a large version's memory.
+const journalBufKeep = 256 << 10
 
 func (r *Replica) journalPath(slot int) string { return fmt.Sprintf("%s-apply%d", r.path, slot) }
 
@@ -395,6 +407,19 @@ func (r *Replica) resetWAL(truncate bool) error {
 	return nil
 }
 
+// indexHeader reads and decodes the wal-index header (one pread).
+func (r *Replica) indexHeader() (wal.IndexHeader, error) {
+	var b [wal.IndexHeaderSize]byte
+	if _, err := r.shm.ReadAt(b[:], 0); err != nil {
+		return wal.IndexHeader{}, fmt.Errorf("read wal-index header: %w", err)
+	}
+	h, _, err := wal.DecodeIndex(b[:])
+	if err != nil {
+		return wal.IndexHeader{}, fmt.Errorf("wal-index header: %w", err)
+	}
+	return h, nil
+}
+
 // WALWritten reports whether the WAL holds frames that SQLite appended since
 // the last drop (the wal-index counts them; true when it cannot tell).
 // Without any, a connection sees exactly the main file, and a drop need not
@@ -403,11 +428,7 @@ func (r *Replica) resetWAL(truncate bool) error {
 // wal-index's salts, before its next first frame. Skipping the file saves a
 // third of a rebase with nothing pending.
 func (r *Replica) WALWritten() bool {
-	var b [wal.IndexHeaderSize]byte
-	if _, err := r.shm.ReadAt(b[:], 0); err != nil {
-		return true
-	}
-	h, _, err := wal.DecodeIndex(b[:])
+	h, err := r.indexHeader()
 	return err != nil || h.MxFrame != 0
 }
 
@@ -416,26 +437,113 @@ func (r *Replica) WALWritten() bool {
 // package compares it with what its own writer committed to find frames
 // that another process wrote.
 func (r *Replica) WALFrames() (uint32, error) {
-	var b [wal.IndexHeaderSize]byte
-	if _, err := r.shm.ReadAt(b[:], 0); err != nil {
-		return 0, fmt.Errorf("read wal-index header: %w", err)
+	h, err := r.indexHeader()
+	return h.MxFrame, err
+}
+
+// WALView is what SQLite's connections see of the WAL, from one read of the
+// wal-index header.
+type WALView struct {
+	// Frames is the number of committed frames since the last drop.
+	Frames uint32
+	// Cookie is the schema cookie the connections see: that of the newest
+	// committed copy of page 1 in the WAL, else the main file's.
+	Cookie uint32
+}
+
+// View reads the wal-index header once and, if the WAL holds frames, the
+// schema cookie of the newest committed copy of page 1 straight from the
+// WAL file (found through the wal-index's page array). It is what PRAGMA
+// schema_version on a connection would say, without a read transaction:
+// that query was a quarter of a rebase with one mutation pending. Call it
+// while no connection can commit (the replica package holds its writer).
+func (r *Replica) View() (WALView, error) {
+	if r.poisoned.Load() != nil {
+		return WALView{}, r.poisonedErr()
 	}
-	h, _, err := wal.DecodeIndex(b[:])
+	h, err := r.indexHeader()
 	if err != nil {
-		return 0, fmt.Errorf("wal-index header: %w", err)
+		return WALView{}, err
 	}
-	return h.MxFrame, nil
+	v := WALView{Frames: h.MxFrame}
+	frame := uint32(0)
+	if h.MxFrame > 0 {
+		if frame, err = r.lastFrameOf(1, h.MxFrame); err != nil {
+			return WALView{}, err
+		}
+	}
+	if frame == 0 {
+		v.Cookie, err = r.SchemaCookie()
+		return v, err
+	}
+	f, err := r.walFile()
+	if err != nil {
+		return WALView{}, err
+	}
+	if f == nil {
+		return WALView{}, fmt.Errorf("the wal-index counts %d frames, but there is no WAL file", h.MxFrame)
+	}
+	var b [4]byte
+	if _, err := f.ReadAt(b[:], wal.FrameOffset(r.pageSize, frame)+40); err != nil {
+		return WALView{}, fmt.Errorf("read schema cookie of WAL frame %d: %w", frame, err)
+	}
+	v.Cookie = binary.BigEndian.Uint32(b[:])
+	return v, nil
+}
+
+// lastFrameOf returns the newest frame at or below mx that holds page pgno,
+// 0 if none does, reading the wal-index's page array backwards a chunk at a
+// time.
+func (r *Replica) lastFrameOf(pgno, mx uint32) (uint32, error) {
+	var buf [4 << 10]byte
+	for hi := mx; hi >= 1; {
+		end, first := wal.IndexPgnoOffset(hi)
+		lo := max(first, hi-min(hi, uint32(len(buf)/4))+1)
+		n := int(hi-lo+1) * 4
+		if _, err := r.shm.ReadAt(buf[:n], end+4-int64(n)); err != nil {
+			return 0, fmt.Errorf("read wal-index page array: %w", err)
+		}
+		for i := n - 4; i >= 0; i -= 4 {
+			if binary.NativeEndian.Uint32(buf[i:]) == pgno {
+				return lo + uint32(i/4), nil
+			}
+		}
+		hi = lo - 1
+	}
+	return 0, nil
+}
+
+// walFile returns the handle on the WAL file, opening it if need be; nil
+// if there is no WAL file yet. A handle on a file that was unlinked (SQLite
+// deletes the WAL only at a checkpoint on close, which the locks forbid,
+// but a tool might) is let go and the file opened again.
+func (r *Replica) walFile() (*os.File, error) {
+	if r.walf != nil {
+		st, err := r.walf.Stat()
+		if err == nil {
+			if sys, ok := st.Sys().(*syscall.Stat_t); !ok || sys.Nlink > 0 {
+				return r.walf, nil
+			}
+		}
+		r.walf.Close()
+		r.walf = nil
+	}
+	f, err := os.OpenFile(r.walPath, os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open WAL: %w", err)
+	}
+	r.walf = f
+	return f, nil
 }
 
 func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
-	f, err := os.OpenFile(r.walPath, os.O_RDWR, 0)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
+	f, err := r.walFile()
+	if f == nil || err != nil {
+		return err
 	}
-	if err != nil {
-		return fmt.Errorf("open WAL: %w", err)
-	}
-	defer f.Close()
 	var hb [wal.HeaderSize]byte
 	n, _ := f.ReadAt(hb[:], 0)
 	if n == 0 {
@@ -712,8 +820,18 @@ func (e *diskFullError) Unwrap() []error { return []error{ErrDiskFull, e.err} }
 // writeJournal writes the page set into the next journal slot, durably if
 // the durability setting asks, before any page of the main file is touched.
 func (r *Replica) writeJournal(ps *wal.PageSet) error {
-	buf := make([]byte, 8, 8+wal.EncodedSize(ps.PageSize, len(ps.Pages)))
+	size := 8 + wal.EncodedSize(ps.PageSize, len(ps.Pages))
+	buf := r.jbuf[:0]
+	if cap(buf) < size {
+		buf = make([]byte, 0, size)
+	}
+	buf = append(buf, make([]byte, 8)...)
 	buf, err := ps.AppendBinary(buf)
+	if cap(buf) <= journalBufKeep {
+		r.jbuf = buf // a small rebase allocates no record; a large one keeps no memory
+	} else {
+		r.jbuf = nil
+	}
 	if err != nil {
 		return fmt.Errorf("encode journal: %w", err)
 	}
@@ -785,6 +903,10 @@ func (r *Replica) ReadPage(pgno uint32) ([]byte, error) {
 // to the database first.
 func (r *Replica) Close() error {
 	var errs []error
+	if r.walf != nil {
+		errs = append(errs, r.walf.Close())
+		r.walf = nil
+	}
 	if r.shm != nil {
 		errs = append(errs, r.shm.Close())
 		r.shm = nil

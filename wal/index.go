@@ -184,3 +184,37 @@ func EmptyIndex(prev IndexHeader, pageSize, nPage, salt1, salt2 uint32) (IndexHe
 	ci := CheckpointInfo{ReadMark: [5]uint32{0, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed}}
 	return h, ci
 }
+
+// The wal-index's page array: after the header, SQLite records the page
+// number of every WAL frame, native-endian, in regions of 32 KiB; each
+// region's array (HASHTABLE_NPAGE entries, HASHTABLE_NPAGE_ONE in the first,
+// which the header shortens) is followed by its hash table. See wal.c's
+// walFramePage and walHashGet.
+const (
+	// IndexRegionSize is the size of one wal-index region (WALINDEX_PGSZ).
+	IndexRegionSize = 32 << 10
+	// indexPagesOne is HASHTABLE_NPAGE_ONE: frames recorded in region 0.
+	indexPagesOne = 4096 - IndexHeaderSize/4
+	// indexPages is HASHTABLE_NPAGE: frames recorded in each later region.
+	indexPages = 4096
+)
+
+// IndexPgnoOffset is where in the wal-index the page number of WAL frame
+// frame (1-based) is recorded, and the first frame recorded in the same
+// region: the frames first..frame lie at consecutive 4-byte words ending
+// at the returned offset, so one read fetches them.
+func IndexPgnoOffset(frame uint32) (off int64, first uint32) {
+	if frame <= indexPagesOne {
+		return IndexHeaderSize + 4*int64(frame-1), 1
+	}
+	k := (frame - indexPagesOne - 1) / indexPages // region k+1
+	first = indexPagesOne + k*indexPages + 1
+	return int64(k+1)*IndexRegionSize + 4*int64(frame-first), first
+}
+
+// FrameOffset is the offset in the WAL file of frame's page data (frame is
+// 1-based): after the WAL header, the frames before it and its own frame
+// header.
+func FrameOffset(pageSize, frame uint32) int64 {
+	return HeaderSize + int64(frame-1)*(FrameHeaderSize+int64(pageSize)) + FrameHeaderSize
+}
