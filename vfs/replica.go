@@ -108,8 +108,8 @@ type Replica struct {
 	walf *os.File
 	// jbuf is the journal record's buffer, reused across rebases while it
 	// is small (see writeJournal).
-	jbuf []byte
-	faults     *Faults // nil outside tests
+	jbuf   []byte
+	faults *Faults // nil outside tests
 	// poisoned is the failure that left the files torn, nil when they are
 	// sound. While set, the wal-index locks that exclude every connection
 	// stay held. It is atomic so that [Replica.Poisoned] may be asked from
