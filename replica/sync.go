@@ -61,6 +61,16 @@ var ErrUpgradeRequired = errors.New("replica: the server requires a newer app ve
 // may issue them again there.
 var ErrClientCollected = errors.New("replica: the server collected this client's record (away too long); open a fresh replica")
 
+// ErrNoToken is what a Remote.Token source returns (wrapped) to say that
+// no token will come (the user signed out, the refresh token was
+// revoked): the sync loop stops, as on a fatal refusal, instead of
+// retrying. Pending mutations stay queued.
+var ErrNoToken = errors.New("replica: the token source has no token")
+
+// errTokenSource prefixes a token source's failures, so that Status says
+// where the error came from.
+var errTokenSource = errors.New("replica: token source")
+
 // Timeouts of one session.
 const (
 	// connectTimeout bounds a dial and the stream opening; QUIC's own
@@ -214,7 +224,7 @@ func (r *Replica) syncLoop(ctx context.Context) {
 			r.log.Debug("sqlrebase: connection attempt failed", "server", n.remote.Addr, "database", n.remote.Database, "err", err)
 		}
 		n.update(func() { n.connected, n.lastErr = false, err })
-		attempt = nextAttempt(attempt, welcomed, time.Since(start))
+		attempt = nextAttempt(attempt, welcomed, time.Since(start), credentialEnded(err))
 		t := time.NewTimer(backoff(attempt, backoffMin, backoffMax, rand.Float64()))
 		select {
 		case <-ctx.Done():
@@ -233,7 +243,7 @@ func fatalSyncError(err error) bool {
 		return re.Code.Fatal()
 	}
 	var cv *tls.CertificateVerificationError
-	return errors.Is(err, protocol.ErrFingerprint) || errors.Is(err, ErrHistoryAhead) || errors.Is(err, ErrServerBehind) || errors.Is(err, ErrClientCollected) || errors.As(err, &cv)
+	return errors.Is(err, protocol.ErrFingerprint) || errors.Is(err, ErrNoToken) || errors.Is(err, ErrHistoryAhead) || errors.Is(err, ErrServerBehind) || errors.Is(err, ErrClientCollected) || errors.As(err, &cv)
 }
 
 // inbox is the session's view of the stream reader: messages in order,
@@ -290,6 +300,13 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
+	// The credential first, with no stream open: a token source may take
+	// a round trip of its own, and the server allows a Hello 10 s.
+	cred, err := n.remote.credential(sctx)
+	if err != nil {
+		return false, err
+	}
+
 	dctx, dcancel := context.WithTimeout(sctx, connectTimeout)
 	conn, s, err := n.peer.openStream(dctx)
 	dcancel()
@@ -324,7 +341,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	r.writeMu.Lock()
 	hello := &protocol.Hello{
 		Protocol: protocol.Version, Database: n.remote.Database, ClientID: r.queue.ClientID(),
-		Credential: n.remote.Credential, Version: r.files.Version(), Checksum: r.files.Checksum(),
+		Credential: cred, Version: r.files.Version(), Checksum: r.files.Checksum(),
 		Receive: n.remote.receiveLimits(), AppVersion: r.opts.AppVersion,
 	}
 	r.writeMu.Unlock()
@@ -874,15 +891,28 @@ func (r *Replica) decodeVersions(evs []protocol.EncodedVersion) ([]*wal.PageSet,
 }
 
 // nextAttempt is the backoff attempt after a session: back to the start
-// after a session that was welcomed and lasted, one step further otherwise.
-func nextAttempt(attempt int, welcomed bool, lasted time.Duration) int {
-	if welcomed && lasted >= stableSession {
+// after a session that was welcomed and lasted, or that the server ended
+// because its credential expired or was revoked (renew: the next attempt
+// brings a fresh token, so it goes at once, however short the token's
+// life); one step further otherwise, also for a Hello refused as expired,
+// so that a token source that keeps handing out stale tokens is retried
+// ever more slowly.
+func nextAttempt(attempt int, welcomed bool, lasted time.Duration, renew bool) int {
+	if welcomed && (lasted >= stableSession || renew) {
 		return 0
 	}
 	if attempt < 64 {
 		attempt++
 	}
 	return attempt
+}
+
+// credentialEnded reports whether err is the server ending a session
+// because its credential expired or was revoked: not fatal, and the
+// replica reconnects at once with a fresh credential.
+func credentialEnded(err error) bool {
+	var re *protocol.RemoteError
+	return errors.As(err, &re) && (re.Code == protocol.CodeCredentialExpired || re.Code == protocol.CodeCredentialRevoked)
 }
 
 // WaitConnected waits until the replica has a session with the server (the

@@ -552,6 +552,8 @@ func TestOpenRemoteValidation(t *testing.T) {
 		{Addr: "nohost", Database: "d", Fingerprint: "sha256:" + strings.Repeat("00", 32)},
 		{Database: "d", Fingerprint: "sha256:" + strings.Repeat("00", 32)},
 		{Addr: "127.0.0.1:1", Fingerprint: "sha256:" + strings.Repeat("00", 32)},
+		{Addr: "127.0.0.1:1", Database: "d", Fingerprint: "sha256:" + strings.Repeat("00", 32), Credential: "s",
+			Token: func(context.Context) (string, error) { return "t", nil }},
 	} {
 		r, err := Open(context.Background(), filepath.Join(t.TempDir(), "r.db"), Options{Mutators: reg, Remote: rm})
 		if err == nil {

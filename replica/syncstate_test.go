@@ -1,6 +1,8 @@
 package replica
 
 import (
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -208,17 +210,75 @@ func TestBackoffShape(t *testing.T) {
 func nan() float64 { var z float64; return z / z }
 
 func TestNextAttempt(t *testing.T) {
-	if got := nextAttempt(5, true, stableSession); got != 0 {
+	if got := nextAttempt(5, true, stableSession, false); got != 0 {
 		t.Fatalf("stable session: %d", got)
 	}
-	if got := nextAttempt(5, true, time.Millisecond); got != 6 {
+	if got := nextAttempt(5, true, time.Millisecond, false); got != 6 {
 		t.Fatalf("short session: %d", got)
 	}
-	if got := nextAttempt(5, false, time.Hour); got != 6 {
+	if got := nextAttempt(5, false, time.Hour, false); got != 6 {
 		t.Fatalf("refused: %d", got)
 	}
-	if got := nextAttempt(64, false, 0); got != 64 {
+	if got := nextAttempt(64, false, 0, false); got != 64 {
 		t.Fatalf("bounded: %d", got)
+	}
+	if got := nextAttempt(5, true, time.Millisecond, true); got != 0 {
+		t.Fatalf("short session ended by its credential: %d", got)
+	}
+	if got := nextAttempt(5, false, time.Millisecond, true); got != 6 {
+		t.Fatalf("hello refused as expired: %d", got)
+	}
+}
+
+// TestReconnectAfterCredentialEnds drives the reconnect decision as the
+// sync loop does (credentialEnded, nextAttempt, backoff) through sessions
+// whose token lives 300 ms: every expiry is followed by a reconnect within
+// the shortest backoff, however many there are; a source that keeps
+// handing out stale tokens (the Hello is refused as expired) backs off
+// ever more, up to the cap; a revocation is renewed like an expiry; other
+// endings of short sessions back off as before.
+func TestReconnectAfterCredentialEnds(t *testing.T) {
+	expired := fmt.Errorf("session: %w", &protocol.RemoteError{Code: protocol.CodeCredentialExpired, Message: "token expired"})
+	revoked := &protocol.RemoteError{Code: protocol.CodeCredentialRevoked}
+	slow := &protocol.RemoteError{Code: protocol.CodeSlowClient}
+	if !credentialEnded(expired) || !credentialEnded(revoked) || credentialEnded(slow) || credentialEnded(errors.New("x")) || credentialEnded(nil) {
+		t.Fatal("credentialEnded misclassifies")
+	}
+	if fatalSyncError(expired) || fatalSyncError(revoked) || !fatalSyncError(&protocol.RemoteError{Code: protocol.CodeUnauthorized}) {
+		t.Fatal("an expired or revoked credential must not be fatal; unauthorized must")
+	}
+	if !fatalSyncError(fmt.Errorf("%w: %w", errTokenSource, ErrNoToken)) || fatalSyncError(fmt.Errorf("%w: %w", errTokenSource, errors.New("idp down"))) {
+		t.Fatal("a token source's ErrNoToken must be fatal, its other errors not")
+	}
+	step := func(attempt int, welcomed bool, lasted time.Duration, err error) (int, time.Duration) {
+		a := nextAttempt(attempt, welcomed, lasted, credentialEnded(err))
+		return a, backoff(a, backoffMin, backoffMax, 0.999)
+	}
+	attempt := 3 // whatever came before
+	for i := range 100 {
+		var wait time.Duration
+		attempt, wait = step(attempt, true, 300*time.Millisecond, expired)
+		if attempt != 0 || wait > backoffMin {
+			t.Fatalf("expiry %d: attempt %d, wait %v; want a reconnect within %v", i, attempt, wait, backoffMin)
+		}
+	}
+	if a, w := step(0, true, 300*time.Millisecond, revoked); a != 0 || w > backoffMin {
+		t.Fatalf("revoked: attempt %d, wait %v", a, w)
+	}
+	var prev time.Duration
+	for i := range 12 {
+		var wait time.Duration
+		attempt, wait = step(attempt, false, time.Millisecond, expired)
+		if wait < prev || wait > backoffMax {
+			t.Fatalf("stale token %d: wait %v after %v (cap %v)", i, wait, prev, backoffMax)
+		}
+		prev = wait
+	}
+	if prev < backoffMax*9/10 {
+		t.Fatalf("a stale token source backs off to %v, want about %v", prev, backoffMax)
+	}
+	if a, _ := step(0, true, 300*time.Millisecond, slow); a != 1 {
+		t.Fatalf("short session cut for slowness: attempt %d, want 1", a)
 	}
 }
 

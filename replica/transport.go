@@ -23,8 +23,23 @@ type Remote struct {
 	Addr string
 	// Database is the server's name for the database this replica mirrors.
 	Database string
-	// Credential is the secret the server knows the database's clients by.
+	// Credential is the secret the server knows the database's clients by:
+	// a static one. For credentials that expire (a JWT), set Token instead;
+	// setting both is an Open error.
 	Credential string
+	// Token, if set, is called for the credential before every connection
+	// attempt, so that each session presents a fresh token. It runs on the
+	// sync goroutine, with no replica lock held; ctx ends when the replica
+	// closes, and bounds the call to a connection attempt's timeout. An
+	// error is retried with the loop's backoff (Status.LastError shows
+	// it), unless it wraps ErrNoToken, which stops sync for good. When the
+	// server ends a session because its token expired or was revoked
+	// (CodeCredentialExpired, CodeCredentialRevoked), the replica calls
+	// Token again at once and reconnects: nothing pending is lost or
+	// applied twice, and the app sees no error. A token the server then
+	// refuses for good (CodeUnauthorized) stops sync with the server's
+	// reason, as a wrong Credential does.
+	Token func(ctx context.Context) (string, error)
 
 	// Fingerprint pins the server's certificate ("sha256:<64 hex>", as
 	// `sqlrebase serve` prints it). Give it or CAFile, never neither:
@@ -69,6 +84,8 @@ func (rm *Remote) validate() error {
 		return errors.New("replica: Remote.Addr is required")
 	case rm.Database == "":
 		return errors.New("replica: Remote.Database is required")
+	case rm.Credential != "" && rm.Token != nil:
+		return errors.New("replica: set Remote.Credential (a static secret) or Remote.Token (a token source), not both")
 	case rm.Fingerprint == "" && rm.CAFile == "":
 		return errors.New("replica: Remote needs the server's certificate fingerprint (Fingerprint, sha256:...) or a CA file (CAFile); there is no insecure mode")
 	}
@@ -82,6 +99,21 @@ func (rm *Remote) validate() error {
 		return fmt.Errorf("replica: %w", err)
 	}
 	return nil
+}
+
+// credential is the credential for the next Hello: Token's answer, or the
+// static Credential.
+func (rm *Remote) credential(ctx context.Context) (string, error) {
+	if rm.Token == nil {
+		return rm.Credential, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
+	tok, err := rm.Token(ctx)
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", errTokenSource, err)
+	}
+	return tok, nil
 }
 
 // tlsConfig builds the client TLS configuration for the Remote.

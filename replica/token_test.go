@@ -1,0 +1,109 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+)
+
+// TestTokenSourceEveryConnect: the token source is asked before every
+// connection attempt, not once: a replica whose server restarts presents a
+// newly fetched token to the new one.
+func TestTokenSourceEveryConnect(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", nil)
+	var calls atomic.Int64
+	rm := ts.remote()
+	rm.Credential = ""
+	rm.Token = func(ctx context.Context) (string, error) {
+		calls.Add(1)
+		return testSecret, nil
+	}
+	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	ctx := waitCtx(t, 30*time.Second)
+	if _, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := calls.Load()
+	if first < 1 {
+		t.Fatalf("token source called %d times before the first session", first)
+	}
+	ts.restart()
+	if _, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1)); err != nil {
+		t.Fatal(err)
+	}
+	converged(t, ts, r)
+	if calls.Load() <= first {
+		t.Fatalf("token source called %d times in all, %d before the restart: not again for the new session", calls.Load(), first)
+	}
+	if got := categories(t, r.DB())["Food"]; got != 2 {
+		t.Fatalf("Food = %d, want 2", got)
+	}
+}
+
+// TestTokenSourceErrors: a failing token source is retried with backoff,
+// and Status says why it is not connected; once it gives a token, the
+// replica syncs. A source that returns ErrNoToken stops sync for good, and
+// the pending mutation stays queued.
+func TestTokenSourceErrors(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", nil)
+	idpDown := errors.New("identity provider unreachable")
+	var calls atomic.Int64
+	rm := ts.remote()
+	rm.Credential = ""
+	rm.Token = func(ctx context.Context) (string, error) {
+		if calls.Add(1) <= 3 {
+			return "", idpDown
+		}
+		return testSecret, nil
+	}
+	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	ctx := waitCtx(t, 30*time.Second)
+	deadline := time.Now().Add(10 * time.Second)
+	for st := r.Status(); !errors.Is(st.LastError, idpDown); st = r.Status() {
+		if time.Now().After(deadline) {
+			t.Fatalf("Status never showed the token source's error: %+v", st)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := r.WaitConnected(ctx); err != nil {
+		t.Fatalf("after the source recovered: %v", err)
+	}
+	if n := calls.Load(); n < 4 {
+		t.Fatalf("connected after %d calls of a source that fails 3 times", n)
+	}
+
+	rm2 := ts.remote()
+	rm2.Credential = ""
+	rm2.Token = func(ctx context.Context) (string, error) {
+		return "", errors.Join(errors.New("signed out"), ErrNoToken)
+	}
+	r2, err := Open(ctx, filepath.Join(t.TempDir(), "r2.db"), Options{Mutators: reg, Remote: rm2, Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r2.Close()
+	h, err := r2.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r2.WaitConnected(ctx); !errors.Is(err, ErrNoToken) || !strings.Contains(err.Error(), "signed out") {
+		t.Fatalf("WaitConnected with a source out of tokens: %v", err)
+	}
+	if err := h.Wait(ctx); !errors.Is(err, ErrNoToken) {
+		t.Fatalf("Wait: %v, want the fatal ErrNoToken", err)
+	}
+	if n := len(r2.Pending()); n != 1 {
+		t.Fatalf("%d pending after sync stopped, want 1", n)
+	}
+}
