@@ -10,7 +10,8 @@
 //
 // The DSN's parameters are those of [Config]; the credential comes from the
 // environment (SQLREBASE_CREDENTIAL, or the variable credential_env= names)
-// or from a source registered with [RegisterCredential], never from the DSN.
+// or from a source registered with [RegisterCredential] (asked on every
+// connect, so that tokens that expire are renewed), never from the DSN.
 //
 // Every sql.Open of one path in a process shares one [replica.Replica] (a
 // replica's files have one owner); the last *sql.DB of a path to be closed
@@ -90,7 +91,11 @@ func RegisterMutators(name string, reg *mutators.Registry) error {
 }
 
 // RegisterCredential makes fn the credential source that DSNs with
-// credential=name use. It is called when the replica is opened.
+// credential=name use. It is the replica's token source
+// (replica.Remote.Token): called before every connection to the server, not
+// once, so that a token that expires is replaced by a fresh one. An error
+// it returns is retried with backoff (the replica's Status shows it),
+// unless it wraps replica.ErrNoToken, which stops sync.
 func RegisterCredential(name string, fn func(context.Context) (string, error)) error {
 	if name == "" || fn == nil {
 		return errors.New("sqlrebase driver: RegisterCredential needs a name and a func")
@@ -174,11 +179,11 @@ func acquire(ctx context.Context, cfg Config) (*shared, error) {
 	}
 	opts := replica.Options{Mutators: reg, Durability: cfg.Durability, LocalName: cfg.LocalName, LocalPath: cfg.LocalPath}
 	if cfg.Server != "" {
-		cred, err := credential(ctx, cfg)
+		cred, token, err := credential(cfg)
 		if err != nil {
 			return nil, err
 		}
-		opts.Remote = &replica.Remote{Addr: cfg.Server, Database: cfg.Database, Credential: cred,
+		opts.Remote = &replica.Remote{Addr: cfg.Server, Database: cfg.Database, Credential: cred, Token: token,
 			Fingerprint: cfg.Fingerprint, CAFile: cfg.CAFile, ServerName: cfg.ServerName}
 	}
 	r, err := replica.Open(ctx, cfg.Path, opts)
@@ -190,24 +195,28 @@ func acquire(ctx context.Context, cfg Config) (*shared, error) {
 	return sh, nil
 }
 
-// credential finds the credential cfg names. Called with mu held.
-func credential(ctx context.Context, cfg Config) (string, error) {
-	if cfg.CredentialSource != "" {
-		fn, ok := credentials[cfg.CredentialSource]
+// credential finds the credential cfg names: the static one from the
+// environment, or the registered source as a token source, which the
+// replica calls on every connect. Called with mu held.
+func credential(cfg Config) (string, func(context.Context) (string, error), error) {
+	if name := cfg.CredentialSource; name != "" {
+		fn, ok := credentials[name]
 		if !ok {
-			return "", fmt.Errorf("%w: no credential source registered as %q (driver.RegisterCredential)", ErrNoCredential, cfg.CredentialSource)
+			return "", nil, fmt.Errorf("%w: no credential source registered as %q (driver.RegisterCredential)", ErrNoCredential, name)
 		}
-		c, err := fn(ctx)
-		if err != nil {
-			return "", fmt.Errorf("%w: credential source %q: %v", ErrNoCredential, cfg.CredentialSource, err)
-		}
-		return c, nil
+		return "", func(ctx context.Context) (string, error) {
+			c, err := fn(ctx)
+			if err != nil {
+				return "", fmt.Errorf("%w: credential source %q: %w", ErrNoCredential, name, err)
+			}
+			return c, nil
+		}, nil
 	}
 	c, ok := os.LookupEnv(cfg.CredentialEnv)
 	if !ok || c == "" {
-		return "", fmt.Errorf("%w: environment variable %s is not set", ErrNoCredential, cfg.CredentialEnv)
+		return "", nil, fmt.Errorf("%w: environment variable %s is not set", ErrNoCredential, cfg.CredentialEnv)
 	}
-	return c, nil
+	return c, nil, nil
 }
 
 // release drops one reference; the last closes the replica.

@@ -38,7 +38,9 @@ const DefaultCredentialEnv = "SQLREBASE_CREDENTIAL"
 //	credential_env=VAR    read the credential from the environment variable VAR
 //	                      (default SQLREBASE_CREDENTIAL)
 //	credential=NAME       take the credential from the source registered as NAME
-//	                      (RegisterCredential); not with credential_env
+//	                      (RegisterCredential), asked again on every connect (a
+//	                      token source: tokens that expire are renewed); not with
+//	                      credential_env
 //	mutators=NAME         the registry registered as NAME (RegisterMutators; default "default")
 //	durability=normal|full
 //	local=NAME, local_path=PATH
