@@ -19,15 +19,16 @@ import (
 	"github.com/sqlrebase/sqlrebase/server"
 )
 
-// dbFlags collects repeated --db NAME:SECRET flags.
+// dbFlags collects repeated --db NAME:SECRET flags (--db NAME in JWT
+// mode, where tokens, not secrets, grant access).
 type dbFlags []string
 
 func (d *dbFlags) String() string { return strings.Join(*d, ",") }
 
 func (d *dbFlags) Set(v string) error {
 	name, secret, ok := strings.Cut(v, ":")
-	if !ok || name == "" || secret == "" {
-		return fmt.Errorf("want NAME:SECRET, got %q", v)
+	if name == "" || ok && secret == "" {
+		return fmt.Errorf("want NAME:SECRET (or NAME with --jwt-*), got %q", v)
 	}
 	*d = append(*d, v)
 	return nil
@@ -56,15 +57,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	data := fs.String("data", "sqlrebase-data", "data directory: databases, change logs, credentials, certificate")
 	listen := fs.String("listen", "127.0.0.1:7878", "UDP address to serve QUIC on (HOST:PORT; port 0 picks one)")
 	var dbs dbFlags
-	fs.Var(&dbs, "db", "NAME:SECRET: host database NAME (created if new) and accept SECRET for it; repeat for more")
+	fs.Var(&dbs, "db", "NAME:SECRET: host database NAME (created if new) and accept SECRET for it; repeat for more (with --jwt-*: NAME)")
 	cert := fs.String("cert", "", "certificate file (PEM); default: a self-signed one created in --data")
 	key := fs.String("key", "", "key file (PEM) of --cert")
 	retainVersions := fs.Int("retain-versions", 100_000, "keep about this many versions per change log (older replicas get a snapshot)")
 	retainAge := fs.Duration("retain-age", 0, "drop change log segments older than this (0: no limit)")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on http://ADDR/metrics, with /healthz and /readyz (HOST:PORT; empty: off)")
 	verbose := fs.Bool("v", false, "log every session (debug level)")
+	var jwtf jwtFlags
+	jwtf.register(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: sqlrebase serve --data DIR --listen HOST:PORT [--db NAME:SECRET ...] [--cert F --key F]")
+		fmt.Fprintln(stderr, "       sqlrebase serve ... --jwt-jwks F | --jwt-hs256-secret-file F  --jwt-issuer I --jwt-audience A [--jwt-dbs-claim dbs] [--db NAME ...]")
 		fmt.Fprintln(stderr, "\nRuns the authority for the demo app's mutators over QUIC. Prints the certificate's")
 		fmt.Fprintln(stderr, "fingerprint for replicas to pin, then logs (slog) until SIGINT or SIGTERM.")
 		fs.PrintDefaults()
@@ -102,6 +106,27 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	if reg != nil {
 		cfg.Metrics = reg
 	}
+	if jwtf.enabled() {
+		a, err := jwtf.authenticator(log)
+		if err != nil {
+			fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
+			return 2
+		}
+		cfg.Authenticator = a
+		for _, d := range dbs {
+			if strings.Contains(d, ":") {
+				fmt.Fprintf(stderr, "sqlrebase serve: --db %s: with --jwt-* tokens grant access, not secrets: give --db NAME\n", d)
+				return 2
+			}
+		}
+	} else {
+		for _, d := range dbs {
+			if !strings.Contains(d, ":") {
+				fmt.Fprintf(stderr, "sqlrebase serve: --db %s: want NAME:SECRET (NAME alone only with --jwt-*)\n", d)
+				return 2
+			}
+		}
+	}
 	srv, err := server.Open(ctx, cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
@@ -110,13 +135,17 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	defer srv.Close()
 	for _, d := range dbs {
 		name, secret, _ := strings.Cut(d, ":")
-		if err := srv.AddDatabase(ctx, name, secret); err != nil {
+		add := func() error { return srv.AddDatabase(ctx, name, secret) }
+		if secret == "" { // JWT mode
+			add = func() error { return srv.CreateDatabase(ctx, name) }
+		}
+		if err := add(); err != nil {
 			fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
 			return 1
 		}
 	}
 	if len(srv.Databases()) == 0 {
-		fmt.Fprintln(stderr, "sqlrebase serve: no databases: add one with --db NAME:SECRET")
+		fmt.Fprintln(stderr, "sqlrebase serve: no databases: add one with --db NAME:SECRET (--db NAME with --jwt-*)")
 		return 2
 	}
 	addr, err := srv.Listen(ctx, *listen)
