@@ -3,6 +3,7 @@ package replica
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/server"
 )
 
 // TestTokenSourceEveryConnect: the token source is asked before every
@@ -106,4 +108,62 @@ func TestTokenSourceErrors(t *testing.T) {
 	if n := len(r2.Pending()); n != 1 {
 		t.Fatalf("%d pending after sync stopped, want 1", n)
 	}
+}
+
+// TestTokenExpiresMidSession: the server's authenticator issues identities
+// that expire 300 ms after each Hello, and ends each session then with
+// CodeCredentialExpired. A replica with a token source pushes increments
+// throughout several expiries: it reconnects with a fresh token every
+// time, the app sees no error, and at the end the server's count equals
+// the mutations made (nothing lost, nothing applied twice) and the
+// checksums agree.
+func TestTokenExpiresMidSession(t *testing.T) {
+	const life = 300 * time.Millisecond
+	reg := testRegistry(t)
+	var issued atomic.Int64
+	ts := startServer(t, reg, "", "127.0.0.1:0", func(c *server.Config) {
+		c.Authenticator = server.AuthenticatorFunc(func(ctx context.Context, req server.AuthRequest) (server.Identity, error) {
+			if !strings.HasPrefix(req.Credential, "tok-") {
+				return server.Identity{}, &server.AuthError{Reason: "not a token"}
+			}
+			return server.Identity{UserID: "alice", Credential: req.Credential, Expires: time.Now().Add(life)}, nil
+		})
+	})
+	rm := ts.remote()
+	rm.Credential = ""
+	rm.Token = func(ctx context.Context) (string, error) {
+		return fmt.Sprintf("tok-%d", issued.Add(1)), nil
+	}
+	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	ctx := waitCtx(t, 60*time.Second)
+	if err := r.WaitConnected(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var hs []*Handle
+	end := time.Now().Add(5 * life)
+	for time.Now().Before(end) {
+		h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs = append(hs, h)
+		time.Sleep(2 * time.Millisecond)
+	}
+	for i, h := range hs {
+		if err := h.Wait(ctx); err != nil {
+			t.Fatalf("mutation %d: %v", i+1, err)
+		}
+	}
+	converged(t, ts, r)
+	if got := categories(t, authQuery{ts.srv.Authority(testDB)})["Food"]; got != int64(len(hs)) {
+		t.Fatalf("server count %d after %d increments", got, len(hs))
+	}
+	sessions := r.stats.sessions.Load()
+	if issued.Load() < 3 || sessions < 3 {
+		t.Fatalf("%d tokens issued, %d sessions over %v of %v tokens: want several", issued.Load(), sessions, 5*life, life)
+	}
+	if st := r.Status(); !st.Connected && st.LastError != nil && !credentialEnded(st.LastError) {
+		t.Fatalf("status after the test: %+v", st)
+	}
+	t.Logf("%d mutations, %d tokens, %d sessions", len(hs), issued.Load(), sessions)
 }
