@@ -151,32 +151,33 @@ func (a *Reassembler) reset() { a.active, a.buf, a.version, a.total = false, nil
 // RecordHeader is what the header of an encoded version record says,
 // read without decoding its pages.
 type RecordHeader struct {
-	Version     uint64
-	PageBytes   uint64 // pages × page size: what the pages decode to
-	PreChecksum uint64
+	Version      uint64
+	PageBytes    uint64 // pages × page size: what the pages decode to
+	PostChecksum uint64 // the database's checksum at Version
 }
 
 // ReadRecordHeader reads the header of an encoded record (AppendBinary),
 // whatever its size: what a server compares with a client's
-// MaxVersionBytes, and the checksum a catch-up starts from.
+// MaxVersionBytes, and the checksum a catch-up from Version starts from.
 func ReadRecordHeader(rec []byte) (RecordHeader, error) {
 	d := &decoder{b: rec}
 	var h RecordHeader
+	var v EncodedVersion
 	h.Version = d.uvarint()
-	d.uvarint() // flags
-	pageSize := d.uvarint()
+	head := d.uvarint()
+	v.decodeHead(d, head)
 	d.uvarint() // db size
-	h.PreChecksum = d.fixed64()
-	d.fixed64()
-	d.byte()    // codec
-	d.uvarint() // base db size
+	if head&headBase != 0 {
+		d.uvarint() // base db size
+	}
+	h.PostChecksum = d.fixed64()
 	n := d.uvarint()
 	if d.err != nil {
 		return RecordHeader{}, fmt.Errorf("version record header: %w", d.err)
 	}
-	if pageSize > 1<<16 || n > 1<<32 {
-		return RecordHeader{}, fmt.Errorf("version record header: %w: %d pages of %d bytes", ErrMalformed, n, pageSize)
+	if n > 1<<32 {
+		return RecordHeader{}, fmt.Errorf("version record header: %w: %d pages", ErrMalformed, n)
 	}
-	h.PageBytes = n * pageSize
+	h.PageBytes = n * uint64(v.PageSize)
 	return h, nil
 }

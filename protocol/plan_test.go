@@ -196,8 +196,8 @@ func FuzzPlanFrames(f *testing.F) {
 }
 
 func TestReadRecordHeader(t *testing.T) {
-	ev := EncodedVersion{Version: 3, PageSize: 4096, DBSize: 9, PreChecksum: 42, Pgnos: []uint32{1, 5, 9}, Payload: []byte{1}}
-	if h, err := ReadRecordHeader(ev.AppendBinary(nil)); err != nil || h != (RecordHeader{Version: 3, PageBytes: 3 * 4096, PreChecksum: 42}) {
+	ev := EncodedVersion{Version: 3, PageSize: 4096, DBSize: 9, PostChecksum: 42, Pgnos: []uint32{1, 5, 9}, Payload: []byte{1}}
+	if h, err := ReadRecordHeader(ev.AppendBinary(nil)); err != nil || h != (RecordHeader{Version: 3, PageBytes: 3 * 4096, PostChecksum: 42}) {
 		t.Fatalf("%+v, %v", h, err)
 	}
 	if _, err := ReadRecordHeader([]byte{1, 2}); !errors.Is(err, ErrMalformed) {

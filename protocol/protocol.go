@@ -20,13 +20,19 @@ const ALPN = "sqlrebase/1"
 // Version is the protocol version this build speaks, sent in Hello. A server
 // that does not speak the client's version answers CodeProtocolVersion.
 // Version 2 added the receive limits to Hello and the VersionPart message;
-// version 3 added Hello.AppVersion. A server speaks every version from
-// MinVersion to Version: a version 2 Hello is a version 3 one with
-// AppVersion 0.
-const Version = 3
+// version 3 added Hello.AppVersion; version 4 changed the version record
+// (no pre checksum, one head varint for codec, page size and flags, and
+// CodecPatch), cutting a one-row update from 63 to under 32 bytes on the
+// wire. A server speaks every version from MinVersion to Version.
+const Version = 4
 
 // MinVersion is the oldest protocol version a server of this build accepts.
-const MinVersion = 2
+// It is 4: a server encodes each version once, in one record format, for
+// its change log and every subscriber, and a version 3 client cannot
+// decode a version 4 record, so an older client is refused with
+// CodeProtocolVersion (fatal) rather than sent records it would call
+// malformed, reconnecting forever.
+const MinVersion = 4
 
 // Limits bound what a decoder accepts. A message beyond a limit is an error
 // that closes the stream it came on; it is never truncated or partly used.

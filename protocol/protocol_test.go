@@ -21,8 +21,12 @@ func sampleMessages() []Message {
 		&Push{Mutations: []Mutation{}},
 		&Ack{LastMutationID: 7, Version: 99},
 		&Versions{Versions: []EncodedVersion{
-			{Version: 5, PageSize: 4096, DBSize: 3, PreChecksum: 1, PostChecksum: 2, Codec: CodecRaw, Pgnos: []uint32{1, 3}, Payload: make([]byte, 8192)},
-			{Version: 6, PageSize: 4096, DBSize: 3, PreChecksum: 2, PostChecksum: 3, Codec: CodecZstdDict, BaseDBSize: 3, Pgnos: []uint32{2}, Payload: []byte{1, 2, 3}},
+			{Version: 5, PageSize: 4096, DBSize: 3, PostChecksum: 2, Codec: CodecRaw, Pgnos: []uint32{1, 3}, Payload: make([]byte, 8192)},
+			{Version: 6, PageSize: 4096, DBSize: 3, PostChecksum: 3, Codec: CodecZstdDict, BaseDBSize: 3, Pgnos: []uint32{2}, Payload: []byte{1, 2, 3}},
+			// A patch against a smaller database: two new bytes at offset
+			// 3 of page 1, nothing in the new page 4.
+			{Version: 7, PageSize: 512, DBSize: 4, PostChecksum: 4, Codec: CodecPatch, BaseDBSize: 2, Pgnos: []uint32{1, 4}, Payload: []byte{1, 3<<2 | 1, 0xaa, 0xbb, 0}},
+			{Version: 8, Flags: 1, PageSize: 65536, DBSize: 1, PostChecksum: 5, Codec: CodecRaw, Pgnos: []uint32{1}, Payload: []byte{9}},
 		}},
 		&SnapshotChunk{Version: 9, PageSize: 4096, DBSize: 10, Checksum: 77, First: 3, Count: 2, Codec: CodecZstd, Payload: []byte("zz")},
 	}
@@ -129,7 +133,7 @@ func testVersion(rng *rand.Rand, n int) (base [][]byte, ps *wal.PageSet) {
 			base[i][j] = byte(rng.IntN(256))
 		}
 	}
-	ps = &wal.PageSet{Version: 2, PageSize: size, DBSize: uint32(n + 1), PreChecksum: 1, PostChecksum: 2}
+	ps = &wal.PageSet{Version: 2, PageSize: size, DBSize: uint32(n + 1), PostChecksum: 2}
 	for i := 0; i < n; i += 3 {
 		p := append([]byte(nil), base[i]...)
 		p[100+rng.IntN(size-200)] ^= 0x5a
@@ -147,15 +151,29 @@ func TestVersionCodecs(t *testing.T) {
 	before := func(p uint32) []byte { return base[p-1] }
 	lookup := func(p uint32) ([]byte, error) { return base[p-1], nil }
 
-	// A change in place (a byte flipped in each changed page): XOR.
-	xor, err := EncodeVersion(ps, 10, before)
+	// A change in place (a byte flipped in each changed page): the patch.
+	patch, err := EncodeVersion(ps, 10, before)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Many scattered bytes changed in place (every 16th of a page's
+	// cells): too many runs for the patch, a pattern for XOR then zstd.
+	scattered := &wal.PageSet{Version: ps.Version, PageSize: ps.PageSize, DBSize: ps.DBSize, PostChecksum: 2}
+	for _, p := range ps.Pages {
+		d := append([]byte(nil), p.Data...)
+		for j := 2048; j < len(d); j += 16 {
+			d[j] ^= 0x5a
+		}
+		scattered.Pages = append(scattered.Pages, wal.Page{Pgno: p.Pgno, Data: d})
+	}
+	xor, err := EncodeVersion(scattered, 10, before)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The same pages with their content shifted by two bytes, as an
 	// insert shifts a page's cell pointers: XOR does not see it, the
 	// dictionary does.
-	shifted := &wal.PageSet{Version: ps.Version, PageSize: ps.PageSize, DBSize: ps.DBSize, PreChecksum: 1, PostChecksum: 2}
+	shifted := &wal.PageSet{Version: ps.Version, PageSize: ps.PageSize, DBSize: ps.DBSize, PostChecksum: 2}
 	for _, p := range ps.Pages {
 		d := make([]byte, len(p.Data))
 		copy(d[2:], p.Data)
@@ -169,18 +187,23 @@ func TestVersionCodecs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if xor.Codec != CodecXorZstd || dict.Codec != CodecZstdDict || plain.Codec != CodecZstd {
-		t.Fatalf("codecs %d, %d and %d", xor.Codec, dict.Codec, plain.Codec)
+	if patch.Codec != CodecPatch || xor.Codec != CodecXorZstd || dict.Codec != CodecZstdDict || plain.Codec != CodecZstd {
+		t.Fatalf("codecs %d, %d, %d and %d", patch.Codec, xor.Codec, dict.Codec, plain.Codec)
+	}
+	// A flipped byte costs the run count, one run header and the byte,
+	// except on the new page, whose bytes are patched onto zeros.
+	if len(patch.Payload) > 4*(len(ps.Pages)-1)+16 {
+		t.Fatalf("patch of %d pages takes %d bytes: % x", len(ps.Pages), len(patch.Payload), patch.Payload)
 	}
 	raw := len(ps.Pages) * 4096
-	t.Logf("%d pages: raw %d B, zstd %d B, xor+zstd %d B; shifted: zstd+dict %d B", len(ps.Pages), raw, len(plain.Payload), len(xor.Payload), len(dict.Payload))
-	if len(xor.Payload) > raw/100 || len(dict.Payload) > raw/20 || len(dict.Payload) >= len(plain.Payload) {
+	t.Logf("%d pages: raw %d B, zstd %d B, patch %d B; scattered: xor+zstd %d B; shifted: zstd+dict %d B", len(ps.Pages), raw, len(plain.Payload), len(patch.Payload), len(xor.Payload), len(dict.Payload))
+	if len(xor.Payload) > raw/40 || len(dict.Payload) > raw/20 || len(dict.Payload) >= len(plain.Payload) {
 		t.Fatalf("the delta codecs do not pay: xor %d B, dict %d B, plain %d B, raw %d B", len(xor.Payload), len(dict.Payload), len(plain.Payload), raw)
 	}
 	for _, c := range []struct {
 		ev EncodedVersion
 		ps *wal.PageSet
-	}{{xor, ps}, {dict, shifted}, {plain, ps}} {
+	}{{patch, ps}, {xor, scattered}, {dict, shifted}, {plain, ps}} {
 		// Through the wire format and back.
 		m, err := Decode(Encode(&Versions{Versions: []EncodedVersion{c.ev}}), DefaultLimits)
 		if err != nil {
@@ -199,7 +222,7 @@ func TestVersionCodecs(t *testing.T) {
 	for _, c := range []struct {
 		ev EncodedVersion
 		ps *wal.PageSet
-	}{{xor, ps}, {dict, shifted}} {
+	}{{patch, ps}, {xor, scattered}, {dict, shifted}} {
 		if got, err := DecodeVersion(&c.ev, DefaultLimits, wrong); err == nil && reflect.DeepEqual(got, c.ps) {
 			t.Fatalf("codec %d: decoded the right pages from the wrong base", c.ev.Codec)
 		}

@@ -852,11 +852,15 @@ func (r *Replica) installRemoteSnapshot(ctx context.Context, img vfs.SnapshotIma
 // decodeVersions turns encoded versions into page sets. Each one that is a
 // delta against the version before is decoded against the newest image of
 // each page: from the versions of this batch before it (or the snapshot),
-// else from the main file.
+// else from the main file. A record carries no pre checksum (protocol 4):
+// each set's is the checksum of the version it applies to, the replica's
+// own (proved when it applied it) or the set's before it in the batch, so
+// that the apply's check holds by construction and the post checksum is
+// what proves the result.
 func (r *Replica) decodeVersions(evs []protocol.EncodedVersion) ([]*wal.PageSet, error) {
 	var sets []*wal.PageSet
 	newest := map[uint32][]byte{}
-	version, dbSize := r.files.Version(), r.files.Pages()
+	version, dbSize, sum := r.files.Version(), r.files.Pages(), r.files.Checksum()
 	before := func(pgno uint32) ([]byte, error) {
 		if p, ok := newest[pgno]; ok {
 			return p, nil
@@ -881,11 +885,12 @@ func (r *Replica) decodeVersions(evs []protocol.EncodedVersion) ([]*wal.PageSet,
 		if err != nil {
 			return nil, err
 		}
+		ps.PreChecksum = sum
 		sets = append(sets, ps)
 		for _, p := range ps.Pages {
 			newest[p.Pgno] = p.Data
 		}
-		version, dbSize = ps.Version, ps.DBSize
+		version, dbSize, sum = ps.Version, ps.DBSize, ps.PostChecksum
 	}
 	return sets, nil
 }

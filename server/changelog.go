@@ -74,8 +74,12 @@ func openChangeLog(dir string, segVersions int, segBytes int64, retention Retent
 	}
 	var firsts []uint64
 	for _, e := range entries {
-		name, ok := strings.CutSuffix(e.Name(), ".seg")
+		name, ok := strings.CutSuffix(e.Name(), segmentSuffix)
 		if !ok {
+			if _, old := strings.CutSuffix(e.Name(), ".seg"); old {
+				// A segment of protocol 3's records: not servable.
+				os.Remove(filepath.Join(dir, e.Name()))
+			}
 			continue
 		}
 		v, err := strconv.ParseUint(name, 10, 64)
@@ -107,7 +111,13 @@ func openChangeLog(dir string, segVersions int, segBytes int64, retention Retent
 	return l, nil
 }
 
-func segmentName(first uint64) string { return fmt.Sprintf("%020d.seg", first) }
+// segmentSuffix names the segments of this record format: a record is a
+// protocol 4 version record after the checksum before it (database.go).
+// Segments of the format before (".seg", protocol 3's records) are removed
+// at open; the database then starts the log afresh.
+const segmentSuffix = ".seg4"
+
+func segmentName(first uint64) string { return fmt.Sprintf("%020d%s", first, segmentSuffix) }
 
 // scanSegment reads a segment's record offsets, checking every CRC. In the
 // newest segment a bad tail is cut off; in an older one it ends the segment.

@@ -60,7 +60,7 @@ func TestChangeLog(t *testing.T) {
 	l.close()
 
 	// A torn record at the end (a crash mid-append) is cut off at open.
-	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	segs, _ := filepath.Glob(filepath.Join(dir, "*"+segmentSuffix))
 	if len(segs) != 4 {
 		t.Fatalf("%d segments, want 4 of at most 3 versions", len(segs))
 	}
@@ -86,7 +86,7 @@ func TestChangeLog(t *testing.T) {
 	check(l, l.first(), 15)
 	// A corrupt record in an older segment is found when read.
 	l.close()
-	segs, _ = filepath.Glob(filepath.Join(dir, "*.seg"))
+	segs, _ = filepath.Glob(filepath.Join(dir, "*"+segmentSuffix))
 	b, _ := os.ReadFile(segs[0])
 	b[len(b)-1] ^= 1
 	os.WriteFile(segs[0], b, 0o644)

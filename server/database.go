@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -102,10 +103,15 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 			return
 		}
 	}
-	rec := ev.AppendBinary(nil)
+	// The log's record is the wire record after the checksum before it,
+	// which the wire no longer carries (protocol 4) and a catch-up from
+	// the version before needs (checksumAt).
+	logRec := binary.LittleEndian.AppendUint64(make([]byte, 0, logPrefix+256), ps.PreChecksum)
+	logRec = ev.AppendBinary(logRec)
+	rec := logRec[logPrefix:]
 	d.cfg.metrics.published.WithLabelValues(d.cfg.metrics.lv(d.name)...).Add(float64(len(rec)))
 	d.cfg.metrics.versions.WithLabelValues(d.cfg.metrics.lv(d.name)...).Inc()
-	if err := d.clog.append(ps.Version, rec, time.Now()); err != nil {
+	if err := d.clog.append(ps.Version, logRec, time.Now()); err != nil {
 		d.log.Error("change log append failed; the log starts afresh", "version", ps.Version, "err", err)
 		d.clog.reset()
 	}
@@ -156,20 +162,19 @@ func (d *database) subscribe(ctx context.Context, s *session, have uint64, check
 }
 
 // checksumAt is the database checksum at version v, from the change log
-// (the pre-checksum of v+1); 0 if the log cannot tell. Called under auth.mu.
+// (the checksum before v+1, which its log record keeps ahead of the wire
+// record); 0 if the log cannot tell. Called under auth.mu.
 func (d *database) checksumAt(v uint64) uint64 {
 	recs, err := d.clog.read(v+1, v+1)
-	if err != nil {
+	if err != nil || len(recs[0]) < logPrefix {
 		return 0
 	}
-	// The header only: a version of any size (beyond the decoder's page
-	// limits) still vouches for the checksum before it.
-	h, err := protocol.ReadRecordHeader(recs[0])
-	if err != nil {
-		return 0
-	}
-	return h.PreChecksum
+	return binary.LittleEndian.Uint64(recs[0])
 }
+
+// logPrefix is the bytes of a change log record before the wire record:
+// the database's checksum before the version.
+const logPrefix = 8
 
 // readLog returns encoded versions from..to (at most max of them), or an
 // error if the log no longer holds them.
@@ -179,7 +184,17 @@ func (d *database) readLog(from, to uint64, max int) ([][]byte, error) {
 	if to-from+1 > uint64(max) {
 		to = from + uint64(max) - 1
 	}
-	return d.clog.read(from, to)
+	recs, err := d.clog.read(from, to)
+	if err != nil {
+		return nil, err
+	}
+	for i, r := range recs {
+		if len(r) < logPrefix {
+			return nil, fmt.Errorf("change log: record of version %d has %d bytes", from+uint64(i), len(r))
+		}
+		recs[i] = r[logPrefix:]
+	}
+	return recs, nil
 }
 
 func (d *database) unsubscribe(s *session) {

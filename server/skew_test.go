@@ -8,14 +8,14 @@ import (
 )
 
 // TestMinAppVersion: with Config.MinAppVersion, an older app build (or a
-// protocol 2 client, which states none) is refused with the fatal
-// CodeUpgradeRequired; the minimum and newer builds are welcomed.
+// client that states none) is refused with the fatal CodeUpgradeRequired;
+// the minimum and newer builds are welcomed.
 func TestMinAppVersion(t *testing.T) {
 	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.MinAppVersion = 5 })
 	conn := dial(t, addr, srv.Fingerprint())
 	for _, h := range []protocol.Hello{
 		{Database: "demo", ClientID: "old", Credential: "s3cret", AppVersion: 4},
-		{Protocol: 2, Database: "demo", ClientID: "v2", Credential: "s3cret"},
+		{Database: "demo", ClientID: "unstated", Credential: "s3cret"},
 	} {
 		_, m := openClient(t, conn, h)
 		e, ok := m.(*protocol.Error)
@@ -32,11 +32,18 @@ func TestMinAppVersion(t *testing.T) {
 	}
 }
 
-// TestProtocol2Admitted: a server of this build still admits a protocol 2
-// client when it sets no minimum app version.
-func TestProtocol2Admitted(t *testing.T) {
+// TestOldProtocolRefused: a protocol 2 or 3 client, which cannot decode
+// protocol 4's version records, is refused with the fatal
+// CodeProtocolVersion naming the versions this server speaks, not sent
+// records it would call malformed (and reconnect for, forever).
+func TestOldProtocolRefused(t *testing.T) {
 	srv, addr := testServer(t, t.TempDir(), nil)
 	conn := dial(t, addr, srv.Fingerprint())
-	_, m := openClient(t, conn, protocol.Hello{Protocol: 2, Database: "demo", ClientID: "v2", Credential: "s3cret"})
-	welcome(t, m)
+	for _, p := range []uint32{2, 3} {
+		_, m := openClient(t, conn, protocol.Hello{Protocol: p, Database: "demo", ClientID: "old", Credential: "s3cret"})
+		e, ok := m.(*protocol.Error)
+		if !ok || e.Code != protocol.CodeProtocolVersion || !e.Code.Fatal() || !strings.Contains(e.Message, "speaks 4 to 4") {
+			t.Fatalf("protocol %d: got %#v", p, m)
+		}
+	}
 }
