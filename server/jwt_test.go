@@ -26,6 +26,9 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/replica"
 )
 
 // testNow is the fixed clock of the JWT tests.
@@ -624,4 +627,155 @@ func FuzzJWTAuthenticate(f *testing.F) {
 			t.Fatalf("accepted %q as %+v", tok, id)
 		}
 	})
+}
+
+// startJWTServer serves database "acme" (the demo schema) with auth on
+// 127.0.0.1, and returns its address. Failed checks are not rate limited:
+// the tests make many from one address on purpose.
+func startJWTServer(t *testing.T, auth Authenticator) (*Server, string) {
+	t.Helper()
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	srv, err := Open(ctx, Config{Dir: t.TempDir(), Mutators: reg, Authenticator: auth,
+		Setup: func(ctx context.Context, tx mutators.Tx) error {
+			_, err := tx.Exec(mutators.DemoSchema)
+			return err
+		},
+		Logger: slog.New(slog.DiscardHandler), AuthFailureBurst: 1 << 20, AuthFailureEvery: time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	if err := srv.CreateDatabase(ctx, "acme"); err != nil {
+		t.Fatal(err)
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, addr
+}
+
+// openJWTReplica opens a replica of "acme" on srv that presents token, and
+// makes one mutation (optimistic, pending until the server takes it).
+func openJWTReplica(t *testing.T, srv *Server, addr, token string) *replica.Replica {
+	t.Helper()
+	ctx := context.Background()
+	r, err := replica.Open(ctx, filepath.Join(t.TempDir(), "r.db"), replica.Options{Mutators: srv.cfg.Mutators, User: "alice",
+		Logger: slog.New(slog.DiscardHandler),
+		Remote: &replica.Remote{Addr: addr, Database: "acme", Credential: token, Fingerprint: srv.Fingerprint()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	if _, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("work", 1)); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestJWTRefusedEndToEnd: every way a token can be wrong, presented by a
+// real replica to a real server: the replica stops with a fatal error that
+// says why (an expired token instead keeps it retrying, for a fresh token
+// cures it), its mutation stays pending, and the server's database does not
+// change. A good token, last, shows the same setup does admit and apply.
+func TestJWTRefusedEndToEnd(t *testing.T) {
+	k := newTestKeys(t)
+	jwksPath := writeFile(t, t.TempDir(), "jwks.json", k.jwks(t))
+	a, err := NewJWTAuthenticator(JWTConfig{JWKSFile: jwksPath, HS256Secret: k.secret, Issuer: testIssuer, Audience: testAudience})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, addr := startJWTServer(t, a)
+	auth := srv.Authority("acme")
+	before := auth.Version()
+
+	now := time.Now()
+	claims := func(edit ...func(map[string]any)) map[string]any {
+		c := goodClaims(edit...)
+		for _, f := range []string{"exp", "nbf", "iat"} { // goodClaims is on testNow; this server runs on the real clock
+			if v, ok := c[f].(int64); ok {
+				c[f] = now.Add(time.Duration(v-testNow.Unix()) * time.Second).Unix()
+			}
+		}
+		return c
+	}
+	rs := func(c map[string]any) string { return mint(t, jose.RS256, k.rsa, "rsa", c) }
+	rsaPKIX, err := x509.MarshalPKIXPublicKey(k.rsa.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rsaPEM := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: rsaPKIX})
+	claimsJSON, _ := json.Marshal(claims())
+	valid := rs(claims())
+
+	for _, tc := range []struct {
+		name, token, reason string
+		expired             bool
+	}{
+		{"expired", rs(claims(func(c map[string]any) { c["exp"] = testNow.Add(-time.Hour).Unix() })), "token expired at", true},
+		{"not yet valid", rs(claims(func(c map[string]any) { c["nbf"] = testNow.Add(time.Hour).Unix() })), "token not valid before", false},
+		{"wrong issuer", rs(claims(func(c map[string]any) { c["iss"] = "https://evil.example" })), `issuer "https://evil.example" is not`, false},
+		{"wrong audience", rs(claims(func(c map[string]any) { c["aud"] = "billing" })), `audience ["billing"] does not include "sqlrebase"`, false},
+		{"unknown kid", mint(t, jose.RS256, k.rsa, "rsa-2025", claims()), `unknown key id "rsa-2025"`, false},
+		{"unrelated key", mint(t, jose.RS256, k.rsaOther, "rsa", claims()), `signature does not verify with key "rsa"`, false},
+		{"alg none", handmade(`{"alg":"none"}`, string(claimsJSON), nil), `algorithm "none" not accepted`, false},
+		{"HS256 with the RSA public key", handmade(`{"alg":"HS256","kid":"rsa"}`, string(claimsJSON), hs256(rsaPEM)), "signature does not verify (HS256)", false},
+		{"another database", rs(claims(func(c map[string]any) { c["dbs"] = []string{"beta"} })), `no access to database "acme"`, false},
+		{"garbage", "garbage", "malformed token: 1 dot-separated parts", false},
+		{"two segments", strings.Join(strings.Split(valid, ".")[:2], "."), "malformed token: 2 dot-separated parts", false},
+		{"bad base64", valid + "*", "malformed token: the signature is not base64url", false},
+		{"bad JSON", handmade(`{"alg":"HS256"}`, `{"sub":`, hs256(k.secret)), "malformed claims", false},
+		{"missing sub", rs(claims(func(c map[string]any) { delete(c, "sub") })), "token has no sub", false},
+		{"missing exp", rs(claims(func(c map[string]any) { delete(c, "exp") })), "token has no exp", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := openJWTReplica(t, srv, addr, tc.token)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			if tc.expired {
+				// Not fatal: the replica keeps trying (its token source would
+				// give it a fresh token). Wait, boundedly, for the refusal.
+				for r.Status().LastError == nil {
+					if ctx.Err() != nil {
+						t.Fatal("no connection attempt within 20 s")
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				if err := r.Status().LastError; !strings.Contains(err.Error(), tc.reason) {
+					t.Fatalf("last error %v, want %q", err, tc.reason)
+				}
+				short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				defer cancel()
+				if err := r.WaitConnected(short); !errors.Is(err, context.DeadlineExceeded) {
+					t.Fatalf("WaitConnected: %v, want it still retrying", err)
+				}
+			} else {
+				err := r.WaitConnected(ctx)
+				if err == nil || errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), tc.reason) {
+					t.Fatalf("WaitConnected: %v, want a fatal refusal saying %q", err, tc.reason)
+				}
+			}
+			if p := r.Status().Pending; p != 1 {
+				t.Fatalf("pending %d, want the mutation still pending", p)
+			}
+			if v := auth.Version(); v != before {
+				t.Fatalf("server version %d, was %d: a refused token changed the database", v, before)
+			}
+		})
+	}
+
+	r := openJWTReplica(t, srv, addr, valid)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := r.Sync(ctx); err != nil {
+		t.Fatalf("valid token: %v", err)
+	}
+	if v := auth.Version(); v != before+1 {
+		t.Fatalf("server version %d after a valid token's mutation, want %d", v, before+1)
+	}
 }
