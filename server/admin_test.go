@@ -1,0 +1,398 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/protocol"
+)
+
+// adminCall makes one admin API call and decodes its JSON answer into out
+// (if not nil); it returns the status.
+func adminCall(t testing.TB, h http.Handler, token, method, path string, body any, out any) int {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req := httptest.NewRequest(method, path, rd)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	if out != nil && rec.Code < 300 {
+		if err := json.Unmarshal(rec.Body.Bytes(), out); err != nil {
+			t.Fatalf("%s %s: %v in %q", method, path, err, rec.Body.String())
+		}
+	}
+	return rec.Code
+}
+
+// refusedWith opens a session and wants it refused with code, saying says.
+func refusedWith(t testing.TB, m protocol.Message, code protocol.Code, says string) {
+	t.Helper()
+	e, ok := m.(*protocol.Error)
+	if !ok || e.Code != code || !strings.Contains(e.Message, says) {
+		t.Fatalf("got %#v, want code %v saying %q", m, code, says)
+	}
+}
+
+// endsWith reads the session until an Error and wants code within
+// within (versions and acks before it are fine).
+func endsWith(t testing.TB, c *client, code protocol.Code, within time.Duration) *protocol.Error {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		c.stream.SetReadDeadline(deadline)
+		m, err := c.r.Read()
+		if err != nil {
+			t.Fatalf("session did not end with code %v within %v: %v", code, within, err)
+		}
+		if e, ok := m.(*protocol.Error); ok {
+			if e.Code != code {
+				t.Fatalf("ended with %v, want %v", e.Err(), code)
+			}
+			return e
+		}
+	}
+}
+
+func TestAdminAPI(t *testing.T) {
+	srv, _ := testServer(t, t.TempDir(), func(c *Config) { c.CredentialHashIterations = 1000 })
+	h := srv.AdminHandler("tok")
+	// Without the token, or with a wrong one, nothing is done.
+	for _, tok := range []string{"", "wrong", "tok2"} {
+		if code := adminCall(t, h, tok, "POST", "/v1/databases", map[string]string{"name": "acme"}, nil); code != http.StatusUnauthorized {
+			t.Fatalf("token %q: status %d", tok, code)
+		}
+	}
+	if code := adminCall(t, srv.AdminHandler(""), "", "GET", "/v1/databases/demo/users", nil, nil); code != http.StatusUnauthorized {
+		t.Fatalf("a handler with no token answered %d", code)
+	}
+	if len(srv.Databases()) != 1 {
+		t.Fatal("an unauthorized call created a database")
+	}
+	if code := adminCall(t, h, "tok", "POST", "/v1/databases", map[string]string{"name": "acme"}, nil); code != http.StatusCreated {
+		t.Fatalf("create: %d", code)
+	}
+	if code := adminCall(t, h, "tok", "POST", "/v1/databases", map[string]string{"name": "../x"}, nil); code != http.StatusBadRequest {
+		t.Fatalf("create a bad name: %d", code)
+	}
+	var alice CredentialInfo
+	if code := adminCall(t, h, "tok", "POST", "/v1/databases/acme/secrets", map[string]string{"user": "alice", "secret": "a1"}, &alice); code != http.StatusCreated || alice.User != "alice" || alice.ID == "" {
+		t.Fatalf("add secret: %d %+v", code, alice)
+	}
+	cases := []struct {
+		method, path string
+		body         any
+		want         int
+	}{
+		{"POST", "/v1/databases/acme/secrets", map[string]string{"user": "alice", "secret": "other"}, http.StatusConflict},
+		{"POST", "/v1/databases/acme/secrets", map[string]string{"user": "bob"}, http.StatusBadRequest},
+		{"POST", "/v1/databases/acme/secrets", map[string]string{"user": "bob", "secret": "b", "extra": "x"}, http.StatusBadRequest},
+		{"POST", "/v1/databases/nosuch/secrets", map[string]string{"user": "bob", "secret": "b"}, http.StatusNotFound},
+		{"PUT", "/v1/databases/acme/secrets/nobody", map[string]string{"secret": "x"}, http.StatusNotFound},
+		{"DELETE", "/v1/databases/acme/secrets/nobody", nil, http.StatusNotFound},
+		{"GET", "/v1/databases/nosuch/clients", nil, http.StatusNotFound},
+	}
+	for _, c := range cases {
+		if code := adminCall(t, h, "tok", c.method, c.path, c.body, nil); code != c.want {
+			t.Errorf("%s %s %v: %d, want %d", c.method, c.path, c.body, code, c.want)
+		}
+	}
+	var rotated CredentialInfo
+	if code := adminCall(t, h, "tok", "PUT", "/v1/databases/acme/secrets/alice", map[string]string{"secret": "a2"}, &rotated); code != http.StatusOK || rotated != alice {
+		t.Fatalf("rotate: %d %+v, want %+v", code, rotated, alice)
+	}
+	var users []UserInfo
+	if code := adminCall(t, h, "tok", "GET", "/v1/databases/acme/users", nil, &users); code != http.StatusOK || len(users) != 1 || users[0].User != "alice" || len(users[0].Credentials) != 1 {
+		t.Fatalf("users: %d %+v", code, users)
+	}
+	var ended map[string]int
+	if code := adminCall(t, h, "tok", "POST", "/v1/databases/acme/users/mallory/revoke", nil, &ended); code != http.StatusOK || ended["ended"] != 0 {
+		t.Fatalf("revoke user: %d %v", code, ended)
+	}
+	if code := adminCall(t, h, "tok", "DELETE", "/v1/databases/acme/secrets/"+alice.ID, nil, &ended); code != http.StatusOK {
+		t.Fatalf("revoke secret: %d", code)
+	}
+	users = nil
+	adminCall(t, h, "tok", "GET", "/v1/databases/acme/users", nil, &users)
+	if len(users) != 1 || users[0].User != "mallory" || !users[0].Revoked {
+		t.Fatalf("users after revocations: %+v", users)
+	}
+}
+
+// TestClientIDOfAnotherUser: a client id is bound to the user that first
+// used it; another user's secret cannot open a session as that client (so
+// it can neither push nor read its acks), and nothing changes.
+func TestClientIDOfAnotherUser(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.CredentialHashIterations = 1000 })
+	ctx := context.Background()
+	for _, u := range []string{"alice", "bob"} {
+		if _, err := srv.AddSecret(ctx, "demo", u, u+"-secret"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "alice-secret"})
+	welcome(t, m)
+	c.until(1)
+	c.push(1)
+	c.acked(1)
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "bob-secret"})
+	refusedWith(t, m, protocol.CodeUnauthorized, "client id phone belongs to another user")
+	// Alice on another stream is still herself.
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "alice-secret", Version: c.im.version, Checksum: c.im.sums.Sum()})
+	if w := welcome(t, m); w.LastMutationID != 1 {
+		t.Fatalf("alice's welcome %+v", w)
+	}
+	if n := sumOf(t, srv.Authority("demo"), "Food"); n != 1 {
+		t.Fatalf("Food = %d, want 1", n)
+	}
+	cs, err := srv.Clients(ctx, "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs) != 1 || cs[0].ClientID != "phone" || cs[0].User != "alice" || cs[0].LastPush.IsZero() || cs[0].Sessions != 2 {
+		t.Fatalf("clients: %+v", cs)
+	}
+}
+
+// TestRevokeSecretEndsSessions: revoking a secret ends its live sessions
+// within 1 s with CodeCredentialRevoked and leaves the others open; the
+// secret is then refused (fatal).
+func TestRevokeSecretEndsSessions(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.CredentialHashIterations = 1000 })
+	ctx := context.Background()
+	alice, _ := srv.AddSecret(ctx, "demo", "alice", "alice-secret")
+	srv.AddSecret(ctx, "demo", "bob", "bob-secret")
+	conn := dial(t, addr, srv.Fingerprint())
+	var as []*client
+	for _, id := range []string{"a1", "a2"} {
+		c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: id, Credential: "alice-secret"})
+		welcome(t, m)
+		c.until(1)
+		as = append(as, c)
+	}
+	b, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "b1", Credential: "bob-secret"})
+	welcome(t, m)
+	b.until(1)
+	n, err := srv.RevokeSecret(ctx, "demo", "alice")
+	if err != nil || n != 2 {
+		t.Fatalf("revoke: %d sessions, %v", n, err)
+	}
+	for _, c := range as {
+		e := endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
+		if !strings.Contains(e.Message, alice.ID) {
+			t.Fatalf("revoked session told %q", e.Message)
+		}
+	}
+	b.push(1)
+	b.acked(1) // bob's session goes on
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "alice-secret"})
+	refusedWith(t, m, protocol.CodeUnauthorized, "wrong credential")
+	if !protocol.CodeUnauthorized.Fatal() || protocol.CodeCredentialRevoked.Fatal() {
+		t.Fatal("revoked must be retried (reconnect), unauthorized must be fatal")
+	}
+}
+
+// TestRevokeUserEndsSessions: revoking a user ends the sessions of that
+// user whatever their credential (here tokens of an app authenticator),
+// and refuses the user's Hellos from then on, after a restart too.
+func TestRevokeUserEndsSessions(t *testing.T) {
+	dir := t.TempDir()
+	tokens := func(c *Config) {
+		c.Authenticator = AuthenticatorFunc(func(ctx context.Context, req AuthRequest) (Identity, error) {
+			user, ok := strings.CutPrefix(req.Credential, "token-of-")
+			if !ok {
+				return Identity{}, &AuthError{Reason: "not a token"}
+			}
+			return Identity{UserID: user, Credential: "jti-" + req.ClientID}, nil
+		})
+	}
+	srv, addr := testServer(t, dir, tokens)
+	conn := dial(t, addr, srv.Fingerprint())
+	m1, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "m1", Credential: "token-of-mallory"})
+	welcome(t, m)
+	a1, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "token-of-alice"})
+	welcome(t, m)
+	a1.until(1)
+	if n, err := srv.RevokeUser(context.Background(), "demo", "mallory"); err != nil || n != 1 {
+		t.Fatalf("revoke user: %d, %v", n, err)
+	}
+	endsWith(t, m1, protocol.CodeCredentialRevoked, time.Second)
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "m2", Credential: "token-of-mallory"})
+	refusedWith(t, m, protocol.CodeUnauthorized, `user "mallory" was revoked`)
+	a1.push(1)
+	a1.acked(1)
+	srv.Close()
+
+	srv, addr = testServer(t, dir, tokens)
+	conn = dial(t, addr, srv.Fingerprint())
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "m3", Credential: "token-of-mallory"})
+	refusedWith(t, m, protocol.CodeUnauthorized, `user "mallory" was revoked`)
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "token-of-alice"})
+	welcome(t, m)
+}
+
+// TestAuthenticatorRefusals: an app authenticator's refusals reach the
+// client with their reasons and codes; its internal errors do not leak.
+func TestAuthenticatorRefusals(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) {
+		c.Authenticator = AuthenticatorFunc(func(ctx context.Context, req AuthRequest) (Identity, error) {
+			switch req.Credential {
+			case "expired":
+				return Identity{}, &AuthError{Reason: "token expired", Expired: true}
+			case "audience":
+				return Identity{}, &AuthError{Reason: "audience mismatch"}
+			case "past":
+				return Identity{UserID: "u", Expires: time.Now().Add(-time.Second)}, nil
+			case "nobody":
+				return Identity{}, nil
+			case "broken":
+				return Identity{}, errors.New("identity provider down: secret detail")
+			case "short":
+				return Identity{UserID: "u", Expires: time.Now().Add(200 * time.Millisecond)}, nil
+			}
+			return Identity{}, &AuthError{Reason: "no"}
+		})
+	})
+	conn := dial(t, addr, srv.Fingerprint())
+	for _, c := range []struct {
+		cred string
+		code protocol.Code
+		says string
+	}{
+		{"expired", protocol.CodeCredentialExpired, "token expired"},
+		{"audience", protocol.CodeUnauthorized, "audience mismatch"},
+		{"past", protocol.CodeCredentialExpired, "expired"},
+		{"nobody", protocol.CodeInternal, "could not open"},
+		{"broken", protocol.CodeInternal, "could not open"},
+	} {
+		_, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "c-" + c.cred, Credential: c.cred})
+		refusedWith(t, m, c.code, c.says)
+	}
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "s", Credential: "short"})
+	welcome(t, m)
+	endsWith(t, c, protocol.CodeCredentialExpired, 5*time.Second)
+}
+
+// TestBadHellosRateLimited: 200 concurrent Hellos with wrong secrets from
+// one address; those past the failure budget are refused at once with
+// CodeRateLimited (no hashing), and a good Hello from the same address,
+// whose secret was verified before, still succeeds during and after.
+func TestBadHellosRateLimited(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) {
+		c.MaxConnsPerAddr = 1000
+		c.AuthFailureEvery = time.Hour // no refill during the test
+	})
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "good", Credential: "s3cret"})
+	welcome(t, m)
+	c.stream.Close()
+	conns := make([]*quic.Conn, 8) // as an attacker would: streams spread over connections
+	for i := range conns {
+		conns[i] = dial(t, addr, srv.Fingerprint())
+	}
+	const bad = 200
+	var mu sync.Mutex
+	codes := map[protocol.Code]int{}
+	var wg sync.WaitGroup
+	for i := range bad {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, m := openClient(t, conns[i%len(conns)], protocol.Hello{Database: "demo", ClientID: "bad", Credential: "guess-" + string(rune('a'+i%26))})
+			e, ok := m.(*protocol.Error)
+			mu.Lock()
+			defer mu.Unlock()
+			if !ok {
+				codes[0]++
+				return
+			}
+			codes[e.Code]++
+		}()
+	}
+	wg.Wait()
+	if codes[protocol.CodeUnauthorized] != defaultAuthFailureBurst || codes[protocol.CodeRateLimited] != bad-defaultAuthFailureBurst {
+		t.Fatalf("refusals %v: want %d unauthorized (the budget) and the rest rate-limited", codes, defaultAuthFailureBurst)
+	}
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "good", Credential: "s3cret"})
+	welcome(t, m)
+	// A secret never verified is refused at once from this address,
+	// even a right one: its check would cost a hash.
+	if _, err := srv.AddSecret(context.Background(), "demo", "late", "late-secret"); err != nil {
+		t.Fatal(err)
+	}
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "late", Credential: "late-secret"})
+	refusedWith(t, m, protocol.CodeRateLimited, "too many failed credential checks")
+	if protocol.CodeRateLimited.Fatal() {
+		t.Fatal("rate limited must be retried")
+	}
+}
+
+// TestAdminRestart: everything the admin calls change survives a restart:
+// databases, named and rotated secrets, revocations, client bindings.
+func TestAdminRestart(t *testing.T) {
+	dir := t.TempDir()
+	quiet := func(c *Config) {
+		c.CredentialHashIterations = 1000
+		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	srv, addr := testServer(t, dir, quiet)
+	ctx := context.Background()
+	if err := srv.CreateDatabase(ctx, "acme"); err != nil {
+		t.Fatal(err)
+	}
+	srv.AddSecret(ctx, "acme", "alice", "a1")
+	srv.AddSecret(ctx, "acme", "bob", "b1")
+	srv.AddSecret(ctx, "acme", "carol", "c1")
+	conn := dial(t, addr, srv.Fingerprint())
+	_, m := openClient(t, conn, protocol.Hello{Database: "acme", ClientID: "phone", Credential: "a1"})
+	welcome(t, m)
+	if _, err := srv.RotateSecret(ctx, "acme", "alice", "a2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.RevokeSecret(ctx, "acme", "bob"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.RevokeUser(ctx, "acme", "carol"); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+
+	srv, addr = testServer(t, dir, quiet)
+	conn = dial(t, addr, srv.Fingerprint())
+	for _, c := range []struct {
+		client, cred string
+		code         protocol.Code
+		says         string
+	}{
+		{"phone", "a1", protocol.CodeUnauthorized, "wrong credential"},
+		{"laptop", "b1", protocol.CodeUnauthorized, "wrong credential"},
+		{"tablet", "c1", protocol.CodeUnauthorized, `user "carol" was revoked`},
+	} {
+		_, m := openClient(t, conn, protocol.Hello{Database: "acme", ClientID: c.client, Credential: c.cred})
+		refusedWith(t, m, c.code, c.says)
+	}
+	_, m = openClient(t, conn, protocol.Hello{Database: "acme", ClientID: "phone", Credential: "a2"})
+	welcome(t, m)
+	cs, err := srv.Clients(ctx, "acme")
+	if err != nil || len(cs) != 1 || cs[0].User != "alice" {
+		t.Fatalf("clients after restart: %+v %v", cs, err)
+	}
+}
