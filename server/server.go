@@ -135,6 +135,10 @@ type Config struct {
 	MetricsPerDatabase bool
 
 	metrics *metrics // the collectors (always made; registered on Metrics)
+	// writeTimeout is how long a session's write may stay blocked before
+	// the client is cut off (zero: the writeTimeout constant); tests
+	// shorten it.
+	writeTimeout time.Duration
 }
 
 func (c *Config) defaults() {
@@ -154,6 +158,9 @@ func (c *Config) defaults() {
 	setDefault(&c.GroupCommit, 4_000)
 	setDefault(&c.SessionQueue, 1024)
 	setDefault(&c.SessionQueueBytes, 64<<20)
+	if c.writeTimeout <= 0 {
+		c.writeTimeout = writeTimeout
+	}
 	setDefault(&c.SegmentVersions, 10_000)
 	if c.Retention == (Retention{}) {
 		c.Retention = DefaultRetention()

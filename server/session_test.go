@@ -1,0 +1,91 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+)
+
+// TestNextDeadline: every write starts with at least the write timeout
+// before the armed deadline and at most the timeout plus the slack, and a
+// sender writing every millisecond re-arms it about once per slack, not
+// once per write.
+func TestNextDeadline(t *testing.T) {
+	const timeout = 10 * time.Second
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	if d, ok := nextDeadline(start, time.Time{}, timeout); !ok || d != start.Add(timeout+deadlineSlack) {
+		t.Fatalf("first write: %v %v, want a new deadline %v", d, ok, start.Add(timeout+deadlineSlack))
+	}
+	for seed := range uint64(50) {
+		rng := rand.New(rand.NewPCG(seed, 1))
+		now, armed, sets, writes := start, time.Time{}, 0, 0
+		for now.Before(start.Add(time.Minute)) {
+			d, ok := nextDeadline(now, armed, timeout)
+			if left := d.Sub(now); left < timeout || left > timeout+deadlineSlack {
+				t.Fatalf("seed %d: a write at %v gets %v, want %v to %v", seed, now.Sub(start), left, timeout, timeout+deadlineSlack)
+			}
+			if ok {
+				sets++
+			} else if d != armed {
+				t.Fatalf("seed %d: kept deadline %v is not the armed %v", seed, d, armed)
+			}
+			armed = d
+			writes++
+			now = now.Add(time.Duration(rng.Int64N(int64(2 * time.Millisecond))))
+		}
+		if max := int(time.Minute/deadlineSlack) + 1; sets > max {
+			t.Fatalf("seed %d: %d deadlines armed for %d writes in a minute, want at most %d", seed, sets, writes, max)
+		}
+	}
+}
+
+// TestSlowClientWriteTimeout: a client that reads nothing, behind a queue
+// that never overflows, is cut off when its sender's write stays blocked
+// for the write timeout (shortened here), with the reason as the stream's
+// reset code.
+func TestSlowClientWriteTimeout(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.Metrics = reg; c.writeTimeout = 300 * time.Millisecond })
+	slow, m := openClient(t, dial(t, addr, srv.Fingerprint()), protocol.Hello{Database: "demo", ClientID: "slow", Credential: "s3cret"})
+	welcome(t, m)
+	a := srv.Authority("demo")
+	// 40 incompressible versions of 64 KiB: more than QUIC's windows
+	// take while nothing is read, far less than the queue's bounds.
+	for i := 0; i < 40; i++ {
+		if _, err := a.Exec(context.Background(), func(tx mutators.Tx) error {
+			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES (randomblob(65536), 1)`)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the blocked write cut off", func() bool {
+		n, _ := scrape(t, reg, metricSlow, "reason", "write")
+		return n == 1
+	})
+	if n, _ := scrape(t, reg, metricSlow, "reason", "queue"); n != 0 {
+		t.Fatalf("queue cut-offs %v, want 0: the queue bound was not what cut it off", n)
+	}
+	for {
+		slow.stream.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := slow.r.Read()
+		var reset *quic.StreamError
+		if errors.As(err, &reset) {
+			if reset.ErrorCode != quic.StreamErrorCode(protocol.CodeSlowClient) {
+				t.Fatalf("reset with code %d, want CodeSlowClient", reset.ErrorCode)
+			}
+			break
+		}
+		if err != nil {
+			t.Fatalf("the slow client's stream ended without the reason: %v", err)
+		}
+	}
+}
