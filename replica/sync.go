@@ -24,8 +24,10 @@ import (
 // on whatever versions have arrived, all of them at once. It reconnects with
 // exponential backoff and jitter after any error except a fatal refusal
 // (unauthorized, unknown database, protocol version, a server certificate
-// that fails verification), which it reports and then stops on. Offline, it
-// keeps retrying, and Mutate never waits for it.
+// that fails verification), which it reports and then stops on. A session
+// the server ends because its credential expired or was revoked is followed
+// by an immediate reconnect, with a fresh credential from Remote.Token.
+// Offline, it keeps retrying, and Mutate never waits for it.
 
 // ErrNoRemote is returned by the network-waiting methods of a replica opened
 // without Options.Remote.
