@@ -381,16 +381,21 @@ func (e *Encoder) Version(ps *wal.PageSet, baseDBSize uint32, before func(pgno u
 	}
 	if hasBase {
 		// The patch first: a scan, no compressor, and enough for a
-		// change made in place. Only if it leaves more than patchGood
+		// change made in place. Only if it takes more than patchGood
 		// bytes a page, XOR then zstd; only if that leaves more than
-		// xorGood, the dictionary codec too (ten times XOR's cost). The
-		// smallest wins.
+		// xorGood, the dictionary codec too (ten times XOR's cost), and
+		// the smaller of those two wins. A patch past its budget is
+		// dropped as soon as it is: on a version whose bytes moved,
+		// scanning the rest would only add to the zstd codecs' cost.
+		budget := patchGood * len(ps.Pages)
 		var patch []byte
 		for i, p := range ps.Pages {
-			patch = appendPatch(patch, p.Data, olds[i])
+			if patch = appendPatch(patch, p.Data, olds[i]); len(patch) > budget {
+				break
+			}
 		}
 		ev.Codec, ev.BaseDBSize, ev.Payload = CodecPatch, baseDBSize, patch
-		if len(patch) > patchGood*len(ps.Pages) {
+		if len(patch) > budget {
 			r := raw()
 			xored := make([]byte, len(r))
 			copy(xored, r)
@@ -406,9 +411,7 @@ func (e *Encoder) Version(ps *wal.PageSet, baseDBSize uint32, before func(pgno u
 			if err != nil {
 				return EncodedVersion{}, fmt.Errorf("encode version %d: %w", ps.Version, err)
 			}
-			if len(zx) < len(ev.Payload) {
-				ev.Codec, ev.Payload = CodecXorZstd, zx
-			}
+			ev.Codec, ev.Payload = CodecXorZstd, zx
 			if len(zx) > xorGood*len(ps.Pages) {
 				zd, err := e.compress(r, dict)
 				if err != nil {
