@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc64"
 	"io"
 	"io/fs"
 	"os"
@@ -170,12 +171,17 @@ func (r *Replica) open() error {
 			return fmt.Errorf("create version 0: %w", err)
 		}
 	}
-	expVersion, expSum, err := r.recoverJournal()
+	expVersion, expSum, held, err := r.journalHeld()
 	if err != nil {
 		return err
 	}
-	if err := r.scan(); err != nil {
-		return err
+	if !held {
+		if expVersion, expSum, err = r.recoverJournal(); err != nil {
+			return err
+		}
+		if err := r.scan(); err != nil {
+			return err
+		}
 	}
 	if r.sums.Sum() != expSum {
 		return fmt.Errorf("%w: version %d should have checksum %016x, the file has %016x",
@@ -214,7 +220,92 @@ const journalSlots = 2
 // does not hold on to a large version's memory.
 const journalBufKeep = 256 << 10
 
+// writeRunMax bounds the pages one write into the main file carries, so that
+// applying a large version copies it a bounded buffer at a time.
+const writeRunMax = 64
+
 func (r *Replica) journalPath(slot int) string { return fmt.Sprintf("%s-apply%d", r.path, slot) }
+
+// journalFile returns the handle on a journal slot, opening (or creating)
+// it at first use.
+func (r *Replica) journalFile(slot int) (*os.File, error) {
+	if f := r.journal[slot]; f != nil {
+		return f, nil
+	}
+	f, err := os.OpenFile(r.journalPath(slot), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open apply journal: %w", err)
+	}
+	r.journal[slot] = f
+	return f, nil
+}
+
+// journalHeld is Open's fast path: if the newest journal record is whole
+// (its CRC, streamed through a small buffer) and the main file, scanned,
+// has its post checksum, the last apply finished and the file holds that
+// version. held false: recoverJournal must re-apply it. Without the fast
+// path every Open read the newest record into memory and wrote its pages
+// again; after a snapshot that is the whole database, and it made a
+// replica's peak RSS twice the database size.
+func (r *Replica) journalHeld() (version, sum uint64, held bool, err error) {
+	var newest wal.PageSet
+	var length int64
+	slot := -1
+	for s := 0; s < journalSlots; s++ {
+		f, err := r.journalFile(s)
+		if err != nil {
+			return 0, 0, false, err
+		}
+		var b [8 + wal.PageSetHeaderSize]byte
+		if _, err := f.ReadAt(b[:], 0); err != nil {
+			continue // short or unreadable: recoverJournal says what it is
+		}
+		n := int64(binary.LittleEndian.Uint64(b[:]))
+		h, err := wal.PeekPageSet(b[8:])
+		if err != nil || n < wal.PageSetHeaderSize+8 || n > 1<<40 {
+			continue
+		}
+		if slot < 0 || h.Version > newest.Version {
+			newest, length, slot = h, n, s
+		}
+	}
+	if slot < 0 {
+		return 0, 0, false, nil
+	}
+	if ok, err := recordWhole(r.journal[slot], length); err != nil || !ok {
+		return 0, 0, false, err
+	}
+	if err := r.scan(); err != nil {
+		return 0, 0, false, err
+	}
+	if r.sums.Sum() != newest.PostChecksum || r.pageSize != newest.PageSize {
+		return 0, 0, false, nil
+	}
+	r.nextSlot = 1 - slot
+	return newest.Version, newest.PostChecksum, true, nil
+}
+
+// recordWhole reports whether the journal record of length bytes in f (after
+// its 8-byte length) ends in the CRC of everything before it, reading it a
+// buffer at a time.
+func recordWhole(f *os.File, length int64) (bool, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return false, fmt.Errorf("read apply journal: %w", err)
+	}
+	if st.Size() < 8+length {
+		return false, nil
+	}
+	h := crc64.New(crc64.MakeTable(crc64.ISO))
+	if _, err := io.CopyBuffer(h, io.NewSectionReader(f, 8, length-8), make([]byte, 64<<10)); err != nil {
+		return false, fmt.Errorf("read apply journal: %w", err)
+	}
+	var t [8]byte
+	if _, err := f.ReadAt(t[:], 8+length-8); err != nil {
+		return false, fmt.Errorf("read apply journal: %w", err)
+	}
+	return binary.LittleEndian.Uint64(t[:]) == h.Sum64(), nil
+}
 
 // recoverJournal opens the journal slots, re-applies the newest complete
 // page set, which repairs an apply that a crash interrupted (writing the same
@@ -224,20 +315,16 @@ func (r *Replica) recoverJournal() (uint64, uint64, error) {
 	var newest *wal.PageSet
 	var bad []string
 	for slot := 0; slot < journalSlots; slot++ {
-		f := r.journal[slot]
-		if f == nil {
-			var err error
-			if f, err = os.OpenFile(r.journalPath(slot), os.O_RDWR|os.O_CREATE, 0o644); err != nil {
-				return 0, 0, fmt.Errorf("open apply journal: %w", err)
-			}
-			r.journal[slot] = f
+		f, err := r.journalFile(slot)
+		if err != nil {
+			return 0, 0, err
 		}
 		st, err := f.Stat()
 		if err != nil {
 			return 0, 0, fmt.Errorf("read apply journal: %w", err)
 		}
-		b, err := io.ReadAll(io.NewSectionReader(f, 0, st.Size()))
-		if err != nil {
+		b := make([]byte, st.Size())
+		if _, err := io.ReadFull(io.NewSectionReader(f, 0, st.Size()), b); err != nil {
 			return 0, 0, fmt.Errorf("read apply journal: %w", err)
 		}
 		if len(b) == 0 {
@@ -853,10 +940,12 @@ func (r *Replica) writeJournal(ps *wal.PageSet) error {
 func (r *Replica) writePages(ps *wal.PageSet) error {
 	size := int64(ps.DBSize) * int64(ps.PageSize)
 	sizeChanges := r.sums == nil || r.pageSize != ps.PageSize || r.sums.Pages() != ps.DBSize
+	var buf []byte
 	for i := 0; i < len(ps.Pages); {
-		// Coalesce runs of consecutive pages into one write.
+		// Coalesce runs of consecutive pages into one write, at most
+		// writeRunMax pages at a time (a snapshot is one run).
 		j := i + 1
-		for j < len(ps.Pages) && ps.Pages[j].Pgno == ps.Pages[j-1].Pgno+1 {
+		for j < len(ps.Pages) && j-i < writeRunMax && ps.Pages[j].Pgno == ps.Pages[j-1].Pgno+1 {
 			j++
 		}
 		off := int64(ps.Pages[i].Pgno-1) * int64(ps.PageSize)
@@ -865,7 +954,10 @@ func (r *Replica) writePages(ps *wal.PageSet) error {
 				return err
 			}
 		} else {
-			buf := make([]byte, 0, (j-i)*int(ps.PageSize))
+			if cap(buf) < (j-i)*int(ps.PageSize) {
+				buf = make([]byte, 0, (j-i)*int(ps.PageSize))
+			}
+			buf = buf[:0]
 			for _, p := range ps.Pages[i:j] {
 				buf = append(buf, p.Data...)
 			}

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ncruces/go-sqlite3/driver"
 
@@ -579,4 +580,54 @@ func TestRebaseSnapshot(t *testing.T) {
 	}
 	db := openDB(t, path)
 	integrityOK(t, db)
+}
+
+// TestOpenLeavesFinishedApplyAlone: when the main file already holds the
+// newest journaled version, Open verifies the record and the file and
+// writes nothing into the file (it used to read the whole record into
+// memory and write its pages again: after a large version, twice the
+// database in RAM). A torn newest record is not trusted for that: Open
+// then takes the full recovery path, which refuses the file.
+func TestOpenLeavesFinishedApplyAlone(t *testing.T) {
+	path, _, a := journalFixture(t)
+	old := time.Now().Add(-time.Hour).Truncate(time.Second)
+	if err := os.Chtimes(path, old, old); err != nil {
+		t.Fatal(err)
+	}
+	r, err := vfs.OpenReplica(path, vfs.Normal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Version() != a.Version() || r.Checksum() != a.Checksum() {
+		t.Fatalf("opened at %d/%016x, want %d/%016x", r.Version(), r.Checksum(), a.Version(), a.Checksum())
+	}
+	r.Close()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.ModTime().Equal(old) {
+		t.Fatalf("Open wrote into the main file (mtime %v, was %v)", st.ModTime(), old)
+	}
+
+	// Spoil one byte in the middle of the newest record (slot 0 or 1,
+	// whichever holds the highest version): header intact, CRC broken.
+	slot := path + "-apply0"
+	if journalVersion(t, path+"-apply1") > journalVersion(t, slot) {
+		slot = path + "-apply1"
+	}
+	b, err := os.ReadFile(slot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0xff
+	if err := os.WriteFile(slot, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := vfs.OpenReplica(path, vfs.Normal); err == nil {
+		r.Close()
+		t.Fatal("Open trusted a torn journal record")
+	} else if !errors.Is(err, vfs.ErrDiverged) {
+		t.Fatalf("got %v, want ErrDiverged", err)
+	}
 }

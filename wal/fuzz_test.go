@@ -101,7 +101,21 @@ func FuzzDecodePageSet(f *testing.F) {
 	}
 	f.Add(b)
 	f.Fuzz(func(t *testing.T, b []byte) {
+		head, herr := PeekPageSet(b)
+		if herr != nil && !isSentinel(herr) {
+			t.Fatalf("peek: error without sentinel: %v", herr)
+		}
 		ps, err := DecodePageSet(b, Limits{MaxPages: 64, MaxBytes: 1 << 20})
+		if err == nil {
+			// Whatever decodes whole, its header peeks as the same fields.
+			if herr != nil {
+				t.Fatalf("decodes but does not peek: %v", herr)
+			}
+			if want := *ps; head.Version != want.Version || head.Flags != want.Flags || head.PageSize != want.PageSize ||
+				head.DBSize != want.DBSize || head.PreChecksum != want.PreChecksum || head.PostChecksum != want.PostChecksum || head.Pages != nil {
+				t.Fatalf("peek %+v, decode %+v", head, want)
+			}
+		}
 		if err != nil {
 			if !isSentinel(err) {
 				t.Fatalf("error without sentinel: %v", err)

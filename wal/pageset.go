@@ -173,6 +173,38 @@ func (ps *PageSet) MarshalBinary() ([]byte, error) {
 	return ps.AppendBinary(nil)
 }
 
+// PageSetHeaderSize is the size of an encoded page set's fixed header:
+// what [PeekPageSet] needs.
+const PageSetHeaderSize = pageSetHeaderSize
+
+// PeekPageSet decodes only the fixed header of an encoded page set: every
+// field but Pages, which stays nil. Nothing vouches for the header (the
+// record's CRC covers the whole record); a caller must check what it learns
+// against something else, as vfs checks a journal record's post checksum
+// against the main file. Bad magic, an unknown format version or an invalid
+// page size yield ErrCorrupt, short input ErrTruncated.
+func PeekPageSet(b []byte) (PageSet, error) {
+	if len(b) < pageSetHeaderSize {
+		return PageSet{}, fmt.Errorf("page set: header: %d of %d bytes: %w", len(b), pageSetHeaderSize, ErrTruncated)
+	}
+	le := binary.LittleEndian
+	if !bytes.Equal(b[:4], []byte(pageSetMagic)) || le.Uint16(b[4:]) != pageSetFormat {
+		return PageSet{}, fmt.Errorf("page set: bad magic or format %q: %w", b[:6], ErrCorrupt)
+	}
+	ps := PageSet{
+		Flags:        le.Uint32(b[6:]),
+		Version:      le.Uint64(b[10:]),
+		PageSize:     le.Uint32(b[18:]),
+		DBSize:       le.Uint32(b[22:]),
+		PreChecksum:  le.Uint64(b[26:]),
+		PostChecksum: le.Uint64(b[34:]),
+	}
+	if !ValidPageSize(ps.PageSize) {
+		return PageSet{}, fmt.Errorf("page set: invalid page size %d: %w", ps.PageSize, ErrCorrupt)
+	}
+	return ps, nil
+}
+
 // DecodePageSet decodes and validates an encoded page set occupying all of
 // b. Page data slices alias b, so b must not be modified while the set is in
 // use. Input longer than lim.MaxBytes or declaring more than lim.MaxPages
