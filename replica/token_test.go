@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
 	"github.com/sqlrebase/sqlrebase/server"
 )
 
@@ -166,4 +167,67 @@ func TestTokenExpiresMidSession(t *testing.T) {
 		t.Fatalf("status after the test: %+v", st)
 	}
 	t.Logf("%d mutations, %d tokens, %d sessions", len(hs), issued.Load(), sessions)
+}
+
+// TestTokenRefusedAfterExpiry: once the session's token expires, the
+// replica reconnects with the source's next token; a token the server then
+// refuses for good stops sync with the server's reason, and the mutation
+// made meanwhile stays queued.
+func TestTokenRefusedAfterExpiry(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", func(c *server.Config) {
+		c.Authenticator = server.AuthenticatorFunc(func(ctx context.Context, req server.AuthRequest) (server.Identity, error) {
+			if req.Credential != "good" {
+				return server.Identity{}, &server.AuthError{Reason: "audience mismatch"}
+			}
+			return server.Identity{UserID: "alice", Expires: time.Now().Add(300 * time.Millisecond)}, nil
+		})
+	})
+	var calls atomic.Int64
+	hold := make(chan struct{})
+	rm := ts.remote()
+	rm.Credential = ""
+	rm.Token = func(ctx context.Context) (string, error) {
+		if calls.Add(1) == 1 {
+			return "good", nil
+		}
+		select { // the second connection waits until the test has mutated
+		case <-hold:
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+		return "forged", nil
+	}
+	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	ctx := waitCtx(t, 30*time.Second)
+	h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for calls.Load() < 2 { // the session expired and the loop asked again
+		select {
+		case <-ctx.Done():
+			t.Fatal("the token source was not asked again after the token expired")
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	h2, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(hold)
+	err = r.WaitConnected(ctx)
+	var re *protocol.RemoteError
+	if !errors.As(err, &re) || re.Code != protocol.CodeUnauthorized || !strings.Contains(re.Message, "audience mismatch") {
+		t.Fatalf("after a refused token: %v, want unauthorized with the server's reason", err)
+	}
+	if err := h2.Wait(ctx); !errors.As(err, &re) {
+		t.Fatalf("Wait of the mutation made meanwhile: %v, want the fatal refusal", err)
+	}
+	if p := r.Pending(); len(p) != 1 || p[0].ID != 2 {
+		t.Fatalf("pending %+v, want mutation 2 still queued", p)
+	}
 }
