@@ -1,0 +1,195 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sqlrebase/sqlrebase/wal"
+)
+
+// SnapshotConfig configures the snapshot object store. Zero values take
+// the defaults named.
+type SnapshotConfig struct {
+	// Bucket is the object store's name (DefaultSnapshotBucket).
+	Bucket string
+	// Replicas is its replication (1; 3 in a cluster).
+	Replicas int
+}
+
+// Snapshots is the object store of the databases' snapshots: one object
+// per database, replaced by each new snapshot.
+type Snapshots struct {
+	obs jetstream.ObjectStore
+}
+
+// SnapshotInfo describes one snapshot: the database image at Version,
+// whose version message in the log has stream sequence Seq.
+type SnapshotInfo struct {
+	DB       string
+	Version  uint64
+	Seq      uint64 // the stream sequence of Version's entry: the log is needed only after it
+	Checksum uint64 // the whole-database checksum (wal.PageChecksum XORed over the pages)
+	PageSize uint32
+	Pages    uint32
+	Digest   string // the object store's SHA-256 of the bytes (set by Put and Info)
+}
+
+// OpenSnapshots creates the snapshot object store, or opens it, retrying
+// until ctx ends while a cluster elects its meta leader.
+func OpenSnapshots(ctx context.Context, js jetstream.JetStream, cfg SnapshotConfig) (*Snapshots, error) {
+	if cfg.Bucket == "" {
+		cfg.Bucket = DefaultSnapshotBucket
+	}
+	if cfg.Replicas == 0 {
+		cfg.Replicas = 1
+	}
+	obs, err := retry(ctx, func(ctx context.Context) (jetstream.ObjectStore, error) {
+		return js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+			Bucket:      cfg.Bucket,
+			Description: "sqlrebase: the latest snapshot of each database",
+			Storage:     jetstream.FileStorage,
+			Replicas:    cfg.Replicas,
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cluster: open snapshot store %s: %w", cfg.Bucket, err)
+	}
+	return &Snapshots{obs: obs}, nil
+}
+
+// Put stores image (info.Pages pages of info.PageSize bytes) as db's
+// snapshot, replacing the one before. It computes the checksum of the
+// pages as they stream by, and an image that does not give info.Checksum,
+// or has another size, is refused with ErrSnapshotChecksum before it
+// replaces anything: the object store drops a put whose reader fails. Only
+// after Put returns may the log be trimmed before info.Seq.
+func (s *Snapshots) Put(ctx context.Context, info SnapshotInfo, image io.Reader) (SnapshotInfo, error) {
+	if !wal.ValidPageSize(info.PageSize) || info.Version == 0 || info.Seq == 0 {
+		return SnapshotInfo{}, fmt.Errorf("cluster: snapshot of %s: bad info %+v", info.DB, info)
+	}
+	meta := jetstream.ObjectMeta{Name: token(info.DB), Metadata: map[string]string{
+		"db":        info.DB,
+		"version":   strconv.FormatUint(info.Version, 10),
+		"seq":       strconv.FormatUint(info.Seq, 10),
+		"checksum":  strconv.FormatUint(info.Checksum, 16),
+		"page-size": strconv.FormatUint(uint64(info.PageSize), 10),
+		"pages":     strconv.FormatUint(uint64(info.Pages), 10),
+	}}
+	oi, err := s.obs.Put(ctx, meta, newPageChecker(image, info))
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("cluster: put snapshot of %s at version %d: %w", info.DB, info.Version, err)
+	}
+	info.Digest = oi.Digest
+	return info, nil
+}
+
+// Info describes db's snapshot; ErrNoSnapshot if it has none.
+func (s *Snapshots) Info(ctx context.Context, db string) (SnapshotInfo, error) {
+	oi, err := s.obs.GetInfo(ctx, token(db))
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return SnapshotInfo{}, fmt.Errorf("%w: %s", ErrNoSnapshot, db)
+	}
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("cluster: snapshot of %s: %w", db, err)
+	}
+	return parseInfo(db, oi)
+}
+
+func parseInfo(db string, oi *jetstream.ObjectInfo) (SnapshotInfo, error) {
+	md := oi.Metadata
+	version, e1 := strconv.ParseUint(md["version"], 10, 64)
+	seq, e2 := strconv.ParseUint(md["seq"], 10, 64)
+	sum, e3 := strconv.ParseUint(md["checksum"], 16, 64)
+	ps, e4 := strconv.ParseUint(md["page-size"], 10, 32)
+	pages, e5 := strconv.ParseUint(md["pages"], 10, 32)
+	if err := errors.Join(e1, e2, e3, e4, e5); err != nil || md["db"] != db || !wal.ValidPageSize(uint32(ps)) ||
+		uint64(oi.Size) != ps*pages {
+		return SnapshotInfo{}, fmt.Errorf("cluster: snapshot of %s: bad metadata %v (size %d): %v", db, md, oi.Size, err)
+	}
+	return SnapshotInfo{DB: db, Version: version, Seq: seq, Checksum: sum, PageSize: uint32(ps), Pages: uint32(pages), Digest: oi.Digest}, nil
+}
+
+// Get opens db's snapshot: its info and a reader of the image. The reader
+// checks the pages against the checksum as they stream by and ends with
+// ErrSnapshotChecksum instead of io.EOF if they do not give it (the object
+// store checks its own digest too), so a caller that reads to io.EOF has
+// an image it can trust. The caller closes the reader.
+func (s *Snapshots) Get(ctx context.Context, db string) (SnapshotInfo, io.ReadCloser, error) {
+	r, err := s.obs.Get(ctx, token(db))
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return SnapshotInfo{}, nil, fmt.Errorf("%w: %s", ErrNoSnapshot, db)
+	}
+	if err != nil {
+		return SnapshotInfo{}, nil, fmt.Errorf("cluster: get snapshot of %s: %w", db, err)
+	}
+	oi, err := r.Info()
+	if err != nil {
+		r.Close()
+		return SnapshotInfo{}, nil, fmt.Errorf("cluster: get snapshot of %s: %w", db, err)
+	}
+	info, err := parseInfo(db, oi)
+	if err != nil {
+		r.Close()
+		return SnapshotInfo{}, nil, err
+	}
+	return info, struct {
+		io.Reader
+		io.Closer
+	}{newPageChecker(r, info), r}, nil
+}
+
+// pageChecker passes an image through, computing the whole-database
+// checksum page by page, and turns the end of the image into
+// ErrSnapshotChecksum if the pages or their checksum are not the ones
+// claimed.
+type pageChecker struct {
+	r     io.Reader
+	info  SnapshotInfo
+	page  []byte // the page being filled
+	fill  int
+	pgno  uint32 // pages done
+	sum   uint64
+	ended error
+}
+
+func newPageChecker(r io.Reader, info SnapshotInfo) *pageChecker {
+	return &pageChecker{r: r, info: info, page: make([]byte, info.PageSize)}
+}
+
+func (c *pageChecker) Read(p []byte) (int, error) {
+	if c.ended != nil {
+		return 0, c.ended
+	}
+	n, err := c.r.Read(p)
+	for b := p[:n]; len(b) > 0; {
+		k := copy(c.page[c.fill:], b)
+		c.fill += k
+		b = b[k:]
+		if c.fill == len(c.page) {
+			c.pgno++
+			c.sum ^= wal.PageChecksum(c.pgno, c.page)
+			c.fill = 0
+		}
+	}
+	if c.pgno > c.info.Pages {
+		c.ended = fmt.Errorf("%w: %s: more than %d pages", ErrSnapshotChecksum, c.info.DB, c.info.Pages)
+		return n, c.ended
+	}
+	if errors.Is(err, io.EOF) {
+		switch {
+		case c.fill != 0 || c.pgno != c.info.Pages:
+			c.ended = fmt.Errorf("%w: %s: %d pages and %d bytes, want %d pages", ErrSnapshotChecksum, c.info.DB, c.pgno, c.fill, c.info.Pages)
+		case c.sum != c.info.Checksum:
+			c.ended = fmt.Errorf("%w: %s at version %d: pages give %016x, want %016x", ErrSnapshotChecksum, c.info.DB, c.info.Version, c.sum, c.info.Checksum)
+		default:
+			c.ended = io.EOF
+		}
+		return n, c.ended
+	}
+	return n, err
+}
