@@ -779,3 +779,73 @@ func TestJWTRefusedEndToEnd(t *testing.T) {
 		t.Fatalf("server version %d after a valid token's mutation, want %d", v, before+1)
 	}
 }
+
+// TestJWTExpiryMidSession: tokens that live two seconds, from a token
+// source, while the app keeps mutating: each session ends at its token's
+// exp with "credential expired", the replica fetches a fresh token and
+// reconnects, and every mutation is applied exactly once, with no error
+// reaching the app.
+func TestJWTExpiryMidSession(t *testing.T) {
+	if testing.Short() {
+		t.Skip("several token lifetimes of real time")
+	}
+	k := newTestKeys(t)
+	a, err := NewJWTAuthenticator(JWTConfig{HS256Secret: k.secret, Issuer: testIssuer, Audience: testAudience})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, addr := startJWTServer(t, a)
+	var mu sync.Mutex
+	minted := 0
+	token := func(ctx context.Context) (string, error) {
+		mu.Lock()
+		minted++
+		mu.Unlock()
+		return mint(t, jose.HS256, k.secret, "", map[string]any{"iss": testIssuer, "aud": testAudience, "sub": "alice",
+			"exp": time.Now().Add(2 * time.Second).Unix(), "dbs": "*"}), nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r, err := replica.Open(ctx, filepath.Join(t.TempDir(), "r.db"), replica.Options{Mutators: srv.cfg.Mutators, User: "alice",
+		Logger: slog.New(slog.DiscardHandler), Remote: &replica.Remote{Addr: addr, Database: "acme", Token: token, Fingerprint: srv.Fingerprint()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	const n = 60
+	var handles []*replica.Handle
+	for range n { // about 6 s: three token lifetimes at least
+		h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("work", 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		handles = append(handles, h)
+		time.Sleep(100 * time.Millisecond)
+	}
+	for i, h := range handles {
+		if err := h.Wait(ctx); err != nil {
+			t.Fatalf("mutation %d: %v", i, err)
+		}
+	}
+	var count int
+	rows, err := srv.Authority("acme").Query(ctx, `SELECT count FROM Categories WHERE name = 'work'`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		rows.Scan(&count)
+	}
+	rows.Close()
+	if count != n {
+		t.Fatalf("server count %d, want %d: a mutation was lost or applied twice", count, n)
+	}
+	if err := r.WaitConnected(ctx); err != nil {
+		t.Fatalf("after the expiries: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("%d tokens minted", minted)
+	if minted < 3 {
+		t.Fatalf("%d tokens minted over %d token lifetimes: the sessions did not end at exp", minted, 3)
+	}
+}
