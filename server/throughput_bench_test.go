@@ -15,8 +15,22 @@ import (
 // mutations in flight in pushes of 200; b.N mutations in all. The metric
 // is acknowledged mutations per second, group commit included.
 func BenchmarkServerThroughput(b *testing.B) {
-	srv, addr := testServer(b, b.TempDir(), nil)
-	const clients, batch, window = 10, 200, 2000
+	benchThroughput(b, nil, 200)
+}
+
+// BenchmarkServerThroughputFsync is the cost of synchronous=FULL both
+// ways, with the same 10 clients each pushing one mutation per Push:
+// "per-commit" makes every mutation a transaction of its own with its own
+// fsync (GroupCommit 1), "per-group" lets the writer take whatever pushes
+// wait into one transaction and one fsync (the default).
+func BenchmarkServerThroughputFsync(b *testing.B) {
+	b.Run("per-commit", func(b *testing.B) { benchThroughput(b, func(c *Config) { c.GroupCommit = 1 }, 1) })
+	b.Run("per-group", func(b *testing.B) { benchThroughput(b, nil, 1) })
+}
+
+func benchThroughput(b *testing.B, tune func(*Config), batch int) {
+	srv, addr := testServer(b, b.TempDir(), tune)
+	const clients, window = 10, 2000
 	per := b.N/clients + 1
 	var cs []*client
 	for i := 0; i < clients; i++ {
