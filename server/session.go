@@ -154,7 +154,12 @@ func (s *session) run(ctx context.Context) {
 	if err != nil {
 		var pe *protocol.RemoteError
 		if errors.As(err, &pe) {
-			s.log.Info("refused hello", "db", hello.Database, "client", hello.ClientID, "code", pe.Code, "reason", pe.Message)
+			// A flood past its failure budget would flood the log too.
+			level := slog.LevelInfo
+			if pe.Code == protocol.CodeRateLimited {
+				level = slog.LevelDebug
+			}
+			s.log.Log(ctx, level, "refused hello", "db", hello.Database, "client", hello.ClientID, "code", pe.Code, "reason", pe.Message)
 			s.refuse(pe.Code, pe.Message)
 		} else {
 			s.log.Error("hello", "err", err)

@@ -487,7 +487,6 @@ func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello, remote ne
 	var ae *AuthError
 	switch {
 	case errors.Is(err, errRateLimited):
-		s.log.Warn("hello refused: rate limited", "remote", limiterKey(remote), "db", h.Database)
 		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeRateLimited, Message: fmt.Sprintf("%v; retry later", err)}
 	case errors.Is(err, errWrongCredential):
 		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnauthorized, Message: fmt.Sprintf("wrong credential for database %q", h.Database)}
