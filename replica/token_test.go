@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -229,5 +230,72 @@ func TestTokenRefusedAfterExpiry(t *testing.T) {
 	}
 	if p := r.Pending(); len(p) != 1 || p[0].ID != 2 {
 		t.Fatalf("pending %+v, want mutation 2 still queued", p)
+	}
+}
+
+// TestTokenRevokedMidSession: the secret a replica's token source hands out
+// is revoked while the replica pushes; the server ends the session with
+// CodeCredentialRevoked, and the replica reconnects with the source's new
+// secret for the same user, with exact totals and no error to the app.
+func TestTokenRevokedMidSession(t *testing.T) {
+	reg := testRegistry(t)
+	ts := startServer(t, reg, "", "127.0.0.1:0", nil)
+	ctx := waitCtx(t, 60*time.Second)
+	if _, err := ts.srv.AddSecret(ctx, testDB, "alice", "alice-old"); err != nil {
+		t.Fatal(err)
+	}
+	var rotating sync.RWMutex // held while the secret changes: no token is handed out meanwhile
+	var current atomic.Value
+	current.Store("alice-old")
+	var calls atomic.Int64
+	rm := ts.remote()
+	rm.Credential = ""
+	rm.Token = func(ctx context.Context) (string, error) {
+		rotating.RLock()
+		defer rotating.RUnlock()
+		calls.Add(1)
+		return current.Load().(string), nil
+	}
+	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	if err := r.WaitConnected(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var hs []*Handle
+	mutate := func(n int) {
+		for range n {
+			h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			hs = append(hs, h)
+			time.Sleep(time.Millisecond)
+		}
+	}
+	mutate(50)
+	rotating.Lock()
+	current.Store("alice-new")
+	ended, err := ts.srv.RevokeSecret(ctx, testDB, "alice")
+	if err == nil {
+		_, err = ts.srv.AddSecret(ctx, testDB, "alice", "alice-new")
+	}
+	rotating.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ended != 1 {
+		t.Fatalf("revocation ended %d sessions, want the replica's one", ended)
+	}
+	mutate(50)
+	for i, h := range hs {
+		if err := h.Wait(ctx); err != nil {
+			t.Fatalf("mutation %d: %v", i+1, err)
+		}
+	}
+	converged(t, ts, r)
+	if got := categories(t, authQuery{ts.srv.Authority(testDB)})["Food"]; got != int64(len(hs)) {
+		t.Fatalf("server count %d after %d increments", got, len(hs))
+	}
+	if calls.Load() < 2 || r.stats.sessions.Load() < 2 {
+		t.Fatalf("%d tokens, %d sessions: the replica did not reconnect with the new secret", calls.Load(), r.stats.sessions.Load())
 	}
 }
