@@ -34,6 +34,7 @@ func commands() []command {
 		{"demo", "run the seed scenario over QUIC: a server and three replicas with the seed's latencies", cmdDemo},
 		{"inspect", "print a replica's client id, version, checksum and pending mutations", cmdInspect},
 		{"serve", "run the authority as a QUIC server for replicas in other processes and machines", cmdServe},
+		{"admin", "manage a running server's databases, secrets, clients and users (serve --admin)", cmdAdmin},
 		{"bench", "benchmark against the savepoint baseline: latency, drop, memory, WAL size, capabilities; table, JSON/CSV, chart", cmdBench},
 	}
 }

@@ -64,10 +64,12 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	retainAge := fs.Duration("retain-age", 0, "drop change log segments older than this (0: no limit)")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on http://ADDR/metrics, with /healthz and /readyz (HOST:PORT; empty: off)")
 	verbose := fs.Bool("v", false, "log every session (debug level)")
+	adminAddr := fs.String("admin", "", "serve the admin API (sqlrebase admin) on http://ADDR (HOST:PORT, no host: loopback; empty: off)")
+	adminTokenFlag := fs.String("admin-token-file", "", "file holding the admin API's bearer token (default: one generated in --data/"+adminTokenFile+")")
 	var jwtf jwtFlags
 	jwtf.register(fs)
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: sqlrebase serve --data DIR --listen HOST:PORT [--db NAME:SECRET ...] [--cert F --key F]")
+		fmt.Fprintln(stderr, "usage: sqlrebase serve --data DIR --listen HOST:PORT [--db NAME:SECRET ...] [--cert F --key F] [--admin HOST:PORT [--admin-token-file F]]")
 		fmt.Fprintln(stderr, "       sqlrebase serve ... --jwt-jwks F | --jwt-hs256-secret-file F  --jwt-issuer I --jwt-audience A [--jwt-dbs-claim dbs] [--db NAME ...]")
 		fmt.Fprintln(stderr, "\nRuns the authority for the demo app's mutators over QUIC. Prints the certificate's")
 		fmt.Fprintln(stderr, "fingerprint for replicas to pin, then logs (slog) until SIGINT or SIGTERM.")
@@ -144,8 +146,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 			return 1
 		}
 	}
-	if len(srv.Databases()) == 0 {
-		fmt.Fprintln(stderr, "sqlrebase serve: no databases: add one with --db NAME:SECRET (--db NAME with --jwt-*)")
+	if len(srv.Databases()) == 0 && *adminAddr == "" {
+		fmt.Fprintln(stderr, "sqlrebase serve: no databases: add one with --db NAME:SECRET (--db NAME with --jwt-*), or serve --admin to add them later")
 		return 2
 	}
 	addr, err := srv.Listen(ctx, *listen)
@@ -164,6 +166,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 		}
 		defer stop()
 		fmt.Fprintf(stdout, "metrics: http://%s/metrics\n", maddr)
+	}
+	if *adminAddr != "" {
+		stop, err := startAdmin(srv, *adminAddr, *data, *adminTokenFlag, stdout, log)
+		if err != nil {
+			fmt.Fprintf(stderr, "sqlrebase serve: %v\n", err)
+			return 1
+		}
+		defer stop()
 	}
 	if f, ok := stdout.(interface{ Sync() error }); ok {
 		f.Sync()
