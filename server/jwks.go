@@ -97,10 +97,13 @@ func (s *jwksSource) maybeReload() {
 	s.log.Info("jwks: reloaded", "file", s.path, "keys", len(keys))
 }
 
-// readJWKS reads and checks a key set: every key a public (or private,
-// whose public half is kept) RSA, P-256 or Ed25519 signing key. Symmetric
-// keys are refused: HS256 is verified only with the configured secret, so
-// that no key set entry can turn into an HMAC secret.
+// readJWKS reads and checks a key set: its signing keys are kept (the
+// public half of a private one), keys marked for encryption ("use": "enc",
+// which providers such as Keycloak publish beside their signing keys) are
+// skipped, and at least one signing key must remain. A symmetric key makes
+// the file invalid: HS256 is verified only with the configured secret, so
+// that no key set entry can turn into an HMAC secret, and a secret in a
+// file meant to be public is a mistake to stop at.
 func readJWKS(path string) (os.FileInfo, []jose.JSONWebKey, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -136,14 +139,17 @@ func parseJWKS(b []byte) ([]jose.JSONWebKey, error) {
 	}
 	keys := make([]jose.JSONWebKey, 0, len(set.Keys))
 	for i, k := range set.Keys {
-		if k.Use != "" && k.Use != "sig" {
-			return nil, fmt.Errorf("key %d (%q): use %q, want \"sig\"", i, k.KeyID, k.Use)
-		}
 		pub := k.Public()
 		if !pub.Valid() || !pub.IsPublic() {
-			return nil, fmt.Errorf("key %d (%q): not an RSA, EC or Ed25519 signing key (symmetric keys belong in the HS256 secret)", i, k.KeyID)
+			return nil, fmt.Errorf("key %d (%q): not an RSA, EC or Ed25519 key (symmetric keys belong in the HS256 secret)", i, k.KeyID)
+		}
+		if k.Use != "" && k.Use != "sig" {
+			continue
 		}
 		keys = append(keys, pub)
+	}
+	if len(keys) == 0 {
+		return nil, errors.New("no signing keys (every key is for another use)")
 	}
 	return keys, nil
 }

@@ -49,24 +49,35 @@ type testKeys struct {
 	secret        []byte
 }
 
+// newTestKeys returns the test keys, made once per test binary: 2048-bit
+// RSA keys take 0.1-0.5 s each to make on a loaded machine, and every test
+// would pay it.
 func newTestKeys(t testing.TB) *testKeys {
 	t.Helper()
-	k := &testKeys{secret: bytes.Repeat([]byte("s"), 32)}
-	var err error
-	if k.rsa, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
-		t.Fatal(err)
-	}
-	if k.rsaOther, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
-		t.Fatal(err)
-	}
-	if k.ec, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
-		t.Fatal(err)
-	}
-	if _, k.ed, err = ed25519.GenerateKey(rand.Reader); err != nil {
+	k, err := testKeysOnce()
+	if err != nil {
 		t.Fatal(err)
 	}
 	return k
 }
+
+var testKeysOnce = sync.OnceValues(func() (*testKeys, error) {
+	k := &testKeys{secret: bytes.Repeat([]byte("s"), 32)}
+	var err error
+	if k.rsa, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
+		return nil, err
+	}
+	if k.rsaOther, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
+		return nil, err
+	}
+	if k.ec, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
+		return nil, err
+	}
+	if _, k.ed, err = ed25519.GenerateKey(rand.Reader); err != nil {
+		return nil, err
+	}
+	return k, nil
+})
 
 // jwks is the issuer's public key set: kids "rsa", "ec", "ed".
 func (k *testKeys) jwks(t testing.TB) []byte {
@@ -422,7 +433,7 @@ func TestJWTConfigErrors(t *testing.T) {
 		{"not JSON", JWTConfig{JWKSFile: writeFile(t, dir, "bad.json", []byte("{")), Issuer: "i", Audience: "a"}, "bad.json"},
 		{"empty set", JWTConfig{JWKSFile: writeFile(t, dir, "empty.json", []byte(`{"keys":[]}`)), Issuer: "i", Audience: "a"}, "no keys"},
 		{"symmetric key", JWTConfig{JWKSFile: sym, Issuer: "i", Audience: "a"}, "symmetric keys belong in the HS256 secret"},
-		{"encryption key", JWTConfig{JWKSFile: enc, Issuer: "i", Audience: "a"}, `use "enc", want "sig"`},
+		{"only an encryption key", JWTConfig{JWKSFile: enc, Issuer: "i", Audience: "a"}, "no signing keys"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := NewJWTAuthenticator(tc.cfg)
@@ -439,6 +450,28 @@ func jwksOfUse(t testing.TB, pub crypto.PublicKey, use string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestJWKSSkipsEncryptionKeys: a provider's set with an encryption key
+// beside the signing key loads; the signing key verifies, and a token
+// naming the encryption key's kid finds no key to verify with.
+func TestJWKSSkipsEncryptionKeys(t *testing.T) {
+	k := newTestKeys(t)
+	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{
+		{Key: k.rsaOther.Public(), KeyID: "enc-1", Use: "enc", Algorithm: "RSA-OAEP"},
+		{Key: k.rsa.Public(), KeyID: "sig-1", Use: "sig", Algorithm: "RS256"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTestJWT(t, JWTConfig{JWKSFile: writeFile(t, t.TempDir(), "jwks.json", set)})
+	if _, err := a.Authenticate(context.Background(), authReq("acme", mint(t, jose.RS256, k.rsa, "sig-1", goodClaims()))); err != nil {
+		t.Fatalf("signing key: %v", err)
+	}
+	_, err = a.Authenticate(context.Background(), authReq("acme", mint(t, jose.RS256, k.rsaOther, "enc-1", goodClaims())))
+	if err == nil || !strings.Contains(err.Error(), `unknown key id "enc-1"`) {
+		t.Fatalf("token naming the encryption key: %v", err)
+	}
 }
 
 // TestJWTContext: a cancelled context is the context's error, not a
