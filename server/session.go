@@ -45,6 +45,7 @@ type session struct {
 	expiry   *time.Timer            // ends the session when identity.Expires passes (nil: never)
 	recv     protocol.ReceiveLimits // what the client said it can receive: every frame is planned to it
 	inflight atomic.Int64           // mutations pushed and not yet acknowledged
+	inBatch  atomic.Bool            // some of its mutations are in the batch the writer is running
 
 	// The sender's own: the write deadline armed on the stream (see
 	// nextDeadline), and the counter of bytes sent.
@@ -70,7 +71,12 @@ func newSession(srv *Server, stream *quic.Stream, remote string) *session {
 // offer queues an item without ever blocking: a client too slow to keep its
 // queue under the bounds is cut off instead of holding up the broadcast.
 // It returns false if the session is closing.
-func (s *session) offer(it item) bool {
+func (s *session) offer(it item) bool { return s.offerWake(it, true) }
+
+// offerWake is offer that wakes the sender only if wake: the caller
+// promises an offer that wakes it soon (the writer's ack of a batch for
+// the version that batch made). A cut-off always wakes it.
+func (s *session) offerWake(it item, wake bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing != nil {
@@ -87,7 +93,9 @@ func (s *session) offer(it item) bool {
 	}
 	s.queue = append(s.queue, it)
 	s.queueBytes += len(it.rec)
-	s.signal()
+	if wake {
+		s.signal()
+	}
 	return true
 }
 

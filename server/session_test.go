@@ -89,3 +89,33 @@ func TestSlowClientWriteTimeout(t *testing.T) {
 		}
 	}
 }
+
+// TestOfferWake: a version queued for a session whose ack is coming does
+// not wake its sender, the ack does, and a cut-off always does.
+func TestOfferWake(t *testing.T) {
+	srv, _ := testServer(t, t.TempDir(), func(c *Config) { c.SessionQueue = 2 })
+	s := &session{srv: srv, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	woken := func() bool {
+		select {
+		case <-s.wake:
+			return true
+		default:
+			return false
+		}
+	}
+	if !s.offerWake(item{version: 1, rec: []byte{1}}, false) || woken() {
+		t.Fatal("a quiet offer woke the sender, or was refused")
+	}
+	if !s.offer(item{ack: &protocol.Ack{LastMutationID: 1, Version: 1}}) || !woken() {
+		t.Fatal("the ack did not wake the sender")
+	}
+	if len(s.queue) != 2 || s.queue[0].version != 1 || s.queue[1].ack == nil {
+		t.Fatalf("queue %+v, want the version then the ack", s.queue)
+	}
+	if s.offerWake(item{version: 2, rec: []byte{1}}, false) || !woken() {
+		t.Fatal("the cut-off of a full queue did not wake the sender to send the reason")
+	}
+	if s.closing == nil || s.closing.Code != protocol.CodeSlowClient {
+		t.Fatalf("closing %v, want CodeSlowClient", s.closing)
+	}
+}
