@@ -60,6 +60,11 @@ const (
 	// on-disk change log instead and no in-memory one).
 	DefaultLogVersions = 1000
 	DefaultLogBytes    = 64 << 20
+	// versionLogTimeout bounds one append to Config.VersionLog. The writer
+	// waits for it under the authority's lock, and a cluster's stream
+	// elects a new leader in about 5 s (RESEARCH.md: a median 4.7 s after
+	// a SIGKILL), so an append may ride out one election and no more.
+	versionLogTimeout = 10 * time.Second
 	// savepointName is the savepoint around each mutation. Its name has
 	// the reserved prefix, so the authorizer refuses a mutator that
 	// releases or rolls back to it.
@@ -188,8 +193,9 @@ type Authority struct {
 	// commit, with each page's image before it (nil for a new page) and the
 	// database size before it. The network server encodes, logs and
 	// broadcasts the version there, so that subscribers see versions in
-	// order and a new subscriber can register between two commits.
-	onCommit func(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
+	// order and a new subscriber can register between two commits. An
+	// error (the version log refused the version) stops the authority.
+	onCommit func(ps *wal.PageSet, before [][]byte, baseDBSize uint32) error
 	// observeCommit and observeCheckpoint, if set, take the duration of
 	// each COMMIT statement (with the WAL fsync) and checkpoint (metrics).
 	observeCommit, observeCheckpoint observer
@@ -419,7 +425,14 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 	a.dbSize = dbSize
 	a.remember(ps)
 	if a.onCommit != nil {
-		a.onCommit(ps, before, base)
+		if err := a.onCommit(ps, before, base); err != nil {
+			// Committed here, but not where it counts (the cluster's
+			// version log): it must never be acknowledged or served, so
+			// the authority stops; docs/CLUSTER.md says how the version
+			// is discarded.
+			a.broken = fmt.Errorf("server: version %d is committed locally but not in the version log: %w", a.version, err)
+			return nil, a.broken
+		}
 	}
 	if err := a.maybeCheckpoint(ctx); err != nil {
 		return nil, a.diskFull(err)

@@ -83,9 +83,11 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	return d, nil
 }
 
-// onCommit encodes a committed version once, appends it to the change log
-// and offers it to every subscriber. It runs under auth.mu.
-func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32) {
+// onCommit encodes a committed version once, appends it to the version log
+// (Config.VersionLog, if any: before anything else sees it), to the change
+// log, and offers it to every subscriber. It runs under auth.mu. An error
+// means the version must not be acknowledged nor served.
+func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32) error {
 	ev, err := d.enc.Version(ps, baseDBSize, func(pgno uint32) []byte {
 		i := sort.Search(len(ps.Pages), func(i int) bool { return ps.Pages[i].Pgno >= pgno })
 		if i < len(ps.Pages) && ps.Pages[i].Pgno == pgno {
@@ -99,8 +101,7 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 		d.log.Error("encode version", "version", ps.Version, "err", err)
 		ev, err = d.enc.Version(ps, 0, nil)
 		if err != nil {
-			d.auth.broken = fmt.Errorf("server: encode version %d: %w", ps.Version, err)
-			return
+			return fmt.Errorf("server: encode version %d: %w", ps.Version, err)
 		}
 	}
 	// The log's record is the wire record after the checksum before it,
@@ -109,6 +110,15 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 	logRec := binary.LittleEndian.AppendUint64(make([]byte, 0, logPrefix+256), ps.PreChecksum)
 	logRec = ev.AppendBinary(logRec)
 	rec := logRec[logPrefix:]
+	if d.cfg.VersionLog != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), versionLogTimeout)
+		err := d.cfg.VersionLog.Append(ctx, d.name, ps.Version, logRec)
+		cancel()
+		if err != nil {
+			d.log.Error("version log refused a version; the database stops", "version", ps.Version, "err", err)
+			return err
+		}
+	}
 	d.cfg.metrics.published.WithLabelValues(d.cfg.metrics.lv(d.name)...).Add(float64(len(rec)))
 	d.cfg.metrics.versions.WithLabelValues(d.cfg.metrics.lv(d.name)...).Inc()
 	if err := d.clog.append(ps.Version, logRec, time.Now()); err != nil {
@@ -124,6 +134,7 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 			delete(d.subs, s)
 		}
 	}
+	return nil
 }
 
 // catchUp is what a new subscriber needs before the live versions.

@@ -127,6 +127,14 @@ type Config struct {
 	AuthFailureBurst int
 	AuthFailureEvery time.Duration
 
+	// VersionLog, if set, receives every version of every database before
+	// it is acknowledged or sent to any replica (nil: a single node, whose
+	// local change log is enough). The cluster package's implementation
+	// appends to a replicated stream behind the database's lease. An
+	// append that fails stops the database: its clients get a retryable
+	// error, and it serves nothing more until it is reopened.
+	VersionLog VersionLog
+
 	// Metrics, if set, is where the server registers its Prometheus
 	// collectors (see Server.Handler and the README's table). Series are
 	// server-wide unless MetricsPerDatabase labels them "db": a label per
