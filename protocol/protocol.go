@@ -154,7 +154,7 @@ type Code uint16
 const (
 	CodeInternal          Code = 1  // the server failed; retry later
 	CodeProtocolVersion   Code = 2  // the server does not speak the client's protocol version
-	CodeUnauthorized      Code = 3  // wrong credential, or the client id belongs to another credential
+	CodeUnauthorized      Code = 3  // wrong or revoked credential, revoked user, or the client id belongs to another user
 	CodeUnknownDatabase   Code = 4  // no database of that name
 	CodeMalformed         Code = 5  // the server could not decode a message
 	CodeTooLarge          Code = 6  // a message or batch beyond the server's limits
