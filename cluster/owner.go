@@ -1,0 +1,155 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+)
+
+// Owner is one node's side of the one-owner rule, and the cluster's
+// server.VersionLog: for each database this node writes, it holds the
+// database's lease (renewed every TTL/3) and its fenced Appender, and it
+// appends every version to the stream before the server may acknowledge
+// it. A database whose lease another node holds cannot be opened for
+// writing here (its first version is refused with ErrLeaseHeld); one whose
+// lease is lost, or whose append is fenced or fails, is dropped: its
+// lease is released and every later version refused until the server
+// reopens the database (docs/CLUSTER.md: the local file is then restored
+// from the stream; that restore is not built yet).
+type Owner struct {
+	log    *Log
+	leases *Leases
+	token  string
+	logger *slog.Logger
+	ctx    context.Context // ends at Close: the lease runners' life
+	cancel context.CancelFunc
+
+	mu  sync.Mutex // guards dbs; a leaf, never held across I/O
+	dbs map[string]*owned
+	wg  sync.WaitGroup
+}
+
+type owned struct {
+	lease *Lease
+	ap    *Appender
+}
+
+// NewOwner makes node's owner on the given log and leases. Its token (a
+// NewToken of node) names it in the leases and on every entry it appends.
+func NewOwner(log *Log, leases *Leases, node string, logger *slog.Logger) *Owner {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Owner{log: log, leases: leases, token: NewToken(node), logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
+}
+
+// Token is the owner's lease token.
+func (o *Owner) Token() string { return o.token }
+
+// Append implements server.VersionLog: it appends db's version to the
+// stream, fenced, while this node holds db's lease, and returns nil only
+// once JetStream acknowledged it.
+func (o *Owner) Append(ctx context.Context, db string, version uint64, rec []byte) error {
+	w, err := o.writer(ctx, db)
+	if err != nil {
+		return err
+	}
+	if !w.lease.Valid() {
+		err := w.lease.Err()
+		if err == nil {
+			err = fmt.Errorf("%w: %s: not renewed within its TTL", ErrLeaseLost, db)
+		}
+		o.drop(db, w, err)
+		return err
+	}
+	if _, err := w.ap.Append(ctx, version, rec); err != nil {
+		if errors.Is(err, ErrFenced) || errors.Is(err, ErrAppendFailed) {
+			o.drop(db, w, err)
+		}
+		return err
+	}
+	return nil
+}
+
+// writer returns db's lease and appender, taking the lease first if this
+// node does not hold it. A database's versions come from its one writer
+// goroutine, so two calls for one database never race.
+func (o *Owner) writer(ctx context.Context, db string) (*owned, error) {
+	o.mu.Lock()
+	w := o.dbs[db]
+	o.mu.Unlock()
+	if w != nil {
+		return w, nil
+	}
+	if o.ctx.Err() != nil {
+		return nil, fmt.Errorf("cluster: owner closed")
+	}
+	lease, err := o.leases.Acquire(ctx, db, o.token)
+	if err != nil {
+		return nil, err
+	}
+	ap, err := o.log.NewAppender(ctx, db, o.token)
+	if err != nil {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		lease.Release(rctx)
+		cancel()
+		return nil, err
+	}
+	w = &owned{lease: lease, ap: ap}
+	o.mu.Lock()
+	o.dbs[db] = w
+	o.mu.Unlock()
+	o.wg.Add(1)
+	go func() {
+		defer o.wg.Done()
+		lease.Run(o.ctx, func(err error) {
+			o.logger.Warn("lost the lease of a database; its writer stops", "db", db, "err", err)
+			o.drop(db, w, err)
+		})
+	}()
+	o.logger.Info("own database", "db", db, "token", o.token, "after_version", ap.lastVersion)
+	return w, nil
+}
+
+// drop forgets db's writer and releases its lease (a no-op if it is lost).
+func (o *Owner) drop(db string, w *owned, why error) {
+	o.mu.Lock()
+	if o.dbs[db] == w {
+		delete(o.dbs, db)
+	}
+	o.mu.Unlock()
+	ctx, cancel := context.WithTimeout(o.ctx, time.Second)
+	defer cancel()
+	if err := w.lease.Release(ctx); err != nil {
+		o.logger.Warn("release lease", "db", db, "err", err, "after", why)
+	}
+}
+
+// Owns reports whether this node holds a working lease on db.
+func (o *Owner) Owns(db string) bool {
+	o.mu.Lock()
+	w := o.dbs[db]
+	o.mu.Unlock()
+	return w != nil && w.lease.Valid() && w.ap.Err() == nil
+}
+
+// Close releases every lease this owner holds, so that other nodes may
+// take the databases over at once, and stops the renewals. Close the
+// server first: a version appended after Close is refused.
+func (o *Owner) Close(ctx context.Context) error {
+	o.mu.Lock()
+	dbs := o.dbs
+	o.dbs = map[string]*owned{}
+	o.mu.Unlock()
+	var errs []error
+	for _, w := range dbs {
+		errs = append(errs, w.lease.Release(ctx))
+	}
+	o.cancel()
+	o.wg.Wait()
+	return errors.Join(errs...)
+}
