@@ -120,7 +120,7 @@ func (b *bareServer) acceptBare(ctx context.Context) (*quic.Conn, *quic.Stream, 
 // RunBareBroadcast is the floor of the fan-out: n QUIC connections with the
 // server's TLS and QUIC settings, and a loop that writes the same message of
 // size bytes to each of them, as our server does with an encoded version
-// (28 bytes for a one-row update). The time is from the start of the loop
+// (25 bytes for a one-row update). The time is from the start of the loop
 // until each subscriber has read the message.
 func RunBareBroadcast(ctx context.Context, dir string, n, samples, size int) (BroadcastResult, error) {
 	size = max(size, 8)

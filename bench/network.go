@@ -299,9 +299,9 @@ func NetworkSection(replicas []int, samples int) Section {
 // CPU-second of the process (server and subscribers).
 func FanoutSection(subscribers []int, samples int) Section {
 	// bareMessage is what bare quic-go writes: the size of our Versions
-	// message for the one-row update (server.TestWireOneRowUpdate, 28 B
+	// message for the one-row update (server.TestWireOneRowUpdate, 25 B
 	// since protocol 4), so that both loops write the same bytes.
-	const bareMessage = 28
+	const bareMessage = 25
 	return Section{Name: "fanout", Run: func(ctx context.Context, env *Env) ([]Result, error) {
 		var out []Result
 		msf := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -39,6 +39,11 @@ func FuzzReader(f *testing.F) {
 	}
 	f.Add(all)
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	// Protocol 3's framing (an old client's Hello), then more.
+	var legacy bytes.Buffer
+	WriteLegacyMessage(&legacy, &Hello{Protocol: 3, Database: "d", ClientID: "c"})
+	f.Add(append(legacy.Bytes(), all...))
+	f.Add([]byte{0x80, 0x80, 0x80, 0x80, 0x10}) // a prefix beyond 32 bits
 	small := DefaultLimits
 	small.MaxMessage = 1 << 16
 	f.Fuzz(func(t *testing.T, b []byte) {

@@ -672,12 +672,15 @@ func DecodeEncodedVersion(b []byte, l Limits) (EncodedVersion, error) {
 // AppendVersionsFrame appends one length-prefixed Versions message made of
 // versions already encoded with AppendBinary, consecutive and oldest first.
 func AppendVersionsFrame(b []byte, versions ...[]byte) []byte {
-	start := len(b)
-	b = append(b, 0, 0, 0, 0, byte(TypeVersions))
+	n := 1 + uvarintLen(uint64(len(versions))) // the size is known up front: no move
+	for _, v := range versions {
+		n += uint64(len(v))
+	}
+	b = binary.AppendUvarint(b, n)
+	b = append(b, byte(TypeVersions))
 	b = binary.AppendUvarint(b, uint64(len(versions)))
 	for _, v := range versions {
 		b = append(b, v...)
 	}
-	binary.BigEndian.PutUint32(b[start:], uint32(len(b)-start-FrameHeaderSize))
 	return b
 }

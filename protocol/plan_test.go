@@ -19,14 +19,14 @@ func checkPlan(t *testing.T, items []Item, l ReceiveLimits, frames []Frame) {
 	asm := NewReassembler(1 << 40)
 	for i := range frames {
 		b := frames[i].Append(nil)
-		n := binary.BigEndian.Uint32(b)
-		if int(n) != len(b)-FrameHeaderSize {
-			t.Fatalf("frame %d: length prefix %d, body %d", i, n, len(b)-FrameHeaderSize)
+		n, k := binary.Uvarint(b)
+		if k <= 0 || int(n) != len(b)-k {
+			t.Fatalf("frame %d: length prefix %d (%d bytes), body %d", i, n, k, len(b)-k)
 		}
-		if uint64(n) > uint64(dl.MaxMessage) {
+		if n > uint64(dl.MaxMessage) {
 			t.Fatalf("frame %d: %d bytes, limit %d", i, n, dl.MaxMessage)
 		}
-		m, err := Decode(b[FrameHeaderSize:], dl)
+		m, err := Decode(b[k:], dl)
 		if err != nil {
 			t.Fatalf("frame %d: %v", i, err)
 		}

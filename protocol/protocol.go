@@ -22,8 +22,10 @@ const ALPN = "sqlrebase/1"
 // Version 2 added the receive limits to Hello and the VersionPart message;
 // version 3 added Hello.AppVersion; version 4 changed the version record
 // (no pre checksum, one head varint for codec, page size and flags, and
-// CodecPatch), cutting a one-row update from 63 to under 32 bytes on the
-// wire. A server speaks every version from MinVersion to Version.
+// CodecPatch) and made the frame length prefix a uvarint, cutting a
+// one-row update from 63 to 25 bytes on the wire. A server speaks every
+// version from MinVersion to Version; it reads a protocol 3 Hello's framing
+// only to refuse it in that framing (Reader.Legacy, WriteLegacyMessage).
 const Version = 4
 
 // MinVersion is the oldest protocol version a server of this build accepts.

@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -298,5 +299,83 @@ func TestPreEncodedVersions(t *testing.T) {
 	}
 	if _, err := DecodeEncodedVersion(append(parts[0], 1), DefaultLimits); !errors.Is(err, ErrMalformed) {
 		t.Fatalf("trailing byte: %v", err)
+	}
+}
+
+// TestFrameLengths: the length prefix is a minimal uvarint (one byte under
+// 128 bytes of message), read back exactly at each width; a zero,
+// non-minimal or over-32-bit prefix is malformed.
+func TestFrameLengths(t *testing.T) {
+	for _, size := range []int{1, 127, 128, 16383, 16384, 1<<21 + 5} {
+		m := &Error{Code: CodeInternal, Message: string(bytes.Repeat([]byte("x"), size))}
+		b := AppendFrame([]byte("before"), m)
+		b = AppendVersionsFrame(b, []byte("not decoded"))
+		frame := b[len("before"):]
+		n, k := binary.Uvarint(frame)
+		if want := len(Encode(m)); int(n) != want || k != len(binary.AppendUvarint(nil, uint64(want))) {
+			t.Fatalf("message of %d bytes: prefix %d in %d bytes", want, n, k)
+		}
+		l := DefaultLimits
+		l.MaxString = size
+		got, err := NewReader(bytes.NewReader(frame), l).Read()
+		if err != nil || got.(*Error).Message != m.Message {
+			t.Fatalf("message of %d: %v", size, err)
+		}
+	}
+	for name, b := range map[string][]byte{
+		"non-minimal":    {0x81, 0x00, byte(TypeAck), 0, 0},
+		"beyond 32 bits": {0x80, 0x80, 0x80, 0x80, 0x10},
+		"cut prefix":     {0x81},
+	} {
+		if _, err := NewReader(bytes.NewReader(b), DefaultLimits).Read(); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	// A zero first byte after the first message is no legacy frame.
+	b := AppendFrame(nil, &Ack{LastMutationID: 1, Version: 2})
+	r := NewReader(bytes.NewReader(append(b, 0, 0, 0, 5)), DefaultLimits)
+	if _, err := r.Read(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Read(); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("zero length: %v", err)
+	}
+}
+
+// TestLegacyFraming: a protocol 3 client's Hello (a uint32 length prefix)
+// is read, so that the server can refuse its protocol; the Reader then
+// says Legacy and reads no more, and WriteLegacyMessage's Error is what a
+// protocol 3 client parses: a uint32 length, then the message.
+func TestLegacyFraming(t *testing.T) {
+	h := &Hello{Protocol: 3, Database: "demo", ClientID: "old", Credential: "s3cret", AppVersion: 9}
+	var old bytes.Buffer
+	if err := WriteLegacyMessage(&old, h); err != nil {
+		t.Fatal(err)
+	}
+	old.Write(AppendFrame(nil, &Ack{}))
+	r := NewReader(&old, DefaultLimits)
+	m, err := r.Read()
+	if err != nil || !reflect.DeepEqual(m, h) || !r.Legacy() {
+		t.Fatalf("legacy hello: %#v, %v, legacy %v", m, err, r.Legacy())
+	}
+	if _, err := r.Read(); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("after a legacy hello: %v", err)
+	}
+	var out bytes.Buffer
+	e := &Error{Code: CodeProtocolVersion, Message: "this server speaks 4 to 4"}
+	if err := WriteLegacyMessage(&out, e); err != nil {
+		t.Fatal(err)
+	}
+	b := out.Bytes()
+	if n := binary.BigEndian.Uint32(b); int(n) != len(b)-4 {
+		t.Fatalf("legacy prefix %d for %d bytes", n, len(b)-4)
+	}
+	if got, err := Decode(b[4:], DefaultLimits); err != nil || !reflect.DeepEqual(got, e) {
+		t.Fatalf("legacy error: %#v, %v", got, err)
+	}
+	// A fresh (protocol 4) Reader is not legacy.
+	r = NewReader(bytes.NewReader(AppendFrame(nil, e)), DefaultLimits)
+	if _, err := r.Read(); err != nil || r.Legacy() {
+		t.Fatalf("uvarint frame: %v, legacy %v", err, r.Legacy())
 	}
 }

@@ -287,12 +287,26 @@ func readLoop(ctx context.Context, s io.Reader, in *inbox, limits protocol.Limit
 			in.errc <- err
 			return
 		}
+		if rd.Legacy() {
+			// Protocol 3's framing: a server of protocol 3 or older,
+			// which read our Hello's uvarint length as a huge uint32
+			// and said so. It cannot serve this client: fatal.
+			m = &protocol.Error{Code: protocol.CodeProtocolVersion, Message: fmt.Sprintf("the server speaks protocol 3 or older (it answered %v); this client speaks %d", describe(m), protocol.Version)}
+		}
 		select {
 		case in.msgs <- m:
 		case <-ctx.Done():
 			return
 		}
 	}
+}
+
+// describe is a message as a refusal quotes it.
+func describe(m protocol.Message) string {
+	if e, ok := m.(*protocol.Error); ok {
+		return e.Err().Error()
+	}
+	return fmt.Sprintf("a message of type %d", m.Type())
 }
 
 // session runs one connection's session until it fails or ctx ends.

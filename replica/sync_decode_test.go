@@ -328,3 +328,25 @@ func TestSnapshotChunks(t *testing.T) {
 		t.Fatalf("an older snapshot: %v, want ErrVersion", err)
 	}
 }
+
+// TestOldServerRefusal: a server of protocol 3 or older answers our Hello
+// in its own framing (a uint32 length prefix), with "too large", since it
+// reads the uvarint length as a huge uint32. The replica reads that as
+// the fatal CodeProtocolVersion, not as a retryable error.
+func TestOldServerRefusal(t *testing.T) {
+	var old bytes.Buffer
+	if err := protocol.WriteLegacyMessage(&old, &protocol.Error{Code: protocol.CodeTooLarge, Message: "message of 1006632961 bytes, limit 67108864"}); err != nil {
+		t.Fatal(err)
+	}
+	in := &inbox{msgs: make(chan protocol.Message, 4), errc: make(chan error, 1)}
+	readLoop(context.Background(), &old, in, protocol.DefaultLimits)
+	select {
+	case m := <-in.msgs:
+		e, ok := m.(*protocol.Error)
+		if !ok || e.Code != protocol.CodeProtocolVersion || !e.Code.Fatal() || !strings.Contains(e.Message, "protocol 3 or older") {
+			t.Fatalf("got %#v", m)
+		}
+	default:
+		t.Fatal("no message from the old server's answer")
+	}
+}

@@ -157,6 +157,11 @@ func (s *session) run(ctx context.Context) {
 		s.refuse(protocol.CodeUnexpected, fmt.Sprintf("the first message must be a hello, got type %d", m.Type()))
 		return
 	}
+	if r.Legacy() {
+		// Protocol 3's framing: refuse in the framing that client reads.
+		s.refuseLegacy(hello)
+		return
+	}
 	s.stream.SetReadDeadline(time.Time{})
 	c, err := s.admit(ctx, hello)
 	if err != nil {
@@ -280,6 +285,18 @@ func (s *session) refuse(code protocol.Code, msg string) {
 	s.srv.cfg.metrics.refused(code)
 	s.stream.SetWriteDeadline(time.Now().Add(time.Second))
 	protocol.WriteMessage(s.stream, &protocol.Error{Code: code, Message: msg})
+	close(s.done)
+}
+
+// refuseLegacy refuses a Hello that came in protocol 3's framing (a client
+// of protocol 3 or older) with CodeProtocolVersion, fatal, written in that
+// framing so that the client reads it, and ends the stream.
+func (s *session) refuseLegacy(h *protocol.Hello) {
+	code := protocol.CodeProtocolVersion
+	s.srv.cfg.metrics.refused(code)
+	s.log.Info("refused hello", "db", h.Database, "client", h.ClientID, "code", code, "protocol", h.Protocol)
+	s.stream.SetWriteDeadline(time.Now().Add(time.Second))
+	protocol.WriteLegacyMessage(s.stream, &protocol.Error{Code: code, Message: fmt.Sprintf("client speaks protocol %d; this server speaks %d to %d", h.Protocol, protocol.MinVersion, protocol.Version)})
 	close(s.done)
 }
 

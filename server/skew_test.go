@@ -1,8 +1,12 @@
 package server
 
 import (
+	"context"
+	"encoding/binary"
+	"io"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sqlrebase/sqlrebase/protocol"
 )
@@ -45,5 +49,23 @@ func TestOldProtocolRefused(t *testing.T) {
 		if !ok || e.Code != protocol.CodeProtocolVersion || !e.Code.Fatal() || !strings.Contains(e.Message, "speaks 4 to 4") {
 			t.Fatalf("protocol %d: got %#v", p, m)
 		}
+	}
+	// A real protocol 3 client frames its Hello with a uint32 length and
+	// reads only that framing: its refusal comes in it.
+	stream, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteLegacyMessage(stream, &protocol.Hello{Protocol: 3, Database: "demo", ClientID: "v3", Credential: "s3cret"}); err != nil {
+		t.Fatal(err)
+	}
+	stream.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b, err := io.ReadAll(stream)
+	if err != nil || len(b) < 4 || int(binary.BigEndian.Uint32(b)) != len(b)-4 {
+		t.Fatalf("answer to a protocol 3 hello: % x, %v", b, err)
+	}
+	m, err := protocol.Decode(b[4:], protocol.DefaultLimits)
+	if e, ok := m.(*protocol.Error); err != nil || !ok || e.Code != protocol.CodeProtocolVersion || !strings.Contains(e.Message, "client speaks protocol 3") {
+		t.Fatalf("answer to a protocol 3 hello: %#v, %v", m, err)
 	}
 }

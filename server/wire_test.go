@@ -38,7 +38,7 @@ func wireBreakdown(frame []byte) ([]wirePart, error) {
 		v, n := binary.Uvarint(b)
 		return v, take(name, n)
 	}
-	if err := take("frame length prefix", protocol.FrameHeaderSize); err != nil {
+	if _, err := uv("frame length prefix"); err != nil {
 		return nil, err
 	}
 	if err := take("message type", 1); err != nil {
