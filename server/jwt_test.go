@@ -918,3 +918,30 @@ func BenchmarkJWTAuthenticate(b *testing.B) {
 		}
 	})
 }
+
+// FuzzParseJWKS: a key set file, as read from disk, never panics the
+// parser, and what it accepts is only public signing keys, at least one.
+func FuzzParseJWKS(f *testing.F) {
+	k := newTestKeys(f)
+	f.Add(k.jwks(f))
+	f.Add(jwksOfUse(f, k.rsa.Public(), "enc"))
+	f.Add([]byte(`{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"}]}`))
+	f.Add([]byte(`{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}`))
+	f.Add([]byte(`{"keys":[]}`))
+	f.Add([]byte(`{"keys":null}`))
+	f.Add([]byte(`[]`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		keys, err := parseJWKS(b)
+		if err != nil {
+			return
+		}
+		if len(keys) == 0 {
+			t.Fatal("accepted a set with no keys")
+		}
+		for _, key := range keys {
+			if !key.IsPublic() || !key.Valid() {
+				t.Fatalf("accepted key %+v: not a valid public key", key)
+			}
+		}
+	})
+}

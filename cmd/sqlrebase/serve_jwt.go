@@ -28,13 +28,14 @@ func (j *jwtFlags) register(fs *flag.FlagSet) {
 
 // enabled reports whether JWT mode was asked for.
 func (j *jwtFlags) enabled() bool {
-	return *j.jwks != "" || *j.secretFile != "" || *j.issuer != "" || *j.audience != ""
+	return *j.jwks != "" || *j.secretFile != "" || *j.issuer != "" || *j.audience != "" ||
+		*j.dbsClaim != server.DefaultDatabasesClaim // else a lone --jwt-dbs-claim would be ignored silently
 }
 
 // authenticator builds the JWT authenticator the flags describe.
 func (j *jwtFlags) authenticator(log *slog.Logger) (*server.JWTAuthenticator, error) {
 	if *j.jwks == "" && *j.secretFile == "" {
-		return nil, errors.New("--jwt-issuer and --jwt-audience need --jwt-jwks FILE or --jwt-hs256-secret-file FILE")
+		return nil, errors.New("JWT mode needs --jwt-jwks FILE or --jwt-hs256-secret-file FILE")
 	}
 	if *j.issuer == "" || *j.audience == "" {
 		return nil, errors.New("JWT mode needs --jwt-issuer and --jwt-audience")

@@ -127,11 +127,12 @@ func TestServeJWTFlagErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"no key", []string{"--db", "acme", "--jwt-issuer", "i", "--jwt-audience", "a"}, "need --jwt-jwks FILE or --jwt-hs256-secret-file FILE"},
+		{"no key", []string{"--db", "acme", "--jwt-issuer", "i", "--jwt-audience", "a"}, "JWT mode needs --jwt-jwks FILE or --jwt-hs256-secret-file FILE"},
 		{"no audience", []string{"--db", "acme", "--jwt-hs256-secret-file", secretFile, "--jwt-issuer", "i"}, "needs --jwt-issuer and --jwt-audience"},
 		{"short secret", []string{"--db", "acme", "--jwt-hs256-secret-file", short, "--jwt-issuer", "i", "--jwt-audience", "a"}, "has 4 bytes; at least 32"},
 		{"missing jwks", []string{"--db", "acme", "--jwt-jwks", filepath.Join(dir, "nope.json"), "--jwt-issuer", "i", "--jwt-audience", "a"}, "no such file"},
 		{"secret in jwt mode", []string{"--db", "acme:tok", "--jwt-hs256-secret-file", secretFile, "--jwt-issuer", "i", "--jwt-audience", "a"}, "tokens grant access, not secrets"},
+		{"dbs claim alone", []string{"--db", "acme", "--jwt-dbs-claim", "tenants"}, "JWT mode needs --jwt-jwks FILE or --jwt-hs256-secret-file FILE"},
 		{"name alone without jwt", []string{"--db", "acme"}, "want NAME:SECRET (NAME alone only with --jwt-*)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
