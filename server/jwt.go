@@ -73,8 +73,12 @@ type JWTConfig struct {
 	// it a token the same issuer minted for another service would open
 	// this one's databases.
 	Audience string
-	// Leeway is the clock skew allowed on exp and nbf (0: DefaultJWTLeeway;
-	// negative: none).
+	// Leeway is the clock skew allowed on nbf and exp when a token is
+	// checked (0: DefaultJWTLeeway; negative: none). Identity.Expires is
+	// exp itself, so a server ends the session at exp by its own clock,
+	// and refuses a Hello whose token's exp has passed as expired (which a
+	// replica's token source cures): on exp the leeway matters only to
+	// callers of Authenticate that do not enforce Expires.
 	Leeway time.Duration
 	// DatabasesClaim names the claim listing the databases a token may
 	// open (empty: DefaultDatabasesClaim).
