@@ -68,9 +68,12 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	adminTokenFlag := fs.String("admin-token-file", "", "file holding the admin API's bearer token (default: one generated in --data/"+adminTokenFile+")")
 	var jwtf jwtFlags
 	jwtf.register(fs)
+	var clf clusterFlags
+	clf.register(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: sqlrebase serve --data DIR --listen HOST:PORT [--db NAME:SECRET ...] [--cert F --key F] [--admin HOST:PORT [--admin-token-file F]]")
 		fmt.Fprintln(stderr, "       sqlrebase serve ... --jwt-jwks F | --jwt-hs256-secret-file F  --jwt-issuer I --jwt-audience A [--jwt-dbs-claim dbs] [--db NAME ...]")
+		fmt.Fprintln(stderr, "       sqlrebase serve ... --cluster NAME --node N [--cluster-listen HOST:PORT --routes HOST:PORT,...] | --nats URL --node N")
 		fmt.Fprintln(stderr, "\nRuns the authority for the demo app's mutators over QUIC. Prints the certificate's")
 		fmt.Fprintln(stderr, "fingerprint for replicas to pin, then logs (slog) until SIGINT or SIGTERM.")
 		fs.PrintDefaults()
@@ -128,6 +131,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 				return 2
 			}
 		}
+	}
+	stopCluster, err := setupCluster(ctx, &clf, &cfg, *data, stdout, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "sqlrebase serve: cluster: %v\n", err)
+		return 1
+	}
+	if stopCluster != nil {
+		defer stopCluster() // after the server's Close: no version comes after it
 	}
 	srv, err := server.Open(ctx, cfg)
 	if err != nil {
