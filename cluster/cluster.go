@@ -52,6 +52,11 @@ var (
 	// ErrSnapshotChecksum is the error of a snapshot image whose pages do
 	// not give the checksum it claims.
 	ErrSnapshotChecksum = errors.New("cluster: snapshot checksum mismatch")
+	// ErrBrokenChain is the error of a restore whose versions do not link:
+	// a version that does not follow the one before, whose checksum before
+	// is not the image's, or whose pages do not give its checksum after.
+	// Our checksums are the split-brain detector, as LiteFS's are.
+	ErrBrokenChain = errors.New("cluster: the version chain does not link")
 	// ErrNotReady is the error of a node that did not become ready (client
 	// port, routes, JetStream) before its context ended.
 	ErrNotReady = errors.New("cluster: NATS server not ready")
