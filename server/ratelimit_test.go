@@ -1,10 +1,13 @@
 package server
 
 import (
+	"fmt"
 	"net"
 	"runtime"
 	"testing"
 	"time"
+
+	"pgregory.net/rapid"
 )
 
 func udp(ip string) net.Addr { return &net.UDPAddr{IP: net.ParseIP(ip), Port: 4242} }
@@ -142,4 +145,51 @@ func TestFailureLimiterBounded(t *testing.T) {
 	if tok := e.Value.(*limiterEntry).lim.Tokens(); tok > 9.5 {
 		t.Fatalf("its failure was forgotten: %v tokens", tok)
 	}
+}
+
+// TestFailureLimiterModel: any sequence of checks starting and ending,
+// successfully or not, from a few addresses, with no time passing: an
+// address never has more checks admitted at once than its budget, never
+// more failures than its budget, and is refused only when those two
+// together reach it.
+func TestFailureLimiterModel(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		burst := rapid.IntRange(1, 5).Draw(t, "burst")
+		f := newFailureLimiter(time.Hour, burst, 100)
+		type running struct {
+			addr int
+			done func(bool)
+		}
+		var open []running
+		failed := map[int]int{}
+		inflight := map[int]int{}
+		t.Repeat(map[string]func(*rapid.T){
+			"take": func(t *rapid.T) {
+				a := rapid.IntRange(0, 2).Draw(t, "addr")
+				done, ok := f.take(udp(fmt.Sprintf("192.0.2.%d", a+1)))
+				want := failed[a]+inflight[a] < burst
+				if ok != want {
+					t.Fatalf("addr %d: %d failed, %d running, budget %d: admitted %v", a, failed[a], inflight[a], burst, ok)
+				}
+				if ok {
+					open = append(open, running{a, done})
+					inflight[a]++
+				}
+			},
+			"finish": func(t *rapid.T) {
+				if len(open) == 0 {
+					t.Skip("nothing running")
+				}
+				i := rapid.IntRange(0, len(open)-1).Draw(t, "which")
+				ok := rapid.Bool().Draw(t, "ok")
+				r := open[i]
+				open = append(open[:i], open[i+1:]...)
+				r.done(ok)
+				inflight[r.addr]--
+				if !ok {
+					failed[r.addr]++
+				}
+			},
+		})
+	})
 }
