@@ -142,3 +142,49 @@ func FuzzChangeLogSegment(f *testing.F) {
 		}
 	})
 }
+
+// TestChangeLogOldFormat: segments of protocol 3's records (".seg") are
+// not served after an upgrade: open removes them and the log is empty (the
+// database then starts it afresh, and replicas behind get a snapshot).
+func TestChangeLogOldFormat(t *testing.T) {
+	dir := t.TempDir()
+	l, err := openChangeLog(dir, 3, 1<<20, Retention{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for v := uint64(1); v <= 4; v++ {
+		if err := l.append(v, rec(v), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.close()
+	// Rename the segments as protocol 3 named them: same records.
+	segs, _ := filepath.Glob(filepath.Join(dir, "*"+segmentSuffix))
+	if len(segs) != 2 {
+		t.Fatalf("%d segments", len(segs))
+	}
+	for _, s := range segs {
+		if err := os.Rename(s, s[:len(s)-len(segmentSuffix)]+".seg"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other := filepath.Join(dir, "notes.txt")
+	os.WriteFile(other, []byte("kept"), 0o644)
+	l, err = openChangeLog(dir, 3, 1<<20, Retention{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.close()
+	if l.first() != 0 || l.last() != 0 {
+		t.Fatalf("old segments served: versions %d..%d", l.first(), l.last())
+	}
+	if old, _ := filepath.Glob(filepath.Join(dir, "*.seg")); len(old) != 0 {
+		t.Fatalf("old segments left: %v", old)
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Fatalf("a file that is no segment was removed: %v", err)
+	}
+	if err := l.append(5, rec(5), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+}
