@@ -10,6 +10,7 @@ import (
 	"hash/crc64"
 	"io"
 	"io/fs"
+	mrand "math/rand/v2"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -107,6 +108,10 @@ type Replica struct {
 	// opening and closing it on every drop was a tenth of a small rebase.
 	// It is reopened if the file was unlinked (see walFile).
 	walf *os.File
+	// salts draws the WAL salts of each drop: they need only differ from
+	// the last ones, not be secret, and a getrandom call per drop was a
+	// tenth of the drop's syscalls. Seeded from crypto/rand at first use.
+	salts *mrand.ChaCha8
 	// jbuf is the journal record's buffer, reused across rebases while it
 	// is small (see writeJournal).
 	jbuf   []byte
@@ -478,9 +483,12 @@ func (r *Replica) unlockAll() error {
 // after we are gone would otherwise replay stale pending frames over the
 // server's pages. The caller holds every lock.
 func (r *Replica) resetWAL(truncate bool) error {
-	var salts [8]byte
-	rand.Read(salts[:])
-	salt1, salt2 := binary.BigEndian.Uint32(salts[:4]), binary.BigEndian.Uint32(salts[4:])
+	if r.salts == nil {
+		var seed [32]byte
+		rand.Read(seed[:])
+		r.salts = mrand.NewChaCha8(seed)
+	}
+	salt1, salt2 := uint32(r.salts.Uint64()), uint32(r.salts.Uint64())
 	if truncate || r.WALWritten() {
 		if err := r.invalidateWAL(truncate, salt1, salt2); err != nil {
 			return err
@@ -563,7 +571,7 @@ func (r *Replica) View() (WALView, error) {
 		v.Cookie, err = r.SchemaCookie()
 		return v, err
 	}
-	f, err := r.walFile()
+	f, _, err := r.walFile()
 	if err != nil {
 		return WALView{}, err
 	}
@@ -600,34 +608,43 @@ func (r *Replica) lastFrameOf(pgno, mx uint32) (uint32, error) {
 	return 0, nil
 }
 
-// walFile returns the handle on the WAL file, opening it if need be; nil
-// if there is no WAL file yet. A handle on a file that was unlinked (SQLite
-// deletes the WAL only at a checkpoint on close, which the locks forbid,
-// but a tool might) is let go and the file opened again.
-func (r *Replica) walFile() (*os.File, error) {
+// walFile returns the handle on the WAL file, opening it if need be, and
+// its fstat; nil if there is no WAL file yet. A handle on a file that was
+// unlinked (SQLite deletes the WAL only at a checkpoint on close, which the
+// locks forbid, but a tool might) is let go and the file opened again.
+func (r *Replica) walFile() (*os.File, fs.FileInfo, error) {
 	if r.walf != nil {
 		st, err := r.walf.Stat()
-		if err == nil {
-			if sys, ok := st.Sys().(*syscall.Stat_t); !ok || sys.Nlink > 0 {
-				return r.walf, nil
-			}
+		if err == nil && linked(st) {
+			return r.walf, st, nil
 		}
 		r.walf.Close()
 		r.walf = nil
 	}
 	f, err := os.OpenFile(r.walPath, os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("open WAL: %w", err)
+		return nil, nil, fmt.Errorf("open WAL: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("open WAL: %w", err)
 	}
 	r.walf = f
-	return f, nil
+	return f, st, nil
+}
+
+// linked reports whether a file still has a name (fstat's link count).
+func linked(st fs.FileInfo) bool {
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	return !ok || sys.Nlink > 0
 }
 
 func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
-	f, err := r.walFile()
+	f, st, err := r.walFile()
 	if f == nil || err != nil {
 		return err
 	}
@@ -635,10 +652,6 @@ func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
 	n, _ := f.ReadAt(hb[:], 0)
 	if n == 0 {
 		return nil
-	}
-	st, err := f.Stat()
-	if err != nil {
-		return err
 	}
 	if truncate || st.Size() > walTruncateMin {
 		if err := r.faults.truncate(f, 0); err != nil {
