@@ -186,8 +186,10 @@ func (a *access) newCredential(id, name, secret string) (credential, error) {
 
 // add stores a credential for secret, named name (empty: unnamed), unless
 // one already matches the secret: then it returns that one if it has the
-// same name, and ErrCredentialExists if not. A name may not be another
-// credential's name or id (that would speak for its clients).
+// same name or name is empty (so that `serve --db NAME:SECRET` at every
+// start stays a no-op, however the secret was named since), and
+// ErrCredentialExists if not. A name may not be another credential's name
+// or id (that would speak for its clients).
 func (a *access) add(name, secret string) (credential, error) {
 	if name != "" {
 		if err := validUserID(name); err != nil {
@@ -195,7 +197,7 @@ func (a *access) add(name, secret string) (credential, error) {
 		}
 	}
 	switch c, err := a.check(secret); {
-	case err == nil && c.Name == name:
+	case err == nil && (c.Name == name || name == ""):
 		return c, nil
 	case err == nil:
 		return credential{}, fmt.Errorf("%w: that secret is already credential %s", ErrCredentialExists, c.ID)

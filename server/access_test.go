@@ -82,6 +82,9 @@ func TestAccessNamedSecrets(t *testing.T) {
 	if _, err := a.add("bob", "alice-secret"); !errors.Is(err, ErrCredentialExists) {
 		t.Fatalf("alice's secret under another name: %v", err)
 	}
+	if again, err := a.add("", "alice-secret"); err != nil || again.ID != alice.ID {
+		t.Fatalf("alice's secret added unnamed (serve --db at a restart): %+v %v", again, err)
+	}
 	anon, err := a.add("", "anon")
 	if err != nil {
 		t.Fatal(err)

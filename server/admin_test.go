@@ -399,3 +399,22 @@ func TestAdminRestart(t *testing.T) {
 		t.Fatalf("clients after restart: %+v %v", cs, err)
 	}
 }
+
+// TestRefusedStreamsReleased: a refused stream is released on both sides,
+// so one connection can be refused more times than its stream limit (256)
+// and still open streams: the server does not keep refused streams.
+func TestRefusedStreamsReleased(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), nil)
+	conn := dial(t, addr, srv.Fingerprint())
+	for i := range 300 {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		m, err := helloOnce(ctx, conn, protocol.Hello{Database: "nosuch", ClientID: "c"})
+		cancel()
+		if err != nil {
+			t.Fatalf("refusal %d: %v (stream never released?)", i+1, err)
+		}
+		if e, ok := m.(*protocol.Error); !ok || e.Code != protocol.CodeUnknownDatabase {
+			t.Fatalf("refusal %d: %#v", i+1, m)
+		}
+	}
+}

@@ -285,6 +285,10 @@ func (s *session) refuse(code protocol.Code, msg string) {
 	s.srv.cfg.metrics.refused(code)
 	s.stream.SetWriteDeadline(time.Now().Add(time.Second))
 	protocol.WriteMessage(s.stream, &protocol.Error{Code: code, Message: msg})
+	// Done reading too: a stream whose receive side is left open is never
+	// released, so a client refused on 256 streams of one connection (the
+	// stream limit) could open no more, and the server kept them all.
+	s.stream.CancelRead(0)
 	close(s.done)
 }
 
