@@ -216,12 +216,19 @@ func TestAdminCLI(t *testing.T) {
 	pending := int64(len(alice.Pending()))
 
 	bob := open("bob", "bob", "bob-1")
-	if err := bob.WaitConnected(ctx); err != nil {
-		t.Fatal(err)
+	// bobSees confirms a mutation of bob's (another category): his replica
+	// is then at a version after everything the server had applied.
+	bobSees := func() {
+		t.Helper()
+		h, err := bob.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Work", 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := bob.Sync(ctx); err != nil {
-		t.Fatal(err)
-	}
+	bobSees()
 	onServer := food(bob)
 	// Queued includes what the server applied but could not acknowledge
 	// before the session ended: it is deduplicated when pushed again.
@@ -237,9 +244,9 @@ func TestAdminCLI(t *testing.T) {
 	if err := alice.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := bob.Sync(ctx); err != nil {
-		t.Fatal(err)
-	}
+	// Sync waits for bob's own pushes only: a mutation of his, confirmed,
+	// puts his replica at a version after alice's pushes.
+	bobSees()
 	if got := food(bob); got != made.Load() || len(alice.Pending()) != 0 {
 		t.Fatalf("after alice's new secret: %d on the server, %d pending, %d made", got, len(alice.Pending()), made.Load())
 	}
