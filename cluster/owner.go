@@ -141,6 +141,10 @@ func (o *Owner) Owns(db string) bool {
 // take the databases over at once, and stops the renewals. Close the
 // server first: a version appended after Close is refused.
 func (o *Owner) Close(ctx context.Context) error {
+	// Stop the renewals first: a renewal racing the release would find
+	// the lease released and report it lost.
+	o.cancel()
+	o.wg.Wait()
 	o.mu.Lock()
 	dbs := o.dbs
 	o.dbs = map[string]*owned{}
@@ -149,7 +153,5 @@ func (o *Owner) Close(ctx context.Context) error {
 	for _, w := range dbs {
 		errs = append(errs, w.lease.Release(ctx))
 	}
-	o.cancel()
-	o.wg.Wait()
 	return errors.Join(errs...)
 }

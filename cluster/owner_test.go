@@ -144,3 +144,31 @@ func TestOwnerRefusesADatabaseLeasedElsewhere(t *testing.T) {
 		t.Fatalf("the stream got %d versions from a node without the lease", len(es))
 	}
 }
+
+// TestOwnerCloseReleasesItsLeases: after Close another node acquires at
+// once, without waiting for the TTL.
+func TestOwnerCloseReleasesItsLeases(t *testing.T) {
+	_, nc, js := single(t)
+	ctx := bounded(t, 30*time.Second)
+	l, err := OpenLog(ctx, nc, js, LogConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := NewOwner(l, ls, "n1", quiet)
+	if err := o.Append(ctx, "db", 1, make([]byte, 8)); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ls.Acquire(ctx, "db", "n2"); err != nil {
+		t.Fatalf("acquire after the owner closed: %v", err)
+	}
+	if err := o.Append(ctx, "db", 2, make([]byte, 8)); err == nil {
+		t.Fatal("a closed owner appended")
+	}
+}
