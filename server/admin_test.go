@@ -418,3 +418,44 @@ func TestRefusedStreamsReleased(t *testing.T) {
 		}
 	}
 }
+
+// TestRevocationRacingAdmission: a revocation that lands after a Hello
+// passed its revocation check but before its session subscribed (here:
+// while the database opens for it) finds no session to end; the session's
+// second look, once subscribed, ends it.
+func TestRevocationRacingAdmission(t *testing.T) {
+	ctx := context.Background()
+	cfg := Config{Dir: t.TempDir(), Mutators: testRegistry(t), Setup: demoSetup, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CredentialHashIterations: 1000}
+	srv, err := Open(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if err := srv.CreateDatabase(ctx, "demo"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.AddSecret(ctx, "demo", "alice", "a"); err != nil {
+		t.Fatal(err)
+	}
+	open := srv.reg.openDB
+	var ended []int
+	srv.reg.openDB = func(ctx context.Context, tn *tenant) (*database, error) {
+		n, err := srv.RevokeUser(ctx, "demo", "alice")
+		if err != nil {
+			return nil, err
+		}
+		ended = append(ended, n)
+		return open(ctx, tn)
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "a"})
+	welcome(t, m)
+	e := endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
+	if !strings.Contains(e.Message, `user "alice" was revoked`) || len(ended) != 1 || ended[0] != 0 {
+		t.Fatalf("ended %v, told %q", ended, e.Message)
+	}
+}
