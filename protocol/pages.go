@@ -478,6 +478,19 @@ func NewDecoder(l Limits) *Decoder {
 // Close releases the decompressor.
 func (d *Decoder) Close() { d.z.Close() }
 
+// basePage is page p as the replica holds it before ev, checked to be one
+// whole page: the delta codecs (patch, dictionary, XOR) decode against it.
+func basePage(ev *EncodedVersion, before func(pgno uint32) ([]byte, error), p uint32) ([]byte, error) {
+	old, err := before(p)
+	if err != nil {
+		return nil, fmt.Errorf("decode version %d: base of page %d: %w", ev.Version, p, err)
+	}
+	if len(old) != int(ev.PageSize) {
+		return nil, fmt.Errorf("decode version %d: base of page %d has %d bytes", ev.Version, p, len(old))
+	}
+	return old, nil
+}
+
 // Version is DecodeVersion with this decoder's limits.
 func (d *Decoder) Version(ev *EncodedVersion, before func(pgno uint32) ([]byte, error)) (*wal.PageSet, error) {
 	l := d.l
@@ -495,12 +508,9 @@ func (d *Decoder) Version(ev *EncodedVersion, before func(pgno uint32) ([]byte, 
 		raw = make([]byte, want)
 		for i, p := range ev.Pgnos {
 			if p <= ev.BaseDBSize {
-				old, err := before(p)
+				old, err := basePage(ev, before, p)
 				if err != nil {
-					return nil, fmt.Errorf("decode version %d: base of page %d: %w", ev.Version, p, err)
-				}
-				if len(old) != int(ev.PageSize) {
-					return nil, fmt.Errorf("decode version %d: base of page %d has %d bytes", ev.Version, p, len(old))
+					return nil, err
 				}
 				copy(raw[i*int(ev.PageSize):], old)
 			}
@@ -529,12 +539,9 @@ func (d *Decoder) Version(ev *EncodedVersion, before func(pgno uint32) ([]byte, 
 		var dict []byte
 		for _, p := range ev.Pgnos {
 			if p <= ev.BaseDBSize {
-				old, err := before(p)
+				old, err := basePage(ev, before, p)
 				if err != nil {
-					return nil, fmt.Errorf("decode version %d: base of page %d: %w", ev.Version, p, err)
-				}
-				if len(old) != int(ev.PageSize) {
-					return nil, fmt.Errorf("decode version %d: base of page %d has %d bytes", ev.Version, p, len(old))
+					return nil, err
 				}
 				bases = append(bases, old)
 			} else {
