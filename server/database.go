@@ -36,6 +36,14 @@ type database struct {
 	clog *changeLog
 	enc  *protocol.Encoder
 	subs map[*session]struct{}
+	// later holds the subscribers a batch's version was queued for without
+	// a wake, while pushersFirst is set: the writer wakes them after its
+	// pushers' acks (see run).
+	later []*session
+
+	// pushersFirst is set by the writer around a batch: its pushers are
+	// woken first (by their acks), the other subscribers right after.
+	pushersFirst atomic.Bool
 }
 
 // pushRequest is one Push of one session, for the writer.
@@ -125,13 +133,20 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 		d.log.Error("change log append failed; the log starts afresh", "version", ps.Version, "err", err)
 		d.clog.reset()
 	}
+	first := d.pushersFirst.Load()
 	for s := range d.subs {
 		// A session with mutations in the batch being committed gets its
 		// ack right after this: queue the version without waking its
 		// sender, so that version and ack share one write and one packet
-		// instead of two wakes, two writes and two packets.
-		if !s.offerWake(item{version: ps.Version, rec: rec}, !s.inBatch.Load()) {
+		// instead of two wakes, two writes and two packets. While the
+		// writer runs a batch the others are not woken yet either: on
+		// busy cores the nine other senders (and their replicas' rebases)
+		// woken here ran before the pusher's, whose ack came last.
+		pusher := s.inBatch.Load()
+		if !s.offerWake(item{version: ps.Version, rec: rec}, !pusher && !first) {
 			delete(d.subs, s)
+		} else if first && !pusher {
+			d.later = append(d.later, s)
 		}
 	}
 	return nil
@@ -263,6 +278,8 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 	for _, r := range reqs {
 		r.s.inBatch.Store(true)
 	}
+	d.pushersFirst.Store(true)
+	defer d.wakeLater()
 	_, results, err := d.auth.Push(ctx, batch)
 	for _, r := range reqs {
 		r.s.inBatch.Store(false)
@@ -305,6 +322,21 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 			continue
 		}
 		r.s.offer(item{ack: &protocol.Ack{LastMutationID: last, Version: version}})
+	}
+}
+
+// wakeLater ends a batch's pushers-first window and wakes the subscribers
+// whose version onCommit queued without a wake meanwhile. It takes
+// auth.mu, as onCommit holds it while it fills later (an Exec's onCommit
+// may run on another goroutine).
+func (d *database) wakeLater() {
+	d.auth.mu.Lock()
+	d.pushersFirst.Store(false)
+	later := d.later
+	d.later = nil
+	d.auth.mu.Unlock()
+	for _, s := range later {
+		s.signal()
 	}
 }
 

@@ -119,3 +119,72 @@ func TestOfferWake(t *testing.T) {
 		t.Fatalf("closing %v, want CodeSlowClient", s.closing)
 	}
 }
+
+// TestPushersWokenFirst: while the writer runs a batch, the version it
+// commits is queued for every subscriber, but only the pushers are woken
+// (by their acks); the others are woken by wakeLater right after, and an
+// Exec outside a batch wakes everyone at once. A lost wake would leave the
+// other subscriber's version queued and unsent.
+func TestPushersWokenFirst(t *testing.T) {
+	ctx := context.Background()
+	srv, _ := testServer(t, t.TempDir(), nil)
+	d, err := openDatabase(ctx, "first", t.TempDir(), &srv.cfg, srv.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.auth.Close(); d.clog.close() })
+	newSession := func() *session {
+		return &session{srv: srv, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	}
+	woken := func(s *session) bool {
+		select {
+		case <-s.wake:
+			return true
+		default:
+			return false
+		}
+	}
+	pusher, other := newSession(), newSession()
+	d.auth.mu.Lock()
+	d.subs[pusher], d.subs[other] = struct{}{}, struct{}{}
+	d.auth.mu.Unlock()
+	bump := func() uint64 {
+		ps, err := d.auth.Exec(ctx, func(tx mutators.Tx) error {
+			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES ('x', 1) ON CONFLICT(name) DO UPDATE SET count = count + 1`)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ps.Version
+	}
+
+	// A batch: the writer's window, with pusher in the batch.
+	pusher.inBatch.Store(true)
+	d.pushersFirst.Store(true)
+	v := bump()
+	pusher.inBatch.Store(false)
+	if woken(pusher) || woken(other) {
+		t.Fatal("a subscriber was woken by the batch's commit, before the pusher's ack")
+	}
+	pusher.offer(item{ack: &protocol.Ack{LastMutationID: 1, Version: v}})
+	if !woken(pusher) || woken(other) {
+		t.Fatal("the ack did not wake the pusher alone")
+	}
+	d.wakeLater()
+	if !woken(other) {
+		t.Fatal("wakeLater did not wake the other subscriber: its version would wait unsent")
+	}
+	if len(other.queue) != 1 || other.queue[0].version != v || len(pusher.queue) != 2 || pusher.queue[0].version != v {
+		t.Fatalf("queues: other %+v, pusher %+v; want the version in both, before the pusher's ack", other.queue, pusher.queue)
+	}
+	if d.pushersFirst.Load() || len(d.later) != 0 {
+		t.Fatal("wakeLater left the window open or kept sessions")
+	}
+
+	// Outside a batch (an Exec), every subscriber is woken at once.
+	bump()
+	if !woken(pusher) || !woken(other) {
+		t.Fatal("a version outside a batch did not wake every subscriber")
+	}
+}
