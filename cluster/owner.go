@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+
+	"github.com/sqlrebase/sqlrebase/protocol"
 )
 
 // Owner is one node's side of the one-owner rule, and the cluster's
@@ -17,11 +19,13 @@ import (
 // writing here (its first version is refused with ErrLeaseHeld); one whose
 // lease is lost, or whose append is fenced or fails, is dropped: its
 // lease is released and every later version refused until the server
-// reopens the database (docs/CLUSTER.md: the local file is then restored
-// from the stream; that restore is not built yet).
+// reopens the database. It is also the server's LocalCache: a database
+// opens here only once this node holds its lease and the local file is
+// the stream's tail, restored from the snapshot and the stream if not.
 type Owner struct {
 	log    *Log
 	leases *Leases
+	snaps  *Snapshots // nil: restores start from the empty database
 	token  string
 	logger *slog.Logger
 	ctx    context.Context // ends at Close: the lease runners' life
@@ -37,14 +41,15 @@ type owned struct {
 	ap    *Appender
 }
 
-// NewOwner makes node's owner on the given log and leases. Its token (a
-// NewToken of node) names it in the leases and on every entry it appends.
-func NewOwner(log *Log, leases *Leases, node string, logger *slog.Logger) *Owner {
+// NewOwner makes node's owner on the given log, leases and snapshots (nil:
+// none; a restore then replays the whole stream). Its token (a NewToken of
+// node) names it in the leases and on every entry it appends.
+func NewOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *slog.Logger) *Owner {
 	if logger == nil {
 		logger = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Owner{log: log, leases: leases, token: NewToken(node), logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
+	return &Owner{log: log, leases: leases, snaps: snaps, token: NewToken(node), logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
 }
 
 // Token is the owner's lease token.
@@ -72,6 +77,61 @@ func (o *Owner) Append(ctx context.Context, db string, version uint64, rec []byt
 		}
 		return err
 	}
+	return nil
+}
+
+// Fresh implements server.LocalCache: it takes db's lease (ErrLeaseHeld if
+// another node holds it) and makes its Appender, then reports whether the
+// local file at version and checksum is the subject's last entry: the same
+// version, and that entry's checksum after. An empty subject is matched
+// only by a new file (version 0): a file with versions the stream lacks
+// is not served.
+func (o *Owner) Fresh(ctx context.Context, db string, version, checksum uint64) (bool, error) {
+	w, err := o.writer(ctx, db)
+	if err != nil {
+		return false, err
+	}
+	seq, last := w.ap.Last()
+	if last == 0 || version != last {
+		return version == last, nil
+	}
+	es, err := o.log.Read(ctx, db, seq, 1)
+	if err != nil {
+		return false, err
+	}
+	if len(es) != 1 || es[0].Seq != seq || len(es[0].Rec) < 8 {
+		return false, fmt.Errorf("%w: %s: the subject's last entry (seq %d) is not readable", ErrBrokenChain, db, seq)
+	}
+	ev, err := protocol.DecodeEncodedVersion(es[0].Rec[8:], protocol.DefaultLimits)
+	if err != nil {
+		return false, fmt.Errorf("%w: %s version %d: %w", ErrBrokenChain, db, last, err)
+	}
+	if ev.Version != last {
+		return false, fmt.Errorf("%w: %s: entry of version %d holds version %d", ErrBrokenChain, db, last, ev.Version)
+	}
+	return ev.PostChecksum == checksum, nil
+}
+
+// Restore implements server.LocalCache: it rebuilds db's file at path from
+// the latest snapshot and the stream (Restore), checked against the chain.
+// With nothing in the stream yet it leaves path absent, so the server makes
+// version 1 (which this node then appends first). Call Fresh first: the
+// lease must be held while the file is rebuilt.
+func (o *Owner) Restore(ctx context.Context, db, path string) error {
+	o.mu.Lock()
+	w := o.dbs[db]
+	o.mu.Unlock()
+	if w == nil {
+		return fmt.Errorf("%w: %s: restore without the lease", ErrLeaseLost, db)
+	}
+	if _, last := w.ap.Last(); last == 0 {
+		return nil
+	}
+	res, err := Restore(ctx, o.log, o.snaps, db, path)
+	if err != nil {
+		return err
+	}
+	o.logger.Info("restored database from the stream", "db", db, "version", res.Version, "from_snapshot", res.FromSnap)
 	return nil
 }
 

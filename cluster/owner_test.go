@@ -53,7 +53,7 @@ func TestOwnerIsTheServersVersionLog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := NewOwner(l, ls, "n1", quiet)
+	o := NewOwner(l, ls, nil, "n1", quiet)
 	defer o.Close(ctx)
 	srv := demoServer(t, o)
 	a := srv.Authority("demo.db") // opens it: version 1, the schema, goes to the stream
@@ -133,7 +133,7 @@ func TestOwnerRefusesADatabaseLeasedElsewhere(t *testing.T) {
 	if _, err := ls.Acquire(ctx, "demo.db", "n2-elsewhere"); err != nil {
 		t.Fatal(err)
 	}
-	o := NewOwner(l, ls, "n1", quiet)
+	o := NewOwner(l, ls, nil, "n1", quiet)
 	defer o.Close(ctx)
 	srv := demoServer(t, o)
 	err = srv.WithAuthority(ctx, "demo.db", func(*server.Authority) error { return nil })
@@ -158,7 +158,7 @@ func TestOwnerCloseReleasesItsLeases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := NewOwner(l, ls, "n1", quiet)
+	o := NewOwner(l, ls, nil, "n1", quiet)
 	if err := o.Append(ctx, "db", 1, make([]byte, 8)); err != nil {
 		t.Fatal(err)
 	}

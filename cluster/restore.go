@@ -60,7 +60,12 @@ func restoreInto(ctx context.Context, l *Log, snaps *Snapshots, db string, f *os
 	pageSize := uint32(wal.DefaultPageSize)
 	var sums *wal.ChecksumTable
 	from := uint64(0)
-	info, r, err := snaps.Get(ctx, db)
+	info, r, err := SnapshotInfo{}, io.ReadCloser(nil), error(nil)
+	if snaps == nil {
+		err = ErrNoSnapshot
+	} else {
+		info, r, err = snaps.Get(ctx, db)
+	}
 	switch {
 	case errors.Is(err, ErrNoSnapshot):
 		img := wal.EmptyDatabase(pageSize)

@@ -34,7 +34,7 @@ func TestRestoreFromSnapshotAndStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := NewOwner(l, ls, "n1", quiet)
+	o := NewOwner(l, ls, snaps, "n1", quiet)
 	defer o.Close(ctx)
 	srv := demoServer(t, o)
 	a := srv.Authority("demo.db")

@@ -65,6 +65,12 @@ const (
 	// elects a new leader in about 5 s (RESEARCH.md: a median 4.7 s after
 	// a SIGKILL), so an append may ride out one election and no more.
 	versionLogTimeout = 10 * time.Second
+	// restoreTimeout bounds a LocalCache's Restore of one database on
+	// open (the snapshot and the stream after it), so that an unreachable
+	// log fails the open instead of holding it, and everyone waiting on
+	// it, forever. Not measured: a ceiling far above the restores the
+	// cluster tests run (well under a second for small databases).
+	restoreTimeout = 10 * time.Minute
 	// savepointName is the savepoint around each mutation. Its name has
 	// the reserved prefix, so the authorizer refuses a mutator that
 	// releases or rolls back to it.
@@ -196,6 +202,10 @@ type Authority struct {
 	// order and a new subscriber can register between two commits. An
 	// error (the version log refused the version) stops the authority.
 	onCommit func(ps *wal.PageSet, before [][]byte, baseDBSize uint32) error
+	// openCheck, if set, runs once in open with the file's version and
+	// checksum, before version 1 or an upgrade is committed; an error
+	// ends the open (the network server's LocalCache check).
+	openCheck func(ctx context.Context, version, checksum uint64) error
 	// observeCommit and observeCheckpoint, if set, take the duration of
 	// each COMMIT statement (with the WAL fsync) and checkpoint (metrics).
 	observeCommit, observeCheckpoint observer
@@ -278,6 +288,11 @@ func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx
 		return err
 	}
 	a.logBase = a.version
+	if a.openCheck != nil {
+		if err := a.openCheck(ctx, a.version, a.sums.Sum()); err != nil {
+			return err
+		}
+	}
 	if a.version == 0 {
 		if _, err := a.commit(ctx, func(tx mutators.Tx) error {
 			if _, err := tx.Exec(mutators.ReservedSchema); err != nil {

@@ -5,7 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sort"
 	"sync/atomic"
@@ -63,13 +65,24 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	if d.clog, err = openChangeLog(filepath.Join(dir, "log"), cfg.SegmentVersions, cfg.SegmentBytes, cfg.Retention); err != nil {
 		return nil, err
 	}
-	opts := AuthorityOptions{MutatorTimeout: cfg.MutatorTimeout, SelfCheck: cfg.SelfCheck, LogVersions: -1, ClientTTL: cfg.ClientTTL, Now: cfg.Now}
-	opts.defaults()
-	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, opts: opts,
-		observeCommit:     cfg.metrics.commit.WithLabelValues(cfg.metrics.lv(name)...),
-		observeCheckpoint: cfg.metrics.checkpoint.WithLabelValues(cfg.metrics.lv(name)...)}
-	if err := a.open(ctx, cfg.Setup); err != nil {
-		a.Close()
+	a, err := d.openAuthority(ctx, dir, false)
+	if errors.Is(err, errStale) {
+		// The local file is not the log's tail: set it aside and rebuild
+		// it from the log (docs/CLUSTER.md, "the local file is a cache").
+		lc := cfg.VersionLog.(LocalCache)
+		path := filepath.Join(dir, "db.sqlite")
+		d.log.Warn("local file is not the version log's tail; restoring it from the log", "err", err)
+		err = setAside(path)
+		if err == nil {
+			rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
+			err = lc.Restore(rctx, name, path)
+			cancel()
+		}
+		if err == nil {
+			a, err = d.openAuthority(ctx, dir, true)
+		}
+	}
+	if err != nil {
 		d.clog.close()
 		return nil, fmt.Errorf("open database %s: %w", name, err)
 	}
@@ -89,6 +102,62 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	}
 	go d.writer()
 	return d, nil
+}
+
+// errStale is what the open check returns for a file its LocalCache
+// refused: openDatabase restores it and opens again.
+var errStale = errors.New("server: local file is stale")
+
+// openAuthority opens the database's file. With a LocalCache version log
+// it first checks the file against the log: errStale if the log's tail is
+// not the file (ErrStale if restored is set: the file was just rebuilt
+// from the log and must be its tail).
+func (d *database) openAuthority(ctx context.Context, dir string, restored bool) (*Authority, error) {
+	cfg := d.cfg
+	opts := AuthorityOptions{MutatorTimeout: cfg.MutatorTimeout, SelfCheck: cfg.SelfCheck, LogVersions: -1, ClientTTL: cfg.ClientTTL, Now: cfg.Now}
+	opts.defaults()
+	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, opts: opts,
+		observeCommit:     cfg.metrics.commit.WithLabelValues(cfg.metrics.lv(d.name)...),
+		observeCheckpoint: cfg.metrics.checkpoint.WithLabelValues(cfg.metrics.lv(d.name)...)}
+	if lc, ok := cfg.VersionLog.(LocalCache); ok {
+		a.openCheck = func(ctx context.Context, version, checksum uint64) error {
+			// Fresh takes the lease and reads the log's tail: one or two
+			// JetStream round trips, bounded like an append.
+			fctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
+			fresh, err := lc.Fresh(fctx, d.name, version, checksum)
+			cancel()
+			switch {
+			case err != nil:
+				return err
+			case fresh:
+				return nil
+			case restored:
+				return fmt.Errorf("%w: version %d, checksum %016x after a restore", ErrStale, version, checksum)
+			}
+			return fmt.Errorf("%w: version %d, checksum %016x", errStale, version, checksum)
+		}
+	}
+	if err := a.open(ctx, cfg.Setup); err != nil {
+		a.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+// setAside moves a stale database file and its WAL out of the way (to
+// db.sqlite.stale and db.sqlite.stale-wal, replacing any earlier ones):
+// kept for an operator to look at, never opened again. Its shared-memory
+// index is removed: it belongs to the WAL.
+func setAside(path string) error {
+	for _, sfx := range []string{"", "-wal"} {
+		if err := os.Rename(path+sfx, path+".stale"+sfx); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("server: set aside the stale file: %w", err)
+		}
+	}
+	if err := os.Remove(path + "-shm"); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("server: set aside the stale file: %w", err)
+	}
+	return nil
 }
 
 // onCommit encodes a committed version once, appends it to the version log

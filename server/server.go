@@ -199,6 +199,10 @@ var (
 	// ErrInvalid is an administrative call with an argument out of range
 	// (a database or user name, an empty secret).
 	ErrInvalid = errors.New("server: invalid argument")
+	// ErrStale is the error of opening a database whose local file its
+	// LocalCache refused even after restoring it from the log: the file
+	// is not served.
+	ErrStale = errors.New("server: the local file is not the version log's tail")
 )
 
 // Server hosts databases and serves replicas over QUIC.

@@ -19,3 +19,24 @@ import "context"
 type VersionLog interface {
 	Append(ctx context.Context, db string, version uint64, rec []byte) error
 }
+
+// LocalCache is a VersionLog whose log is the durable truth and the local
+// files only a cache of it (a cluster: docs/CLUSTER.md). Each time a
+// database opens, before its first version and before it serves anything,
+// the server asks Fresh whether the local file, at its version and
+// checksum (0 for a new file), is exactly the log's tail. If it is not (a
+// local commit whose append failed, or a file left behind by a fail-over),
+// the server closes the file, sets it aside (db.sqlite.stale, with its
+// WAL) and calls Restore to rebuild path from the log, then opens that and
+// asks Fresh again: a file Fresh still refuses is an error, never served.
+//
+// Fresh may take what the database's writer needs (the cluster takes the
+// lease there, so that the tail it compares with cannot move under it); an
+// error from it or from Restore fails the open. Restore leaves no file at
+// path if the log holds no version yet: the server then makes version 1
+// as for a new database.
+type LocalCache interface {
+	VersionLog
+	Fresh(ctx context.Context, db string, version, checksum uint64) (bool, error)
+	Restore(ctx context.Context, db, path string) error
+}

@@ -113,7 +113,12 @@ func startCluster(ctx context.Context, c *clusterFlags, data string, log *slog.L
 		cn.stop(ctx)
 		return nil, err
 	}
-	cn.owner = cluster.NewOwner(l, ls, c.node, log)
+	snaps, err := cluster.OpenSnapshots(octx, js, cluster.SnapshotConfig{Replicas: replicas})
+	if err != nil {
+		cn.stop(ctx)
+		return nil, err
+	}
+	cn.owner = cluster.NewOwner(l, ls, snaps, c.node, log)
 	return cn, nil
 }
 
