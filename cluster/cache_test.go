@@ -53,14 +53,14 @@ func tailChecksum(t *testing.T, ctx context.Context, l *Log, db string) (version
 	return e.Version, ev.PostChecksum
 }
 
-// TestReopenRestoresAFencedCommit: node A's last local commit was fenced
-// (node B, which also believed it owned the database, appended that
-// version first), so A's file holds a version the stream does not. When A
-// opens the database again, the file is set aside and restored to the
-// stream's tail, with the stream's checksum, and A then serves from it.
-// Node B, a new node without a file, restores the database before its
+// TestFencedOwnerReopensFromTheStream: node A's last local commit was
+// fenced (node B, which also believed it owned the database, appended that
+// version first), so A's file holds a version the stream does not. A
+// reopens the database at once: the file is set aside and restored to the
+// stream's tail, with the stream's checksum, and A serves the next push.
+// Node B, a new node without a file, restored the database before its
 // first push.
-func TestReopenRestoresAFencedCommit(t *testing.T) {
+func TestFencedOwnerReopensFromTheStream(t *testing.T) {
 	_, nc, js := single(t)
 	ctx := bounded(t, 60*time.Second)
 	l, err := OpenLog(ctx, nc, js, LogConfig{})
@@ -108,42 +108,111 @@ func TestReopenRestoresAFencedCommit(t *testing.T) {
 	if _, _, err := aB.Push(ctx, inc("bob", 1)); err != nil {
 		t.Fatal(err)
 	}
+	// A's push commits version 4 locally; its append is fenced.
 	if _, _, err := aA.Push(ctx, inc("alice", 3)); !errors.Is(err, ErrFenced) {
 		t.Fatalf("A's push after B's: %v, want ErrFenced", err)
 	}
-	if aA.Version() != 4 {
-		t.Fatalf("A's file is at version %d; the fenced commit should have made 4", aA.Version())
-	}
-	fenced := aA.Checksum()
 	tv, tsum := tailChecksum(t, ctx, l, "demo.db")
-	if tv != 4 || tsum != aB.Checksum() || tsum == fenced {
-		t.Fatalf("the stream ends at version %d, %016x; want B's 4, %016x (A's fenced one is %016x)", tv, tsum, aB.Checksum(), fenced)
+	if tv != 4 || tsum != aB.Checksum() {
+		t.Fatalf("the stream ends at version %d, %016x; want B's 4, %016x", tv, tsum, aB.Checksum())
 	}
-
-	// A restarts on the same disk.
-	srvA.Close()
-	if err := oA.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	oA2 := NewOwner(l, lsA, snaps, "a", quiet)
-	defer oA2.Close(ctx)
-	srvA2 := serverAt(t, dirA, oA2)
-	var version, sum uint64
-	if err := srvA2.WithAuthority(ctx, "demo.db", func(a *server.Authority) error {
-		version, sum = a.Version(), a.Checksum()
-		_, _, err := a.Push(ctx, inc("alice", 3))
-		return err
-	}); err != nil {
-		t.Fatalf("A's push after its reopen: %v", err)
-	}
-	if version != 4 || sum != tsum {
-		t.Fatalf("A reopened at version %d, checksum %016x; want the stream's 4, %016x", version, sum, tsum)
+	// A reopened the database from the stream (its lease was free again).
+	if aA.Version() != 4 || aA.Checksum() != tsum {
+		t.Fatalf("A is at version %d, checksum %016x after the fence; want the stream's 4, %016x", aA.Version(), aA.Checksum(), tsum)
 	}
 	if _, err := os.Stat(filepath.Join(dirA, "dbs", "demo.db", "db.sqlite.stale")); err != nil {
 		t.Fatalf("the fenced file was not set aside: %v", err)
 	}
-	if tv, _ := tailChecksum(t, ctx, l, "demo.db"); tv != 5 {
-		t.Fatalf("the stream ends at version %d after A's push, want 5", tv)
+	if _, _, err := aA.Push(ctx, inc("alice", 3)); err != nil {
+		t.Fatalf("A's push after its reopen: %v", err)
+	}
+	if tv, tsum := tailChecksum(t, ctx, l, "demo.db"); tv != 5 || tsum != aA.Checksum() {
+		t.Fatalf("the stream ends at version %d, %016x after A's push; want 5, A's %016x", tv, tsum, aA.Checksum())
+	}
+	// And B, deposed in turn, reopens too and follows.
+	if _, _, err := aB.Push(ctx, inc("bob", 2)); !errors.Is(err, ErrFenced) {
+		t.Fatalf("B's push after A's: %v, want ErrFenced", err)
+	}
+	if aB.Version() != 5 || aB.Checksum() != aA.Checksum() {
+		t.Fatalf("B at version %d, %016x after its fence; want A's 5, %016x", aB.Version(), aB.Checksum(), aA.Checksum())
+	}
+}
+
+// TestStaleFileIsRestoredOnRestart: node A's lease is taken from it, so
+// its next commit never reaches the stream and it cannot reopen the
+// database (another holder has the lease): the database stays stopped.
+// Once the lease is free and A restarts on the same disk, the file with
+// the commit the stream lacks is set aside and restored to the stream's
+// tail before anything is served.
+func TestStaleFileIsRestoredOnRestart(t *testing.T) {
+	_, nc, js := single(t)
+	ctx := bounded(t, 60*time.Second)
+	l, err := OpenLog(ctx, nc, js, LogConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	oA := NewOwner(l, ls, nil, "a", quiet)
+	defer oA.Close(ctx)
+	srvA := serverAt(t, dir, oA)
+	aA := srvA.Authority("demo.db")
+	if aA == nil {
+		t.Fatal("A did not open the database")
+	}
+	if _, _, err := aA.Push(ctx, inc("alice", 1)); err != nil {
+		t.Fatal(err)
+	}
+	tv, tsum := tailChecksum(t, ctx, l, "demo.db")
+	// Another node takes the lease (as if A's had expired unseen).
+	if err := ls.kv.Purge(ctx, token("demo.db")); err != nil {
+		t.Fatal(err)
+	}
+	thief, err := ls.Acquire(ctx, "demo.db", "n3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for oA.Owns("demo.db") { // A's next renewal (TTL/3) finds it lost
+		if ctx.Err() != nil {
+			t.Fatal("A never noticed its lease was taken")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, _, err := aA.Push(ctx, inc("alice", 2)); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("A's push without the lease: %v, want ErrLeaseHeld", err)
+	}
+	if _, _, err := aA.Push(ctx, inc("alice", 2)); err == nil {
+		t.Fatal("the stopped database took a push")
+	}
+	if v, _ := tailChecksum(t, ctx, l, "demo.db"); v != tv {
+		t.Fatalf("the stream moved to version %d without the lease", v)
+	}
+	if err := thief.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	srvA.Close()
+	if err := oA.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	oA2 := NewOwner(l, ls, nil, "a", quiet)
+	defer oA2.Close(ctx)
+	srvA2 := serverAt(t, dir, oA2)
+	var version, sum uint64
+	if err := srvA2.WithAuthority(ctx, "demo.db", func(a *server.Authority) error {
+		version, sum = a.Version(), a.Checksum()
+		_, _, err := a.Push(ctx, inc("alice", 2))
+		return err
+	}); err != nil {
+		t.Fatalf("A's push after its restart: %v", err)
+	}
+	if version != tv || sum != tsum {
+		t.Fatalf("A restarted at version %d, checksum %016x; want the stream's %d, %016x", version, sum, tv, tsum)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "dbs", "demo.db", "db.sqlite.stale")); err != nil {
+		t.Fatalf("the stale file was not set aside: %v", err)
 	}
 }
 

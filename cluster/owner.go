@@ -19,7 +19,7 @@ import (
 // writing here (its first version is refused with ErrLeaseHeld); one whose
 // lease is lost, or whose append is fenced or fails, is dropped: its
 // lease is released and every later version refused until the server
-// reopens the database. It is also the server's LocalCache: a database
+// reopens the database (at once: it asks Fresh again). It is also the server's LocalCache: a database
 // opens here only once this node holds its lease and the local file is
 // the stream's tail, restored from the snapshot and the stream if not.
 type Owner struct {
@@ -133,6 +133,20 @@ func (o *Owner) Restore(ctx context.Context, db, path string) error {
 	}
 	o.logger.Info("restored database from the stream", "db", db, "version", res.Version, "from_snapshot", res.FromSnap)
 	return nil
+}
+
+// Drop implements server.LocalCache: the server could not open db after
+// Fresh took its lease (why), so this node lets the lease go for another
+// node to take, instead of renewing a lease for a database it does not
+// serve.
+func (o *Owner) Drop(db string, why error) {
+	o.mu.Lock()
+	w := o.dbs[db]
+	o.mu.Unlock()
+	if w != nil {
+		o.logger.Warn("could not open a database after taking its lease; releasing it", "db", db, "err", why)
+		o.drop(db, w, why)
+	}
 }
 
 // writer returns db's lease and appender, taking the lease first if this

@@ -202,6 +202,10 @@ type Authority struct {
 	// order and a new subscriber can register between two commits. An
 	// error (the version log refused the version) stops the authority.
 	onCommit func(ps *wal.PageSet, before [][]byte, baseDBSize uint32) error
+	// onLost, if set, runs under the lock right after onCommit refused a
+	// version (the authority is then stopped): the network server
+	// reopens the database from the version log there (reopenLocked).
+	onLost func(cause error)
 	// openCheck, if set, runs once in open with the file's version and
 	// checksum, before version 1 or an upgrade is committed; an error
 	// ends the open (the network server's LocalCache check).
@@ -209,6 +213,22 @@ type Authority struct {
 	// observeCommit and observeCheckpoint, if set, take the duration of
 	// each COMMIT statement (with the WAL fsync) and checkpoint (metrics).
 	observeCommit, observeCheckpoint observer
+}
+
+// errNotLogged marks an authority stopped because the version log refused
+// a version it had committed: the network server reopens it (reopen).
+var errNotLogged = errors.New("server: a version is committed locally but not in the version log")
+
+// reset forgets the state of the closed file, so that open can run again
+// on the same Authority (whose pointer Server.Authority may have handed
+// out): the reopen of a database whose version the log refused. pinned and
+// pin stay: the snapshot readers of the old file still release them. Called
+// with mu held, after Close.
+func (a *Authority) reset() {
+	a.db, a.conn, a.raw, a.q, a.mq, a.capture = nil, nil, nil, nil, nil, nil
+	a.sums, a.pageSize, a.version, a.dbSize = wal.NewChecksumTable(wal.DefaultPageSize), 0, 0, 0
+	a.log, a.logBytes, a.logBase, a.ckptAt = nil, 0, 0, 0
+	a.broken, a.gc = nil, gcState{}
 }
 
 // checkpointFrames is the WAL length after which the authority checkpoints.
@@ -443,10 +463,14 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		if err := a.onCommit(ps, before, base); err != nil {
 			// Committed here, but not where it counts (the cluster's
 			// version log): it must never be acknowledged or served, so
-			// the authority stops; docs/CLUSTER.md says how the version
-			// is discarded.
-			a.broken = fmt.Errorf("server: version %d is committed locally but not in the version log: %w", a.version, err)
-			return nil, a.broken
+			// the authority stops (and onLost may reopen it from the
+			// log: docs/CLUSTER.md says how the version is discarded).
+			err = fmt.Errorf("%w: version %d: %w", errNotLogged, a.version, err)
+			a.broken = err
+			if a.onLost != nil {
+				a.onLost(err)
+			}
+			return nil, err
 		}
 	}
 	if err := a.maybeCheckpoint(ctx); err != nil {
@@ -870,7 +894,15 @@ func (s *SnapshotReader) Close() error {
 // Query runs a read-only query on the authority's database (for tests, tools
 // and the demo's transcript).
 func (a *Authority) Query(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
-	return a.db.QueryContext(ctx, query, args...)
+	// The handle is read under the lock: a reopen (after the version log
+	// refused a version) replaces it.
+	a.mu.Lock()
+	db, broken := a.db, a.broken
+	a.mu.Unlock()
+	if db == nil {
+		return nil, fmt.Errorf("server: database not open: %w", broken)
+	}
+	return db.QueryContext(ctx, query, args...)
 }
 
 // Close closes the database.

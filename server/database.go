@@ -38,6 +38,9 @@ type database struct {
 	clog *changeLog
 	enc  *protocol.Encoder
 	subs map[*session]struct{}
+	// reopening is set while reopenLocked runs: a refusal during the
+	// reopen's own open leaves the database stopped.
+	reopening bool
 	// later holds the subscribers a batch's version was queued for without
 	// a wake, while pushersFirst is set: the writer wakes them after its
 	// pushers' acks (see run).
@@ -65,24 +68,9 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	if d.clog, err = openChangeLog(filepath.Join(dir, "log"), cfg.SegmentVersions, cfg.SegmentBytes, cfg.Retention); err != nil {
 		return nil, err
 	}
-	a, err := d.openAuthority(ctx, dir, false)
-	if errors.Is(err, errStale) {
-		// The local file is not the log's tail: set it aside and rebuild
-		// it from the log (docs/CLUSTER.md, "the local file is a cache").
-		lc := cfg.VersionLog.(LocalCache)
-		path := filepath.Join(dir, "db.sqlite")
-		d.log.Warn("local file is not the version log's tail; restoring it from the log", "err", err)
-		err = setAside(path)
-		if err == nil {
-			rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
-			err = lc.Restore(rctx, name, path)
-			cancel()
-		}
-		if err == nil {
-			a, err = d.openAuthority(ctx, dir, true)
-		}
-	}
-	if err != nil {
+	a := d.newAuthority(dir)
+	if err := d.openChecked(ctx, a); err != nil {
+		a.Close()
 		d.clog.close()
 		return nil, fmt.Errorf("open database %s: %w", name, err)
 	}
@@ -108,18 +96,52 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 // refused: openDatabase restores it and opens again.
 var errStale = errors.New("server: local file is stale")
 
-// openAuthority opens the database's file. With a LocalCache version log
-// it first checks the file against the log: errStale if the log's tail is
-// not the file (ErrStale if restored is set: the file was just rebuilt
-// from the log and must be its tail).
-func (d *database) openAuthority(ctx context.Context, dir string, restored bool) (*Authority, error) {
+// newAuthority makes the database's authority, not yet open.
+func (d *database) newAuthority(dir string) *Authority {
 	cfg := d.cfg
 	opts := AuthorityOptions{MutatorTimeout: cfg.MutatorTimeout, SelfCheck: cfg.SelfCheck, LogVersions: -1, ClientTTL: cfg.ClientTTL, Now: cfg.Now}
 	opts.defaults()
-	a := &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, opts: opts,
+	return &Authority{path: filepath.Join(dir, "db.sqlite"), reg: cfg.Mutators, noLog: true, onCommit: d.onCommit, onLost: d.reopenLocked, opts: opts,
 		observeCommit:     cfg.metrics.commit.WithLabelValues(cfg.metrics.lv(d.name)...),
 		observeCheckpoint: cfg.metrics.checkpoint.WithLabelValues(cfg.metrics.lv(d.name)...)}
-	if lc, ok := cfg.VersionLog.(LocalCache); ok {
+}
+
+// openChecked opens a's file. With a LocalCache version log it checks the
+// file against the log first, and if the log's tail is not the file, sets
+// the file aside, rebuilds it from the log (docs/CLUSTER.md, "the local
+// file is a cache") and opens that. On an error a is closed.
+func (d *database) openChecked(ctx context.Context, a *Authority) error {
+	err := d.openRestoring(ctx, a)
+	if lc, ok := d.cfg.VersionLog.(LocalCache); ok && err != nil {
+		lc.Drop(d.name, err)
+	}
+	return err
+}
+
+func (d *database) openRestoring(ctx context.Context, a *Authority) error {
+	err := d.openOnce(ctx, a, false)
+	if !errors.Is(err, errStale) {
+		return err
+	}
+	d.log.Warn("local file is not the version log's tail; restoring it from the log", "err", err)
+	if err := setAside(a.path); err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	err = d.cfg.VersionLog.(LocalCache).Restore(rctx, d.name, a.path)
+	cancel()
+	if err != nil {
+		return err
+	}
+	return d.openOnce(ctx, a, true)
+}
+
+// openOnce opens a's file, checked against a LocalCache version log if
+// there is one: errStale if the log's tail is not the file (ErrStale if
+// restored is set: the file was just rebuilt from the log and must be its
+// tail). On an error a is closed and reset.
+func (d *database) openOnce(ctx context.Context, a *Authority, restored bool) error {
+	if lc, ok := d.cfg.VersionLog.(LocalCache); ok {
 		a.openCheck = func(ctx context.Context, version, checksum uint64) error {
 			// Fresh takes the lease and reads the log's tail: one or two
 			// JetStream round trips, bounded like an append.
@@ -137,11 +159,54 @@ func (d *database) openAuthority(ctx context.Context, dir string, restored bool)
 			return fmt.Errorf("%w: version %d, checksum %016x", errStale, version, checksum)
 		}
 	}
-	if err := a.open(ctx, cfg.Setup); err != nil {
+	if err := a.open(ctx, d.cfg.Setup); err != nil {
 		a.Close()
-		return nil, err
+		a.reset()
+		return err
 	}
-	return a, nil
+	return nil
+}
+
+// reopenLocked is what the authority does, under its lock, right after the
+// version log refused a version (cause): it holds a committed version
+// nobody else has, and is stopped. Every subscriber's session ends with a retryable code (the
+// versions it was to be offered next are thrown away), and with a
+// LocalCache the authority closes its file and opens it again through the
+// check, which takes the lease again and restores the file from the log.
+// If that fails (another node holds the lease now), the database stays
+// stopped and refuses sessions with a retryable code, so that replicas
+// reconnect elsewhere; it closes when idle, and a later open tries again.
+// auth.mu is held throughout: nothing may use the files meanwhile.
+func (d *database) reopenLocked(cause error) {
+	a := d.auth
+	if d.reopening || a == nil {
+		return // version 1 of the reopen itself was refused; or still opening
+	}
+	d.reopening = true
+	defer func() { d.reopening = false }()
+	for s := range d.subs {
+		s.fail(protocol.CodeInternal, "the database's version log refused a version; reconnect")
+	}
+	d.subs = map[*session]struct{}{}
+	if _, ok := d.cfg.VersionLog.(LocalCache); !ok || !errors.Is(a.broken, errNotLogged) {
+		return
+	}
+	a.Close()
+	a.reset()
+	ctx, cancel := context.WithTimeout(context.Background(), restoreTimeout)
+	defer cancel()
+	if err := d.openChecked(ctx, a); err != nil {
+		a.broken = fmt.Errorf("server: reopen after the version log refused a version: %w (after %w)", err, cause)
+		d.log.Warn("could not reopen the database; it stays stopped until it opens again", "err", err, "after", cause)
+		return
+	}
+	if d.clog.last() != a.version {
+		if err := d.clog.reset(); err != nil {
+			a.broken = fmt.Errorf("server: reopen: reset the change log: %w", err)
+			return
+		}
+	}
+	d.log.Info("reopened the database from the version log", "version", a.version, "after", cause)
 }
 
 // setAside moves a stale database file and its WAL out of the way (to

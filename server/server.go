@@ -132,7 +132,8 @@ type Config struct {
 	// local change log is enough). The cluster package's implementation
 	// appends to a replicated stream behind the database's lease. An
 	// append that fails stops the database: its clients get a retryable
-	// error, and it serves nothing more until it is reopened.
+	// error, and it serves nothing more until it is reopened (at once, if
+	// the VersionLog is a LocalCache that can restore it).
 	VersionLog VersionLog
 
 	// Metrics, if set, is where the server registers its Prometheus

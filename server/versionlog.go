@@ -34,9 +34,13 @@ type VersionLog interface {
 // lease there, so that the tail it compares with cannot move under it); an
 // error from it or from Restore fails the open. Restore leaves no file at
 // path if the log holds no version yet: the server then makes version 1
-// as for a new database.
+// as for a new database. If the open fails after Fresh was asked (a failed
+// restore, a file still refused, a local error), the server calls Drop, so
+// that what Fresh took (the lease) is let go rather than held by a node
+// that does not serve the database.
 type LocalCache interface {
 	VersionLog
 	Fresh(ctx context.Context, db string, version, checksum uint64) (bool, error)
 	Restore(ctx context.Context, db, path string) error
+	Drop(db string, why error)
 }
