@@ -368,6 +368,20 @@ func (a *access) revokeUser(user string) error {
 	return a.update(func(f *accessFile) { f.RevokedUsers = append(f.RevokedUsers, user) })
 }
 
+// restoreUser lifts user's revocation (RevokeUser), saved before it
+// takes effect. It reports whether the user was revoked: restoring a user
+// who was not changes nothing.
+func (a *access) restoreUser(user string) (bool, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !slices.Contains(a.file.RevokedUsers, user) {
+		return false, nil
+	}
+	return true, a.update(func(f *accessFile) {
+		f.RevokedUsers = slices.DeleteFunc(f.RevokedUsers, func(u string) bool { return u == user })
+	})
+}
+
 // view returns a copy of the file, for listings.
 func (a *access) view() accessFile {
 	a.mu.Lock()

@@ -143,6 +143,26 @@ func (s *Server) RevokeUser(_ context.Context, db, user string) (int, error) {
 	return n, nil
 }
 
+// RestoreUser lifts RevokeUser's cut-off of user from db, saved before it
+// takes effect: the user's Hellos are accepted again (each credential
+// still has to be valid; a secret or token revoked by itself stays
+// revoked). It reports whether the user was revoked.
+func (s *Server) RestoreUser(_ context.Context, db, user string) (bool, error) {
+	if err := validUserID(user); err != nil {
+		return false, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	a, err := s.accessOf(db)
+	if err != nil {
+		return false, err
+	}
+	restored, err := a.restoreUser(user)
+	if err != nil {
+		return false, err
+	}
+	s.log.Info("restored user", "db", db, "user", user, "was_revoked", restored)
+	return restored, nil
+}
+
 // sessionsOf returns the identities and client ids of db's open sessions
 // (none if the database is not open: then it has none).
 func (s *Server) sessionsOf(db string) (ids []Identity, clients []string) {

@@ -247,6 +247,24 @@ func TestRevokeUserEndsSessions(t *testing.T) {
 	refusedWith(t, m, protocol.CodeUnauthorized, `user "mallory" was revoked`)
 	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "token-of-alice"})
 	welcome(t, m)
+
+	// Restoring lifts the cut-off, and that is saved too.
+	if ok, err := srv.RestoreUser(context.Background(), "demo", "mallory"); err != nil || !ok {
+		t.Fatalf("restore user: %v, %v", ok, err)
+	}
+	if ok, err := srv.RestoreUser(context.Background(), "demo", "mallory"); err != nil || ok {
+		t.Fatalf("restore a user not revoked: %v, %v (want false, nil)", ok, err)
+	}
+	if _, err := srv.RestoreUser(context.Background(), "demo", ""); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("restore no user: %v, want ErrInvalid", err)
+	}
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "m3", Credential: "token-of-mallory"})
+	welcome(t, m)
+	srv.Close()
+	srv, addr = testServer(t, dir, tokens)
+	conn = dial(t, addr, srv.Fingerprint())
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "m1", Credential: "token-of-mallory"})
+	welcome(t, m)
 }
 
 // TestAuthenticatorRefusals: an app authenticator's refusals reach the

@@ -25,6 +25,7 @@ const maxAdminBody = 64 << 10
 //	PUT    /v1/databases/{db}/secrets/{ref}       {"secret"}          rotate secret ref (id or user)
 //	DELETE /v1/databases/{db}/secrets/{ref}                           revoke it: {"ended": N}
 //	POST   /v1/databases/{db}/users/{user}/revoke                     revoke a user: {"ended": N}
+//	POST   /v1/databases/{db}/users/{user}/restore                    lift it: {"restored": bool}
 //	GET    /v1/databases/{db}/clients                                 [ClientInfo]
 //	GET    /v1/databases/{db}/users                                   [UserInfo]
 //
@@ -90,6 +91,14 @@ func (s *Server) AdminHandler(token string) http.Handler {
 			return
 		}
 		reply(w, http.StatusOK, map[string]int{"ended": n})
+	})
+	mux.HandleFunc("POST /v1/databases/{db}/users/{user}/restore", func(w http.ResponseWriter, r *http.Request) {
+		ok, err := s.RestoreUser(r.Context(), r.PathValue("db"), r.PathValue("user"))
+		if err != nil {
+			adminError(w, err)
+			return
+		}
+		reply(w, http.StatusOK, map[string]bool{"restored": ok})
 	})
 	mux.HandleFunc("GET /v1/databases/{db}/clients", func(w http.ResponseWriter, r *http.Request) {
 		cs, err := s.Clients(r.Context(), r.PathValue("db"))

@@ -155,6 +155,7 @@ Manages a running server's databases and credentials through its admin API
   rotate-secret --db NAME --id ID|USER --secret S  give a secret a new value (same id and user)
   revoke-secret --db NAME --id ID|USER             delete a secret and end its sessions
   revoke-user   --db NAME --user U                 cut a user off and end their sessions
+  restore-user  --db NAME --user U                 lift a user's revocation
   clients       --db NAME                          list client ids, their users and last pushes
   users         --db NAME                          list users, their secrets and sessions
 --secret - reads the secret from the first line of standard input.
@@ -267,6 +268,18 @@ func cmdAdmin(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 		var r map[string]int
 		if err = c.call(ctx, "POST", dbPath+"/users/"+url.PathEscape(*user)+"/revoke", nil, &r); err == nil {
 			fmt.Fprintf(stdout, "revoked user %s; ended %d sessions\n", *user, r["ended"])
+		}
+	case "restore-user":
+		if !need("db", "user") {
+			return 2
+		}
+		var r map[string]bool
+		if err = c.call(ctx, "POST", dbPath+"/users/"+url.PathEscape(*user)+"/restore", nil, &r); err == nil {
+			if r["restored"] {
+				fmt.Fprintf(stdout, "restored user %s\n", *user)
+			} else {
+				fmt.Fprintf(stdout, "user %s was not revoked\n", *user)
+			}
 		}
 	case "clients":
 		if !need("db") {

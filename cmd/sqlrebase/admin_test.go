@@ -279,4 +279,13 @@ func TestAdminCLIRestart(t *testing.T) {
 	if !regexp.MustCompile(`(?m)^alice\s+[0-9a-f]{16}\s+0\s+0\s+false$`).MatchString(out) || !regexp.MustCompile(`(?m)^bob\s+\S+\s+0\s+0\s+true$`).MatchString(out) {
 		t.Fatalf("users after restart:\n%s", out)
 	}
+	if out := s.mustAdmin(t, "restore-user", "--db", "acme", "--user", "bob"); !strings.Contains(out, "restored user bob") {
+		t.Fatalf("restore-user said %q", out)
+	}
+	if out := s.mustAdmin(t, "users", "--db", "acme"); !regexp.MustCompile(`(?m)^bob\s+\S+\s+0\s+0\s+false$`).MatchString(out) {
+		t.Fatalf("users after restore-user:\n%s", out)
+	}
+	if out := s.mustAdmin(t, "restore-user", "--db", "acme", "--user", "bob"); !strings.Contains(out, "was not revoked") {
+		t.Fatalf("restore-user again said %q", out)
+	}
 }
