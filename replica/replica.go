@@ -132,6 +132,10 @@ type Status struct {
 	// ServerVersion is the newest server version the replica has heard
 	// of: the gap to Version is what it has still to apply.
 	ServerVersion uint64
+	// Node is the address of the node (Remote.Addr or one of its
+	// Alternates) of the current session, or of the last session the
+	// replica had; "" before the first.
+	Node string
 
 	// ForeignWrites counts the times the replica found frames in its WAL
 	// that its own writer did not commit (another process wrote to the

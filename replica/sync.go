@@ -92,7 +92,8 @@ type netState struct {
 	remote    Remote
 	transport *Transport
 	ownTrans  bool
-	peer      *peer
+	peers     []*peer       // one per node of the Remote (Addr, then Alternates)
+	node      int           // index in peers of the node in use; the sync goroutine's
 	wake      chan struct{} // Mutate's "there is something to push", capacity 1
 	cancel    context.CancelFunc
 	done      chan struct{} // closed when the loop goroutine returns
@@ -103,6 +104,7 @@ type netState struct {
 	fatal          error  // a refusal that stopped the loop for good
 	welcomeVersion uint64 // the server's version in the current session's Welcome
 	serverVersion  uint64 // the newest server version heard of
+	nodeAddr       string // the node of the current session, or of the last one welcomed
 	changed        chan struct{}
 }
 
@@ -139,14 +141,19 @@ func (r *Replica) startSync() error {
 		n.transport = NewTransport(TransportOptions{Logger: r.log})
 		n.ownTrans = true
 	}
-	p, err := n.transport.acquire(&rm)
-	if err != nil {
-		if n.ownTrans {
-			n.transport.Close()
+	for _, addr := range rm.nodes() {
+		p, err := n.transport.acquire(&rm, addr)
+		if err != nil {
+			for _, p := range n.peers {
+				n.transport.release(p)
+			}
+			if n.ownTrans {
+				n.transport.Close()
+			}
+			return fmt.Errorf("sync: %w", err)
 		}
-		return fmt.Errorf("sync: %w", err)
+		n.peers = append(n.peers, p)
 	}
-	n.peer = p
 	ctx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
 	r.net = n
@@ -162,7 +169,9 @@ func (r *Replica) stopSync() {
 	}
 	n.cancel()
 	<-n.done
-	n.transport.release(n.peer)
+	for _, p := range n.peers {
+		n.transport.release(p)
+	}
 	if n.ownTrans {
 		n.transport.Close()
 	}
@@ -195,38 +204,49 @@ func (n *netState) update(fn func()) {
 	n.mu.Unlock()
 }
 
+// addr is the address of the node in use (or last tried).
+func (n *netState) addr() string { return n.peers[n.node].addr }
+
 func (r *Replica) syncLoop(ctx context.Context) {
 	n := r.net
 	defer close(n.done)
 	attempt := 0
+	var cur nodeCursor
 	for {
 		start := time.Now()
+		n.node = cur.Cur
 		// Files a failed write poisoned (a full disk) are repaired before
 		// the next session, retried with the loop's backoff until it works.
-		var welcomed bool
+		var welcomed, moveOn bool
 		err := r.Repair(ctx)
 		if err != nil {
 			r.log.Warn("sqlrebase: repair failed, will retry", "err", err)
 		} else {
 			welcomed, err = r.session(ctx)
+			moveOn = moveOnError(err, welcomed)
 		}
 		if ctx.Err() != nil {
 			n.update(func() { n.connected = false })
 			return
 		}
 		if fatalSyncError(err) {
-			r.log.Error("sqlrebase: sync stopped", "server", n.remote.Addr, "database", n.remote.Database, "err", err)
+			r.log.Error("sqlrebase: sync stopped", "server", n.addr(), "database", n.remote.Database, "err", err)
 			n.update(func() { n.connected, n.lastErr, n.fatal = false, err, err })
 			r.fatal.set(err)
 			return
 		}
 		if welcomed {
-			r.log.Info("sqlrebase: disconnected", "server", n.remote.Addr, "database", n.remote.Database, "err", err)
+			r.log.Info("sqlrebase: disconnected", "server", n.addr(), "database", n.remote.Database, "err", err)
 		} else {
-			r.log.Debug("sqlrebase: connection attempt failed", "server", n.remote.Addr, "database", n.remote.Database, "err", err)
+			r.log.Debug("sqlrebase: connection attempt failed", "server", n.addr(), "database", n.remote.Database, "err", err)
 		}
 		n.update(func() { n.connected, n.lastErr = false, err })
 		attempt = nextAttempt(attempt, welcomed, time.Since(start), credentialEnded(err))
+		var now bool
+		if cur, now = cur.next(len(n.peers), welcomed, moveOn); now {
+			r.log.Info("sqlrebase: trying the next node", "from", n.addr(), "to", n.peers[cur.Cur].addr, "database", n.remote.Database, "err", err)
+			continue
+		}
 		t := time.NewTimer(backoff(attempt, backoffMin, backoffMax, rand.Float64()))
 		select {
 		case <-ctx.Done():
@@ -324,14 +344,14 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	}
 
 	dctx, dcancel := context.WithTimeout(sctx, connectTimeout)
-	conn, s, err := n.peer.openStream(dctx)
+	conn, s, err := n.peers[n.node].openStream(dctx)
 	dcancel()
 	if err != nil {
 		return false, err
 	}
 	defer func() {
 		if serverGone(err) {
-			n.peer.drop(conn)
+			n.peers[n.node].drop(conn)
 		}
 	}()
 	// Closing the replica cancels both directions of the stream, which
@@ -362,7 +382,7 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	}
 	r.writeMu.Unlock()
 	if err := protocol.WriteMessage(countingWriter{s, &r.stats.sent}, hello); err != nil {
-		return false, fmt.Errorf("send hello to %s: %w", n.remote.Addr, err)
+		return false, fmt.Errorf("send hello to %s: %w", n.addr(), err)
 	}
 
 	// The answer to Hello is one more round trip of the link: wait for it as
@@ -393,10 +413,11 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 	r.stats.sessions.Add(1)
 	n.update(func() {
 		n.connected, n.lastErr = true, nil
+		n.nodeAddr = n.addr()
 		n.welcomeVersion = w.Version
 		n.serverVersion = max(n.serverVersion, w.Version)
 	})
-	r.log.Debug("sqlrebase: welcomed", "server", n.remote.Addr, "database", n.remote.Database,
+	r.log.Debug("sqlrebase: welcomed", "server", n.addr(), "database", n.remote.Database,
 		"server_version", w.Version, "last_mutation_id", w.LastMutationID, "snapshot", w.Snapshot)
 	defer func() {
 		// A snapshot cut short, or not installed, goes with its session.
@@ -564,7 +585,7 @@ func (ss *session) run(ctx context.Context) error {
 					ss.wbuf = nil // do not keep a large buffer for the life of the session
 				}
 				if err != nil {
-					return fmt.Errorf("push to %s: %w", ss.r.net.remote.Addr, err)
+					return fmt.Errorf("push to %s: %w", ss.r.net.addr(), err)
 				}
 			case m := <-ss.in.msgs:
 				if err := ss.handle(m); err != nil {
@@ -610,7 +631,7 @@ func (ss *session) readyCount() int {
 
 // closed explains the end of the stream.
 func (ss *session) closed(err error) error {
-	return fmt.Errorf("connection to %s lost: %w", ss.r.net.remote.Addr, err)
+	return fmt.Errorf("connection to %s lost: %w", ss.r.net.addr(), err)
 }
 
 // handle takes one message of a welcomed session.
@@ -782,7 +803,7 @@ func (ss *session) push() error {
 		k, err := ss.s.Write(ss.wbuf)
 		ss.r.stats.sent.Add(uint64(k))
 		if err != nil {
-			return fmt.Errorf("push to %s: %w", ss.r.net.remote.Addr, err)
+			return fmt.Errorf("push to %s: %w", ss.r.net.addr(), err)
 		}
 		return nil
 	}
@@ -1014,4 +1035,5 @@ func (r *Replica) netStatus(st *Status) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	st.Connected, st.LastError, st.ServerVersion = n.connected, n.lastErr, n.serverVersion
+	st.Node = n.nodeAddr
 }

@@ -21,6 +21,17 @@ type Remote struct {
 	// Addr is the server's UDP address, "host:port". It is resolved again
 	// on every connection attempt, so a name that moves is followed.
 	Addr string
+	// Alternates are more nodes of the same service (a cluster's other
+	// gateways, docs/CLUSTER.md), "host:port" each, tried in order after
+	// Addr. The sync loop stays on a node that works and moves to the next
+	// one (wrapping round to Addr) when a node cannot be reached, does not
+	// answer Hello within the handshake timeout, or refuses in a way that
+	// retrying may cure (CodeShuttingDown, CodeBusy, CodeInternal). A fatal
+	// refusal from any node is fatal: the nodes share the credentials.
+	// Every node must present a certificate that Fingerprint or CAFile
+	// accepts: in a cluster, sign the nodes' certificates with one CA, or
+	// give every node the same key. Status.Node says which one is in use.
+	Alternates []string
 	// Database is the server's name for the database this replica mirrors.
 	Database string
 	// Credential is the secret the server knows the database's clients by:
@@ -81,7 +92,7 @@ func (rm *Remote) receiveLimits() protocol.ReceiveLimits {
 func (rm *Remote) validate() error {
 	switch {
 	case rm.Addr == "":
-		return errors.New("replica: Remote.Addr is required")
+		return errors.New("replica: Remote.Addr is required (Alternates only add to it)")
 	case rm.Database == "":
 		return errors.New("replica: Remote.Database is required")
 	case rm.Credential != "" && rm.Token != nil:
@@ -92,13 +103,26 @@ func (rm *Remote) validate() error {
 	if _, _, err := net.SplitHostPort(rm.Addr); err != nil {
 		return fmt.Errorf("replica: Remote.Addr %q: %w", rm.Addr, err)
 	}
+	for i, a := range rm.Alternates {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return fmt.Errorf("replica: Remote.Alternates[%d] %q: %w", i, a, err)
+		}
+	}
 	if err := rm.receiveLimits().Check(); err != nil {
 		return fmt.Errorf("replica: Remote.MaxMessage or MaxVersionBytes: %w", err)
 	}
-	if _, err := rm.tlsConfig(); err != nil {
-		return fmt.Errorf("replica: %w", err)
+	for _, a := range rm.nodes() {
+		if _, err := rm.tlsConfig(a); err != nil {
+			return fmt.Errorf("replica: %w", err)
+		}
 	}
 	return nil
+}
+
+// nodes are the addresses the sync loop dials, in order: Addr, then
+// Alternates.
+func (rm *Remote) nodes() []string {
+	return append([]string{rm.Addr}, rm.Alternates...)
 }
 
 // credential is the credential for the next Hello: Token's answer, or the
@@ -116,11 +140,13 @@ func (rm *Remote) credential(ctx context.Context) (string, error) {
 	return tok, nil
 }
 
-// tlsConfig builds the client TLS configuration for the Remote.
-func (rm *Remote) tlsConfig() (*tls.Config, error) {
+// tlsConfig builds the client TLS configuration for the Remote's node at
+// addr: without a ServerName, a CA-signed certificate is checked for addr's
+// host.
+func (rm *Remote) tlsConfig(addr string) (*tls.Config, error) {
 	name := rm.ServerName
 	if name == "" && rm.CAFile != "" {
-		host, _, err := net.SplitHostPort(rm.Addr)
+		host, _, err := net.SplitHostPort(addr)
 		if err != nil {
 			return nil, err
 		}
@@ -131,8 +157,8 @@ func (rm *Remote) tlsConfig() (*tls.Config, error) {
 
 // peerKey identifies a connection that replicas may share: the same address
 // and the same way of trusting the server.
-func (rm *Remote) peerKey() string {
-	return rm.Addr + "\x00" + rm.Fingerprint + "\x00" + rm.CAFile + "\x00" + rm.ServerName
+func (rm *Remote) peerKey(addr string) string {
+	return addr + "\x00" + rm.Fingerprint + "\x00" + rm.CAFile + "\x00" + rm.ServerName
 }
 
 // TransportOptions configure a Transport.
@@ -243,14 +269,15 @@ func (t *Transport) endpoint() (*quic.Transport, error) {
 	return t.qt, nil
 }
 
-// acquire returns the shared peer for rm, counting one more user; the
-// caller calls release when it is done with it (at Close of its replica).
-func (t *Transport) acquire(rm *Remote) (*peer, error) {
-	conf, err := rm.tlsConfig()
+// acquire returns the shared peer for rm's node at addr, counting one more
+// user; the caller calls release when it is done with it (at Close of its
+// replica).
+func (t *Transport) acquire(rm *Remote, addr string) (*peer, error) {
+	conf, err := rm.tlsConfig(addr)
 	if err != nil {
 		return nil, err
 	}
-	key := rm.peerKey()
+	key := rm.peerKey(addr)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -258,7 +285,7 @@ func (t *Transport) acquire(rm *Remote) (*peer, error) {
 	}
 	p := t.peers[key]
 	if p == nil {
-		p = &peer{t: t, key: key, addr: rm.Addr, tls: conf, dialing: make(chan struct{}, 1)}
+		p = &peer{t: t, key: key, addr: addr, tls: conf, dialing: make(chan struct{}, 1)}
 		t.peers[key] = p
 	}
 	p.users++
