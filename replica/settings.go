@@ -13,17 +13,18 @@ import (
 // kept next to it (PATH-remote) so that tools such as `sqlrebase inspect`
 // can say where it syncs. The credential is not among them: it is a secret.
 type RemoteSettings struct {
-	Addr        string `json:"addr"`
-	Database    string `json:"database"`
-	Fingerprint string `json:"fingerprint,omitempty"`
-	CAFile      string `json:"ca_file,omitempty"`
-	ServerName  string `json:"server_name,omitempty"`
+	Addr        string   `json:"addr"`
+	Alternates  []string `json:"alternates,omitempty"`
+	Database    string   `json:"database"`
+	Fingerprint string   `json:"fingerprint,omitempty"`
+	CAFile      string   `json:"ca_file,omitempty"`
+	ServerName  string   `json:"server_name,omitempty"`
 }
 
 func settingsPath(path string) string { return path + "-remote" }
 
 func settingsOf(rm *Remote) RemoteSettings {
-	return RemoteSettings{Addr: rm.Addr, Database: rm.Database, Fingerprint: rm.Fingerprint, CAFile: rm.CAFile, ServerName: rm.ServerName}
+	return RemoteSettings{Addr: rm.Addr, Alternates: rm.Alternates, Database: rm.Database, Fingerprint: rm.Fingerprint, CAFile: rm.CAFile, ServerName: rm.ServerName}
 }
 
 // writeSettings records rm's settings, if they changed, atomically.

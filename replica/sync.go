@@ -27,7 +27,9 @@ import (
 // that fails verification), which it reports and then stops on. A session
 // the server ends because its credential expired or was revoked is followed
 // by an immediate reconnect, with a fresh credential from Remote.Token.
-// Offline, it keeps retrying, and Mutate never waits for it.
+// A Remote with Alternates names several nodes: nodeCursor (failover.go)
+// picks the one each attempt dials. Offline, it keeps retrying, and Mutate
+// never waits for it.
 
 // ErrNoRemote is returned by the network-waiting methods of a replica opened
 // without Options.Remote.
