@@ -13,6 +13,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"time"
 	"unicode/utf8"
 )
 
@@ -25,6 +26,11 @@ const hashIterations = 100_000
 // maxUserID bounds a secret's name (its UserID), as a client id is bounded.
 const maxUserID = 128
 
+// maxRotationGrace bounds how long a rotated-out secret may still be
+// accepted: a grace period is for replicas to pick up the new secret, not a
+// second permanent credential.
+const maxRotationGrace = 7 * 24 * time.Hour
+
 // credential is a database credential as stored: never the secret itself.
 type credential struct {
 	ID string `json:"id"`
@@ -36,6 +42,30 @@ type credential struct {
 	// Iter is the credential's PBKDF2 work factor (0: hashIterations, as
 	// files written before it was stored say nothing).
 	Iter int `json:"iter,omitempty"`
+	// Gen counts the credential's rotations: a session remembers the
+	// generation of the secret it presented, so that a rotation can end
+	// the sessions of the secrets it replaced and only those.
+	Gen int `json:"gen,omitempty"`
+	// Prev is the secret the last rotation replaced, still accepted until
+	// its Until (nil: none, or rotated without a grace period).
+	Prev *prevSecret `json:"prev,omitempty"`
+}
+
+// prevSecret is a rotated-out secret still accepted during its grace
+// period; stored with its expiry so that the grace survives a restart.
+type prevSecret struct {
+	Salt  []byte    `json:"salt"`
+	Hash  []byte    `json:"hash"`
+	Iter  int       `json:"iter,omitempty"`
+	Gen   int       `json:"gen,omitempty"`
+	Until time.Time `json:"until"`
+}
+
+// accepts says whether a session that presented c's secret of generation
+// gen may go on at now: gen is c's current one, or the previous one while
+// its grace lasts.
+func (c *credential) accepts(gen int, now time.Time) bool {
+	return gen == c.Gen || (c.Prev != nil && c.Prev.Gen == gen && now.Before(c.Prev.Until))
 }
 
 // iterations is c's work factor.
@@ -56,9 +86,10 @@ func (c *credential) userID() string {
 	return c.ID
 }
 
-// identity is who a session with c speaks for.
+// identity is who a session with c speaks for. c is as check matched it:
+// its Gen is that of the secret presented.
 func (c *credential) identity() Identity {
-	return Identity{UserID: c.userID(), Credential: c.ID}
+	return Identity{UserID: c.userID(), Credential: c.ID, secret: true, secretGen: c.Gen}
 }
 
 // access is a database's credentials and the binding of client ids to
@@ -78,7 +109,14 @@ type access struct {
 
 	mu       sync.Mutex
 	file     accessFile
-	verified map[[sha256.Size]byte]string // SHA-256 of a verified secret → credential id
+	verified map[[sha256.Size]byte]verifiedSecret // SHA-256 of a verified secret → what it matched
+}
+
+// verifiedSecret is what a verified secret matched: a credential and the
+// generation of its secret (a rotation makes the entry stale).
+type verifiedSecret struct {
+	id  string
+	gen int
 }
 
 type accessFile struct {
@@ -108,6 +146,11 @@ func (f *accessFile) clone() accessFile {
 	return c
 }
 
+// findID returns the index of the credential with id, or -1.
+func (f *accessFile) findID(id string) int {
+	return slices.IndexFunc(f.Credentials, func(c credential) bool { return c.ID == id })
+}
+
 // find returns the index of the credential ref names (its id or its name),
 // or -1.
 func (f *accessFile) find(ref string) int {
@@ -134,7 +177,7 @@ func loadAccess(path string, iter int) (*access, error) {
 	if iter <= 0 {
 		iter = hashIterations
 	}
-	a := &access{path: path, iter: iter, verified: map[[sha256.Size]byte]string{}}
+	a := &access{path: path, iter: iter, verified: map[[sha256.Size]byte]verifiedSecret{}}
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		a.file.Clients = map[string]string{}
@@ -219,25 +262,28 @@ func (a *access) add(name, secret string) (credential, error) {
 	})
 }
 
-// cached returns the credential a secret verified earlier matched, if it
-// still exists.
+// cached returns the credential a secret verified earlier matched (its
+// Gen that of the secret), if it still accepts that secret.
 func (a *access) cached(secret string) (credential, bool) {
 	key := sha256.Sum256([]byte(secret))
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	id, ok := a.verified[key]
+	v, ok := a.verified[key]
 	if !ok {
 		return credential{}, false
 	}
-	if i := a.file.find(id); i >= 0 {
-		return a.file.Credentials[i], true
+	if i := a.file.findID(v.id); i >= 0 && a.file.Credentials[i].accepts(v.gen, time.Now()) {
+		c := a.file.Credentials[i]
+		c.Gen = v.gen
+		return c, true
 	}
 	return credential{}, false
 }
 
-// check returns the credential secret matches: from the verified cache,
-// or by hashing it against each credential with mu released. A credential
-// rotated or revoked while it hashed does not count.
+// check returns the credential secret matches (its Gen that of the
+// secret: a previous one matches during its grace): from the verified
+// cache, or by hashing it against each credential with mu released. A
+// credential rotated or revoked while it hashed does not count.
 func (a *access) check(secret string) (credential, error) {
 	if c, ok := a.cached(secret); ok {
 		return c, nil
@@ -248,22 +294,39 @@ func (a *access) check(secret string) (credential, error) {
 	if a.hashing != nil {
 		a.hashing()
 	}
+	now := time.Now()
 	for _, c := range creds {
-		h, err := pbkdf2.Key(sha256.New, secret, c.Salt, c.iterations(), len(c.Hash))
-		if err != nil {
-			return credential{}, err
+		type stored struct {
+			salt, hash []byte
+			iter, gen  int
 		}
-		if subtle.ConstantTimeCompare(h, c.Hash) != 1 {
-			continue
+		try := []stored{{c.Salt, c.Hash, c.iterations(), c.Gen}}
+		if p := c.Prev; p != nil && now.Before(p.Until) {
+			iter := p.Iter
+			if iter <= 0 {
+				iter = hashIterations
+			}
+			try = append(try, stored{p.Salt, p.Hash, iter, p.Gen})
 		}
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		i := a.file.find(c.ID)
-		if i < 0 || subtle.ConstantTimeCompare(a.file.Credentials[i].Hash, c.Hash) != 1 {
-			return credential{}, errWrongCredential // rotated or revoked meanwhile
+		for _, st := range try {
+			h, err := pbkdf2.Key(sha256.New, secret, st.salt, st.iter, len(st.hash))
+			if err != nil {
+				return credential{}, err
+			}
+			if subtle.ConstantTimeCompare(h, st.hash) != 1 {
+				continue
+			}
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			i := a.file.findID(c.ID)
+			if i < 0 || !a.file.Credentials[i].accepts(st.gen, time.Now()) {
+				return credential{}, errWrongCredential // rotated or revoked meanwhile
+			}
+			a.verified[sha256.Sum256([]byte(secret))] = verifiedSecret{id: c.ID, gen: st.gen}
+			m := a.file.Credentials[i]
+			m.Gen = st.gen
+			return m, nil
 		}
-		a.verified[sha256.Sum256([]byte(secret))] = c.ID
-		return a.file.Credentials[i], nil
 	}
 	return credential{}, errWrongCredential
 }
@@ -293,22 +356,46 @@ func (a *access) revokedReason(id Identity) string {
 	if id.Credential != "" && slices.Contains(a.file.Revoked, id.Credential) {
 		return fmt.Sprintf("credential %s was revoked", id.Credential)
 	}
+	if id.secret {
+		if i := a.file.findID(id.Credential); i >= 0 && !a.file.Credentials[i].accepts(id.secretGen, time.Now()) {
+			return fmt.Sprintf("secret %s was rotated", id.Credential)
+		}
+	}
 	return ""
+}
+
+// graceEnd returns when the rotated-out secret id presented stops being
+// accepted (zero: id's secret is current, or id is not a stored secret's).
+func (a *access) graceEnd(id Identity) time.Time {
+	if !id.secret {
+		return time.Time{}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if i := a.file.findID(id.Credential); i >= 0 {
+		if c := a.file.Credentials[i]; c.Gen != id.secretGen && c.Prev != nil && c.Prev.Gen == id.secretGen {
+			return c.Prev.Until
+		}
+	}
+	return time.Time{}
 }
 
 // forgetLocked drops the verified cache's entries for credential id.
 // Called with mu held.
 func (a *access) forgetLocked(id string) {
 	for k, v := range a.verified {
-		if v == id {
+		if v.id == id {
 			delete(a.verified, k)
 		}
 	}
 }
 
 // rotate gives the credential ref names a new secret: same id, same user,
-// so its clients stay bound; the old secret stops working at once.
-func (a *access) rotate(ref, secret string) (credential, error) {
+// so its clients stay bound, and the next generation. The old secret stays
+// accepted for grace (0: it stops working at once); a secret an earlier
+// rotation left in its grace stops at once. The caller ends the sessions
+// of the generations before the returned one's when the grace is over.
+func (a *access) rotate(ref, secret string, grace time.Duration) (credential, error) {
 	a.mu.Lock()
 	i := a.file.find(ref)
 	var old credential
@@ -325,8 +412,13 @@ func (a *access) rotate(ref, secret string) (credential, error) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if i = a.file.find(old.ID); i < 0 {
+	if i = a.file.findID(old.ID); i < 0 {
 		return credential{}, fmt.Errorf("%w: %q (revoked meanwhile)", ErrNoCredential, ref)
+	}
+	old = a.file.Credentials[i] // as it is now: another rotation may have won
+	c.Gen = old.Gen + 1
+	if grace > 0 {
+		c.Prev = &prevSecret{Salt: old.Salt, Hash: old.Hash, Iter: old.iterations(), Gen: old.Gen, Until: time.Now().Add(grace)}
 	}
 	if err := a.update(func(f *accessFile) { f.Credentials[i] = c }); err != nil {
 		return credential{}, err

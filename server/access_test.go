@@ -150,7 +150,7 @@ func TestAccessRotateRevoke(t *testing.T) {
 	if _, ok := a.cached("old"); !ok {
 		t.Fatal("a verified secret is not cached")
 	}
-	r, err := a.rotate("alice", "new")
+	r, err := a.rotate("alice", "new", 0)
 	if err != nil || r.ID != c.ID || r.userID() != "alice" {
 		t.Fatalf("rotate: %+v %v", r, err)
 	}
@@ -163,7 +163,7 @@ func TestAccessRotateRevoke(t *testing.T) {
 	if err := authorize(a, "phone", "new"); err != nil {
 		t.Fatalf("the bound client with the new secret: %v", err)
 	}
-	if _, err := a.rotate("nobody", "x"); !errors.Is(err, ErrNoCredential) {
+	if _, err := a.rotate("nobody", "x", 0); !errors.Is(err, ErrNoCredential) {
 		t.Fatalf("rotate an unknown secret: %v", err)
 	}
 	if _, err := a.revoke(c.ID); err != nil {
@@ -263,7 +263,7 @@ func TestAccessRotationDuringCheck(t *testing.T) {
 	}
 	a.hashing = func() {
 		a.hashing = nil
-		if _, err := a.rotate("alice", "new"); err != nil {
+		if _, err := a.rotate("alice", "new", 0); err != nil {
 			t.Error(err)
 		}
 	}

@@ -85,21 +85,45 @@ func (s *Server) AddSecret(_ context.Context, db, user, secret string) (Credenti
 
 // RotateSecret gives db's secret ref (its id or name) a new value. It
 // keeps its id and user, so the client ids bound to it keep working with
-// the new secret; the old one is refused from now on. Sessions open with
-// the old secret stay open (rotation is not revocation).
-func (s *Server) RotateSecret(_ context.Context, db, ref, secret string) (CredentialInfo, error) {
+// the new secret. The old secret is still accepted for grace (0: refused
+// at once; at most a week), saved with its end so that it survives a
+// restart; when the grace ends, the sessions opened with the old secret
+// end with protocol.CodeCredentialRevoked (retryable: a replica
+// reconnects, with the new secret if its token source gives it, and is
+// otherwise refused as unauthorized). A rotation during an earlier one's
+// grace ends that earlier secret's sessions at once.
+func (s *Server) RotateSecret(_ context.Context, db, ref, secret string, grace time.Duration) (CredentialInfo, error) {
 	if secret == "" {
 		return CredentialInfo{}, fmt.Errorf("%w: empty secret", ErrInvalid)
+	}
+	if grace < 0 || grace > maxRotationGrace {
+		return CredentialInfo{}, fmt.Errorf("%w: grace %v is not within 0 to %v", ErrInvalid, grace, maxRotationGrace)
 	}
 	a, err := s.accessOf(db)
 	if err != nil {
 		return CredentialInfo{}, err
 	}
-	c, err := a.rotate(ref, secret)
+	c, err := a.rotate(ref, secret, grace)
 	if err != nil {
 		return CredentialInfo{}, err
 	}
-	s.log.Info("rotated secret", "db", db, "credential", c.ID, "user", c.userID())
+	// The sessions of the secrets before the one replaced now (a grace
+	// just cut short) end at once; those of the one replaced when the
+	// grace ends. A session on the old secret admitted meanwhile has its
+	// own timer (session.admit, access.graceEnd), so one admitted after a
+	// restart ends on time too; these calls catch the ones already open.
+	stale := func(before int) func(Identity) bool {
+		return func(id Identity) bool { return id.secret && id.Credential == c.ID && id.secretGen < before }
+	}
+	msg := fmt.Sprintf("secret %s was rotated; reconnect with the new one", c.ID)
+	n := 0
+	if grace == 0 {
+		n = s.endSessions(db, stale(c.Gen), msg)
+	} else {
+		n = s.endSessions(db, stale(c.Gen-1), msg)
+		time.AfterFunc(grace, func() { s.endSessions(db, stale(c.Gen), msg) })
+	}
+	s.log.Info("rotated secret", "db", db, "credential", c.ID, "user", c.userID(), "grace", grace, "sessions_ended", n)
 	return CredentialInfo{ID: c.ID, User: c.userID()}, nil
 }
 

@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -385,7 +387,7 @@ func TestAdminRestart(t *testing.T) {
 	conn := dial(t, addr, srv.Fingerprint())
 	_, m := openClient(t, conn, protocol.Hello{Database: "acme", ClientID: "phone", Credential: "a1"})
 	welcome(t, m)
-	if _, err := srv.RotateSecret(ctx, "acme", "alice", "a2"); err != nil {
+	if _, err := srv.RotateSecret(ctx, "acme", "alice", "a2", 0); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := srv.RevokeSecret(ctx, "acme", "bob"); err != nil {
@@ -476,4 +478,108 @@ func TestRevocationRacingAdmission(t *testing.T) {
 	if !strings.Contains(e.Message, `user "alice" was revoked`) || len(ended) != 1 || ended[0] != 0 {
 		t.Fatalf("ended %v, told %q", ended, e.Message)
 	}
+}
+
+// TestRotateSecretEndsOldSessions: a rotation without grace ends the
+// sessions opened with the old secret within 1 s, with the retryable
+// CodeCredentialRevoked; the old secret is then refused (fatal) and the
+// new one opens the same client id.
+func TestRotateSecretEndsOldSessions(t *testing.T) {
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.CredentialHashIterations = 1000 })
+	ctx := context.Background()
+	srv.AddSecret(ctx, "demo", "alice", "old")
+	srv.AddSecret(ctx, "demo", "bob", "bob-secret")
+	conn := dial(t, addr, srv.Fingerprint())
+	a, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "old"})
+	welcome(t, m)
+	a.until(1)
+	b, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "b1", Credential: "bob-secret"})
+	welcome(t, m)
+	b.until(1)
+	if _, err := srv.RotateSecret(ctx, "demo", "alice", "new", -time.Second); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("negative grace: %v, want ErrInvalid", err)
+	}
+	if _, err := srv.RotateSecret(ctx, "demo", "alice", "new", 0); err != nil {
+		t.Fatal(err)
+	}
+	if e := endsWith(t, a, protocol.CodeCredentialRevoked, time.Second); !strings.Contains(e.Message, "rotated") {
+		t.Fatalf("rotated-out session told %q", e.Message)
+	}
+	b.push(1)
+	b.acked(1) // bob's session goes on
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "old"})
+	refusedWith(t, m, protocol.CodeUnauthorized, "wrong credential")
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "new"})
+	welcome(t, m)
+}
+
+// TestRotateSecretGrace: during a rotation's grace both secrets open
+// sessions; when it ends, those on the old secret end (within 1 s of it)
+// and the new secret's go on. The grace is saved: after a restart within
+// it the old secret still opens a session, which ends when the grace does.
+func TestRotateSecretGrace(t *testing.T) {
+	dir := t.TempDir()
+	tune := func(c *Config) { c.CredentialHashIterations = 1000 }
+	srv, addr := testServer(t, dir, tune)
+	ctx := context.Background()
+	srv.AddSecret(ctx, "demo", "alice", "old")
+	conn := dial(t, addr, srv.Fingerprint())
+	before, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "old"})
+	welcome(t, m)
+	before.until(1)
+	const grace = 1500 * time.Millisecond
+	start := time.Now()
+	if _, err := srv.RotateSecret(ctx, "demo", "alice", "new", grace); err != nil {
+		t.Fatal(err)
+	}
+	during, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a2", Credential: "old"})
+	welcome(t, m)
+	during.until(1)
+	fresh, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a3", Credential: "new"})
+	welcome(t, m)
+	fresh.until(1)
+	before.push(1)
+	before.acked(1) // the old secret's session goes on during the grace
+	for _, c := range []*client{before, during} {
+		endsWith(t, c, protocol.CodeCredentialRevoked, grace+time.Second)
+	}
+	if time.Since(start) < grace {
+		t.Fatalf("old sessions ended after %v, before the grace of %v", time.Since(start), grace)
+	}
+	fresh.push(1)
+	fresh.acked(1)
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "old"})
+	refusedWith(t, m, protocol.CodeUnauthorized, "wrong credential")
+
+	// A grace across a restart.
+	const grace2 = 2 * time.Second
+	start = time.Now()
+	if _, err := srv.RotateSecret(ctx, "demo", "alice", "newer", grace2); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	files, _ := filepath.Glob(filepath.Join(dir, "*", "access.json"))
+	if len(files) != 1 {
+		files, _ = filepath.Glob(filepath.Join(dir, "*", "*", "access.json"))
+	}
+	if len(files) != 1 {
+		t.Fatalf("access.json: found %v", files)
+	}
+	b, err := os.ReadFile(files[0])
+	if err != nil || !strings.Contains(string(b), `"prev"`) || !strings.Contains(string(b), `"until"`) {
+		t.Fatalf("access.json does not keep the grace: %v\n%s", err, b)
+	}
+	srv, addr = testServer(t, dir, tune)
+	conn = dial(t, addr, srv.Fingerprint())
+	after, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "new"})
+	welcome(t, m)
+	after.until(1)
+	endsWith(t, after, protocol.CodeCredentialRevoked, grace2+time.Second)
+	if time.Since(start) < grace2 {
+		t.Fatalf("session after restart ended after %v, before the grace of %v", time.Since(start), grace2)
+	}
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "new"})
+	refusedWith(t, m, protocol.CodeUnauthorized, "wrong credential")
+	_, m = openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "newer"})
+	welcome(t, m)
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"time"
 )
 
 // maxAdminBody bounds an admin request's body (64 KiB: names and secrets).
@@ -22,7 +23,7 @@ const maxAdminBody = 64 << 10
 //
 //	POST   /v1/databases                          {"name"}            create a database
 //	POST   /v1/databases/{db}/secrets             {"user","secret"}   add a secret (user optional)
-//	PUT    /v1/databases/{db}/secrets/{ref}       {"secret"}          rotate secret ref (id or user)
+//	PUT    /v1/databases/{db}/secrets/{ref}       {"secret","grace"}  rotate secret ref (id or user); grace "30s" optional
 //	DELETE /v1/databases/{db}/secrets/{ref}                           revoke it: {"ended": N}
 //	POST   /v1/databases/{db}/users/{user}/revoke                     revoke a user: {"ended": N}
 //	POST   /v1/databases/{db}/users/{user}/restore                    lift it: {"restored": bool}
@@ -65,11 +66,22 @@ func (s *Server) AdminHandler(token string) http.Handler {
 	mux.HandleFunc("PUT /v1/databases/{db}/secrets/{ref}", func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Secret string `json:"secret"`
+			// Grace is how long the old secret is still accepted, as
+			// time.ParseDuration reads it ("30s"; empty: 0).
+			Grace string `json:"grace,omitempty"`
 		}
 		if !decode(w, r, &req) {
 			return
 		}
-		c, err := s.RotateSecret(r.Context(), r.PathValue("db"), r.PathValue("ref"), req.Secret)
+		var grace time.Duration
+		if req.Grace != "" {
+			var err error
+			if grace, err = time.ParseDuration(req.Grace); err != nil {
+				adminError(w, fmt.Errorf("%w: grace: %v", ErrInvalid, err))
+				return
+			}
+		}
+		c, err := s.RotateSecret(r.Context(), r.PathValue("db"), r.PathValue("ref"), req.Secret, grace)
 		if err != nil {
 			adminError(w, err)
 			return

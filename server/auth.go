@@ -38,6 +38,13 @@ type Identity struct {
 	// or a token's "jti" where it has one. Revoking it ends the sessions
 	// that hold it.
 	Credential string
+
+	// secret says Credential is a stored secret's id (the built-in
+	// authenticator's), and secretGen is the generation of the secret
+	// presented: a rotation ends the sessions of the generations it
+	// replaced once their grace is over.
+	secret    bool
+	secretGen int
 }
 
 // Authenticator decides whether a Hello may open a database, and as whom.

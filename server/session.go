@@ -43,6 +43,7 @@ type session struct {
 	// never changed after, so readers need no lock.
 	identity Identity
 	expiry   *time.Timer            // ends the session when identity.Expires passes (nil: never)
+	graceEnd *time.Timer            // ends it when the rotated-out secret it presented stops being accepted (nil: never)
 	recv     protocol.ReceiveLimits // what the client said it can receive: every frame is planned to it
 	inflight atomic.Int64           // mutations pushed and not yet acknowledged
 	inBatch  atomic.Bool            // some of its mutations are in the batch the writer is running
@@ -270,13 +271,23 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 			s.fail(protocol.CodeCredentialExpired, "credential expired; reconnect with a fresh one")
 		})
 	}
+	// A secret rotated out but still in its grace: the session ends when
+	// the grace does (after a restart no rotation's own timer is left).
+	if end := db.access.graceEnd(s.identity); !end.IsZero() {
+		s.graceEnd = time.AfterFunc(time.Until(end), func() {
+			s.fail(protocol.CodeCredentialRevoked, fmt.Sprintf("secret %s was rotated; reconnect with the new one", s.identity.Credential))
+		})
+	}
 	return c, nil
 }
 
-// stopExpiry stops the expiry timer, when the session ends.
+// stopExpiry stops the expiry and grace timers, when the session ends.
 func (s *session) stopExpiry() {
 	if s.expiry != nil {
 		s.expiry.Stop()
+	}
+	if s.graceEnd != nil {
+		s.graceEnd.Stop()
 	}
 }
 

@@ -152,7 +152,9 @@ Manages a running server's databases and credentials through its admin API
 (serve --admin). Commands:
   create-db     --db NAME                          host a new database
   add-secret    --db NAME [--user U] --secret S    accept secret S, for user U (default: unnamed)
-  rotate-secret --db NAME --id ID|USER --secret S  give a secret a new value (same id and user)
+  rotate-secret --db NAME --id ID|USER --secret S [--grace 30s]
+                                                   give a secret a new value (same id and user); the old
+                                                   one's sessions end after the grace (default 0: at once)
   revoke-secret --db NAME --id ID|USER             delete a secret and end its sessions
   revoke-user   --db NAME --user U                 cut a user off and end their sessions
   restore-user  --db NAME --user U                 lift a user's revocation
@@ -202,6 +204,7 @@ func cmdAdmin(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	user := fs.String("user", "", "the user")
 	secret := fs.String("secret", "", "the secret (-: read from standard input)")
 	id := fs.String("id", "", "the secret's id, or its user")
+	grace := fs.Duration("grace", 0, "rotate-secret: how long the old secret is still accepted (0: refused at once and its sessions ended)")
 	if err := fs.Parse(rest); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -250,7 +253,7 @@ func cmdAdmin(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 			return 2
 		}
 		var ci server.CredentialInfo
-		if err = c.call(ctx, "PUT", dbPath+"/secrets/"+url.PathEscape(*id), map[string]string{"secret": *secret}, &ci); err == nil {
+		if err = c.call(ctx, "PUT", dbPath+"/secrets/"+url.PathEscape(*id), map[string]string{"secret": *secret, "grace": grace.String()}, &ci); err == nil {
 			fmt.Fprintf(stdout, "rotated secret %s of user %s\n", ci.ID, ci.User)
 		}
 	case "revoke-secret":

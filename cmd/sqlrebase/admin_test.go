@@ -160,7 +160,7 @@ func TestAdminCLI(t *testing.T) {
 	}
 
 	// Rotation: alice's client id stays hers with the new secret.
-	s.mustAdmin(t, "rotate-secret", "--db", "acme", "--id", "alice", "--secret", "alice-2")
+	s.mustAdmin(t, "rotate-secret", "--db", "acme", "--id", "alice", "--secret", "alice-2", "--grace", "30s")
 	alice.Close()
 	alice = open("alice", "alice", "alice-2")
 	if err := alice.WaitConnected(ctx); err != nil {
