@@ -217,3 +217,28 @@ func TestFailoverFirstNodeBusy(t *testing.T) {
 	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
 	failoverCounts(t, r, b, 15, 15)
 }
+
+// TestFailoverFatalOnAnyNode: a fatal refusal from the second node (a
+// credential it does not know) stops sync, as it would with one node,
+// rather than going back round to the first.
+func TestFailoverFatalOnAnyNode(t *testing.T) {
+	reg := testRegistry(t)
+	a := startServer(t, reg, "", "127.0.0.1:0", nil)
+	b := startNode(t, a, nil)
+	ctx := waitCtx(t, 30*time.Second)
+	if err := a.srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	rm := a.remote()
+	rm.Alternates = []string{b.addr}
+	tr := NewTransport(TransportOptions{Logger: quietLog, HandshakeTimeout: 300 * time.Millisecond})
+	t.Cleanup(func() { tr.Close() })
+	rm.Transport = tr
+	rm.Database = "nosuch" // a fatal CodeUnknownDatabase on b
+	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	err := r.WaitConnected(ctx)
+	var re *protocol.RemoteError
+	if !errors.As(err, &re) || re.Code != protocol.CodeUnknownDatabase {
+		t.Fatalf("WaitConnected = %v, want the second node's CodeUnknownDatabase", err)
+	}
+}
