@@ -1095,7 +1095,13 @@ func (r *Replica) replayOnce(ctx context.Context) error {
 			r.crash("replay-middle")
 		}
 	}
-	err = r.fail("commit")
+	return r.commitReplay(ctx)
+}
+
+// commitReplay commits the replay's transaction, or rolls it back and says
+// why (the crash hook "commit" fires first, for the crash tests).
+func (r *Replica) commitReplay(ctx context.Context) error {
+	err := r.fail("commit")
 	if err == nil {
 		_, err = r.engineQ.ExecContext(ctx, "COMMIT")
 	}
@@ -1130,13 +1136,8 @@ func (r *Replica) replayBare(ctx context.Context, pending []queuedMutation) (don
 			r.crash("replay-middle")
 		}
 	}
-	err = r.fail("commit")
-	if err == nil {
-		_, err = r.engineQ.ExecContext(ctx, "COMMIT")
-	}
-	if err != nil {
-		r.writer.ExecContext(context.WithoutCancel(ctx), "ROLLBACK")
-		return false, fmt.Errorf("replay: commit: %w", err)
+	if err := r.commitReplay(ctx); err != nil {
+		return false, err
 	}
 	for _, m := range pending {
 		if h := r.liveHandle(m.ID); h != nil {
