@@ -2,10 +2,12 @@ package server
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -272,5 +274,81 @@ func TestAccessRotationDuringCheck(t *testing.T) {
 	}
 	if _, ok := a.cached("old"); ok {
 		t.Fatal("the rotated secret was cached")
+	}
+}
+
+// TestAccessRotateGrace: during a grace both secrets match, each with its
+// generation; a second rotation drops the first's previous secret at once;
+// the grace is reloaded from the file; past its end the old secret is
+// refused and a session that presented it is told so.
+func TestAccessRotateGrace(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "access.json")
+	a, err := loadAccess(path, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.add("alice", "s0")
+	c0, err := a.check("s0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1, err := a.rotate("alice", "s1", time.Hour)
+	if err != nil || c1.Gen != c0.Gen+1 || c1.Prev == nil || c1.Prev.Gen != c0.Gen {
+		t.Fatalf("rotate with grace: %+v %v", c1, err)
+	}
+	for secret, gen := range map[string]int{"s0": c0.Gen, "s1": c1.Gen} {
+		m, err := a.check(secret)
+		if err != nil || m.Gen != gen {
+			t.Fatalf("check %s during the grace: gen %d, %v; want gen %d", secret, m.Gen, err, gen)
+		}
+		if why := a.revokedReason(m.identity()); why != "" {
+			t.Fatalf("%s during the grace: %s", secret, why)
+		}
+	}
+	if end := a.graceEnd(c0.identity()); end.IsZero() || !end.Equal(c1.Prev.Until) {
+		t.Fatalf("grace end of the old secret's session: %v, want %v", end, c1.Prev.Until)
+	}
+	if end := a.graceEnd(c1.identity()); !end.IsZero() {
+		t.Fatalf("grace end of the current secret's session: %v, want none", end)
+	}
+
+	// A second rotation in the grace: s0 is out at once, s1 in grace.
+	c2, err := a.rotate("alice", "s2", time.Hour)
+	if err != nil || c2.Gen != c1.Gen+1 {
+		t.Fatalf("second rotation: %+v %v", c2, err)
+	}
+	if _, err := a.check("s0"); !errors.Is(err, errWrongCredential) {
+		t.Fatalf("s0 after a second rotation: %v", err)
+	}
+	if why := a.revokedReason(c0.identity()); !strings.Contains(why, "rotated") {
+		t.Fatalf("a session on s0 after a second rotation: %q", why)
+	}
+
+	// Reloaded from the file, s1 is still in its grace (uncached: hashed).
+	b, err := loadAccess(path, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := b.check("s1"); err != nil || m.Gen != c1.Gen {
+		t.Fatalf("s1 after a reload: gen %d, %v", m.Gen, err)
+	}
+	// Past the grace's end (moved, not waited for) it is refused, cached
+	// or not.
+	b.mu.Lock()
+	i := b.file.findID(c2.ID)
+	b.file.Credentials[i].Prev.Until = time.Now().Add(-time.Second)
+	b.mu.Unlock()
+	if _, err := b.check("s1"); !errors.Is(err, errWrongCredential) {
+		t.Fatalf("s1 past its grace (cached): %v", err)
+	}
+	b.verified = map[[sha256.Size]byte]verifiedSecret{}
+	if _, err := b.check("s1"); !errors.Is(err, errWrongCredential) {
+		t.Fatalf("s1 past its grace (hashed): %v", err)
+	}
+	if why := b.revokedReason(c1.identity()); !strings.Contains(why, "rotated") {
+		t.Fatalf("a session on s1 past its grace: %q", why)
+	}
+	if m, err := b.check("s2"); err != nil || m.Gen != c2.Gen {
+		t.Fatalf("s2: gen %d, %v", m.Gen, err)
 	}
 }

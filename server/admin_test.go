@@ -108,8 +108,12 @@ func TestAdminAPI(t *testing.T) {
 		{"POST", "/v1/databases/acme/secrets", map[string]string{"user": "bob", "secret": "b", "extra": "x"}, http.StatusBadRequest},
 		{"POST", "/v1/databases/nosuch/secrets", map[string]string{"user": "bob", "secret": "b"}, http.StatusNotFound},
 		{"PUT", "/v1/databases/acme/secrets/nobody", map[string]string{"secret": "x"}, http.StatusNotFound},
+		{"PUT", "/v1/databases/acme/secrets/alice", map[string]string{"secret": "x", "grace": "soon"}, http.StatusBadRequest},
+		{"PUT", "/v1/databases/acme/secrets/alice", map[string]string{"secret": "x", "grace": "-1s"}, http.StatusBadRequest},
+		{"PUT", "/v1/databases/acme/secrets/alice", map[string]string{"secret": "x", "grace": "1000h"}, http.StatusBadRequest},
 		{"DELETE", "/v1/databases/acme/secrets/nobody", nil, http.StatusNotFound},
 		{"GET", "/v1/databases/nosuch/clients", nil, http.StatusNotFound},
+		{"POST", "/v1/databases/nosuch/users/mallory/restore", nil, http.StatusNotFound},
 	}
 	for _, c := range cases {
 		if code := adminCall(t, h, "tok", c.method, c.path, c.body, nil); code != c.want {
@@ -117,7 +121,7 @@ func TestAdminAPI(t *testing.T) {
 		}
 	}
 	var rotated CredentialInfo
-	if code := adminCall(t, h, "tok", "PUT", "/v1/databases/acme/secrets/alice", map[string]string{"secret": "a2"}, &rotated); code != http.StatusOK || rotated != alice {
+	if code := adminCall(t, h, "tok", "PUT", "/v1/databases/acme/secrets/alice", map[string]string{"secret": "a2", "grace": "30s"}, &rotated); code != http.StatusOK || rotated != alice {
 		t.Fatalf("rotate: %d %+v, want %+v", code, rotated, alice)
 	}
 	var users []UserInfo
@@ -135,6 +139,15 @@ func TestAdminAPI(t *testing.T) {
 	adminCall(t, h, "tok", "GET", "/v1/databases/acme/users", nil, &users)
 	if len(users) != 1 || users[0].User != "mallory" || !users[0].Revoked {
 		t.Fatalf("users after revocations: %+v", users)
+	}
+	var restored map[string]bool
+	if code := adminCall(t, h, "tok", "POST", "/v1/databases/acme/users/mallory/restore", nil, &restored); code != http.StatusOK || !restored["restored"] {
+		t.Fatalf("restore user: %d %v", code, restored)
+	}
+	users = nil
+	adminCall(t, h, "tok", "GET", "/v1/databases/acme/users", nil, &users)
+	if len(users) != 0 {
+		t.Fatalf("users after restoring the only one: %+v", users)
 	}
 }
 
