@@ -172,7 +172,14 @@ func TestFailoverFirstNodeDown(t *testing.T) {
 	tr := NewTransport(TransportOptions{Logger: quietLog, HandshakeTimeout: 300 * time.Millisecond})
 	t.Cleanup(func() { tr.Close() })
 	rm.Transport = tr
+	start := time.Now()
 	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	if err := r.WaitConnected(waitCtx(t, 30*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	// Informational: about one handshake timeout (300 ms here) for the
+	// dead node, then one connection to b.
+	t.Logf("connected to the second node %v after Open", time.Since(start).Round(time.Millisecond))
 	failoverCounts(t, r, b, 10, 10)
 	sessions := r.Stats().Sessions
 	failoverCounts(t, r, b, 20, 30)
