@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // FuzzLoadAccess: whatever bytes access.json holds, loading it fails with
@@ -16,6 +17,8 @@ import (
 func FuzzLoadAccess(f *testing.F) {
 	f.Add([]byte(`{"credentials":[{"id":"ab","salt":"AAAA","hash":"AAAA","iter":1}],"clients":{"c":"ab"}}`))
 	f.Add([]byte(`{"credentials":[{"id":"ab","name":"alice","salt":"","hash":"","iter":-5}],"revoked":["x"],"revoked_users":["m"]}`))
+	f.Add([]byte(`{"credentials":[{"id":"ab","salt":"AAAA","hash":"AAAA","gen":2,"prev":{"salt":"AAAA","hash":"AAAA","gen":1,"until":"2999-01-01T00:00:00Z"}}]}`))
+	f.Add([]byte(`{"credentials":[{"id":"ab","salt":"AAAA","hash":"AAAA","prev":{"salt":"","hash":"","iter":-1,"gen":-3,"until":"x"}}]}`))
 	f.Add([]byte(`{"clients":null}`))
 	f.Add([]byte(`[]`))
 	f.Add([]byte(``))
@@ -30,11 +33,17 @@ func FuzzLoadAccess(f *testing.F) {
 		}
 		for i := range a.file.Credentials { // bound the work a fuzzed file asks for
 			a.file.Credentials[i].Iter = 1
+			if p := a.file.Credentials[i].Prev; p != nil {
+				p.Iter = 1
+			}
 		}
 		if c, err := a.check("secret"); err == nil {
 			a.bind("c", c.userID())
 		}
 		a.revokedReason(Identity{UserID: "m", Credential: "x"})
+		a.revokedReason(Identity{UserID: "m", Credential: "ab", secret: true, secretGen: 1})
+		a.graceEnd(Identity{UserID: "m", Credential: "ab", secret: true, secretGen: 1})
+		a.rotate("ab", "s2", time.Minute)
 		a.view()
 		a.revoke("ab")
 	})
@@ -46,6 +55,8 @@ func FuzzAdminHandler(f *testing.F) {
 	f.Add("POST", "/v1/databases", []byte(`{"name":"acme"}`), true)
 	f.Add("POST", "/v1/databases/demo/secrets", []byte(`{"user":"alice","secret":"s"}`), true)
 	f.Add("PUT", "/v1/databases/demo/secrets/alice", []byte(`{"secret":"t"}`), true)
+	f.Add("PUT", "/v1/databases/demo/secrets/alice", []byte(`{"secret":"u","grace":"30s"}`), true)
+	f.Add("POST", "/v1/databases/demo/users/alice/restore", []byte(nil), true)
 	f.Add("DELETE", "/v1/databases/demo/secrets/alice", []byte(nil), true)
 	f.Add("POST", "/v1/databases/demo/users/%2F/revoke", []byte(nil), true)
 	f.Add("GET", "/v1/databases/demo/users", []byte(nil), false)
