@@ -289,3 +289,55 @@ func TestAdminCLIRestart(t *testing.T) {
 		t.Fatalf("restore-user again said %q", out)
 	}
 }
+
+// TestAdminCLIRotateWithTokenSource: a rotation without grace ends the
+// session of a replica whose token source gives its secret; once the source
+// gives the new secret, the replica reconnects and goes on, and the
+// server's total is exactly what it made.
+func TestAdminCLIRotateWithTokenSource(t *testing.T) {
+	s, _ := startServeAdmin(t, filepath.Join(t.TempDir(), "d"))
+	s.mustAdmin(t, "create-db", "--db", "acme")
+	s.mustAdmin(t, "add-secret", "--db", "acme", "--user", "alice", "--secret", "alice-1")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var secret atomic.Value
+	secret.Store("alice-1")
+	var connects atomic.Int64 // the source is called on every connect
+	r, err := replica.Open(ctx, filepath.Join(t.TempDir(), "alice.db"), replica.Options{Mutators: demoRegistry(), User: "alice",
+		Remote: &replica.Remote{Addr: s.addr, Database: "acme", Fingerprint: s.fp,
+			Token: func(context.Context) (string, error) { connects.Add(1); return secret.Load().(string), nil }}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	mutate := func() {
+		t.Helper()
+		h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mutate()
+	before := connects.Load()
+	secret.Store("alice-2")
+	s.mustAdmin(t, "rotate-secret", "--db", "acme", "--id", "alice", "--secret", "alice-2")
+	for range 5 {
+		mutate()
+	}
+	if err := r.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	if err := r.DB().QueryRowContext(ctx, `SELECT coalesce(sum(count),0) FROM Categories WHERE name = 'Food'`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if st := r.Status(); n != 6 || len(r.Pending()) != 0 {
+		t.Fatalf("after the rotation: Food = %d (want 6), %d pending, status %+v", n, len(r.Pending()), st)
+	}
+	if connects.Load() <= before {
+		t.Fatalf("the replica did not reconnect after the rotation (%d connects, %d before)", connects.Load(), before)
+	}
+}
