@@ -493,6 +493,46 @@ func TestRevocationRacingAdmission(t *testing.T) {
 	}
 }
 
+// TestRotationRacingAdmission: a rotation without grace that lands after a
+// Hello with the old secret was checked, before its session subscribed,
+// still ends that session (its second look at the access file once
+// subscribed sees the generation is no longer accepted).
+func TestRotationRacingAdmission(t *testing.T) {
+	ctx := context.Background()
+	cfg := Config{Dir: t.TempDir(), Mutators: testRegistry(t), Setup: demoSetup, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CredentialHashIterations: 1000}
+	srv, err := Open(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if err := srv.CreateDatabase(ctx, "demo"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.AddSecret(ctx, "demo", "alice", "a"); err != nil {
+		t.Fatal(err)
+	}
+	open := srv.reg.openDB
+	rotated := 0
+	srv.reg.openDB = func(ctx context.Context, tn *tenant) (*database, error) {
+		if _, err := srv.RotateSecret(ctx, "demo", "alice", "b", 0); err != nil {
+			return nil, err
+		}
+		rotated++
+		return open(ctx, tn)
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "a"})
+	welcome(t, m)
+	e := endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
+	if !strings.Contains(e.Message, "rotated") || rotated != 1 {
+		t.Fatalf("rotated %d times, told %q", rotated, e.Message)
+	}
+}
+
 // TestRotateSecretEndsOldSessions: a rotation without grace ends the
 // sessions opened with the old secret within 1 s, with the retryable
 // CodeCredentialRevoked; the old secret is then refused (fatal) and the
