@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -471,13 +472,19 @@ func TestRevocationRacingAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	open := srv.reg.openDB
+	// ended is written by the Hello's goroutine and read here once the
+	// session ended: the network gives no happens-before the race
+	// detector sees, so it is guarded.
+	var mu sync.Mutex
 	var ended []int
 	srv.reg.openDB = func(ctx context.Context, tn *tenant) (*database, error) {
 		n, err := srv.RevokeUser(ctx, "demo", "alice")
 		if err != nil {
 			return nil, err
 		}
+		mu.Lock()
 		ended = append(ended, n)
+		mu.Unlock()
 		return open(ctx, tn)
 	}
 	addr, err := srv.Listen(ctx, "127.0.0.1:0")
@@ -488,6 +495,8 @@ func TestRevocationRacingAdmission(t *testing.T) {
 	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "a"})
 	welcome(t, m)
 	e := endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
+	mu.Lock()
+	defer mu.Unlock()
 	if !strings.Contains(e.Message, `user "alice" was revoked`) || len(ended) != 1 || ended[0] != 0 {
 		t.Fatalf("ended %v, told %q", ended, e.Message)
 	}
@@ -512,12 +521,12 @@ func TestRotationRacingAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	open := srv.reg.openDB
-	rotated := 0
+	var rotated atomic.Int64 // written by the Hello's goroutine
 	srv.reg.openDB = func(ctx context.Context, tn *tenant) (*database, error) {
 		if _, err := srv.RotateSecret(ctx, "demo", "alice", "b", 0); err != nil {
 			return nil, err
 		}
-		rotated++
+		rotated.Add(1)
 		return open(ctx, tn)
 	}
 	addr, err := srv.Listen(ctx, "127.0.0.1:0")
@@ -528,8 +537,8 @@ func TestRotationRacingAdmission(t *testing.T) {
 	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "a"})
 	welcome(t, m)
 	e := endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
-	if !strings.Contains(e.Message, "rotated") || rotated != 1 {
-		t.Fatalf("rotated %d times, told %q", rotated, e.Message)
+	if !strings.Contains(e.Message, "rotated") || rotated.Load() != 1 {
+		t.Fatalf("rotated %d times, told %q", rotated.Load(), e.Message)
 	}
 }
 
