@@ -172,7 +172,7 @@ const (
 	CodeBusy              Code = 16 // the server holds as many databases open as it may and none is idle; retry later
 	CodeUpgradeRequired   Code = 17 // the client's Hello.AppVersion is below the oldest the server accepts
 	CodeCredentialExpired Code = 18 // the session's token expired: fetch a fresh one and reconnect
-	CodeCredentialRevoked Code = 19 // the session's credential was revoked while it was open
+	CodeCredentialRevoked Code = 19 // the session's credential was revoked, or rotated past its grace, while it was open
 	CodeRateLimited       Code = 20 // too many failed credential checks from the client's address; retry later
 )
 
