@@ -3,12 +3,12 @@ package replica
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
 	"testing"
 
+	"github.com/sqlrebase/sqlrebase/internal/policytest"
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/server"
 )
@@ -18,19 +18,7 @@ import (
 // and fails where the context carries no caller.
 func callerRegistry(t tb) *mutators.Registry {
 	reg := testRegistry(t)
-	reg.MustRegister("whoami", func(ctx context.Context, tx mutators.Tx, args json.RawMessage) error {
-		c, ok := mutators.CallerFrom(ctx)
-		if !ok {
-			return errors.New("no caller in the mutator's context")
-		}
-		var tag string
-		if err := json.Unmarshal(args, &tag); err != nil {
-			return err
-		}
-		role, _ := c.Claims["role"].(string)
-		_, err := tx.Exec(`INSERT INTO Callers(tag, client, user, role) VALUES (?, ?, ?, ?)`, tag, c.ClientID, c.UserID, role)
-		return err
-	})
+	policytest.RegisterWhoami(reg)
 	return reg
 }
 
@@ -38,7 +26,7 @@ func callerSetup(ctx context.Context, tx mutators.Tx) error {
 	if err := demoSetup(ctx, tx); err != nil {
 		return err
 	}
-	_, err := tx.Exec(`CREATE TABLE Callers(tag TEXT PRIMARY KEY, client TEXT, user TEXT, role TEXT)`)
+	_, err := tx.Exec(policytest.CallersTable)
 	return err
 }
 

@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -11,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sqlrebase/sqlrebase/internal/policytest"
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
 )
@@ -20,19 +20,7 @@ import (
 // its args, and fails if the context carries no caller.
 func callerRegistry(t testing.TB) *mutators.Registry {
 	reg := testRegistry(t)
-	reg.MustRegister("whoami", func(ctx context.Context, tx mutators.Tx, args json.RawMessage) error {
-		c, ok := mutators.CallerFrom(ctx)
-		if !ok {
-			return errors.New("no caller in the mutator's context")
-		}
-		var tag string
-		if err := json.Unmarshal(args, &tag); err != nil {
-			return err
-		}
-		role, _ := c.Claims["role"].(string)
-		_, err := tx.Exec(`INSERT INTO Callers(tag, client, user, role) VALUES (?, ?, ?, ?)`, tag, c.ClientID, c.UserID, role)
-		return err
-	})
+	policytest.RegisterWhoami(reg)
 	return reg
 }
 
@@ -40,7 +28,7 @@ func callerSetup(ctx context.Context, tx mutators.Tx) error {
 	if err := demoSetup(ctx, tx); err != nil {
 		return err
 	}
-	_, err := tx.Exec(`CREATE TABLE Callers(tag TEXT PRIMARY KEY, client TEXT, user TEXT, role TEXT)`)
+	_, err := tx.Exec(policytest.CallersTable)
 	return err
 }
 
