@@ -458,47 +458,16 @@ func TestRefusedStreamsReleased(t *testing.T) {
 // while the database opens for it) finds no session to end; the session's
 // second look, once subscribed, ends it.
 func TestRevocationRacingAdmission(t *testing.T) {
-	ctx := context.Background()
-	cfg := Config{Dir: t.TempDir(), Mutators: testRegistry(t), Setup: demoSetup, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CredentialHashIterations: 1000}
-	srv, err := Open(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	if err := srv.CreateDatabase(ctx, "demo"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := srv.AddSecret(ctx, "demo", "alice", "a"); err != nil {
-		t.Fatal(err)
-	}
-	open := srv.reg.openDB
-	// ended is written by the Hello's goroutine and read here once the
-	// session ended: the network gives no happens-before the race
-	// detector sees, so it is guarded.
-	var mu sync.Mutex
-	var ended []int
-	srv.reg.openDB = func(ctx context.Context, tn *tenant) (*database, error) {
+	var ended atomic.Int64 // sessions the revocation found; written by the Hello's goroutine
+	var calls atomic.Int64
+	e := racingAdmission(t, func(ctx context.Context, srv *Server) error {
 		n, err := srv.RevokeUser(ctx, "demo", "alice")
-		if err != nil {
-			return nil, err
-		}
-		mu.Lock()
-		ended = append(ended, n)
-		mu.Unlock()
-		return open(ctx, tn)
-	}
-	addr, err := srv.Listen(ctx, "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := dial(t, addr, srv.Fingerprint())
-	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "a"})
-	welcome(t, m)
-	e := endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
-	mu.Lock()
-	defer mu.Unlock()
-	if !strings.Contains(e.Message, `user "alice" was revoked`) || len(ended) != 1 || ended[0] != 0 {
-		t.Fatalf("ended %v, told %q", ended, e.Message)
+		ended.Add(int64(n))
+		calls.Add(1)
+		return err
+	})
+	if !strings.Contains(e.Message, `user "alice" was revoked`) || calls.Load() != 1 || ended.Load() != 0 {
+		t.Fatalf("revoked %d times, ending %d sessions; told %q", calls.Load(), ended.Load(), e.Message)
 	}
 }
 
@@ -507,13 +476,30 @@ func TestRevocationRacingAdmission(t *testing.T) {
 // still ends that session (its second look at the access file once
 // subscribed sees the generation is no longer accepted).
 func TestRotationRacingAdmission(t *testing.T) {
+	var rotated atomic.Int64 // written by the Hello's goroutine
+	e := racingAdmission(t, func(ctx context.Context, srv *Server) error {
+		_, err := srv.RotateSecret(ctx, "demo", "alice", "b", 0)
+		rotated.Add(1)
+		return err
+	})
+	if !strings.Contains(e.Message, "rotated") || rotated.Load() != 1 {
+		t.Fatalf("rotated %d times, told %q", rotated.Load(), e.Message)
+	}
+}
+
+// racingAdmission opens a server with alice's secret "a" on "demo", makes
+// change while the database opens for alice's Hello (after her credential
+// was checked, before her session subscribed), and returns the Error that
+// ends her welcomed session, which must be CodeCredentialRevoked within 1 s.
+func racingAdmission(t *testing.T, change func(ctx context.Context, srv *Server) error) *protocol.Error {
+	t.Helper()
 	ctx := context.Background()
 	cfg := Config{Dir: t.TempDir(), Mutators: testRegistry(t), Setup: demoSetup, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CredentialHashIterations: 1000}
 	srv, err := Open(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer srv.Close()
+	t.Cleanup(func() { srv.Close() })
 	if err := srv.CreateDatabase(ctx, "demo"); err != nil {
 		t.Fatal(err)
 	}
@@ -521,12 +507,10 @@ func TestRotationRacingAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	open := srv.reg.openDB
-	var rotated atomic.Int64 // written by the Hello's goroutine
 	srv.reg.openDB = func(ctx context.Context, tn *tenant) (*database, error) {
-		if _, err := srv.RotateSecret(ctx, "demo", "alice", "b", 0); err != nil {
+		if err := change(ctx, srv); err != nil {
 			return nil, err
 		}
-		rotated.Add(1)
 		return open(ctx, tn)
 	}
 	addr, err := srv.Listen(ctx, "127.0.0.1:0")
@@ -536,10 +520,7 @@ func TestRotationRacingAdmission(t *testing.T) {
 	conn := dial(t, addr, srv.Fingerprint())
 	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "phone", Credential: "a"})
 	welcome(t, m)
-	e := endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
-	if !strings.Contains(e.Message, "rotated") || rotated.Load() != 1 {
-		t.Fatalf("rotated %d times, told %q", rotated.Load(), e.Message)
-	}
+	return endsWith(t, c, protocol.CodeCredentialRevoked, time.Second)
 }
 
 // TestRotateSecretEndsOldSessions: a rotation without grace ends the
