@@ -2,7 +2,6 @@ package cluster
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"testing"
 	"time"
@@ -13,24 +12,10 @@ import (
 
 var _ server.VersionLog = (*Owner)(nil)
 
+// demoServer is serverAt on a fresh data directory.
 func demoServer(t *testing.T, vl server.VersionLog) *server.Server {
 	t.Helper()
-	reg := mutators.NewRegistry()
-	if err := mutators.RegisterDemo(reg); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.Open(context.Background(), server.Config{
-		Dir: t.TempDir(), Mutators: reg, Logger: quiet, VersionLog: vl,
-		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.Exec(mutators.DemoSchema); return err },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
-	if err := srv.AddDatabase(context.Background(), "demo.db", "s3cret"); err != nil {
-		t.Fatal(err)
-	}
-	return srv
+	return serverAt(t, t.TempDir(), vl)
 }
 
 func inc(client string, id uint64) []server.Mutation {
