@@ -25,6 +25,7 @@ type LogConfig struct {
 
 // Log is the version stream: every database's versions, one subject each.
 type Log struct {
+	nc     *nats.Conn // forwarded pushes (forward.go) go over it
 	js     jetstream.JetStream
 	stream jetstream.Stream
 	max    int64 // the connection's maximum payload
@@ -71,7 +72,7 @@ func OpenLog(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, cfg Log
 	if err != nil {
 		return nil, fmt.Errorf("cluster: open stream %s: %w", cfg.Stream, err)
 	}
-	return &Log{js: js, stream: s, max: nc.MaxPayload()}, nil
+	return &Log{nc: nc, js: js, stream: s, max: nc.MaxPayload()}, nil
 }
 
 // retry calls fn with a bounded context until it succeeds or ctx ends.

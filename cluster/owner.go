@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/sqlrebase/sqlrebase/protocol"
 )
 
@@ -31,14 +33,16 @@ type Owner struct {
 	ctx    context.Context // ends at Close: the lease runners' life
 	cancel context.CancelFunc
 
-	mu  sync.Mutex // guards dbs; a leaf, never held across I/O
-	dbs map[string]*owned
-	wg  sync.WaitGroup
+	mu      sync.Mutex // guards dbs and handler; a leaf, never held across I/O
+	dbs     map[string]*owned
+	handler ForwardHandler // runs forwarded pushes (forward.go)
+	wg      sync.WaitGroup
 }
 
 type owned struct {
 	lease *Lease
 	ap    *Appender
+	sub   *nats.Subscription // the forwarded pushes, while the lease is held (nil: none)
 }
 
 // NewOwner makes node's owner on the given log, leases and snapshots (nil:
@@ -89,7 +93,7 @@ func (o *Owner) Append(ctx context.Context, db string, version uint64, rec []byt
 func (o *Owner) Fresh(ctx context.Context, db string, version, checksum uint64) (bool, error) {
 	w, err := o.writer(ctx, db)
 	if err != nil {
-		return false, err
+		return false, notOwner(err)
 	}
 	seq, last := w.ap.Last()
 	if last == 0 || version != last {
@@ -174,6 +178,11 @@ func (o *Owner) writer(ctx context.Context, db string) (*owned, error) {
 		return nil, err
 	}
 	w = &owned{lease: lease, ap: ap}
+	if w.sub, err = o.serveForwards(db); err != nil {
+		// Pushes from other nodes cannot reach this one: it serves its
+		// own sessions, and the others' fail over to it.
+		o.logger.Warn("subscribe to forwarded pushes", "db", db, "err", err)
+	}
 	o.mu.Lock()
 	o.dbs[db] = w
 	o.mu.Unlock()
@@ -196,6 +205,9 @@ func (o *Owner) drop(db string, w *owned, why error) {
 		delete(o.dbs, db)
 	}
 	o.mu.Unlock()
+	if w.sub != nil {
+		w.sub.Unsubscribe()
+	}
 	ctx, cancel := context.WithTimeout(o.ctx, time.Second)
 	defer cancel()
 	if err := w.lease.Release(ctx); err != nil {
@@ -215,6 +227,14 @@ func (o *Owner) Owns(db string) bool {
 // take the databases over at once, and stops the renewals. Close the
 // server first: a version appended after Close is refused.
 func (o *Owner) Close(ctx context.Context) error {
+	// No more forwarded pushes: their goroutines count in wg.
+	o.mu.Lock()
+	for _, w := range o.dbs {
+		if w.sub != nil {
+			w.sub.Unsubscribe()
+		}
+	}
+	o.mu.Unlock()
 	// Stop the renewals first: a renewal racing the release would find
 	// the lease released and report it lost.
 	o.cancel()

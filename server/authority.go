@@ -413,6 +413,10 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 	if a.broken != nil {
 		return nil, a.broken
 	}
+	if a.q == nil {
+		// Closed: another node owns the database and this one follows it.
+		return nil, fmt.Errorf("%w: the database is not open for writing on this node", ErrNotOwner)
+	}
 	if _, err := a.q.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
 		return nil, a.diskFull(err)
 	}
@@ -821,8 +825,9 @@ func (a *Authority) Snapshot(ctx context.Context) (*wal.PageSet, error) {
 // from the main file, page range by page range, without holding up the
 // writer: commits meanwhile go to the WAL, and no checkpoint runs until Close.
 type SnapshotReader struct {
-	a        *Authority
+	a        *Authority // nil for a follower's copy
 	f        *os.File
+	remove   string // a file to remove at Close (a follower's copy of its copy)
 	Version  uint64
 	PageSize uint32
 	DBSize   uint32
@@ -885,10 +890,16 @@ func (s *SnapshotReader) Close() error {
 		return nil
 	}
 	s.closed = true
-	s.a.mu.Lock()
-	s.a.pinned--
-	s.a.mu.Unlock()
-	return s.f.Close()
+	if s.a != nil {
+		s.a.mu.Lock()
+		s.a.pinned--
+		s.a.mu.Unlock()
+	}
+	err := s.f.Close()
+	if s.remove != "" {
+		os.Remove(s.remove)
+	}
+	return err
 }
 
 // Query runs a read-only query on the authority's database (for tests, tools

@@ -49,12 +49,51 @@ type database struct {
 	// pushersFirst is set by the writer around a batch: its pushers are
 	// woken first (by their acks), the other subscribers right after.
 	pushersFirst atomic.Bool
+
+	// dir is the database's directory.
+	dir string
+	// fol is set while another node owns the database and this node
+	// follows it (docs/CLUSTER.md, "Forwarding and fan-out"): the
+	// authority is closed, versions come from the log, and pushes are
+	// forwarded to the owner. Guarded by auth.mu; changed only by the
+	// writer goroutine (or the open), so the writer reads it unlocked.
+	fol *follower
+	// takeover asks the writer to try to take a followed database over
+	// (its lease is free).
+	takeover chan struct{}
 }
 
-// pushRequest is one Push of one session, for the writer.
+// pushRequest is one Push of one session, for the writer: a session's own
+// (s set), or one another node forwarded (fwd set: s is nil, and the
+// answer goes to reply).
 type pushRequest struct {
 	s         *session
 	mutations []protocol.Mutation
+	fwd       *ForwardedPush
+	reply     chan ForwardedResult // buffered: the writer never waits on it
+}
+
+// caller is who the push's mutations run for.
+func (r *pushRequest) caller() (clientID, userID string, claims map[string]any) {
+	if r.fwd != nil {
+		return r.fwd.ClientID, r.fwd.UserID, r.fwd.Claims
+	}
+	return r.s.clientID, r.s.identity.UserID, r.s.identity.Claims
+}
+
+// answer sends a forwarded push its result, or does to the session what it
+// says: an ack, or an Error.
+func (r *pushRequest) answer(res ForwardedResult) {
+	if r.fwd != nil {
+		r.reply <- res
+		return
+	}
+	r.s.inflight.Add(-int64(len(r.mutations)))
+	if res.Code != 0 {
+		r.s.fail(res.Code, res.Message)
+		return
+	}
+	r.s.offer(item{ack: &protocol.Ack{LastMutationID: res.LastMutationID, Version: res.Version}})
 }
 
 func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.Logger) (*database, error) {
@@ -63,13 +102,28 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 		pushes: make(chan pushRequest, 1024),
 		stop:   make(chan struct{}), done: make(chan struct{}),
 		subs: map[*session]struct{}{}, enc: protocol.NewEncoder(),
+		dir: dir, takeover: make(chan struct{}, 1),
 	}
 	var err error
 	if d.clog, err = openChangeLog(filepath.Join(dir, "log"), cfg.SegmentVersions, cfg.SegmentBytes, cfg.Retention); err != nil {
 		return nil, err
 	}
 	a := d.newAuthority(dir)
-	if err := d.openChecked(ctx, a); err != nil {
+	err = d.openChecked(ctx, a)
+	if _, ok := cfg.VersionLog.(Follower); ok && errors.Is(err, ErrNotOwner) {
+		// Another node owns it: follow it instead.
+		d.auth = a
+		a.mu.Lock()
+		err = d.startFollowerLocked(ctx, dir)
+		a.mu.Unlock()
+		if err != nil {
+			d.clog.close()
+			return nil, fmt.Errorf("open database %s as a follower: %w", name, err)
+		}
+		go d.writer()
+		return d, nil
+	}
+	if err != nil {
 		a.Close()
 		d.clog.close()
 		return nil, fmt.Errorf("open database %s: %w", name, err)
@@ -195,7 +249,14 @@ func (d *database) reopenLocked(cause error) {
 	a.reset()
 	ctx, cancel := context.WithTimeout(context.Background(), restoreTimeout)
 	defer cancel()
-	if err := d.openChecked(ctx, a); err != nil {
+	err := d.openChecked(ctx, a)
+	if _, ok := d.cfg.VersionLog.(Follower); ok && errors.Is(err, ErrNotOwner) {
+		// Another node took the database over: follow it.
+		if err = d.startFollowerLocked(ctx, d.dir); err == nil {
+			return
+		}
+	}
+	if err != nil {
 		a.broken = fmt.Errorf("server: reopen after the version log refused a version: %w (after %w)", err, cause)
 		d.log.Warn("could not reopen the database; it stays stopped until it opens again", "err", err, "after", cause)
 		return
@@ -298,26 +359,40 @@ func (d *database) subscribe(ctx context.Context, s *session, have uint64, check
 	a := d.auth
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.broken != nil {
-		return catchUp{}, a.broken
-	}
-	lmid, err := mutators.LastMutationID(ctx, a.conn, s.clientID)
-	if err != nil {
-		return catchUp{}, err
+	var version, sum, lmid uint64
+	var pageSize, dbSize uint32
+	var err error
+	if f := d.fol; f != nil {
+		// A follower answers from its copy of the database, once it holds
+		// a version.
+		if f.files.Version() == 0 {
+			return catchUp{}, &protocol.RemoteError{Code: protocol.CodeInternal, Message: "this node has no copy of the database yet; retry"}
+		}
+		if version, sum, pageSize, dbSize, lmid, err = f.welcome(ctx, s.clientID); err != nil {
+			return catchUp{}, err
+		}
+	} else {
+		if a.broken != nil {
+			return catchUp{}, a.broken
+		}
+		if lmid, err = mutators.LastMutationID(ctx, a.conn, s.clientID); err != nil {
+			return catchUp{}, err
+		}
+		version, sum, pageSize, dbSize = a.version, a.sums.Sum(), a.pageSize, a.dbSize
 	}
 	c := catchUp{welcome: protocol.Welcome{
-		Version: a.version, LastMutationID: lmid, PageSize: a.pageSize,
+		Version: version, LastMutationID: lmid, PageSize: pageSize,
 		MaxBatch: uint32(d.cfg.Limits.MaxBatch), MaxInFlight: uint32(d.cfg.MaxInFlight),
 	}}
 	switch {
-	case have == a.version && checksum == a.sums.Sum():
+	case have == version && checksum == sum:
 		c.from, c.to = 1, 0
-	case have < a.version && d.clog.first() != 0 && have+1 >= d.clog.first() && d.checksumAt(have) == checksum &&
-		d.clog.size(have+1, a.version) <= int64(a.dbSize)*int64(a.pageSize):
+	case have < version && d.clog.first() != 0 && have+1 >= d.clog.first() && d.checksumAt(have) == checksum &&
+		d.clog.size(have+1, version) <= int64(dbSize)*int64(pageSize):
 		// The versions it lacks, unless they weigh more than the whole
 		// database: a new replica of a database with a long history, or
 		// one far behind, is better served by a snapshot.
-		c.from, c.to = have+1, a.version
+		c.from, c.to = have+1, version
 	default:
 		c.welcome.Snapshot = true
 	}
@@ -378,6 +453,9 @@ func (d *database) writer() {
 		select {
 		case r := <-d.pushes:
 			reqs = append(reqs, r)
+		case <-d.takeover:
+			d.takeOver(ctx)
+			continue
 		case <-d.stop:
 			return
 		}
@@ -398,25 +476,33 @@ func (d *database) writer() {
 }
 
 func (d *database) run(ctx context.Context, reqs []pushRequest) {
+	if d.following() != nil {
+		d.forward(ctx, reqs)
+		return
+	}
 	var batch []Mutation
 	for _, r := range reqs {
 		// Each push carries its own session's identity: a batch mixes
 		// callers, and each mutator sees its own.
-		id := &r.s.identity
+		client, user, claims := r.caller()
 		for _, m := range r.mutations {
-			batch = append(batch, Mutation{ClientID: r.s.clientID, ID: m.ID, Name: m.Name, Args: m.Args, UserID: id.UserID, Claims: id.Claims})
+			batch = append(batch, Mutation{ClientID: client, ID: m.ID, Name: m.Name, Args: m.Args, UserID: user, Claims: claims})
 		}
 	}
 	// The version this batch makes waits in its pushers' queues for their
 	// acks, and goes out with them in one write (see onCommit).
 	for _, r := range reqs {
-		r.s.inBatch.Store(true)
+		if r.s != nil {
+			r.s.inBatch.Store(true)
+		}
 	}
 	d.pushersFirst.Store(true)
 	defer d.wakeLater()
 	_, results, err := d.auth.Push(ctx, batch)
 	for _, r := range reqs {
-		r.s.inBatch.Store(false)
+		if r.s != nil {
+			r.s.inBatch.Store(false)
+		}
 	}
 	if err != nil {
 		msg := "the server could not run the batch; retry later"
@@ -427,7 +513,7 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 		}
 		d.log.Error("push batch", "mutations", len(batch), "err", err)
 		for _, r := range reqs {
-			r.s.fail(protocol.CodeInternal, msg)
+			r.answer(ForwardedResult{Code: protocol.CodeInternal, Message: msg})
 		}
 		return
 	}
@@ -450,12 +536,11 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 				last = res.Mutation.ID
 			}
 		}
-		r.s.inflight.Add(-int64(len(r.mutations)))
 		if refused != "" {
-			r.s.fail(protocol.CodeGap, refused)
+			r.answer(ForwardedResult{Code: protocol.CodeGap, Message: refused})
 			continue
 		}
-		r.s.offer(item{ack: &protocol.Ack{LastMutationID: last, Version: version}})
+		r.answer(ForwardedResult{LastMutationID: last, Version: version})
 	}
 }
 
@@ -493,7 +578,16 @@ func (d *database) push(ctx context.Context, r pushRequest) error {
 func (d *database) close() error {
 	close(d.stop)
 	<-d.done
+	f := d.following()
+	if f != nil {
+		f.stop()
+	}
 	d.auth.mu.Lock()
+	if f != nil {
+		d.failHeldAcksLocked(f, "the server is shutting down")
+		f.close()
+		d.fol = nil
+	}
 	for s := range d.subs {
 		s.fail(protocol.CodeShuttingDown, "the server is shutting down")
 	}

@@ -336,6 +336,9 @@ func (s *Server) Authority(name string) *Authority {
 		return nil
 	}
 	d, err := s.reg.pin(context.Background(), t)
+	if err == nil {
+		_, err = d.owning()
+	}
 	if err != nil {
 		s.log.Error("open database", "db", name, "err", err)
 		return nil
@@ -352,7 +355,11 @@ func (s *Server) WithAuthority(ctx context.Context, name string, fn func(*Author
 		return err
 	}
 	defer release()
-	return fn(d.auth)
+	a, err := d.owning()
+	if err != nil {
+		return err
+	}
+	return fn(a)
 }
 
 // Databases lists the hosted databases, open or not.

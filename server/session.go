@@ -253,6 +253,10 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 	}
 	s.release = db.release
 	s.db, s.clientID, s.identity = db.d, h.ClientID, db.identity
+	if err := s.db.waitFollowerReady(ctx); err != nil {
+		s.release()
+		return catchUp{}, err
+	}
 	c, err := s.db.subscribe(ctx, s, h.Version, h.Checksum)
 	if err != nil {
 		s.release()
@@ -458,7 +462,7 @@ func (s *session) send(buf []byte, items []protocol.Item) ([]byte, bool) {
 // and returns the snapshot's version. A chunk is at most 256 pages and
 // always fits in one of the client's messages.
 func (s *session) sendSnapshot(ctx context.Context, buf []byte) (uint64, []byte, error) {
-	snap, err := s.db.auth.OpenSnapshot(ctx)
+	snap, err := s.db.openSnapshot(ctx)
 	if err != nil {
 		return 0, nil, err
 	}

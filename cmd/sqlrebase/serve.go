@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/cluster"
 	"github.com/sqlrebase/sqlrebase/server"
 )
 
@@ -146,6 +147,10 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 		return 1
 	}
 	defer srv.Close()
+	if o, ok := cfg.VersionLog.(*cluster.Owner); ok {
+		// Pushes other nodes forward to the databases this one owns.
+		o.SetForwardHandler(srv.ServeForwarded)
+	}
 	for _, d := range dbs {
 		name, secret, _ := strings.Cut(d, ":")
 		add := func() error { return srv.AddDatabase(ctx, name, secret) }

@@ -1,0 +1,138 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sqlrebase/sqlrebase/server"
+)
+
+// The Owner is also the server's Follower (server/follower.go): for a
+// database another node owns, this node follows the stream into its own
+// copy and fans its versions out to its replicas, and forwards their
+// pushes to the owner (forward.go). docs/CLUSTER.md, "Forwarding and
+// fan-out".
+
+var _ server.Follower = (*Owner)(nil)
+
+// Holder implements server.Follower: the token of db's lease holder, ""
+// if none.
+func (o *Owner) Holder(ctx context.Context, db string) (string, error) {
+	h, _, err := o.leases.Holder(ctx, db)
+	return h, err
+}
+
+// Image implements server.Follower: db's latest image at path, from the
+// snapshot and the stream (Restore, every version checked).
+func (o *Owner) Image(ctx context.Context, db, path string) (server.FollowImage, error) {
+	res, err := Restore(ctx, o.log, o.snaps, db, path)
+	if err != nil {
+		return server.FollowImage{}, err
+	}
+	return server.FollowImage{Version: res.Version, Checksum: res.Checksum}, nil
+}
+
+// Follow implements server.Follower: it finds the stream sequence of db's
+// version after+1 and reads the subject from there with an ordered
+// consumer (R1, in memory, no Raft group; it re-creates itself across a
+// stream leader election), calling apply with each version in order.
+func (o *Owner) Follow(ctx context.Context, db string, after uint64, apply func(version uint64, rec []byte) error) error {
+	start, err := o.log.seqAfter(ctx, db, after)
+	if err != nil {
+		return err
+	}
+	cons, err := o.log.js.OrderedConsumer(ctx, o.log.stream.CachedInfo().Config.Name, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{Subject(db)},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:    start,
+	})
+	if err != nil {
+		return fmt.Errorf("cluster: follow %s: %w", db, err)
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return fmt.Errorf("cluster: follow %s: %w", db, err)
+	}
+	stop := context.AfterFunc(ctx, it.Stop)
+	defer stop()
+	defer it.Stop()
+	for {
+		m, err := it.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("cluster: follow %s: %w", db, err)
+		}
+		v, err := strconv.ParseUint(m.Headers().Get(headerVersion), 10, 64)
+		if err != nil || v == 0 {
+			return fmt.Errorf("%w: %s", ErrBadEntry, m.Subject())
+		}
+		switch {
+		case v <= after:
+			continue // the consumer started before it, or delivered it again
+		case v != after+1:
+			return fmt.Errorf("%w: %s: version %d after %d", server.ErrFollowGap, db, v, after)
+		}
+		if err := apply(v, m.Data()); err != nil {
+			return err
+		}
+		after = v
+	}
+}
+
+// seqAfter is the stream sequence to read db's versions after version
+// after from: the sequence of version after+1's entry, or, if the subject
+// does not reach it yet, the one after the subject's last entry. The
+// subject's versions grow with their sequences, so it is found by a binary
+// search of direct gets (about 20 for a million entries). ErrFollowGap if
+// the subject's entries start after after+1 (trimmed behind a snapshot).
+func (l *Log) seqAfter(ctx context.Context, db string, after uint64) (uint64, error) {
+	last, err := l.Last(ctx, db)
+	if err != nil {
+		return 0, err
+	}
+	if last.Version <= after {
+		return last.Seq + 1, nil
+	}
+	lo, hi := uint64(1), last.Seq
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		es, err := l.Read(ctx, db, mid, 1)
+		if err != nil {
+			return 0, err
+		}
+		if len(es) == 0 {
+			return 0, fmt.Errorf("cluster: %s: no entry at or after seq %d below its last (%d)", db, mid, last.Seq)
+		}
+		if es[0].Version > after {
+			hi = mid
+		} else {
+			lo = es[0].Seq + 1
+		}
+	}
+	es, err := l.Read(ctx, db, lo, 1)
+	if err != nil {
+		return 0, err
+	}
+	if len(es) == 0 {
+		return 0, fmt.Errorf("cluster: %s: no entry at or after seq %d", db, lo)
+	}
+	if es[0].Version != after+1 {
+		return 0, fmt.Errorf("%w: %s: the subject starts at version %d, not %d", server.ErrFollowGap, db, es[0].Version, after+1)
+	}
+	return es[0].Seq, nil
+}
+
+// notOwner wraps a lease held elsewhere as the server's ErrNotOwner, so
+// that the server follows the database instead of failing its open.
+func notOwner(err error) error {
+	if errors.Is(err, ErrLeaseHeld) {
+		return fmt.Errorf("%w: %w", server.ErrNotOwner, err)
+	}
+	return err
+}

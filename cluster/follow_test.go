@@ -1,0 +1,216 @@
+package cluster
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/replica"
+	"github.com/sqlrebase/sqlrebase/server"
+)
+
+// clusterNode is one node of an in-process test cluster: its Owner and its
+// server, listening on loopback.
+type clusterNode struct {
+	owner *Owner
+	srv   *server.Server
+	addr  string
+}
+
+// shared is the JetStream side every test node of one cluster shares.
+type shared struct {
+	log    *Log
+	leases *Leases
+	snaps  *Snapshots
+}
+
+func openShared(t *testing.T, ctx context.Context, ttl time.Duration) shared {
+	t.Helper()
+	_, nc, js := single(t)
+	l, err := OpenLog(ctx, nc, js, LogConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: ttl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return shared{l, ls, snaps}
+}
+
+// startNode starts a node named name on dir: an Owner that runs forwarded
+// pushes on its server.
+func startNode(t *testing.T, ctx context.Context, sh shared, name, dir string) *clusterNode {
+	t.Helper()
+	o := NewOwner(sh.log, sh.leases, sh.snaps, name, quiet)
+	srv := serverAt(t, dir, o)
+	o.SetForwardHandler(srv.ServeForwarded)
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &clusterNode{owner: o, srv: srv, addr: addr}
+	t.Cleanup(func() { n.stop() })
+	return n
+}
+
+// stop closes the node's server, then its Owner (which releases its leases).
+func (n *clusterNode) stop() {
+	n.srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n.owner.Close(ctx)
+}
+
+func openReplica(t *testing.T, ctx context.Context, srv *server.Server, addrs ...string) *replica.Replica {
+	t.Helper()
+	r, err := replica.Open(ctx, filepath.Join(t.TempDir(), "replica.db"), replica.Options{
+		Mutators: demoRegistry(t),
+		Remote:   &replica.Remote{Addr: addrs[0], Alternates: addrs[1:], Database: "demo.db", Credential: "s3cret", Fingerprint: srv.Fingerprint()},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// increments makes n confirmed increments of name's row on r.
+func increments(t *testing.T, ctx context.Context, r *replica.Replica, name string, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs(name, 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Wait(ctx); err != nil {
+			t.Fatalf("%s increment %d: %v", name, i+1, err)
+		}
+	}
+}
+
+func count(t *testing.T, ctx context.Context, r *replica.Replica, name string) int {
+	t.Helper()
+	var n int
+	if err := r.DB().QueryRowContext(ctx, "SELECT count FROM categories WHERE name = ?", name).Scan(&n); err != nil {
+		t.Fatalf("count of %s: %v", name, err)
+	}
+	return n
+}
+
+// waitVersion waits until r holds at least version v.
+func waitVersion(t *testing.T, ctx context.Context, r *replica.Replica, v uint64) {
+	t.Helper()
+	for r.Status().Version < v {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("replica at version %d, waiting for %d: %v", r.Status().Version, v, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// TestFollowerServesAndForwards: node A owns the database; node B, which
+// does not, serves a replica all the same. B follows the stream into its
+// own copy and fans the versions out to its replica, and forwards the
+// replica's pushes to A, whose acks come back through B after the version
+// they name. Both replicas end at the stream's tail with exact counts.
+// Then A stops: B finds the lease free, takes the database over (its
+// replica reconnects), and the next increments are acknowledged by B as
+// the owner.
+func TestFollowerServesAndForwards(t *testing.T) {
+	ctx := bounded(t, 90*time.Second)
+	sh := openShared(t, ctx, 2*time.Second)
+	a := startNode(t, ctx, sh, "a", t.TempDir())
+	rA := openReplica(t, ctx, a.srv, a.addr)
+	increments(t, ctx, rA, "alice", 3)
+	if !a.owner.Owns("demo.db") {
+		t.Fatal("A does not own the database it served first")
+	}
+
+	b := startNode(t, ctx, sh, "b", t.TempDir())
+	rB := openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 5)
+	if b.owner.Owns("demo.db") {
+		t.Fatal("B took the lease while A held it")
+	}
+	increments(t, ctx, rA, "alice", 2)
+	tv, tsum := tailChecksum(t, ctx, sh.log, "demo.db")
+	waitVersion(t, ctx, rA, tv)
+	waitVersion(t, ctx, rB, tv)
+	for _, r := range []*replica.Replica{rA, rB} {
+		st := r.Status()
+		if st.Version != tv || st.Checksum != tsum {
+			t.Fatalf("replica at %d/%016x, the stream's tail %d/%016x", st.Version, st.Checksum, tv, tsum)
+		}
+		if got := count(t, ctx, r, "alice"); got != 5 {
+			t.Errorf("alice = %d, want 5", got)
+		}
+		if got := count(t, ctx, r, "bob"); got != 5 {
+			t.Errorf("bob = %d, want 5", got)
+		}
+	}
+
+	// A goes away and releases its lease; B takes the database over.
+	a.stop()
+	increments(t, ctx, rB, "bob", 3)
+	if !b.owner.Owns("demo.db") {
+		t.Fatal("B did not take the database over")
+	}
+	tv, tsum = tailChecksum(t, ctx, sh.log, "demo.db")
+	waitVersion(t, ctx, rB, tv)
+	if st := rB.Status(); st.Checksum != tsum {
+		t.Fatalf("B's replica at %d/%016x, the tail %d/%016x", st.Version, st.Checksum, tv, tsum)
+	}
+	if got := count(t, ctx, rB, "bob"); got != 8 {
+		t.Errorf("bob = %d after the take-over, want 8", got)
+	}
+	if got := count(t, ctx, rB, "alice"); got != 5 {
+		t.Errorf("alice = %d after the take-over, want 5", got)
+	}
+}
+
+// TestFollowerCatchesUpFromATrimmedStream: a node that first follows a
+// database after its stream was trimmed behind a snapshot builds its copy
+// from the snapshot, and serves a replica from it.
+func TestFollowerCatchesUpFromATrimmedStream(t *testing.T) {
+	ctx := bounded(t, 60*time.Second)
+	sh := openShared(t, ctx, 5*time.Second)
+	a := startNode(t, ctx, sh, "a", t.TempDir())
+	auth := a.srv.Authority("demo.db")
+	if auth == nil {
+		t.Fatal("A did not open the database")
+	}
+	for id := uint64(1); id <= 4; id++ {
+		if _, _, err := auth.Push(ctx, inc("alice", id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	putSnapshot(t, ctx, sh.snaps, sh.log, auth)
+	if _, _, err := auth.Push(ctx, inc("alice", 5)); err != nil {
+		t.Fatal(err)
+	}
+	b := startNode(t, ctx, sh, "b", t.TempDir())
+	rB := openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 2)
+	tv, tsum := tailChecksum(t, ctx, sh.log, "demo.db")
+	waitVersion(t, ctx, rB, tv)
+	if st := rB.Status(); st.Checksum != tsum || st.Version != tv {
+		t.Fatalf("replica at %d/%016x, the tail %d/%016x", st.Version, st.Checksum, tv, tsum)
+	}
+	if got := count(t, ctx, rB, "Food"); got != 5 {
+		t.Errorf("Food = %d, want 5", got)
+	}
+	if got := count(t, ctx, rB, "bob"); got != 2 {
+		t.Errorf("bob = %d, want 2", got)
+	}
+	if b.owner.Owns("demo.db") {
+		t.Fatal("B owns the database A holds")
+	}
+}

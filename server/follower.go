@@ -1,0 +1,632 @@
+package server
+
+import (
+	"context"
+	"database/sql"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	sqlite3 "github.com/ncruces/go-sqlite3"
+	sqlitedriver "github.com/ncruces/go-sqlite3/driver"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/vfs"
+)
+
+// Follower is a LocalCache through which a node that does not own a
+// database still serves it (docs/CLUSTER.md, "Forwarding and fan-out"):
+// it keeps a copy of the database that follows the log, answers Hellos and
+// fans the log's versions out to its own replicas from it, and hands its
+// replicas' pushes to the owner. A database opens as a follower when
+// LocalCache.Fresh says another node owns it (ErrNotOwner), and turns into
+// the owner (its sessions reconnect) once Holder says nobody holds it.
+type Follower interface {
+	LocalCache
+	// Holder names who holds db's lease: "" if nobody does, and a node
+	// may take the database over.
+	Holder(ctx context.Context, db string) (string, error)
+	// Image builds db's latest image at path (the log's snapshot and every
+	// version after it, each checked) and says what it holds.
+	Image(ctx context.Context, db, path string) (FollowImage, error)
+	// Follow calls apply with each of db's log records after version
+	// after, in version order, as the log gets them, until ctx ends or
+	// apply fails (its error is returned). A record is what
+	// VersionLog.Append was given. ErrFollowGap: the log no longer holds
+	// version after+1 (it was trimmed behind a snapshot): take an Image.
+	Follow(ctx context.Context, db string, after uint64, apply func(version uint64, rec []byte) error) error
+	// Forward hands pushes to db's owner and returns its answer to each,
+	// in order. ErrNotOwner: no node answers for db now.
+	Forward(ctx context.Context, db string, pushes []ForwardedPush) ([]ForwardedResult, error)
+}
+
+// FollowImage is what Follower.Image built.
+type FollowImage struct {
+	Version  uint64
+	Checksum uint64
+}
+
+// ForwardedPush is one session's Push, handed from the node that holds the
+// session to the database's owner, with who the session speaks for (the
+// forwarding node authenticated it).
+type ForwardedPush struct {
+	ClientID  string
+	UserID    string
+	Claims    map[string]any
+	Mutations []protocol.Mutation
+}
+
+// ForwardedResult is the owner's answer to one ForwardedPush: an Ack
+// (Code 0: the push's mutations up to LastMutationID are in Version), or
+// the Error the session gets (Code and Message).
+type ForwardedResult struct {
+	LastMutationID uint64
+	Version        uint64
+	Code           protocol.Code
+	Message        string
+}
+
+// Errors of the follower side.
+var (
+	// ErrNotOwner is LocalCache.Fresh's error (wrapped) when another node
+	// owns the database, and Server.ServeForwarded's when this node does
+	// not.
+	ErrNotOwner = errors.New("server: another node owns the database")
+	// ErrFollowGap is Follower.Follow's error when the log no longer holds
+	// the next version.
+	ErrFollowGap = errors.New("server: the log no longer holds the next version")
+	// errFollowChain is a followed version that does not apply to the
+	// copy (its number or checksum before is not the copy's): the copy is
+	// rebuilt from an image.
+	errFollowChain = errors.New("server: a followed version does not follow the copy")
+	// errFollowerStopped is an apply after the follower was stopped.
+	errFollowerStopped = errors.New("server: follower stopped")
+)
+
+// Limits of the follower.
+const (
+	// leaseCheckEvery is how often a follower asks whether the database's
+	// lease is free: a third of the cluster's default lease TTL (3 s), so
+	// that a dead owner's database is taken over about a second after its
+	// lease expires.
+	leaseCheckEvery = time.Second
+	// followRetry is the pause before following again after a failure.
+	followRetry = 500 * time.Millisecond
+	// followReadyWait is how long a Hello waits for a new follower's first
+	// version before it is refused (retryable): an image of a small
+	// database takes tens of milliseconds.
+	followReadyWait = 5 * time.Second
+)
+
+// followerFile is the name, in a database's directory, of the follower's
+// copy: a vfs.Replica file (with its apply journal), never the owner's
+// db.sqlite, so that turning owner and follower in turn never mixes the
+// two files' bookkeeping.
+const followerFile = "follow.sqlite"
+
+// follower is a database's state while this node follows it: its copy,
+// a read-only SQLite connection to it (the last mutation ids a Welcome
+// carries), and the acks waiting for their version to arrive. Guarded by
+// the database's auth.mu, like the rest of the database.
+type follower struct {
+	path  string
+	files *vfs.Replica
+	db    *sql.DB
+	conn  *sql.Conn
+	// acks are the acks of forwarded pushes whose version the copy does
+	// not hold yet: each goes out right after its version, so that a
+	// replica never sees an ack before the version it names.
+	acks []heldAck
+
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the follow and lease goroutines have ended
+	// ready is closed once the copy holds a version: until then a Hello
+	// waits for it (briefly), rather than be welcomed to the empty file.
+	ready     chan struct{}
+	readySent bool
+}
+
+// markReadyLocked closes ready once the copy holds a version.
+func (f *follower) markReadyLocked() {
+	if !f.readySent && f.files.Version() > 0 {
+		f.readySent = true
+		close(f.ready)
+	}
+}
+
+type heldAck struct {
+	s   *session
+	ack protocol.Ack
+}
+
+// openFollower opens the follower's copy in dir (version 0, empty, if it
+// does not exist yet; a copy that does not check out is started afresh).
+func openFollower(ctx context.Context, dir string) (*follower, error) {
+	f := &follower{path: filepath.Join(dir, followerFile), ready: make(chan struct{})}
+	files, err := vfs.OpenReplica(f.path, vfs.Normal)
+	if errors.Is(err, vfs.ErrDiverged) {
+		// A copy torn by a crash: it is only a cache, start it afresh.
+		removeFollowerFiles(f.path)
+		files, err = vfs.OpenReplica(f.path, vfs.Normal)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("server: open the follower's copy: %w", err)
+	}
+	f.files = files
+	f.markReadyLocked()
+	dsn := "file:" + (&url.URL{Path: f.path}).EscapedPath() + "?vfs=" + vfs.Name
+	f.db, err = sqlitedriver.Open(dsn, func(c *sqlite3.Conn) error {
+		_, err := c.Config(sqlite3.DBCONFIG_NO_CKPT_ON_CLOSE, true)
+		return err
+	})
+	if err == nil {
+		f.conn, err = f.db.Conn(ctx)
+	}
+	if err != nil {
+		f.close()
+		return nil, fmt.Errorf("server: open the follower's copy: %w", err)
+	}
+	return f, nil
+}
+
+// removeFollowerFiles deletes a follower copy and everything beside it.
+func removeFollowerFiles(path string) {
+	for _, sfx := range []string{"", "-wal", "-shm", "-apply0", "-apply1"} {
+		os.Remove(path + sfx)
+	}
+}
+
+func (f *follower) close() error {
+	var errs []error
+	if f.conn != nil {
+		errs = append(errs, f.conn.Close())
+	}
+	if f.db != nil {
+		errs = append(errs, f.db.Close())
+	}
+	if f.files != nil {
+		errs = append(errs, f.files.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// startFollowerLocked makes the database a follower of the log: it opens
+// the copy and starts following. Called with auth.mu held, with the
+// authority closed.
+func (d *database) startFollowerLocked(ctx context.Context, dir string) error {
+	f, err := openFollower(ctx, dir)
+	if err != nil {
+		return err
+	}
+	if d.clog.last() != f.files.Version() {
+		if err := d.clog.reset(); err != nil {
+			f.close()
+			return err
+		}
+	}
+	fctx, cancel := context.WithCancel(context.Background())
+	f.cancel, f.done = cancel, make(chan struct{})
+	d.fol = f
+	go d.runFollower(fctx, f)
+	d.log.Info("following the database: another node owns it", "version", f.files.Version())
+	return nil
+}
+
+// stopFollower ends f's goroutines and waits for them. Called without
+// auth.mu: they take it.
+func (f *follower) stop() {
+	f.cancel()
+	<-f.done
+}
+
+// runFollower follows the log into f's copy until ctx ends, and asks the
+// writer to take the database over once its lease is free.
+func (d *database) runFollower(ctx context.Context, f *follower) {
+	defer close(f.done)
+	fl := d.cfg.VersionLog.(Follower)
+	leaseDone := make(chan struct{})
+	go func() {
+		defer close(leaseDone)
+		d.watchLease(ctx, fl)
+	}()
+	defer func() { <-leaseDone }()
+	for ctx.Err() == nil {
+		d.auth.mu.Lock()
+		after := f.files.Version()
+		d.auth.mu.Unlock()
+		err := fl.Follow(ctx, d.name, after, func(v uint64, rec []byte) error { return d.applyFollowed(ctx, f, v, rec) })
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, ErrFollowGap) || errors.Is(err, errFollowChain) {
+			d.log.Info("rebuilding the follower's copy from the log", "after", after, "why", err)
+			err = d.installImage(ctx, f, fl)
+			if err == nil {
+				continue
+			}
+		}
+		d.log.Warn("following the database's log", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(followRetry):
+		}
+	}
+}
+
+// watchLease asks, every leaseCheckEvery, whether the database's lease is
+// free, and if it is, asks the writer to take the database over.
+func (d *database) watchLease(ctx context.Context, fl Follower) {
+	t := time.NewTicker(leaseCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		hctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
+		holder, err := fl.Holder(hctx, d.name)
+		cancel()
+		if err == nil && holder == "" {
+			d.requestTakeover()
+		}
+	}
+}
+
+// requestTakeover asks the writer to try to take the database over.
+func (d *database) requestTakeover() {
+	select {
+	case d.takeover <- struct{}{}:
+	default:
+	}
+}
+
+// installImage replaces f's copy with the log's latest image.
+func (d *database) installImage(ctx context.Context, f *follower, fl Follower) error {
+	tmp := f.path + ".image"
+	defer os.Remove(tmp)
+	ictx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	img, err := fl.Image(ictx, d.name, tmp)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("server: image for the follower: %w", err)
+	}
+	src, err := os.Open(tmp)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	var hdr [100]byte
+	if _, err := io.ReadFull(src, hdr[:]); err != nil {
+		return fmt.Errorf("server: image for the follower: %w", err)
+	}
+	pageSize := uint32(binary.BigEndian.Uint16(hdr[16:18]))
+	if pageSize == 1 {
+		pageSize = 65536
+	}
+	st, err := src.Stat()
+	if err != nil {
+		return err
+	}
+	if pageSize < 512 || st.Size()%int64(pageSize) != 0 {
+		return fmt.Errorf("server: image for the follower: %d bytes of %d-byte pages", st.Size(), pageSize)
+	}
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	if d.fol != f {
+		return errFollowerStopped
+	}
+	err = f.files.InstallSnapshot(ctx, vfs.SnapshotImage{Src: src, Version: img.Version, PageSize: pageSize, Pages: uint32(st.Size() / int64(pageSize)), Checksum: img.Checksum})
+	if err != nil {
+		return fmt.Errorf("server: install the follower's image: %w", err)
+	}
+	// The change log's versions end before the image: start it afresh.
+	if err := d.clog.reset(); err != nil {
+		return err
+	}
+	d.failHeldAcksLocked(f, "the node's copy of the database was rebuilt; reconnect")
+	f.markReadyLocked()
+	d.log.Info("follower's copy rebuilt from the log", "version", img.Version)
+	return nil
+}
+
+// applyFollowed applies one followed version to f's copy, logs it, offers
+// it to the subscribers and sends the acks that waited for it.
+func (d *database) applyFollowed(ctx context.Context, f *follower, v uint64, rec []byte) error {
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	if d.fol != f {
+		return errFollowerStopped
+	}
+	have := f.files.Version()
+	if v <= have {
+		return nil // delivered again after a reconnect of the consumer
+	}
+	if v != have+1 || len(rec) < logPrefix || binary.LittleEndian.Uint64(rec) != f.files.Checksum() {
+		return fmt.Errorf("%w: version %d onto version %d", errFollowChain, v, have)
+	}
+	ev, err := protocol.DecodeEncodedVersion(rec[logPrefix:], protocol.DefaultLimits)
+	if err != nil {
+		return fmt.Errorf("%w: version %d: %w", errFollowChain, v, err)
+	}
+	if ev.Version != v {
+		return fmt.Errorf("%w: the record of version %d holds version %d", errFollowChain, v, ev.Version)
+	}
+	ps, err := protocol.DecodeVersion(&ev, protocol.DefaultLimits, f.files.ReadPage)
+	if err != nil {
+		return fmt.Errorf("%w: version %d: %w", errFollowChain, v, err)
+	}
+	ps.PreChecksum = f.files.Checksum()
+	if err := f.files.Rebase(ctx, ps); err != nil {
+		if errors.Is(err, vfs.ErrPoisoned) {
+			if rerr := f.files.Repair(ctx); rerr != nil {
+				return fmt.Errorf("server: follower apply of version %d: %w (repair: %w)", v, err, rerr)
+			}
+		}
+		return fmt.Errorf("%w: version %d: %w", errFollowChain, v, err)
+	}
+	if err := d.clog.append(v, rec, time.Now()); err != nil {
+		d.log.Error("change log append failed; the log starts afresh", "version", v, "err", err)
+		d.clog.reset()
+	}
+	wire := rec[logPrefix:]
+	for s := range d.subs {
+		if !s.offer(item{version: v, rec: wire}) {
+			delete(d.subs, s)
+		}
+	}
+	kept := f.acks[:0]
+	for _, h := range f.acks {
+		if h.ack.Version <= v {
+			ack := h.ack
+			h.s.offer(item{ack: &ack})
+		} else {
+			kept = append(kept, h)
+		}
+	}
+	f.acks = kept
+	f.markReadyLocked()
+	return nil
+}
+
+// failHeldAcksLocked ends the sessions whose acks wait on f (their pushes
+// are done on the owner; the retry after reconnecting is a duplicate).
+func (d *database) failHeldAcksLocked(f *follower, msg string) {
+	for _, h := range f.acks {
+		h.s.fail(protocol.CodeInternal, msg)
+	}
+	f.acks = nil
+}
+
+// followerWelcome is subscribe's view of a follower's copy.
+func (f *follower) welcome(ctx context.Context, clientID string) (version, checksum uint64, pageSize, dbSize uint32, lmid uint64, err error) {
+	lmid, err = mutators.LastMutationID(ctx, f.conn, clientID)
+	if err != nil {
+		return 0, 0, 0, 0, 0, err
+	}
+	return f.files.Version(), f.files.Checksum(), f.files.PageSize(), f.files.Pages(), lmid, nil
+}
+
+// snapshot copies f's copy aside and returns a reader of the copy, which
+// it removes on Close: the follower goes on applying meanwhile. Called with
+// auth.mu held.
+func (f *follower) snapshot() (*SnapshotReader, error) {
+	src, err := os.Open(f.path)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close()
+	tmp, err := os.CreateTemp(filepath.Dir(f.path), followerFile+".snap-*")
+	if err != nil {
+		return nil, fmt.Errorf("server: follower snapshot: %w", wrapFull(err))
+	}
+	pageSize, pages := f.files.PageSize(), f.files.Pages()
+	if _, err := io.CopyN(tmp, src, int64(pageSize)*int64(pages)); err != nil {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return nil, fmt.Errorf("server: follower snapshot: %w", wrapFull(err))
+	}
+	return &SnapshotReader{f: tmp, remove: tmp.Name(), Version: f.files.Version(), PageSize: pageSize, DBSize: pages, Checksum: f.files.Checksum()}, nil
+}
+
+// wrapFull says "no space left on device" as ErrDiskFull where err is one.
+func wrapFull(err error) error {
+	if isDiskFull(err) {
+		return fmt.Errorf("%w: %w", ErrDiskFull, err)
+	}
+	return err
+}
+
+// forward hands a batch of pushes to the owner in one request (while it
+// is answered, the next pushes gather for the next one, as a group commit
+// does) and delivers each answer: an Error at once, an ack once the copy
+// holds its version. Runs on the writer.
+func (d *database) forward(ctx context.Context, reqs []pushRequest) {
+	fl := d.cfg.VersionLog.(Follower)
+	own := reqs[:0:0]
+	for _, r := range reqs {
+		if r.s == nil {
+			// Forwarded here while this node owned the database, which it
+			// no longer does: never forwarded twice.
+			r.answer(ForwardedResult{Code: protocol.CodeInternal, Message: "the node no longer owns the database; retry"})
+			continue
+		}
+		own = append(own, r)
+	}
+	if reqs = own; len(reqs) == 0 {
+		return
+	}
+	pushes := make([]ForwardedPush, len(reqs))
+	for i, r := range reqs {
+		pushes[i] = ForwardedPush{ClientID: r.s.clientID, UserID: r.s.identity.UserID, Claims: r.s.identity.Claims, Mutations: r.mutations}
+	}
+	fctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
+	res, err := fl.Forward(fctx, d.name, pushes)
+	cancel()
+	if err == nil && len(res) != len(reqs) {
+		err = fmt.Errorf("server: the owner answered %d of %d pushes", len(res), len(reqs))
+	}
+	if err != nil {
+		d.log.Warn("forward pushes to the owner", "pushes", len(reqs), "err", err)
+		for _, r := range reqs {
+			r.answer(ForwardedResult{Code: protocol.CodeInternal, Message: "the database's owner did not answer; reconnect"})
+		}
+		if errors.Is(err, ErrNotOwner) {
+			d.requestTakeover()
+		}
+		return
+	}
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	for i, r := range reqs {
+		res := res[i]
+		f := d.fol
+		if res.Code != 0 || f == nil || f.files.Version() >= res.Version {
+			r.answer(res)
+			continue
+		}
+		r.s.inflight.Add(-int64(len(r.mutations)))
+		f.acks = append(f.acks, heldAck{s: r.s, ack: protocol.Ack{LastMutationID: res.LastMutationID, Version: res.Version}})
+	}
+}
+
+// takeOver turns a followed database into an owned one, if this node can
+// take its lease: the follower stops, its sessions are ended with a
+// retryable code (they reconnect and catch up from the owner's file), and
+// the authority opens through the LocalCache check, which takes the lease
+// and restores the file from the log. If another node took the lease
+// first, the database follows again. Runs on the writer.
+func (d *database) takeOver(ctx context.Context) {
+	f := d.following()
+	if f == nil {
+		return
+	}
+	f.stop()
+	a := d.auth
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for s := range d.subs {
+		s.fail(protocol.CodeInternal, "this node takes the database over; reconnect")
+	}
+	d.subs = map[*session]struct{}{}
+	d.failHeldAcksLocked(f, "this node takes the database over; reconnect")
+	f.close()
+	d.fol = nil
+	octx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	defer cancel()
+	err := d.openChecked(octx, a)
+	if errors.Is(err, ErrNotOwner) {
+		if err = d.startFollowerLocked(octx, d.dir); err == nil {
+			return
+		}
+	}
+	if err != nil {
+		a.broken = fmt.Errorf("server: take the database over: %w", err)
+		d.log.Warn("could not take the database over; it stays stopped until it opens again", "err", err)
+		return
+	}
+	if d.clog.last() != a.version {
+		if err := d.clog.reset(); err != nil {
+			a.broken = fmt.Errorf("server: take over: reset the change log: %w", err)
+			return
+		}
+	}
+	d.log.Info("took the database over", "version", a.version)
+}
+
+// openSnapshot opens a reader of the whole database for a new subscriber:
+// the owner's file, pinned at its version, or a copy of a follower's copy.
+func (d *database) openSnapshot(ctx context.Context) (*SnapshotReader, error) {
+	d.auth.mu.Lock()
+	f := d.fol
+	if f != nil {
+		defer d.auth.mu.Unlock()
+		return f.snapshot()
+	}
+	d.auth.mu.Unlock()
+	return d.auth.OpenSnapshot(ctx)
+}
+
+// owning returns the database's authority, or ErrNotOwner while it is
+// followed: the administrative calls run only where it is owned.
+func (d *database) owning() (*Authority, error) {
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	if d.fol != nil {
+		return nil, fmt.Errorf("%w: %s is followed here", ErrNotOwner, d.name)
+	}
+	return d.auth, nil
+}
+
+// ServeForwarded runs pushes another node forwarded for db (its Follower
+// sent them; Follower.Forward's other end), as if they had come from
+// sessions here, and returns each one's answer. ErrNotOwner if this node
+// follows db instead of owning it.
+func (s *Server) ServeForwarded(ctx context.Context, db string, pushes []ForwardedPush) ([]ForwardedResult, error) {
+	d, release, err := s.acquire(ctx, db)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	if _, err := d.owning(); err != nil {
+		return nil, err
+	}
+	reqs := make([]pushRequest, len(pushes))
+	for i := range pushes {
+		p := &pushes[i]
+		if p.ClientID == "" || len(p.ClientID) > 128 || p.UserID == "" {
+			return nil, fmt.Errorf("server: forwarded push %d: client id %q, user %q", i, p.ClientID, p.UserID)
+		}
+		reqs[i] = pushRequest{mutations: p.Mutations, fwd: p, reply: make(chan ForwardedResult, 1)}
+		if len(p.Mutations) == 0 {
+			reqs[i].reply <- ForwardedResult{}
+			continue
+		}
+		if err := d.push(ctx, reqs[i]); err != nil {
+			return nil, err
+		}
+	}
+	out := make([]ForwardedResult, len(reqs))
+	for i, r := range reqs {
+		select {
+		case out[i] = <-r.reply:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return out, nil
+}
+
+// following returns the database's follower, nil while it is owned here.
+func (d *database) following() *follower {
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	return d.fol
+}
+
+// waitFollowerReady waits, for a Hello, until a follower's copy holds a
+// version (at most followReadyWait, and no longer than ctx): a copy at
+// version 0 has nothing to welcome a replica to.
+func (d *database) waitFollowerReady(ctx context.Context) error {
+	f := d.following()
+	if f == nil {
+		return nil
+	}
+	t := time.NewTimer(followReadyWait)
+	defer t.Stop()
+	select {
+	case <-f.ready:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return &protocol.RemoteError{Code: protocol.CodeInternal, Message: "this node has no copy of the database yet; retry"}
+	}
+}
