@@ -15,8 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/cluster"
+	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/server"
 )
 
