@@ -102,6 +102,10 @@ const (
 	// version before it is refused (retryable): an image of a small
 	// database takes tens of milliseconds.
 	followReadyWait = 5 * time.Second
+	// heldAckLimit is how long an ack may wait for its version to reach
+	// the follower's copy: the owner appended the version before it
+	// answered, so only a stuck consumer keeps it away this long.
+	heldAckLimit = 10 * time.Second
 )
 
 // followerFile is the name, in a database's directory, of the follower's
@@ -141,8 +145,9 @@ func (f *follower) markReadyLocked() {
 }
 
 type heldAck struct {
-	s   *session
-	ack protocol.Ack
+	s     *session
+	ack   protocol.Ack
+	since time.Time
 }
 
 // openFollower opens the follower's copy in dir (version 0, empty, if it
@@ -271,6 +276,7 @@ func (d *database) watchLease(ctx context.Context, fl Follower) {
 			return
 		case <-t.C:
 		}
+		d.expireHeldAcks()
 		hctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
 		holder, err := fl.Holder(hctx, d.name)
 		cancel()
@@ -278,6 +284,27 @@ func (d *database) watchLease(ctx context.Context, fl Follower) {
 			d.requestTakeover()
 		}
 	}
+}
+
+// expireHeldAcks ends the sessions whose ack has waited longer than
+// heldAckLimit for its version: the copy is stuck behind the log, and the
+// replica does better to reconnect (elsewhere, if need be) than to wait.
+func (d *database) expireHeldAcks() {
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	f := d.fol
+	if f == nil {
+		return
+	}
+	kept := f.acks[:0]
+	for _, h := range f.acks {
+		if time.Since(h.since) > heldAckLimit {
+			h.s.fail(protocol.CodeInternal, fmt.Sprintf("version %d did not reach this node in %v; reconnect", h.ack.Version, heldAckLimit))
+			continue
+		}
+		kept = append(kept, h)
+	}
+	f.acks = kept
 }
 
 // requestTakeover asks the writer to try to take the database over.
@@ -382,18 +409,29 @@ func (d *database) applyFollowed(ctx context.Context, f *follower, v uint64, rec
 			delete(d.subs, s)
 		}
 	}
-	kept := f.acks[:0]
-	for _, h := range f.acks {
+	var due []heldAck
+	due, f.acks = dueAcks(f.acks, v)
+	for _, h := range due {
+		ack := h.ack
+		h.s.offer(item{ack: &ack})
+	}
+	f.markReadyLocked()
+	return nil
+}
+
+// dueAcks splits held acks into those due once the copy holds version v
+// (their version is v or older), in the order they were held, and those
+// that still wait. kept reuses held's array.
+func dueAcks(held []heldAck, v uint64) (due, kept []heldAck) {
+	kept = held[:0]
+	for _, h := range held {
 		if h.ack.Version <= v {
-			ack := h.ack
-			h.s.offer(item{ack: &ack})
+			due = append(due, h)
 		} else {
 			kept = append(kept, h)
 		}
 	}
-	f.acks = kept
-	f.markReadyLocked()
-	return nil
+	return due, kept
 }
 
 // failHeldAcksLocked ends the sessions whose acks wait on f (their pushes
@@ -493,7 +531,7 @@ func (d *database) forward(ctx context.Context, reqs []pushRequest) {
 			continue
 		}
 		r.s.inflight.Add(-int64(len(r.mutations)))
-		f.acks = append(f.acks, heldAck{s: r.s, ack: protocol.Ack{LastMutationID: res.LastMutationID, Version: res.Version}})
+		f.acks = append(f.acks, heldAck{s: r.s, ack: protocol.Ack{LastMutationID: res.LastMutationID, Version: res.Version}, since: time.Now()})
 	}
 }
 
