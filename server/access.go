@@ -1,16 +1,14 @@
 package server
 
 import (
+	"context"
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"slices"
 	"sync"
 	"time"
@@ -94,22 +92,36 @@ func (c *credential) identity() Identity {
 
 // access is a database's credentials and the binding of client ids to
 // users, kept in access.json next to the database (not inside it: the
-// database is replicated to every client, the credentials must not be).
+// database is replicated to every client, the credentials must not be),
+// or in a cluster's KV bucket (AccessStore).
 //
 // mu is a leaf: nothing else is taken under it, and no PBKDF2 runs under
 // it (a check snapshots the credentials, hashes with mu released and takes
 // mu again to record what it verified), so a flood of wrong secrets never
 // holds up a Hello whose secret is cached.
 type access struct {
-	path string
-	iter int // the work factor of new credentials
+	rec  recordStore // where the record is saved: access.json, or a cluster's KV bucket
+	iter int         // the work factor of new credentials
 	// hashing, if set, is called by check with mu released, just before
 	// it hashes: tests hold a check there.
 	hashing func()
+	// onRemote, if set, is called after a change was saved on top of a
+	// change made elsewhere (it lost a race and was applied afresh), with
+	// no lock held: the server then ends the sessions the other change
+	// no longer admits.
+	onRemote func()
+
+	// writeMu serialises changes (held across the store's write, which
+	// in a cluster is a network round trip) and the records the store's
+	// watch reports; mu is taken under it, never the other way. So no
+	// Hello's check waits for a save.
+	writeMu sync.Mutex
 
 	mu       sync.Mutex
 	file     accessFile
+	rev      uint64                               // the store's revision of file
 	verified map[[sha256.Size]byte]verifiedSecret // SHA-256 of a verified secret → what it matched
+	graces   map[time.Time]bool                   // grace ends graceEnds has reported
 }
 
 // verifiedSecret is what a verified secret matched: a credential and the
@@ -174,25 +186,27 @@ var (
 // loadAccess reads an access file (none: no credentials yet). New
 // credentials get iter rounds of PBKDF2 (0: hashIterations).
 func loadAccess(path string, iter int) (*access, error) {
+	a, err := openAccess(context.Background(), fileRecord(path), iter)
+	if err != nil {
+		return nil, fmt.Errorf("%w (%s)", err, path)
+	}
+	return a, nil
+}
+
+// openAccess reads a database's access record from its store.
+func openAccess(ctx context.Context, rec recordStore, iter int) (*access, error) {
 	if iter <= 0 {
 		iter = hashIterations
 	}
-	a := &access{path: path, iter: iter, verified: map[[sha256.Size]byte]verifiedSecret{}}
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		a.file.Clients = map[string]string{}
-		return a, nil
+	r, err := rec.load(ctx)
+	if err != nil {
+		return nil, err
 	}
+	f, err := decodeAccess(r.Value)
 	if err != nil {
 		return nil, fmt.Errorf("access: %w", err)
 	}
-	if err := json.Unmarshal(b, &a.file); err != nil {
-		return nil, fmt.Errorf("access: %s: %w", path, err)
-	}
-	if a.file.Clients == nil {
-		a.file.Clients = map[string]string{}
-	}
-	return a, nil
+	return &access{rec: rec, iter: iter, file: f, rev: r.Revision, verified: map[[sha256.Size]byte]verifiedSecret{}}, nil
 }
 
 // validUserID says whether name may name a secret's user.
@@ -251,14 +265,13 @@ func (a *access) add(name, secret string) (credential, error) {
 	if err != nil {
 		return credential{}, err
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if name != "" && a.file.find(name) >= 0 {
-		return credential{}, fmt.Errorf("%w: %q", ErrCredentialExists, name)
-	}
-	return c, a.update(func(f *accessFile) {
+	return c, a.change(func(f *accessFile) error {
+		if name != "" && f.find(name) >= 0 {
+			return fmt.Errorf("%w: %q", ErrCredentialExists, name)
+		}
 		f.Credentials = append(f.Credentials, c)
 		f.Revoked = slices.DeleteFunc(f.Revoked, func(r string) bool { return r == c.ID })
+		return nil
 	})
 }
 
@@ -334,15 +347,28 @@ func (a *access) check(secret string) (credential, error) {
 // bind binds clientID to user on first use: afterwards only that user may
 // speak for that client id.
 func (a *access) bind(clientID, user string) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	switch bound, ok := a.file.Clients[clientID]; {
-	case !ok:
-		return a.update(func(f *accessFile) { f.Clients[clientID] = user })
-	case bound != user:
-		return errClientBound
+	bound := func(f *accessFile) error {
+		switch u, ok := f.Clients[clientID]; {
+		case !ok:
+			return nil
+		case u != user:
+			return errClientBound
+		}
+		return errUnchanged
 	}
-	return nil
+	a.mu.Lock()
+	err := bound(&a.file)
+	a.mu.Unlock()
+	if err != nil { // bound already (the usual Hello): no save
+		return noChange(err)
+	}
+	return a.change(func(f *accessFile) error {
+		if err := bound(f); err != nil {
+			return err
+		}
+		f.Clients[clientID] = user
+		return nil
+	})
 }
 
 // revokedReason says why id may not open the database ("" if it may):
@@ -410,68 +436,78 @@ func (a *access) rotate(ref, secret string, grace time.Duration) (credential, er
 	if err != nil {
 		return credential{}, err
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if i = a.file.findID(old.ID); i < 0 {
-		return credential{}, fmt.Errorf("%w: %q (revoked meanwhile)", ErrNoCredential, ref)
-	}
-	old = a.file.Credentials[i] // as it is now: another rotation may have won
-	c.Gen = old.Gen + 1
-	if grace > 0 {
-		c.Prev = &prevSecret{Salt: old.Salt, Hash: old.Hash, Iter: old.iterations(), Gen: old.Gen, Until: time.Now().Add(grace)}
-	}
-	if err := a.update(func(f *accessFile) { f.Credentials[i] = c }); err != nil {
+	err = a.change(func(f *accessFile) error {
+		i := f.findID(old.ID)
+		if i < 0 {
+			return fmt.Errorf("%w: %q (revoked meanwhile)", ErrNoCredential, ref)
+		}
+		cur := f.Credentials[i] // as it is now: another rotation may have won
+		c.Gen, c.Prev = cur.Gen+1, nil
+		if grace > 0 {
+			c.Prev = &prevSecret{Salt: cur.Salt, Hash: cur.Hash, Iter: cur.iterations(), Gen: cur.Gen, Until: time.Now().Add(grace)}
+		}
+		f.Credentials[i] = c
+		return nil
+	})
+	if err != nil {
 		return credential{}, err
 	}
+	a.mu.Lock()
 	a.forgetLocked(c.ID)
+	a.mu.Unlock()
 	return c, nil
 }
 
 // revoke deletes the credential ref names and records its id as revoked,
 // so that the sessions holding it can be found and ended.
 func (a *access) revoke(ref string) (credential, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	i := a.file.find(ref)
-	if i < 0 {
-		return credential{}, fmt.Errorf("%w: %q", ErrNoCredential, ref)
-	}
-	c := a.file.Credentials[i]
-	if err := a.update(func(f *accessFile) {
+	var c credential
+	err := a.change(func(f *accessFile) error {
+		i := f.find(ref)
+		if i < 0 {
+			return fmt.Errorf("%w: %q", ErrNoCredential, ref)
+		}
+		c = f.Credentials[i]
 		f.Credentials = slices.Delete(f.Credentials, i, i+1)
 		if !slices.Contains(f.Revoked, c.ID) {
 			f.Revoked = append(f.Revoked, c.ID)
 		}
-	}); err != nil {
+		return nil
+	})
+	if err != nil {
 		return credential{}, err
 	}
+	a.mu.Lock()
 	a.forgetLocked(c.ID)
+	a.mu.Unlock()
 	return c, nil
 }
 
 // revokeUser cuts user off: every Hello as that user is refused from now
 // on, whatever its credential.
 func (a *access) revokeUser(user string) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if slices.Contains(a.file.RevokedUsers, user) {
+	return a.change(func(f *accessFile) error {
+		if slices.Contains(f.RevokedUsers, user) {
+			return errUnchanged
+		}
+		f.RevokedUsers = append(f.RevokedUsers, user)
 		return nil
-	}
-	return a.update(func(f *accessFile) { f.RevokedUsers = append(f.RevokedUsers, user) })
+	})
 }
 
 // restoreUser lifts user's revocation (RevokeUser), saved before it
 // takes effect. It reports whether the user was revoked: restoring a user
 // who was not changes nothing.
 func (a *access) restoreUser(user string) (bool, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if !slices.Contains(a.file.RevokedUsers, user) {
-		return false, nil
-	}
-	return true, a.update(func(f *accessFile) {
+	var was bool
+	err := a.change(func(f *accessFile) error {
+		if was = slices.Contains(f.RevokedUsers, user); !was {
+			return errUnchanged
+		}
 		f.RevokedUsers = slices.DeleteFunc(f.RevokedUsers, func(u string) bool { return u == user })
+		return nil
 	})
+	return was && err == nil, err
 }
 
 // view returns a copy of the file, for listings.
@@ -481,41 +517,101 @@ func (a *access) view() accessFile {
 	return a.file.clone()
 }
 
-// update applies fn to a copy of the file, saves the copy and only then
-// makes it the file: a failed save changes nothing. Called with mu held.
-func (a *access) update(fn func(f *accessFile)) error {
-	f := a.file.clone()
-	fn(&f)
-	if err := a.save(&f); err != nil {
-		return err
+// errUnchanged is a change's way to say that the record already says what
+// it would make it say: change saves nothing and returns nil.
+var errUnchanged = errors.New("access: unchanged")
+
+// noChange is err, or nil for errUnchanged.
+func noChange(err error) error {
+	if errors.Is(err, errUnchanged) {
+		return nil
 	}
-	a.file = f
-	return nil
+	return err
 }
 
-// save writes f atomically (temporary file, fsync, rename).
-func (a *access) save(f *accessFile) error {
-	b, err := json.MarshalIndent(f, "", "  ")
+// change applies fn to a copy of the record, saves the copy and only then
+// makes it the record: a failed save changes nothing. fn checks what it
+// needs on the copy it is given (an error, or errUnchanged, saves
+// nothing). A save that lost a race to a change made on another node
+// (AccessConflictError) is tried again on the record as that change left
+// it, fn applied afresh, so that neither change is lost.
+func (a *access) change(fn func(f *accessFile) error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	a.mu.Lock()
+	base, rev := a.file.clone(), a.rev
+	a.mu.Unlock()
+	remote := false
+	for attempt := 1; ; attempt++ {
+		f := base.clone()
+		if err := fn(&f); err != nil {
+			return noChange(err)
+		}
+		b, err := encodeAccess(&f)
+		if err != nil {
+			return fmt.Errorf("access: %w", err)
+		}
+		next, err := a.rec.save(ctx, b, rev)
+		var conflict *AccessConflictError
+		if errors.As(err, &conflict) && attempt < maxAccessRetries {
+			if base, err = decodeAccess(conflict.Current.Value); err != nil {
+				return fmt.Errorf("access: the record another change saved: %w", err)
+			}
+			rev, remote = conflict.Current.Revision, true
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		a.mu.Lock()
+		if next > a.rev {
+			a.file, a.rev = f, next
+		}
+		a.mu.Unlock()
+		if remote && a.onRemote != nil {
+			a.onRemote()
+		}
+		return nil
+	}
+}
+
+// apply makes rec the record if it is later than the one held, and
+// reports whether it did. A corrupt record is an error and changes
+// nothing.
+func (a *access) apply(rec AccessRecord) (bool, error) {
+	f, err := decodeAccess(rec.Value)
 	if err != nil {
-		return err
+		return false, err
 	}
-	tmp := a.path + ".tmp"
-	fh, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("access: %w", err)
+	a.writeMu.Lock() // a change under way saves first; then rec is no news
+	defer a.writeMu.Unlock()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if rec.Revision <= a.rev {
+		return false, nil
 	}
-	_, err = fh.Write(b)
-	if err == nil {
-		err = fh.Sync()
+	a.file, a.rev = f, rec.Revision
+	return true, nil
+}
+
+// graceEnds returns the ends of the rotated-out secrets' graces still to
+// come that it has not returned before, so that the sessions of a
+// rotation made elsewhere end on time here (one timer per grace end).
+func (a *access) graceEnds() []time.Time {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	now := time.Now()
+	var ends []time.Time
+	for _, c := range a.file.Credentials {
+		if p := c.Prev; p != nil && now.Before(p.Until) && !a.graces[p.Until] {
+			if a.graces == nil {
+				a.graces = map[time.Time]bool{}
+			}
+			a.graces[p.Until] = true
+			ends = append(ends, p.Until)
+		}
 	}
-	if cerr := fh.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, a.path)
-	}
-	if err != nil {
-		return fmt.Errorf("access: save %s: %w", a.path, err)
-	}
-	return nil
+	return ends
 }

@@ -13,7 +13,8 @@ import (
 )
 
 // Credentials managed while the server runs. Every change is saved to the
-// database's access.json (atomically) before it takes effect, so it
+// database's access record (access.json, written atomically, or the
+// cluster's KV bucket: Config.AccessStore) before it takes effect, so it
 // survives a restart; the HTTP API of AdminHandler and `sqlrebase admin`
 // are these calls.
 
@@ -57,7 +58,7 @@ func (s *Server) accessOf(db string) (*access, error) {
 	if err != nil {
 		return nil, err
 	}
-	return t.credentials(s.cfg.CredentialHashIterations)
+	return t.credentials(s.openTenantAccess)
 }
 
 // AddSecret adds a secret for db, named user (empty: unnamed, its user
@@ -232,6 +233,29 @@ func (s *Server) endSessions(db string, match func(Identity) bool, msg string) i
 			n++
 		}
 	})
+	return n
+}
+
+// endRevoked ends db's sessions that a's record no longer admits (their
+// user or credential revoked, their secret rotated out), each with
+// CodeCredentialRevoked and its reason, and returns how many: the way a
+// change made on another node reaches the sessions here. It also arranges
+// to look again when a rotated-out secret's grace ends, as RotateSecret
+// does for the sessions of the node it ran on.
+func (s *Server) endRevoked(db string, a *access) int {
+	n := 0
+	s.eachSession(db, func(sess *session) {
+		if why := a.revokedReason(sess.identity); why != "" {
+			sess.fail(protocol.CodeCredentialRevoked, why)
+			n++
+		}
+	})
+	for _, end := range a.graceEnds() {
+		time.AfterFunc(time.Until(end), func() { s.endRevoked(db, a) })
+	}
+	if n > 0 {
+		s.log.Info("ended sessions the access record no longer admits", "db", db, "sessions", n)
+	}
 	return n
 }
 

@@ -127,6 +127,11 @@ type Config struct {
 	AuthFailureBurst int
 	AuthFailureEvery time.Duration
 
+	// AccessStore, if set, is where the databases and their credentials
+	// are kept (nil: Dir/dbs/NAME/access.json). The cluster package's
+	// store shares them between the nodes of a cluster.
+	AccessStore AccessStore
+
 	// VersionLog, if set, receives every version of every database before
 	// it is acknowledged or sent to any replica (nil: a single node, whose
 	// local change log is enough). The cluster package's implementation
@@ -212,8 +217,10 @@ type Server struct {
 	log  *slog.Logger
 	cert tls.Certificate
 
-	reg     *registry       // the hosted databases, opened on use and closed when idle
-	limiter *failureLimiter // failed credential checks per address
+	reg       *registry       // the hosted databases, opened on use and closed when idle
+	store     AccessStore     // the databases and their credentials
+	stopWatch func()          // stops store's reports of changes
+	limiter   *failureLimiter // failed credential checks per address
 
 	mu       sync.Mutex // guards the fields below; never held with a registry lock
 	perAddr  map[string]int
@@ -242,6 +249,10 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, perAddr: map[string]int{}, conns: map[*quic.Conn]struct{}{}}
 	s.reg = newRegistry(s.log, &s.cfg)
+	s.store = cfg.AccessStore
+	if s.store == nil {
+		s.store = fileAccessStore{dir: filepath.Join(cfg.Dir, "dbs")}
+	}
 	s.limiter = newFailureLimiter(cfg.AuthFailureEvery, cfg.AuthFailureBurst, defaultAuthLimiterAddrs)
 	s.reg.openDB = func(ctx context.Context, t *tenant) (*database, error) {
 		if err := os.MkdirAll(t.dir, 0o755); err != nil {
@@ -267,7 +278,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if s.cfg.metrics, err = newMetrics(s, cfg.Metrics, cfg.MetricsPerDatabase); err != nil {
 		return nil, err
 	}
-	if err := s.reg.scanTenants(filepath.Join(cfg.Dir, "dbs")); err != nil {
+	if err := s.openAccessStore(ctx); err != nil {
 		s.cfg.metrics.unregister()
 		return nil, err
 	}
@@ -288,15 +299,14 @@ func (s *Server) AddDatabase(ctx context.Context, name, secret string) error {
 
 // CreateDatabase registers a database (idempotent) with no credential
 // yet. Like AddDatabase it opens nothing.
-func (s *Server) CreateDatabase(_ context.Context, name string) error {
+func (s *Server) CreateDatabase(ctx context.Context, name string) error {
 	if !validName.MatchString(name) {
 		return fmt.Errorf("%w: database name %q: use 1 to 64 letters, digits, '_', '-', '.'", ErrInvalid, name)
 	}
-	dir := filepath.Join(s.cfg.Dir, "dbs", name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("server: add database %s: %w", name, err)
+	if err := s.store.Create(ctx, name); err != nil {
+		return err
 	}
-	_, err := s.reg.add(name, dir)
+	_, err := s.reg.add(name, s.dbDir(name))
 	return err
 }
 
@@ -532,6 +542,7 @@ func (s *Server) Close() error {
 		s.wg.Wait()
 		errs = append(errs, tr.Close(), udp.Close())
 	}
+	s.stopWatch()
 	errs = append(errs, s.reg.closeAll())
 	s.cfg.metrics.unregister()
 	return errors.Join(errs...)

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -49,19 +47,29 @@ type tenant struct {
 	timer *time.Timer   // the idle timer, while idle
 }
 
-// credentials returns the tenant's access, loading access.json the first
-// time.
-func (t *tenant) credentials(iter int) (*access, error) {
+// credentials returns the tenant's access, read from the access store
+// with load the first time.
+func (t *tenant) credentials(load func(*tenant) (*access, error)) (*access, error) {
 	t.accessMu.Lock()
 	defer t.accessMu.Unlock()
 	if t.access == nil {
-		a, err := loadAccess(filepath.Join(t.dir, "access.json"), iter)
+		a, err := load(t)
 		if err != nil {
 			return nil, fmt.Errorf("database %s: %w", t.name, err)
 		}
 		t.access = a
 	}
 	return t.access, nil
+}
+
+// loadedAccess returns the tenant's access if it was read (nil if not:
+// whoever needs it first reads the store's latest record). A record the
+// store reports changed is stored there before it reports it, so of a
+// report and a first read racing, one of the two sees the change.
+func (t *tenant) loadedAccess() *access {
+	t.accessMu.Lock()
+	defer t.accessMu.Unlock()
+	return t.access
 }
 
 // registry is the set of hosted databases and which of them are open. It
@@ -438,23 +446,6 @@ func (r *registry) closeAll() error {
 	return errors.Join(errs...)
 }
 
-// scanTenants registers every database directory under dir, without
-// opening any.
-func (r *registry) scanTenants(dir string) error {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return fmt.Errorf("server: %w", err)
-	}
-	for _, e := range entries {
-		if e.IsDir() && validName.MatchString(e.Name()) {
-			if _, err := r.add(e.Name(), filepath.Join(dir, e.Name())); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
 // heldDatabase is an open database, the hold on it that keeps it open, and
 // who the session that holds it speaks for.
 type heldDatabase struct {
@@ -478,7 +469,7 @@ func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello, remote ne
 	if t == nil {
 		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
 	}
-	a, err := t.credentials(s.cfg.CredentialHashIterations)
+	a, err := t.credentials(s.openTenantAccess)
 	if err != nil {
 		return heldDatabase{}, err
 	}
