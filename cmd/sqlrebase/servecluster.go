@@ -43,14 +43,16 @@ func (c *clusterFlags) enabled() bool { return c.cluster != "" || c.natsURL != "
 
 // clusterNode is what serve runs beside the server in cluster mode.
 type clusterNode struct {
-	node  *cluster.Node // nil with --nats
-	nc    *nats.Conn
-	owner *cluster.Owner
-	url   string
+	node   *cluster.Node // nil with --nats
+	nc     *nats.Conn
+	owner  *cluster.Owner
+	access *cluster.Access // the databases and their credentials, shared by the nodes
+	url    string
 }
 
-// startCluster embeds (or connects to) NATS JetStream, opens the stream and
-// the lease bucket, and returns the Owner that the server appends through.
+// startCluster embeds (or connects to) NATS JetStream, opens the stream,
+// the lease bucket, the snapshot store and the access bucket, and returns
+// the Owner that the server appends through beside the access store.
 func startCluster(ctx context.Context, c *clusterFlags, data string, log *slog.Logger) (*clusterNode, error) {
 	if c.node == "" {
 		return nil, errors.New("--node NAME is required with --cluster or --nats")
@@ -119,6 +121,10 @@ func startCluster(ctx context.Context, c *clusterFlags, data string, log *slog.L
 		return nil, err
 	}
 	cn.owner = cluster.NewOwner(l, ls, snaps, c.node, log)
+	if cn.access, err = cluster.OpenAccess(octx, js, cluster.AccessConfig{Replicas: replicas, Logger: log}); err != nil {
+		cn.stop(ctx)
+		return nil, err
+	}
 	return cn, nil
 }
 
@@ -129,6 +135,9 @@ func (cn *clusterNode) stop(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		cn.owner.Close(cctx)
 		cancel()
+	}
+	if cn.access != nil {
+		cn.access.Close()
 	}
 	if cn.nc != nil {
 		cn.nc.Close()
@@ -151,6 +160,7 @@ func splitPort(addr string) (string, int, error) {
 }
 
 // setupCluster runs startCluster for cmdServe: it sets cfg.VersionLog and
+// cfg.AccessStore (the databases and credentials every node shares) and
 // returns the stop to defer (nil and no error when not in cluster mode).
 func setupCluster(ctx context.Context, c *clusterFlags, cfg *server.Config, data string, stdout io.Writer, log *slog.Logger) (func(), error) {
 	if !c.enabled() {
@@ -161,6 +171,7 @@ func setupCluster(ctx context.Context, c *clusterFlags, cfg *server.Config, data
 		return nil, err
 	}
 	cfg.VersionLog = cn.owner
+	cfg.AccessStore = cn.access
 	fmt.Fprintf(stdout, "nats: %s (node %s)\n", cn.url, c.node)
 	return func() { cn.stop(ctx) }, nil
 }

@@ -3,7 +3,10 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -96,5 +99,17 @@ func TestServeCluster(t *testing.T) {
 	}
 	if who, _, err := ls.Holder(wctx, "demo"); err != nil || !strings.HasPrefix(who, "n1-") {
 		t.Fatalf("lease holder %q, %v; want n1", who, err)
+	}
+	// The credentials are in the shared access bucket, not a file.
+	kv, err := js.KeyValue(wctx, cluster.DefaultAccessBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(wctx, "demo")
+	if err != nil || !strings.Contains(string(e.Value()), `"hash"`) || !strings.Contains(string(e.Value()), r.ClientID()) {
+		t.Fatalf("demo's access record in the bucket: %v; want its credential and the replica's client id", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "d", "dbs", "demo", "access.json")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("an access.json in cluster mode: %v", err)
 	}
 }

@@ -1,0 +1,323 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/replica"
+	"github.com/sqlrebase/sqlrebase/server"
+)
+
+// fakeEntry is a watch entry made by hand.
+type fakeEntry struct {
+	key   string
+	value []byte
+	rev   uint64
+	op    jetstream.KeyValueOp
+}
+
+func (e fakeEntry) Key() string                     { return e.key }
+func (e fakeEntry) Value() []byte                   { return e.value }
+func (e fakeEntry) Revision() uint64                { return e.rev }
+func (e fakeEntry) Operation() jetstream.KeyValueOp { return e.op }
+
+// TestAccessDeliverKeepsTheGoodCopy: of the entries the watch delivers,
+// only a valid record later than the one held replaces it and reaches the
+// watchers; a corrupt value, a deletion or an older record changes
+// nothing (and never panics). Keys map back to names with dots.
+func TestAccessDeliverKeepsTheGoodCopy(t *testing.T) {
+	a := &Access{log: quiet, recs: map[string]server.AccessRecord{}, fns: map[int]func(string, server.AccessRecord){}}
+	var heard []uint64
+	a.Watch(func(db string, rec server.AccessRecord) {
+		if db != "shop.eu" {
+			t.Errorf("watcher told of %q", db)
+		}
+		heard = append(heard, rec.Revision)
+	})
+	good := []byte(`{"revoked_users":["m"]}`)
+	for _, c := range []struct {
+		name string
+		e    fakeEntry
+		want uint64 // the revision held after
+	}{
+		{"valid", fakeEntry{"shop=eu", good, 5, jetstream.KeyValuePut}, 5},
+		{"corrupt", fakeEntry{"shop=eu", []byte(`{"credentials":`), 6, jetstream.KeyValuePut}, 5},
+		{"null", fakeEntry{"shop=eu", []byte(`null`), 7, jetstream.KeyValuePut}, 5},
+		{"empty", fakeEntry{"shop=eu", []byte{}, 8, jetstream.KeyValuePut}, 5},
+		{"not an object", fakeEntry{"shop=eu", []byte("\xff\x00"), 9, jetstream.KeyValuePut}, 5},
+		{"deleted", fakeEntry{"shop=eu", nil, 10, jetstream.KeyValueDelete}, 5},
+		{"purged", fakeEntry{"shop=eu", nil, 11, jetstream.KeyValuePurge}, 5},
+		{"older", fakeEntry{"shop=eu", []byte(`{}`), 4, jetstream.KeyValuePut}, 5},
+		{"same", fakeEntry{"shop=eu", []byte(`{}`), 5, jetstream.KeyValuePut}, 5},
+		{"later", fakeEntry{"shop=eu", []byte(`{}`), 12, jetstream.KeyValuePut}, 12},
+	} {
+		a.deliver(c.e)
+		rec, err := a.Load(context.Background(), "shop.eu")
+		if err != nil || rec.Revision != c.want || server.CheckAccessRecord(rec.Value) != nil {
+			t.Fatalf("after %s: %d %q, %v; want revision %d", c.name, rec.Revision, rec.Value, err, c.want)
+		}
+	}
+	if !slices.Equal(heard, []uint64{5, 12}) {
+		t.Fatalf("watchers heard %v, want [5 12]", heard)
+	}
+	if dbs, _ := a.Databases(context.Background()); !slices.Equal(dbs, []string{"shop.eu"}) {
+		t.Fatalf("databases %v", dbs)
+	}
+}
+
+// gatedStore holds back the watch's reports to its server while held: a
+// node that has not heard of another's change yet.
+type gatedStore struct {
+	server.AccessStore
+	mu   sync.Mutex
+	gate chan struct{} // nil or closed: open
+}
+
+func (g *gatedStore) hold() {
+	g.mu.Lock()
+	g.gate = make(chan struct{})
+	g.mu.Unlock()
+}
+
+func (g *gatedStore) release() {
+	g.mu.Lock()
+	if g.gate != nil {
+		close(g.gate)
+		g.gate = nil
+	}
+	g.mu.Unlock()
+}
+
+func (g *gatedStore) Watch(fn func(string, server.AccessRecord)) func() {
+	return g.AccessStore.Watch(func(db string, rec server.AccessRecord) {
+		g.mu.Lock()
+		ch := g.gate
+		g.mu.Unlock()
+		if ch != nil {
+			<-ch
+		}
+		fn(db, rec)
+	})
+}
+
+// accessServer is a node's server on a shared access store: its own
+// directory, no version log (each node's files are its own here; this is
+// about the credentials).
+func accessServer(t *testing.T, store server.AccessStore) (*server.Server, string) {
+	t.Helper()
+	srv, err := server.Open(context.Background(), server.Config{
+		Dir: t.TempDir(), Mutators: demoRegistry(t), Logger: quiet, AccessStore: store, CredentialHashIterations: 1000,
+		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.Exec(mutators.DemoSchema); return err },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	addr, err := srv.Listen(context.Background(), "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, addr
+}
+
+// connectAs opens a replica of db at a node with secret and waits for its
+// Hello's answer: nil if accepted.
+func connectAs(t *testing.T, ctx context.Context, srv *server.Server, addr, db, secret string) (*replica.Replica, error) {
+	t.Helper()
+	r, err := replica.Open(ctx, filepath.Join(t.TempDir(), "replica.db"), replica.Options{
+		Mutators: demoRegistry(t),
+		Remote:   &replica.Remote{Addr: addr, Database: db, Credential: secret, Fingerprint: srv.Fingerprint()},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return r, r.WaitConnected(wctx)
+}
+
+// eventually polls cond every 20 ms until it holds, and fails the test
+// after within.
+func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %v: %s", within, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// userOf returns db's user u as srv lists it (zero if it does not).
+func userOf(t *testing.T, srv *server.Server, db, u string) server.UserInfo {
+	t.Helper()
+	us, err := srv.Users(context.Background(), db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range us {
+		if x.User == u {
+			return x
+		}
+	}
+	return server.UserInfo{}
+}
+
+// storedCredential is a credential as the bucket's JSON holds it (the
+// fields this test reads).
+type storedCredential struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	Gen  int    `json:"gen"`
+	Prev *struct {
+		Gen int `json:"gen"`
+	} `json:"prev"`
+}
+
+// credentialIn reads user's credential from db's key in the bucket.
+func credentialIn(t *testing.T, ctx context.Context, kv jetstream.KeyValue, db, user string) storedCredential {
+	t.Helper()
+	e, err := kv.Get(ctx, token(db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec struct {
+		Credentials []storedCredential `json:"credentials"`
+	}
+	if err := json.Unmarshal(e.Value(), &rec); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range rec.Credentials {
+		if c.Name == user {
+			return c
+		}
+	}
+	t.Fatalf("no credential of %s in %s", user, e.Value())
+	return storedCredential{}
+}
+
+// TestAccessSharedByTwoNodes: two servers (nodes A and B, each with its
+// own connection and watch) on one JetStream's access bucket. A database
+// created and a secret added on A are served on B; a user revoked on A
+// has the session at B ended and refused; a rotation on each node of the
+// same secret, B's made on a copy that has not heard of A's, both stay:
+// the second builds on the first, and both secrets work on both nodes.
+func TestAccessSharedByTwoNodes(t *testing.T) {
+	n, _, js := single(t)
+	ctx := bounded(t, 90*time.Second)
+	open := func() *Access {
+		_, js := connect(t, n)
+		a, err := OpenAccess(ctx, js, AccessConfig{Logger: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(a.Close)
+		return a
+	}
+	accA, accB := open(), open()
+	gateB := &gatedStore{AccessStore: accB}
+	t.Cleanup(gateB.release)
+	srvA, addrA := accessServer(t, accA)
+	srvB, addrB := accessServer(t, gateB)
+	const db = "shop.eu"
+	if err := srvA.CreateDatabase(ctx, db); err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []string{"alice", "bob", "carol"} {
+		if _, err := srvA.AddSecret(ctx, db, u, u+"-secret"); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Created and added on A; known and served on B.
+	eventually(t, 10*time.Second, "B knows A's database and its secrets", func() bool {
+		return slices.Contains(srvB.Databases(), db) && userOf(t, srvB, db, "carol").Credentials != nil
+	})
+	r, err := connectAs(t, ctx, srvB, addrB, db, "alice-secret")
+	if err != nil {
+		t.Fatalf("alice at B: %v", err)
+	}
+	h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if u := userOf(t, srvB, db, "alice"); u.Sessions != 1 {
+		t.Fatalf("alice at B: %+v", u)
+	}
+
+	// Revoked on A: the session at B ends, and alice is refused there.
+	if n, err := srvA.RevokeUser(ctx, db, "alice"); err != nil || n != 0 {
+		t.Fatalf("revoke at A: %d sessions, %v", n, err)
+	}
+	eventually(t, 10*time.Second, "alice's session at B ends", func() bool {
+		var re *protocol.RemoteError
+		st := r.Status()
+		return !st.Connected && errors.As(st.LastError, &re) && (re.Code == protocol.CodeUnauthorized || re.Code == protocol.CodeCredentialRevoked)
+	})
+	if u := userOf(t, srvB, db, "alice"); u.Sessions != 0 || !u.Revoked {
+		t.Fatalf("alice at B after the revocation: %+v", u)
+	}
+	if _, err := connectAs(t, ctx, srvB, addrB, db, "alice-secret"); err == nil {
+		t.Fatal("B admitted a user revoked on A")
+	}
+
+	// Rotated on A, and on B before B heard of it.
+	kv, err := js.KeyValue(ctx, DefaultAccessBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gateB.hold()
+	if _, err := srvA.RotateSecret(ctx, db, "bob", "bob-a", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srvB.RotateSecret(ctx, db, "bob", "bob-b", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	gateB.release()
+	if c := credentialIn(t, ctx, kv, db, "bob"); c.Gen != 2 || c.Prev == nil || c.Prev.Gen != 1 {
+		t.Fatalf("bob's credential after two rotations: %+v (want gen 2, the one before in its grace)", c)
+	}
+	// And at the same time, on both nodes.
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i, srv := range []*server.Server{srvA, srvB} {
+		wg.Go(func() {
+			_, errs[i] = srv.RotateSecret(ctx, db, "carol", []string{"carol-a", "carol-b"}[i], time.Minute)
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	if c := credentialIn(t, ctx, kv, db, "carol"); c.Gen != 2 || c.Prev == nil || c.Prev.Gen != 1 {
+		t.Fatalf("carol's credential after two concurrent rotations: %+v", c)
+	}
+	// Each node ends up with the record both rotations made: the current
+	// secret and the one in its grace work on both.
+	for _, node := range []struct {
+		srv  *server.Server
+		addr string
+	}{{srvA, addrA}, {srvB, addrB}} {
+		for _, secret := range []string{"bob-a", "bob-b", "carol-a", "carol-b"} {
+			eventually(t, 20*time.Second, secret+" works at "+node.addr, func() bool {
+				_, err := connectAs(t, ctx, node.srv, node.addr, db, secret)
+				return err == nil
+			})
+		}
+	}
+}
