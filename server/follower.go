@@ -546,6 +546,14 @@ func (d *database) takeOver(ctx context.Context) {
 	if f == nil {
 		return
 	}
+	// Only once the lease is free: a forward that found no owner while
+	// the dead owner's lease runs out must not end every session here.
+	hctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
+	holder, err := d.cfg.VersionLog.(Follower).Holder(hctx, d.name)
+	cancel()
+	if err != nil || holder != "" {
+		return
+	}
 	f.stop()
 	a := d.auth
 	a.mu.Lock()
@@ -559,7 +567,7 @@ func (d *database) takeOver(ctx context.Context) {
 	d.fol = nil
 	octx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
-	err := d.openChecked(octx, a)
+	err = d.openChecked(octx, a)
 	if errors.Is(err, ErrNotOwner) {
 		if err = d.startFollowerLocked(octx, d.dir); err == nil {
 			return
