@@ -51,7 +51,7 @@ func TestSnapStateSequence(t *testing.T) {
 	}
 	steps := []step{
 		{"a", 10, 1000, false}, {"a", 10, 1000, false}, {"a", 10, 1000, false}, {"a", 10, 1000, false},
-		{"a", 10, 1000, true}, // the fifth: MaxVersions
+		{"a", 10, 1000, true},                                                    // the fifth: MaxVersions
 		{"a", 2000, 1000, false}, {"a", 10, 1000, false}, {"a", 10, 1000, false}, // in flight: never a second
 		{"ok", 0, 0, false},
 		{"a", 10, 1000, true}, // 4 versions since the start, 2030 bytes > 1000: due
