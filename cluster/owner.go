@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/server"
 )
 
 // Owner is one node's side of the one-owner rule, and the cluster's
@@ -33,9 +34,12 @@ type Owner struct {
 	ctx    context.Context // ends at Close: the lease runners' life
 	cancel context.CancelFunc
 
-	mu      sync.Mutex // guards dbs and handler; a leaf, never held across I/O
+	// Lock order: mu, then an owned's smu; neither is held across I/O.
+	mu      sync.Mutex // guards dbs, handler, src, policy, and wg.Add against Close
 	dbs     map[string]*owned
 	handler ForwardHandler // runs forwarded pushes (forward.go)
+	src     SnapshotSource // nil: no snapshots written
+	policy  SnapshotPolicy
 	wg      sync.WaitGroup
 }
 
@@ -43,6 +47,34 @@ type owned struct {
 	lease *Lease
 	ap    *Appender
 	sub   *nats.Subscription // the forwarded pushes, while the lease is held (nil: none)
+
+	snapOn bool       // a snapshot source was set when the lease was taken
+	smu    sync.Mutex // guards snap and recent; a leaf
+	snap   snapState
+	recent [recentVersions]appendedVersion // a ring, by version
+}
+
+// appendedVersion is what the snapshot writer needs of a version this
+// owner appended: its stream sequence and checksum after.
+type appendedVersion struct {
+	version, seq, checksum uint64
+}
+
+// recentVersions is how many appended versions an owned database keeps
+// the sequence of: a snapshot pins the latest version when it opens,
+// normally a few versions after the one that triggered it; an older one
+// is looked up in the stream (entryOf).
+const recentVersions = 64
+
+// snapshotTimeout bounds one snapshot: pinning, the object-store put of
+// the image and the trim.
+const snapshotTimeout = 2 * time.Minute
+
+// SnapshotSource gives the owner a database's image to snapshot: a
+// *server.Server is one. WithAuthority holds the database open while fn
+// runs; the owner pins the image there with Authority.OpenSnapshot.
+type SnapshotSource interface {
+	WithAuthority(ctx context.Context, name string, fn func(*server.Authority) error) error
 }
 
 // NewOwner makes node's owner on the given log, leases and snapshots (nil:
@@ -54,6 +86,21 @@ func NewOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *s
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Owner{log: log, leases: leases, snaps: snaps, token: NewToken(node), logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
+}
+
+// SetSnapshotSource makes the owner write snapshots of the databases it
+// owns, from src, when p says (zero fields: the defaults), and trim the
+// stream behind each (docs/CLUSTER.md, "Snapshots and trimming"). Each
+// runs on a goroutine of its own, at most one per database at a time, so
+// an append never waits for one. Without snapshots (no Snapshots given to
+// NewOwner) it does nothing. Call it before the databases open: a
+// database taken over before keeps no snapshots until it is taken again.
+func (o *Owner) SetSnapshotSource(src SnapshotSource, p SnapshotPolicy) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.snaps != nil {
+		o.src, o.policy = src, p
+	}
 }
 
 // Token is the owner's lease token.
@@ -75,13 +122,69 @@ func (o *Owner) Append(ctx context.Context, db string, version uint64, rec []byt
 		o.drop(db, w, err)
 		return err
 	}
-	if _, err := w.ap.Append(ctx, version, rec); err != nil {
+	seq, err := w.ap.Append(ctx, version, rec)
+	if err != nil {
 		if errors.Is(err, ErrFenced) || errors.Is(err, ErrAppendFailed) {
 			o.drop(db, w, err)
 		}
 		return err
 	}
+	o.appended(db, w, version, seq, rec)
 	return nil
+}
+
+// appended records an acknowledged version for the snapshot writer and
+// starts a snapshot if the policy says one is due. It never waits for
+// one: the writer's path goes on at once.
+func (o *Owner) appended(db string, w *owned, version, seq uint64, rec []byte) {
+	if !w.snapOn || len(rec) < 8 {
+		return
+	}
+	ev, err := protocol.DecodeEncodedVersion(rec[8:], protocol.DefaultLimits)
+	if err != nil {
+		return // not a server's version (a test's); nothing to snapshot by
+	}
+	w.smu.Lock()
+	w.recent[version%recentVersions] = appendedVersion{version: version, seq: seq, checksum: ev.PostChecksum}
+	start := w.snap.appended(uint64(len(rec)), uint64(ev.DBSize)*uint64(ev.PageSize))
+	w.smu.Unlock()
+	if !start {
+		return
+	}
+	o.mu.Lock()
+	src := o.src
+	if src == nil || o.ctx.Err() != nil {
+		o.mu.Unlock()
+		w.smu.Lock()
+		w.snap.finished(false)
+		w.smu.Unlock()
+		return
+	}
+	o.wg.Add(1) // under mu: Close cancels under it, so no Add follows its Wait
+	o.mu.Unlock()
+	go func() {
+		defer o.wg.Done()
+		ctx, cancel := context.WithTimeout(o.ctx, snapshotTimeout)
+		defer cancel()
+		info, err := o.writeSnapshot(ctx, src, db, w)
+		w.smu.Lock()
+		w.snap.finished(err == nil)
+		w.smu.Unlock()
+		if err != nil {
+			o.logger.Warn("snapshot failed; the next one is tried later", "db", db, "err", err)
+			return
+		}
+		o.logger.Info("snapshot stored, stream trimmed behind it", "db", db, "version", info.Version, "seq", info.Seq, "pages", info.Pages)
+	}()
+}
+
+// appendedAt is the sequence and checksum of version v, if this owner
+// appended it recently.
+func (w *owned) appendedAt(v uint64) (appendedVersion, bool) {
+	w.smu.Lock()
+	defer w.smu.Unlock()
+	a := w.recent[v%recentVersions]
+	return a, a.version == v && v != 0
 }
 
 // Fresh implements server.LocalCache: it takes db's lease (ErrLeaseHeld if
@@ -184,6 +287,18 @@ func (o *Owner) writer(ctx context.Context, db string) (*owned, error) {
 		o.logger.Warn("subscribe to forwarded pushes", "db", db, "err", err)
 	}
 	o.mu.Lock()
+	src, policy := o.src, o.policy
+	o.mu.Unlock()
+	if src != nil {
+		// Versions since the stored snapshot count toward the next one, so
+		// that a database whose owner changes often is still snapshotted.
+		since := ap.lastVersion
+		if info, err := o.snaps.Info(ctx, db); err == nil && info.Version <= since {
+			since -= info.Version
+		}
+		w.snap, w.snapOn = newSnapState(policy, since), true
+	}
+	o.mu.Lock()
 	o.dbs[db] = w
 	o.mu.Unlock()
 	o.wg.Add(1)
@@ -235,9 +350,11 @@ func (o *Owner) Close(ctx context.Context) error {
 		}
 	}
 	o.mu.Unlock()
-	// Stop the renewals first: a renewal racing the release would find
-	// the lease released and report it lost.
+	// Stop the renewals and snapshots first: a renewal racing the release
+	// would find the lease released and report it lost.
+	o.mu.Lock()
 	o.cancel()
+	o.mu.Unlock()
 	o.wg.Wait()
 	o.mu.Lock()
 	dbs := o.dbs

@@ -158,3 +158,65 @@ func tableOf(img []byte, pageSize uint32) *wal.ChecksumTable {
 	}
 	return t
 }
+
+// errNoEntry is entryOf's error for a version the subject does not hold
+// (trimmed, or never appended).
+var errNoEntry = errors.New("cluster: no such version in the stream")
+
+// entryOf finds db's entry of version v by a binary search over stream
+// sequences, each probe one direct get of the next entry on the subject
+// at or after a sequence: a subject's versions rise with its sequences.
+// About log2(the stream's last sequence) gets instead of reading the
+// subject from its start.
+func entryOf(ctx context.Context, l *Log, db string, v uint64) (Entry, error) {
+	last, err := l.Last(ctx, db)
+	if err != nil {
+		return Entry{}, err
+	}
+	if last.Seq == 0 || v == 0 || v > last.Version {
+		return Entry{}, fmt.Errorf("%w: %s version %d (the subject ends at %d)", errNoEntry, db, v, last.Version)
+	}
+	if last.Version == v {
+		return last, nil
+	}
+	// The first entry at or after lo is the first of version >= v.
+	lo, hi := uint64(1), last.Seq
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		es, err := l.Read(ctx, db, mid, 1)
+		if err != nil {
+			return Entry{}, err
+		}
+		if len(es) == 0 {
+			return Entry{}, fmt.Errorf("%w: %s: nothing at or after seq %d below the tail's %d", ErrBrokenChain, db, mid, last.Seq)
+		}
+		if es[0].Version < v {
+			lo = es[0].Seq + 1
+		} else {
+			hi = mid
+		}
+	}
+	es, err := l.Read(ctx, db, lo, 1)
+	if err != nil {
+		return Entry{}, err
+	}
+	if len(es) == 0 || es[0].Version != v {
+		return Entry{}, fmt.Errorf("%w: %s version %d (trimmed)", errNoEntry, db, v)
+	}
+	return es[0], nil
+}
+
+// postChecksum is the whole-database checksum after e's version.
+func postChecksum(e Entry) (uint64, error) {
+	if len(e.Rec) < 8 {
+		return 0, fmt.Errorf("%w: %s version %d: a record of %d bytes", ErrBrokenChain, e.msgID, e.Version, len(e.Rec))
+	}
+	ev, err := protocol.DecodeEncodedVersion(e.Rec[8:], protocol.DefaultLimits)
+	if err != nil {
+		return 0, fmt.Errorf("%w: version %d: %w", ErrBrokenChain, e.Version, err)
+	}
+	if ev.Version != e.Version {
+		return 0, fmt.Errorf("%w: entry of version %d holds version %d", ErrBrokenChain, e.Version, ev.Version)
+	}
+	return ev.PostChecksum, nil
+}

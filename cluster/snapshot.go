@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sqlrebase/sqlrebase/server"
 	"github.com/sqlrebase/sqlrebase/wal"
 )
 
@@ -192,4 +193,86 @@ func (c *pageChecker) Read(p []byte) (int, error) {
 		return n, c.ended
 	}
 	return n, err
+}
+
+// writeSnapshot stores db's image at its latest version as its snapshot
+// and trims the stream behind it. The image is pinned (OpenSnapshot:
+// checkpointed into the main file, which no checkpoint touches until the
+// reader closes) at a version this owner knows to be in the stream: the
+// authority's version under its lock is always one whose append was
+// acknowledged (a refused one stops the authority). The snapshot records
+// that version's stream sequence, and its checksum must be the one the
+// stream's entry says; a snapshot no newer than the stored one is not
+// written (a deposed owner's late snapshot must not replace a new
+// owner's, behind which the stream may already be trimmed).
+func (o *Owner) writeSnapshot(ctx context.Context, src SnapshotSource, db string, w *owned) (SnapshotInfo, error) {
+	var info SnapshotInfo
+	err := src.WithAuthority(ctx, db, func(a *server.Authority) error {
+		sr, err := a.OpenSnapshot(ctx)
+		if err != nil {
+			return err
+		}
+		defer sr.Close()
+		if !w.lease.Valid() || w.ap.Err() != nil {
+			return fmt.Errorf("%w: %s: not the owner any more", ErrLeaseLost, db)
+		}
+		at, ok := w.appendedAt(sr.Version)
+		if !ok {
+			e, err := entryOf(ctx, o.log, db, sr.Version)
+			if err != nil {
+				return err
+			}
+			sum, err := postChecksum(e)
+			if err != nil {
+				return err
+			}
+			at = appendedVersion{version: e.Version, seq: e.Seq, checksum: sum}
+		}
+		if at.checksum != sr.Checksum {
+			return fmt.Errorf("%w: %s: image at version %d has checksum %016x, the stream's entry %016x", ErrBrokenChain, db, sr.Version, sr.Checksum, at.checksum)
+		}
+		if cur, err := o.snaps.Info(ctx, db); err == nil && cur.Version >= sr.Version {
+			info = cur
+			return nil
+		} else if err != nil && !errors.Is(err, ErrNoSnapshot) {
+			return err
+		}
+		info, err = o.snaps.Put(ctx, SnapshotInfo{DB: db, Version: sr.Version, Seq: at.seq, Checksum: sr.Checksum, PageSize: sr.PageSize, Pages: sr.DBSize}, &imageReader{sr: sr})
+		return err
+	})
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("cluster: snapshot of %s: %w", db, err)
+	}
+	if err := o.log.TrimBefore(ctx, db, info.Seq); err != nil {
+		return info, err
+	}
+	return info, nil
+}
+
+// imageReadPages is how many pages imageReader reads at a time (1 MiB of
+// 4 KiB pages): the object store cuts its chunks itself.
+const imageReadPages = 256
+
+// imageReader streams a pinned image, page range by page range.
+type imageReader struct {
+	sr   *server.SnapshotReader
+	next uint32 // pages done
+	buf  []byte
+}
+
+func (r *imageReader) Read(p []byte) (int, error) {
+	if len(r.buf) == 0 {
+		if r.next >= r.sr.DBSize {
+			return 0, io.EOF
+		}
+		k := min(imageReadPages, r.sr.DBSize-r.next)
+		b, err := r.sr.ReadPages(r.next+1, k)
+		if err != nil {
+			return 0, err
+		}
+		r.buf, r.next = b, r.next+k
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
 }

@@ -150,6 +150,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, _ *s
 	if o, ok := cfg.VersionLog.(*cluster.Owner); ok {
 		// Pushes other nodes forward to the databases this one owns.
 		o.SetForwardHandler(srv.ServeForwarded)
+		// Snapshots of the databases it owns, by the default policy.
+		o.SetSnapshotSource(srv, cluster.SnapshotPolicy{})
 	}
 	for _, d := range dbs {
 		name, secret, _ := strings.Cut(d, ":")
