@@ -220,7 +220,10 @@ func (o *Owner) Fresh(ctx context.Context, db string, version, checksum uint64) 
 }
 
 // Restore implements server.LocalCache: it rebuilds db's file at path from
-// the latest snapshot and the stream (Restore), checked against the chain.
+// the stream, checked against the chain: from the file the server set
+// aside (path + ".stale") if that is at a version of the stream with the
+// stream's checksum there (a cache only behind: only the versions after it
+// are applied), else from the latest snapshot (Restore).
 // With nothing in the stream yet it leaves path absent, so the server makes
 // version 1 (which this node then appends first). Call Fresh first: the
 // lease must be held while the file is rebuilt.
@@ -234,11 +237,19 @@ func (o *Owner) Restore(ctx context.Context, db, path string) error {
 	if _, last := w.ap.Last(); last == 0 {
 		return nil
 	}
-	res, err := Restore(ctx, o.log, o.snaps, db, path)
+	// The file the server just set aside is usually only behind: start
+	// from it if it is a version of the stream.
+	res, err := restoreBehind(ctx, o.log, db, path, path+".stale")
 	if err != nil {
-		return err
+		if !errors.Is(err, errNoLocal) {
+			o.logger.Info("the set-aside file is not a version of the stream; restoring in full", "db", db, "why", err)
+		}
+		if res, err = Restore(ctx, o.log, o.snaps, db, path); err != nil {
+			return err
+		}
 	}
-	o.logger.Info("restored database from the stream", "db", db, "version", res.Version, "from_snapshot", res.FromSnap)
+	o.logger.Info("restored database from the stream", "db", db, "version", res.Version,
+		"from_snapshot", res.FromSnap, "from_file", res.FromFile, "applied", res.Applied)
 	return nil
 }
 
