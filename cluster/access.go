@@ -63,7 +63,10 @@ type Access struct {
 	isReady bool
 }
 
-var _ server.AccessStore = (*Access)(nil)
+var (
+	_ server.AccessStore     = (*Access)(nil)
+	_ server.AccessRefresher = (*Access)(nil)
+)
 
 // OpenAccess creates the access bucket, or opens it (retrying until ctx
 // ends while a cluster elects its meta leader), and starts watching it. It
@@ -230,6 +233,12 @@ func (a *Access) Load(ctx context.Context, db string) (server.AccessRecord, erro
 	if ok {
 		return rec, nil
 	}
+	return a.get(ctx, db)
+}
+
+// Refresh returns db's record as the bucket holds it now (a round trip:
+// the server asks only before refusing a Hello).
+func (a *Access) Refresh(ctx context.Context, db string) (server.AccessRecord, error) {
 	return a.get(ctx, db)
 }
 

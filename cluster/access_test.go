@@ -98,6 +98,11 @@ func (g *gatedStore) release() {
 	g.mu.Unlock()
 }
 
+// Refresh is the store's own: a refresh is not the watch.
+func (g *gatedStore) Refresh(ctx context.Context, db string) (server.AccessRecord, error) {
+	return g.AccessStore.(server.AccessRefresher).Refresh(ctx, db)
+}
+
 func (g *gatedStore) Watch(fn func(string, server.AccessRecord)) func() {
 	return g.AccessStore.Watch(func(db string, rec server.AccessRecord) {
 		g.mu.Lock()
@@ -210,7 +215,8 @@ func credentialIn(t *testing.T, ctx context.Context, kv jetstream.KeyValue, db, 
 
 // TestAccessSharedByTwoNodes: two servers (nodes A and B, each with its
 // own connection and watch) on one JetStream's access bucket. A database
-// created and a secret added on A are served on B; a user revoked on A
+// created and a secret added on A are served on B (even before B's watch
+// delivers them: B reads the bucket before refusing); a user revoked on A
 // has the session at B ended and refused; a rotation on each node of the
 // same secret, B's made on a copy that has not heard of A's, both stay:
 // the second builds on the first, and both secrets work on both nodes.
@@ -275,6 +281,26 @@ func TestAccessSharedByTwoNodes(t *testing.T) {
 	if _, err := connectAs(t, ctx, srvB, addrB, db, "alice-secret"); err == nil {
 		t.Fatal("B admitted a user revoked on A")
 	}
+
+	// Made on A, presented at B before B's watch says so: B reads the
+	// bucket before it refuses.
+	gateB.hold()
+	if err := srvA.CreateDatabase(ctx, "late"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srvA.AddSecret(ctx, "late", "dave", "dave-secret"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := connectAs(t, ctx, srvB, addrB, "late", "dave-secret"); err != nil {
+		t.Fatalf("a database and secret made on A a moment ago, at B: %v", err)
+	}
+	if _, err := srvA.AddSecret(ctx, "late", "erin", "erin-secret"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := connectAs(t, ctx, srvB, addrB, "late", "erin-secret"); err != nil {
+		t.Fatalf("a secret added on A a moment ago, at B: %v", err)
+	}
+	gateB.release()
 
 	// Rotated on A, and on B before B heard of it.
 	kv, err := js.KeyValue(ctx, DefaultAccessBucket)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"time"
@@ -52,6 +53,17 @@ type AccessStore interface {
 	// every database created; a store that only this server writes may
 	// never call it. The returned func stops the calls.
 	Watch(fn func(db string, rec AccessRecord)) (stop func())
+}
+
+// AccessRefresher is an AccessStore that can read a record afresh, past
+// the copy its watch keeps (a round trip). A server asks it only before it
+// refuses a Hello, for a database it does not know or a secret that
+// matches nothing, so that what another node has just changed is not
+// refused for the watch's lag; such Hellos pass the failed-check limiter.
+type AccessRefresher interface {
+	// Refresh returns db's record as the store holds it now
+	// (ErrUnknownDatabase if it holds none).
+	Refresh(ctx context.Context, db string) (AccessRecord, error)
 }
 
 // ErrAccessConflict is the error of an AccessStore.Save whose revision is
@@ -289,4 +301,61 @@ func (s *Server) openTenantAccess(t *tenant) (*access, error) {
 	// sessions here.
 	a.onRemote = func() { s.endRevoked(t.name, a) }
 	return a, nil
+}
+
+// refreshUnknown looks for a database the registry does not know in the
+// store, past its watch's copy, and registers it if it is there (nil if
+// not, or if the store cannot refresh or the address is over its
+// failure budget: the Hello is refused as for an unknown database).
+func (s *Server) refreshUnknown(ctx context.Context, db string, remote net.Addr) *tenant {
+	r, ok := s.store.(AccessRefresher)
+	if !ok || !validName.MatchString(db) {
+		return nil
+	}
+	done, ok := s.limiter.take(remote)
+	if !ok {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	_, err := r.Refresh(ctx, db)
+	done(err == nil)
+	if err != nil {
+		if !errors.Is(err, ErrUnknownDatabase) {
+			s.log.Warn("refresh an unknown database's access record", "db", db, "err", err)
+		}
+		return nil
+	}
+	t, err := s.reg.add(db, s.dbDir(db))
+	if err != nil {
+		return nil
+	}
+	return t
+}
+
+// refreshAccess reads t's record afresh, past the store's watch, after a
+// secret matched none of a's credentials, and reports whether the record
+// changed (then the secret is worth checking again). A change found so
+// is applied as the watch would apply it, sessions included.
+func (s *Server) refreshAccess(ctx context.Context, t *tenant, a *access) bool {
+	r, ok := s.store.(AccessRefresher)
+	if !ok {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	rec, err := r.Refresh(ctx, t.name)
+	if err != nil {
+		s.log.Warn("refresh an access record", "db", t.name, "err", err)
+		return false
+	}
+	changed, err := a.apply(rec)
+	if err != nil {
+		s.log.Error("access record not applied; the copy in memory stays", "db", t.name, "revision", rec.Revision, "err", err)
+		return false
+	}
+	if changed {
+		s.endRevoked(t.name, a)
+	}
+	return changed
 }

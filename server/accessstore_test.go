@@ -21,7 +21,8 @@ type memStore struct {
 	rev   uint64 // the store's last revision (over all records, as a bucket's)
 	recs  map[string]AccessRecord
 	fns   []func(string, AccessRecord)
-	saves int // saves refused as conflicts
+	saves     int // saves refused as conflicts
+	refreshes int // records read by Refresh
 }
 
 func newMemStore() *memStore { return &memStore{recs: map[string]AccessRecord{}} }
@@ -62,6 +63,18 @@ func (m *memStore) Save(_ context.Context, db string, value []byte, rev uint64) 
 	m.rev++
 	m.recs[db] = AccessRecord{Value: value, Revision: m.rev}
 	return m.rev, nil
+}
+
+// Refresh reads db's record as it is now (memStore's Load already does).
+func (m *memStore) Refresh(_ context.Context, db string) (AccessRecord, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec, ok := m.recs[db]
+	if !ok {
+		return AccessRecord{}, fmt.Errorf("%w: %q", ErrUnknownDatabase, db)
+	}
+	m.refreshes++
+	return rec, nil
 }
 
 func (m *memStore) Watch(fn func(string, AccessRecord)) func() {
@@ -333,6 +346,45 @@ func TestRemoteChangeReachesSessions(t *testing.T) {
 	refusedWith(t, msg, protocol.CodeUnauthorized, `user "alice" was revoked`)
 	b1.push(2)
 	b1.acked(2) // bob's session goes on
+}
+
+// TestRefreshBeforeRefusing: a Hello for a database this server has not
+// heard of, or with a secret its copy lacks, is checked against the
+// store's record as it is now before it is refused (another node changed
+// it, and the watch has not said so yet); a refusal stays a refusal.
+func TestRefreshBeforeRefusing(t *testing.T) {
+	m := newMemStore()
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.AccessStore = m; c.CredentialHashIterations = 1000 })
+	ctx := context.Background()
+	other, err := openAccess(ctx, storeRecord{m, "late"}, 1000) // another node's, whose saves nobody hears of
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.add("dave", "dave-secret"); err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, addr, srv.Fingerprint())
+	_, msg := openClient(t, conn, protocol.Hello{Database: "late", ClientID: "d1", Credential: "dave-secret"})
+	welcome(t, msg)
+	if _, err := other.add("erin", "erin-secret"); err != nil {
+		t.Fatal(err)
+	}
+	before := m.refreshes
+	_, msg = openClient(t, conn, protocol.Hello{Database: "late", ClientID: "e1", Credential: "erin-secret"})
+	welcome(t, msg)
+	if m.refreshes != before+1 {
+		t.Fatalf("%d refreshes for a secret the copy lacked, want 1", m.refreshes-before)
+	}
+	_, msg = openClient(t, conn, protocol.Hello{Database: "late", ClientID: "e2", Credential: "wrong"})
+	refusedWith(t, msg, protocol.CodeUnauthorized, "wrong credential")
+	_, msg = openClient(t, conn, protocol.Hello{Database: "nowhere", ClientID: "n1", Credential: "x"})
+	refusedWith(t, msg, protocol.CodeUnknownDatabase, "nowhere")
+	before = m.refreshes
+	_, msg = openClient(t, conn, protocol.Hello{Database: "late", ClientID: "d2", Credential: "dave-secret"})
+	welcome(t, msg)
+	if m.refreshes != before {
+		t.Fatal("a Hello that passed read the store")
+	}
 }
 
 func addErr(_ credential, err error) error { return err }

@@ -467,7 +467,10 @@ var errRateLimited = errors.New("too many failed credential checks from this add
 func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello, remote net.Addr) (heldDatabase, error) {
 	t := s.reg.lookup(h.Database)
 	if t == nil {
-		return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
+		// Perhaps created on another node a moment ago.
+		if t = s.refreshUnknown(ctx, h.Database, remote); t == nil {
+			return heldDatabase{}, &protocol.RemoteError{Code: protocol.CodeUnknownDatabase, Message: fmt.Sprintf("no database named %q", h.Database)}
+		}
 	}
 	a, err := t.credentials(s.openTenantAccess)
 	if err != nil {
@@ -475,6 +478,10 @@ func (s *Server) admitDatabase(ctx context.Context, h *protocol.Hello, remote ne
 	}
 	req := AuthRequest{Database: h.Database, ClientID: h.ClientID, Credential: h.Credential, Remote: remote}
 	id, err := s.authenticate(ctx, a, req)
+	if errors.Is(err, errWrongCredential) && s.refreshAccess(ctx, t, a) {
+		// Perhaps added or rotated on another node a moment ago.
+		id, err = s.authenticate(ctx, a, req)
+	}
 	var ae *AuthError
 	switch {
 	case errors.Is(err, errRateLimited):
