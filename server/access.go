@@ -253,11 +253,21 @@ func (a *access) add(name, secret string) (credential, error) {
 			return credential{}, fmt.Errorf("access: %w", err)
 		}
 	}
-	switch c, err := a.check(secret); {
-	case err == nil && (c.Name == name || name == ""):
-		return c, nil
-	case err == nil:
+	a.mu.Lock()
+	checked := make(map[string]bool, len(a.file.Credentials))
+	for _, x := range a.file.Credentials {
+		checked[x.ID] = true
+	}
+	a.mu.Unlock()
+	same := func(c credential) (credential, error) {
+		if c.Name == name || name == "" {
+			return c, nil
+		}
 		return credential{}, fmt.Errorf("%w: that secret is already credential %s", ErrCredentialExists, c.ID)
+	}
+	switch c, err := a.check(secret); {
+	case err == nil:
+		return same(c)
 	case !errors.Is(err, errWrongCredential):
 		return credential{}, err
 	}
@@ -265,7 +275,18 @@ func (a *access) add(name, secret string) (credential, error) {
 	if err != nil {
 		return credential{}, err
 	}
-	return c, a.change(func(f *accessFile) error {
+	var found *credential
+	err = a.change(func(f *accessFile) error {
+		found = nil
+		// A credential added since the check (here, or on another node
+		// racing this add: `serve --db NAME:SECRET` on every node at
+		// once) may be this very secret; only those are hashed again.
+		for _, x := range f.Credentials {
+			if !checked[x.ID] && x.hashes(secret) {
+				found = &x
+				return errUnchanged
+			}
+		}
 		if name != "" && f.find(name) >= 0 {
 			return fmt.Errorf("%w: %q", ErrCredentialExists, name)
 		}
@@ -273,6 +294,20 @@ func (a *access) add(name, secret string) (credential, error) {
 		f.Revoked = slices.DeleteFunc(f.Revoked, func(r string) bool { return r == c.ID })
 		return nil
 	})
+	switch {
+	case err != nil:
+		return credential{}, err
+	case found != nil:
+		return same(*found)
+	}
+	return c, nil
+}
+
+// hashes says whether secret is c's current secret (costs the work
+// factor).
+func (c *credential) hashes(secret string) bool {
+	h, err := pbkdf2.Key(sha256.New, secret, c.Salt, c.iterations(), len(c.Hash))
+	return err == nil && len(c.Hash) > 0 && subtle.ConstantTimeCompare(h, c.Hash) == 1
 }
 
 // cached returns the credential a secret verified earlier matched (its

@@ -267,8 +267,21 @@ func TestAccessChangeRetriesOnConflict(t *testing.T) {
 	if err := b.bind("phone", "bob"); !errors.Is(err, errClientBound) {
 		t.Fatalf("a client id the other node bound: %v", err)
 	}
-	if m.saves != 6 {
-		t.Fatalf("%d conflicts, want 6 (each change made on a stale copy)", m.saves)
+	// One secret added on both (an unnamed one, as `serve --db` adds on
+	// every node): one credential, whichever node's it is.
+	s1, err := b.add("", "shared")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := a.add("", "shared")
+	if err != nil || s2.ID != s1.ID {
+		t.Fatalf("the same secret added on the other node: %+v, %v; want credential %s", s2, err, s1.ID)
+	}
+	if _, err := b.add("someone", "shared"); !errors.Is(err, ErrCredentialExists) {
+		t.Fatalf("the same secret under another name: %v", err)
+	}
+	if m.saves != 8 {
+		t.Fatalf("%d conflicts, want 8 (each change made on a stale copy)", m.saves)
 	}
 	rec, _ := m.Load(ctx, "db")
 	f, err := decodeAccess(rec.Value)
@@ -279,7 +292,7 @@ func TestAccessChangeRetriesOnConflict(t *testing.T) {
 	for _, c := range f.Credentials {
 		users = append(users, c.userID())
 	}
-	if fmt.Sprint(users) != "[alice bob carol]" || fmt.Sprint(f.RevokedUsers) != "[mallory]" || f.Clients["phone"] != "alice" {
+	if fmt.Sprint(users) != "[alice bob carol "+s1.ID+"]" || fmt.Sprint(f.RevokedUsers) != "[mallory]" || f.Clients["phone"] != "alice" {
 		t.Fatalf("the record lost a change: users %v, revoked %v, clients %v", users, f.RevokedUsers, f.Clients)
 	}
 	for _, secret := range []string{"sa3", "sa2"} { // the current one and the one in its grace
@@ -388,3 +401,34 @@ func TestRefreshBeforeRefusing(t *testing.T) {
 }
 
 func addErr(_ credential, err error) error { return err }
+
+// TestRemoteRotationGraceEndsSessions: a rotation made on another node
+// with a grace leaves this node's sessions on the old secret open until
+// the grace ends, and then ends them (this node arms the timer the
+// rotating node arms for its own sessions).
+func TestRemoteRotationGraceEndsSessions(t *testing.T) {
+	m := newMemStore()
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.AccessStore = m; c.CredentialHashIterations = 1000 })
+	ctx := context.Background()
+	if _, err := srv.AddSecret(ctx, "demo", "alice", "alice-secret"); err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, addr, srv.Fingerprint())
+	a1, msg := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "a1", Credential: "alice-secret"})
+	welcome(t, msg)
+	a1.until(1)
+	const grace = time.Second
+	m.externalChange(t, "demo", func(f *accessFile) {
+		i := f.find("alice")
+		old := f.Credentials[i]
+		f.Credentials[i].Gen = old.Gen + 1
+		f.Credentials[i].Hash = []byte("another secret's hash, 32 bytes")
+		f.Credentials[i].Prev = &prevSecret{Salt: old.Salt, Hash: old.Hash, Iter: old.iterations(), Gen: old.Gen, Until: time.Now().Add(grace)}
+	})
+	a1.push(1)
+	a1.acked(1) // within the grace: goes on
+	e := endsWith(t, a1, protocol.CodeCredentialRevoked, grace+3*time.Second)
+	if !strings.Contains(e.Message, "rotated") {
+		t.Fatalf("ended with %q", e.Message)
+	}
+}
