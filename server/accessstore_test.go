@@ -17,10 +17,10 @@ import (
 // and watchers, as the cluster's KV bucket behaves: what two nodes share.
 // external makes a change as another node would.
 type memStore struct {
-	mu    sync.Mutex
-	rev   uint64 // the store's last revision (over all records, as a bucket's)
-	recs  map[string]AccessRecord
-	fns   []func(string, AccessRecord)
+	mu        sync.Mutex
+	rev       uint64 // the store's last revision (over all records, as a bucket's)
+	recs      map[string]AccessRecord
+	fns       []func(string, AccessRecord)
 	saves     int // saves refused as conflicts
 	refreshes int // records read by Refresh
 }
@@ -75,6 +75,13 @@ func (m *memStore) Refresh(_ context.Context, db string) (AccessRecord, error) {
 	}
 	m.refreshes++
 	return rec, nil
+}
+
+// refreshed is how many records Refresh has read.
+func (m *memStore) refreshed() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.refreshes
 }
 
 func (m *memStore) Watch(fn func(string, AccessRecord)) func() {
@@ -382,20 +389,20 @@ func TestRefreshBeforeRefusing(t *testing.T) {
 	if _, err := other.add("erin", "erin-secret"); err != nil {
 		t.Fatal(err)
 	}
-	before := m.refreshes
+	before := m.refreshed()
 	_, msg = openClient(t, conn, protocol.Hello{Database: "late", ClientID: "e1", Credential: "erin-secret"})
 	welcome(t, msg)
-	if m.refreshes != before+1 {
-		t.Fatalf("%d refreshes for a secret the copy lacked, want 1", m.refreshes-before)
+	if m.refreshed() != before+1 {
+		t.Fatalf("%d refreshes for a secret the copy lacked, want 1", m.refreshed()-before)
 	}
 	_, msg = openClient(t, conn, protocol.Hello{Database: "late", ClientID: "e2", Credential: "wrong"})
 	refusedWith(t, msg, protocol.CodeUnauthorized, "wrong credential")
 	_, msg = openClient(t, conn, protocol.Hello{Database: "nowhere", ClientID: "n1", Credential: "x"})
 	refusedWith(t, msg, protocol.CodeUnknownDatabase, "nowhere")
-	before = m.refreshes
+	before = m.refreshed()
 	_, msg = openClient(t, conn, protocol.Hello{Database: "late", ClientID: "d2", Credential: "dave-secret"})
 	welcome(t, msg)
-	if m.refreshes != before {
+	if m.refreshed() != before {
 		t.Fatal("a Hello that passed read the store")
 	}
 }
@@ -427,6 +434,15 @@ func TestRemoteRotationGraceEndsSessions(t *testing.T) {
 	})
 	a1.push(1)
 	a1.acked(1) // within the grace: goes on
+	t.Cleanup(func() {
+		if t.Failed() {
+			a, _ := srv.accessOf("demo")
+			f := a.view()
+			for _, c := range f.Credentials {
+				t.Logf("at %v: credential %s gen %d prev %+v", time.Now(), c.ID, c.Gen, c.Prev)
+			}
+		}
+	})
 	e := endsWith(t, a1, protocol.CodeCredentialRevoked, grace+3*time.Second)
 	if !strings.Contains(e.Message, "rotated") {
 		t.Fatalf("ended with %q", e.Message)

@@ -251,12 +251,26 @@ func (s *Server) endRevoked(db string, a *access) int {
 		}
 	})
 	for _, end := range a.graceEnds() {
-		time.AfterFunc(time.Until(end), func() { s.endRevoked(db, a) })
+		s.endRevokedAt(db, a, end)
 	}
 	if n > 0 {
 		s.log.Info("ended sessions the access record no longer admits", "db", db, "sessions", n)
 	}
 	return n
+}
+
+// endRevokedAt runs endRevoked once the wall clock has reached end. A
+// grace's end is a wall-clock time (saved in the record) and a timer runs
+// on the monotonic clock, so a timer may fire a little before it (the
+// wall clock slewed): it then waits for the rest.
+func (s *Server) endRevokedAt(db string, a *access, end time.Time) {
+	time.AfterFunc(time.Until(end), func() {
+		if time.Now().Before(end) {
+			s.endRevokedAt(db, a, end)
+			return
+		}
+		s.endRevoked(db, a)
+	})
 }
 
 // Clients lists the client ids db has bound, each with its user, when it
