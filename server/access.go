@@ -571,6 +571,16 @@ func noChange(err error) error {
 // (AccessConflictError) is tried again on the record as that change left
 // it, fn applied afresh, so that neither change is lost.
 func (a *access) change(fn func(f *accessFile) error) error {
+	remote, err := a.saveChange(fn)
+	if remote && a.onRemote != nil {
+		a.onRemote() // with no lock held: it walks the sessions
+	}
+	return err
+}
+
+// saveChange is change's work under writeMu; it reports whether the record
+// saved holds a change made elsewhere.
+func (a *access) saveChange(fn func(f *accessFile) error) (remote bool, _ error) {
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	a.writeMu.Lock()
@@ -578,37 +588,33 @@ func (a *access) change(fn func(f *accessFile) error) error {
 	a.mu.Lock()
 	base, rev := a.file.clone(), a.rev
 	a.mu.Unlock()
-	remote := false
 	for attempt := 1; ; attempt++ {
 		f := base.clone()
 		if err := fn(&f); err != nil {
-			return noChange(err)
+			return false, noChange(err)
 		}
 		b, err := encodeAccess(&f)
 		if err != nil {
-			return fmt.Errorf("access: %w", err)
+			return false, fmt.Errorf("access: %w", err)
 		}
 		next, err := a.rec.save(ctx, b, rev)
 		var conflict *AccessConflictError
 		if errors.As(err, &conflict) && attempt < maxAccessRetries {
 			if base, err = decodeAccess(conflict.Current.Value); err != nil {
-				return fmt.Errorf("access: the record another change saved: %w", err)
+				return false, fmt.Errorf("access: the record another change saved: %w", err)
 			}
 			rev, remote = conflict.Current.Revision, true
 			continue
 		}
 		if err != nil {
-			return err
+			return false, err
 		}
 		a.mu.Lock()
 		if next > a.rev {
 			a.file, a.rev = f, next
 		}
 		a.mu.Unlock()
-		if remote && a.onRemote != nil {
-			a.onRemote()
-		}
-		return nil
+		return remote, nil
 	}
 }
 
