@@ -347,3 +347,66 @@ func TestAccessSharedByTwoNodes(t *testing.T) {
 		}
 	}
 }
+
+// TestAccessConflictsOnThreeNodes: on an R3 bucket (where JetStream
+// reports a compare-and-set conflict as 10164, not 10071), a save on a
+// stale revision, or of a new key another node created, is an
+// AccessConflictError holding the winner's record; a save whose bytes are
+// already the record's (a retry of one that landed) is the save done; and
+// the other node's watch delivers each record.
+func TestAccessConflictsOnThreeNodes(t *testing.T) {
+	nodes := trio(t)
+	ctx := bounded(t, 60*time.Second)
+	open := func(n *Node) *Access {
+		_, js := connect(t, n)
+		a, err := OpenAccess(ctx, js, AccessConfig{Replicas: 3, Logger: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(a.Close)
+		return a
+	}
+	a, b := open(nodes[0]), open(nodes[1])
+	heard := make(chan server.AccessRecord, 16)
+	b.Watch(func(db string, rec server.AccessRecord) { heard <- rec })
+	if err := a.Create(ctx, "x.y"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Create(ctx, "x.y"); err != nil { // exists: fine
+		t.Fatal(err)
+	}
+	r0, err := b.Load(ctx, "x.y")
+	if err != nil || string(r0.Value) != "{}" {
+		t.Fatalf("b's copy of a new database: %q, %v", r0.Value, err)
+	}
+	r1, err := a.Save(ctx, "x.y", []byte(`{"revoked_users":["m"]}`), r0.Revision)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.Save(ctx, "x.y", []byte(`{"revoked_users":["n"]}`), r0.Revision)
+	var conflict *server.AccessConflictError
+	if !errors.As(err, &conflict) || !errors.Is(err, server.ErrAccessConflict) || conflict.Current.Revision != r1 || string(conflict.Current.Value) != `{"revoked_users":["m"]}` {
+		t.Fatalf("a stale save: %v", err)
+	}
+	if _, err := b.Save(ctx, "new", []byte(`{}`), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Save(ctx, "new", []byte(`{"clients":{"c":"u"}}`), 0); !errors.As(err, &conflict) {
+		t.Fatalf("a new key another node made: %v", err)
+	}
+	// A retry of a save that landed (the same bytes, the old revision).
+	if r, err := a.Save(ctx, "x.y", []byte(`{"revoked_users":["m"]}`), r0.Revision); err != nil || r != r1 {
+		t.Fatalf("a save already in the bucket: %d, %v; want %d", r, err, r1)
+	}
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case rec := <-heard:
+			if rec.Revision == r1 {
+				return
+			}
+		case <-deadline:
+			t.Fatal("b's watch did not deliver a's save")
+		}
+	}
+}
