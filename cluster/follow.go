@@ -17,7 +17,22 @@ import (
 // pushes to the owner (forward.go). docs/CLUSTER.md, "Forwarding and
 // fan-out".
 
-var _ server.Follower = (*Owner)(nil)
+var (
+	_ server.Follower      = (*Owner)(nil)
+	_ server.LeaseReleaser = (*Owner)(nil)
+)
+
+// Release implements server.LeaseReleaser: the server closed db here, so
+// this node stops writing it and lets its lease go for any node to take.
+func (o *Owner) Release(db string) {
+	o.mu.Lock()
+	w := o.dbs[db]
+	o.mu.Unlock()
+	if w != nil {
+		o.logger.Debug("database closed here; releasing its lease", "db", db)
+		o.drop(db, w, nil)
+	}
+}
 
 // Holder implements server.Follower: the token of db's lease holder, ""
 // if none.

@@ -214,3 +214,55 @@ func TestFollowerCatchesUpFromATrimmedStream(t *testing.T) {
 		t.Fatal("B owns the database A holds")
 	}
 }
+
+// TestIdleCloseReleasesTheLease: a database closed when idle gives its
+// lease back, so that a node does not renew leases for databases it no
+// longer serves, and the next node to serve it owns it.
+func TestIdleCloseReleasesTheLease(t *testing.T) {
+	ctx := bounded(t, 60*time.Second)
+	sh := openShared(t, ctx, 2*time.Second)
+	o := NewOwner(sh.log, sh.leases, sh.snaps, "a", quiet)
+	t.Cleanup(func() { o.Close(context.Background()) })
+	srv, err := server.Open(ctx, server.Config{
+		Dir: t.TempDir(), Mutators: demoRegistry(t), Logger: quiet, VersionLog: o, IdleClose: 50 * time.Millisecond,
+		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.Exec(mutators.DemoSchema); return err },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	if err := srv.AddDatabase(ctx, "demo.db", "s3cret"); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.WithAuthority(ctx, "demo.db", func(a *server.Authority) error {
+		_, _, err := a.Push(ctx, inc("alice", 1))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		h, _, err := sh.leases.Holder(ctx, "demo.db")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h == "" {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("the idle database's lease is still held by %s", h)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if o.Owns("demo.db") {
+		t.Fatal("the owner still counts the closed database as its own")
+	}
+	b := startNode(t, ctx, sh, "b", t.TempDir())
+	rB := openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 1)
+	if !b.owner.Owns("demo.db") {
+		t.Fatal("the next node to serve the database does not own it")
+	}
+	if got := count(t, ctx, rB, "Food"); got != 1 {
+		t.Fatalf("Food = %d, want 1", got)
+	}
+}

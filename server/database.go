@@ -595,5 +595,11 @@ func (d *database) close() error {
 	err := d.clog.close()
 	d.enc.Close()
 	d.auth.mu.Unlock()
-	return errors.Join(err, d.auth.Close())
+	err = errors.Join(err, d.auth.Close())
+	if r, ok := d.cfg.VersionLog.(LeaseReleaser); ok && f == nil {
+		// Closed here (idle, or the server stops): let another node own
+		// it, rather than renew a lease for a database nobody serves.
+		r.Release(d.name)
+	}
+	return err
 }

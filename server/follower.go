@@ -46,6 +46,15 @@ type Follower interface {
 	Forward(ctx context.Context, db string, pushes []ForwardedPush) ([]ForwardedResult, error)
 }
 
+// LeaseReleaser is a VersionLog that holds something for each database
+// this node writes (a cluster's lease), which the server gives back when
+// the database closes here (idle, or the server stops): thousands of idle
+// databases must not keep their leases renewed by the node that last
+// wrote them. The next node to open the database takes it.
+type LeaseReleaser interface {
+	Release(db string)
+}
+
 // FollowImage is what Follower.Image built.
 type FollowImage struct {
 	Version  uint64
