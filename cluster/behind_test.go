@@ -3,6 +3,7 @@ package cluster
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -52,12 +53,13 @@ func (r recorder) find(msg string) []map[string]any {
 const restoredMsg = "restored database from the stream"
 
 // TestRestartedNodeAppliesOnlyWhatItMissed: node A stops at version N;
-// node B takes the database over and goes 1000 versions further; the
+// node B takes the database over (its takeover version) and goes 1000
+// versions further; the
 // stream is trimmed behind a snapshot older than N, so N's entry is still
 // there. When A restarts on its disk, its file (set aside: not the tail)
 // is at N with the stream's checksum there, so the restore starts from it
-// and applies only the versions after N, ending at the stream's version
-// and checksum. The same state restored in full (from the snapshot) is
+// and applies only the 1001 versions after N, ending at the stream's
+// version and checksum, before its own takeover version. The same state restored in full (from the snapshot) is
 // timed beside it.
 func TestRestartedNodeAppliesOnlyWhatItMissed(t *testing.T) {
 	if testing.Short() {
@@ -138,9 +140,7 @@ func TestRestartedNodeAppliesOnlyWhatItMissed(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if version != tv || sum != tsum {
-		t.Fatalf("A restarted at version %d, %016x; want the stream's %d, %016x", version, sum, tv, tsum)
-	}
+	tookOverAt(t, ctx, l, version, sum, tv, tsum)
 	rs := rec.find(restoredMsg)
 	if len(rs) != 1 {
 		t.Fatalf("%d restores logged, want 1: %v", len(rs), *rec.recs)
@@ -221,15 +221,37 @@ func TestDivergedFileIsRestoredInFull(t *testing.T) {
 	if _, _, err := aA.Push(ctx, inc("alice", 4)); !errors.Is(err, ErrFenced) {
 		t.Fatalf("A's push after B's: %v, want ErrFenced", err)
 	}
+	// B's takeover version and push, then A's takeover version.
 	tv, tsum := tailChecksum(t, ctx, l, "demo.db")
-	if aA.Version() != tv || aA.Checksum() != tsum {
-		t.Fatalf("A at %d, %016x after its reopen; want the stream's %d, %016x", aA.Version(), aA.Checksum(), tv, tsum)
+	if aA.Version() != tv || aA.Checksum() != tsum || tv != 7 {
+		t.Fatalf("A at %d, %016x after its reopen; want the stream's 7, %016x", aA.Version(), aA.Checksum(), tsum)
 	}
 	if len(rec.find("the set-aside file is not a version of the stream; restoring in full")) != 1 {
 		t.Fatalf("A's fenced file was not refused as a base: %v", *rec.recs)
 	}
 	rs := rec.find(restoredMsg)
-	if len(rs) != 1 || rs[0]["from_file"] != uint64(0) || rs[0]["version"] != tv {
-		t.Fatalf("restores %v; want one in full to %d", rs, tv)
+	if len(rs) != 1 || rs[0]["from_file"] != uint64(0) || rs[0]["version"] != tv-1 {
+		t.Fatalf("restores %v; want one in full to %d", rs, tv-1)
+	}
+}
+
+// tookOverAt checks that a node that restored db to the stream's version
+// tv (checksum tsum) and then appended its takeover version is at
+// (version, sum): tv+1, whose entry starts from tsum and ends at sum.
+func tookOverAt(t *testing.T, ctx context.Context, l *Log, version, sum, tv, tsum uint64) {
+	t.Helper()
+	if version != tv+1 {
+		t.Fatalf("at version %d; want the restored %d and the takeover version after it", version, tv)
+	}
+	e, err := entryOf(ctx, l, "demo.db", version)
+	if err != nil {
+		t.Fatal(err)
+	}
+	post, err := postChecksum(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pre := binary.LittleEndian.Uint64(e.Rec); pre != tsum || post != sum {
+		t.Fatalf("the takeover version %d goes from %016x to %016x; want from the restored %016x to the node's %016x", version, pre, post, tsum, sum)
 	}
 }

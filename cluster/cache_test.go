@@ -102,8 +102,10 @@ func TestFencedOwnerReopensFromTheStream(t *testing.T) {
 	if aB == nil {
 		t.Fatal("B did not open the database")
 	}
-	if aB.Version() != 3 || aB.Checksum() != aA.Checksum() {
-		t.Fatalf("B opened at version %d, checksum %016x; want A's 3, %016x", aB.Version(), aB.Checksum(), aA.Checksum())
+	// B restored A's version 3 and appended its takeover version before
+	// serving: that alone fences A.
+	if tv, tsum := tailChecksum(t, ctx, l, "demo.db"); aB.Version() != 4 || tv != 4 || tsum != aB.Checksum() || tailOwner(t, ctx, l) != oB.Token() {
+		t.Fatalf("B opened at version %d, %016x; the stream ends at %d, %016x by %q; want B's takeover version 4", aB.Version(), aB.Checksum(), tv, tsum, tailOwner(t, ctx, l))
 	}
 	if _, _, err := aB.Push(ctx, inc("bob", 1)); err != nil {
 		t.Fatal(err)
@@ -112,13 +114,11 @@ func TestFencedOwnerReopensFromTheStream(t *testing.T) {
 	if _, _, err := aA.Push(ctx, inc("alice", 3)); !errors.Is(err, ErrFenced) {
 		t.Fatalf("A's push after B's: %v, want ErrFenced", err)
 	}
+	// A reopened the database from the stream (its lease was free again):
+	// B's 5, then its own takeover version 6.
 	tv, tsum := tailChecksum(t, ctx, l, "demo.db")
-	if tv != 4 || tsum != aB.Checksum() {
-		t.Fatalf("the stream ends at version %d, %016x; want B's 4, %016x", tv, tsum, aB.Checksum())
-	}
-	// A reopened the database from the stream (its lease was free again).
-	if aA.Version() != 4 || aA.Checksum() != tsum {
-		t.Fatalf("A is at version %d, checksum %016x after the fence; want the stream's 4, %016x", aA.Version(), aA.Checksum(), tsum)
+	if aA.Version() != 6 || tv != 6 || tsum != aA.Checksum() || tailOwner(t, ctx, l) != oA.Token() {
+		t.Fatalf("A is at version %d, checksum %016x after the fence; the stream at %d, %016x by %q; want A's takeover version 6", aA.Version(), aA.Checksum(), tv, tsum, tailOwner(t, ctx, l))
 	}
 	if _, err := os.Stat(filepath.Join(dirA, "dbs", "demo.db", "db.sqlite.stale")); err != nil {
 		t.Fatalf("the fenced file was not set aside: %v", err)
@@ -126,16 +126,26 @@ func TestFencedOwnerReopensFromTheStream(t *testing.T) {
 	if _, _, err := aA.Push(ctx, inc("alice", 3)); err != nil {
 		t.Fatalf("A's push after its reopen: %v", err)
 	}
-	if tv, tsum := tailChecksum(t, ctx, l, "demo.db"); tv != 5 || tsum != aA.Checksum() {
-		t.Fatalf("the stream ends at version %d, %016x after A's push; want 5, A's %016x", tv, tsum, aA.Checksum())
+	if tv, tsum := tailChecksum(t, ctx, l, "demo.db"); tv != 7 || tsum != aA.Checksum() {
+		t.Fatalf("the stream ends at version %d, %016x after A's push; want 7, A's %016x", tv, tsum, aA.Checksum())
 	}
-	// And B, deposed in turn, reopens too and follows.
+	// And B, deposed in turn, reopens too, at A's 7 and its takeover 8.
 	if _, _, err := aB.Push(ctx, inc("bob", 2)); !errors.Is(err, ErrFenced) {
 		t.Fatalf("B's push after A's: %v, want ErrFenced", err)
 	}
-	if aB.Version() != 5 || aB.Checksum() != aA.Checksum() {
-		t.Fatalf("B at version %d, %016x after its fence; want A's 5, %016x", aB.Version(), aB.Checksum(), aA.Checksum())
+	if tv, tsum := tailChecksum(t, ctx, l, "demo.db"); aB.Version() != 8 || tv != 8 || aB.Checksum() != tsum {
+		t.Fatalf("B at version %d, %016x after its fence; the stream at %d, %016x; want B's takeover version 8", aB.Version(), aB.Checksum(), tv, tsum)
 	}
+}
+
+// tailOwner is the token of the Appender that wrote demo.db's last entry.
+func tailOwner(t *testing.T, ctx context.Context, l *Log) string {
+	t.Helper()
+	e, err := l.Last(ctx, "demo.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e.Owner
 }
 
 // TestStaleFileIsRestoredOnRestart: node A's lease is taken from it, so
@@ -208,9 +218,7 @@ func TestStaleFileIsRestoredOnRestart(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("A's push after its restart: %v", err)
 	}
-	if version != tv || sum != tsum {
-		t.Fatalf("A restarted at version %d, checksum %016x; want the stream's %d, %016x", version, sum, tv, tsum)
-	}
+	tookOverAt(t, ctx, l, version, sum, tv, tsum)
 	if _, err := os.Stat(filepath.Join(dir, "dbs", "demo.db", "db.sqlite.stale")); err != nil {
 		t.Fatalf("the stale file was not set aside: %v", err)
 	}
@@ -284,8 +292,8 @@ func TestNewNodeRestoresAndServesAReplica(t *testing.T) {
 	}
 	tv, tsum := tailChecksum(t, ctx, l, "demo.db")
 	st := r.Status()
-	if tv != 7 || st.Version != tv || st.Checksum != tsum {
-		t.Fatalf("replica at version %d, %016x; the stream ends at %d, %016x (want 7: five pushes, the schema, the replica's)", st.Version, st.Checksum, tv, tsum)
+	if tv != 8 || st.Version != tv || st.Checksum != tsum {
+		t.Fatalf("replica at version %d, %016x; the stream ends at %d, %016x (want 8: the schema, five pushes, B's takeover, the replica's)", st.Version, st.Checksum, tv, tsum)
 	}
 	var n int
 	if err := r.DB().QueryRowContext(ctx, "SELECT count FROM categories WHERE name = 'Food'").Scan(&n); err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -47,6 +48,9 @@ type owned struct {
 	lease *Lease
 	ap    *Appender
 	sub   *nats.Subscription // the forwarded pushes, while the lease is held (nil: none)
+	// appended is set by the first version appended under this lease:
+	// until then the database needs its takeover version (NeedsTakeover).
+	appended atomic.Bool
 
 	snapOn bool       // a snapshot source was set when the lease was taken
 	smu    sync.Mutex // guards snap and recent; a leaf
@@ -129,8 +133,22 @@ func (o *Owner) Append(ctx context.Context, db string, version uint64, rec []byt
 		}
 		return err
 	}
+	w.appended.Store(true)
 	o.appended(db, w, version, seq, rec)
 	return nil
+}
+
+// NeedsTakeover implements server.Takeover: db, just opened here, needs a
+// takeover version while this node holds its lease and has appended
+// nothing under it. That first append is what fences a deposed owner that
+// has not noticed (its expected sequence is the old tail); without it, the
+// old owner's next append would land, and this node, serving the old tail,
+// would learn of it only at its own first push.
+func (o *Owner) NeedsTakeover(db string) bool {
+	o.mu.Lock()
+	w := o.dbs[db]
+	o.mu.Unlock()
+	return w != nil && !w.appended.Load()
 }
 
 // appended records an acknowledged version for the snapshot writer and

@@ -166,6 +166,9 @@ func (d *database) newAuthority(dir string) *Authority {
 // file is a cache") and opens that. On an error a is closed.
 func (d *database) openChecked(ctx context.Context, a *Authority) error {
 	err := d.openRestoring(ctx, a)
+	if err == nil {
+		err = d.appendTakeover(ctx, a)
+	}
 	if lc, ok := d.cfg.VersionLog.(LocalCache); ok && err != nil {
 		lc.Drop(d.name, err)
 	}
