@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -253,5 +254,69 @@ func tookOverAt(t *testing.T, ctx context.Context, l *Log, version, sum, tv, tsu
 	}
 	if pre := binary.LittleEndian.Uint64(e.Rec); pre != tsum || post != sum {
 		t.Fatalf("the takeover version %d goes from %016x to %016x; want from the restored %016x to the node's %016x", version, pre, post, tsum, sum)
+	}
+}
+
+// TestRestoreBehindReadsTheWAL: a set-aside file whose last versions are
+// still in its WAL (copied while the server had it open: its main file is
+// the empty database of the open's checkpoint, every version since is in
+// the WAL) is at the WAL's version, not the main file's: the restore
+// starts there and applies only what came after. Without its WAL the same
+// file is the new database it was before version 1, and is not a base.
+func TestRestoreBehindReadsTheWAL(t *testing.T) {
+	_, nc, js := single(t)
+	ctx := bounded(t, 60*time.Second)
+	l, err := OpenLog(ctx, nc, js, LogConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := NewOwner(l, ls, nil, "a", quiet)
+	defer o.Close(ctx)
+	dir := t.TempDir()
+	srv := serverAt(t, dir, o)
+	a := srv.Authority("demo.db")
+	if a == nil {
+		t.Fatal("the database did not open")
+	}
+	for id := uint64(1); id <= 5; id++ {
+		if _, _, err := a.Push(ctx, inc("alice", id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	at := a.Version()
+	live := filepath.Join(dir, "dbs", "demo.db", "db.sqlite")
+	stale := filepath.Join(t.TempDir(), "db.sqlite.stale")
+	for _, sfx := range []string{"", "-wal"} {
+		if err := copyFile(live+sfx, stale+sfx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st, err := os.Stat(stale + "-wal"); err != nil || st.Size() == 0 {
+		t.Fatalf("the copied WAL: %v, %v; the test needs versions in it", st, err)
+	}
+	for id := uint64(6); id <= 8; id++ {
+		if _, _, err := a.Push(ctx, inc("alice", id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := restoreBehind(ctx, l, "demo.db", filepath.Join(t.TempDir(), "db.sqlite"), stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.FromFile != at || res.Applied != 3 || res.Version != a.Version() || res.Checksum != a.Checksum() {
+		t.Fatalf("restore %+v; want from the WAL's version %d, 3 applied, at the server's %d, %016x", res, at, a.Version(), a.Checksum())
+	}
+	if st, err := os.Stat(stale + "-wal"); err != nil || st.Size() == 0 {
+		t.Fatalf("the set-aside WAL was changed: %v, %v", st, err)
+	}
+	if err := os.Remove(stale + "-wal"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := restoreBehind(ctx, l, "demo.db", filepath.Join(t.TempDir(), "db.sqlite"), stale); !errors.Is(err, errNoLocal) {
+		t.Fatalf("the main file without its WAL: %v, want errNoLocal", err)
 	}
 }

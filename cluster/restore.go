@@ -12,6 +12,7 @@ import (
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/server"
 	"github.com/sqlrebase/sqlrebase/wal"
 )
 
@@ -180,45 +181,27 @@ func tableOf(img []byte, pageSize uint32) *wal.ChecksumTable {
 // (trimmed, or never appended).
 var errNoEntry = errors.New("cluster: no such version in the stream")
 
-// entryOf finds db's entry of version v by a binary search over stream
-// sequences, each probe one direct get of the next entry on the subject
-// at or after a sequence: a subject's versions rise with its sequences.
-// About log2(the stream's last sequence) gets instead of reading the
-// subject from its start.
+// entryOf finds db's entry of version v: seqAfter's binary search over
+// stream sequences (about log2(the stream's last sequence) direct gets),
+// then that entry. errNoEntry if the subject does not hold v (trimmed, or
+// not appended yet).
 func entryOf(ctx context.Context, l *Log, db string, v uint64) (Entry, error) {
-	last, err := l.Last(ctx, db)
+	if v == 0 {
+		return Entry{}, fmt.Errorf("%w: %s version 0", errNoEntry, db)
+	}
+	seq, err := l.seqAfter(ctx, db, v-1)
+	if errors.Is(err, server.ErrFollowGap) {
+		return Entry{}, fmt.Errorf("%w: %s version %d: %w", errNoEntry, db, v, err)
+	}
 	if err != nil {
 		return Entry{}, err
 	}
-	if last.Seq == 0 || v == 0 || v > last.Version {
-		return Entry{}, fmt.Errorf("%w: %s version %d (the subject ends at %d)", errNoEntry, db, v, last.Version)
-	}
-	if last.Version == v {
-		return last, nil
-	}
-	// The first entry at or after lo is the first of version >= v.
-	lo, hi := uint64(1), last.Seq
-	for lo < hi {
-		mid := lo + (hi-lo)/2
-		es, err := l.Read(ctx, db, mid, 1)
-		if err != nil {
-			return Entry{}, err
-		}
-		if len(es) == 0 {
-			return Entry{}, fmt.Errorf("%w: %s: nothing at or after seq %d below the tail's %d", ErrBrokenChain, db, mid, last.Seq)
-		}
-		if es[0].Version < v {
-			lo = es[0].Seq + 1
-		} else {
-			hi = mid
-		}
-	}
-	es, err := l.Read(ctx, db, lo, 1)
+	es, err := l.Read(ctx, db, seq, 1)
 	if err != nil {
 		return Entry{}, err
 	}
 	if len(es) == 0 || es[0].Version != v {
-		return Entry{}, fmt.Errorf("%w: %s version %d (trimmed)", errNoEntry, db, v)
+		return Entry{}, fmt.Errorf("%w: %s version %d (the subject ends before it)", errNoEntry, db, v)
 	}
 	return es[0], nil
 }
