@@ -84,10 +84,16 @@ func replaySeed(t *testing.T) uint64 {
 // TestChaos runs the whole stack under network faults and restarts, one
 // seed after another, and checks the invariants after each.
 func TestChaos(t *testing.T) {
+	runSeeds(t, "TestChaos", chooseMode(t), runSeed)
+}
+
+// runSeeds runs one mode's seeds (or the one asked to replay, or new ones
+// while soaking) through run, each a subtest of test, and logs the
+// convergence times.
+func runSeeds(t *testing.T, test string, m mode, run func(*testing.T, uint64, mode) time.Duration) {
 	if _, err := exec.LookPath("sqlite3"); err != nil {
 		t.Fatal("the chaos suite needs the stock sqlite3 CLI on PATH")
 	}
-	m := chooseMode(t)
 	var seeds []uint64
 	if s := replaySeed(t); s != 0 {
 		seeds = []uint64{s}
@@ -111,8 +117,8 @@ func TestChaos(t *testing.T) {
 		}
 		var d time.Duration
 		ok := t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
-			t.Logf("seed %d (replay: go test ./chaos -run 'TestChaos/seed=%d$' -chaos.seed=%d; mode %s)", seed, seed, seed, m.name)
-			d = runSeed(t, seed, m)
+			t.Logf("seed %d (replay: go test ./chaos -run '%s/seed=%d$' -chaos.seed=%d; mode %s)", seed, test, seed, seed, m.name)
+			d = run(t, seed, m)
 		})
 		if !ok {
 			t.Logf("seed %d failed", seed)
@@ -335,6 +341,14 @@ type cluster struct {
 	// own (serverDisk) when the plan fills the server's disk and the test
 	// may mount one.
 	serverDir, serverDisk string
+
+	// remote, if set, is the Remote a replica connects through (the
+	// cluster mode's: its node's relay, the other nodes' as alternates);
+	// nil: the one server, through relay.
+	remote func(w *worker) *replica.Remote
+	// describe, if set, describes the servers for a failure message in
+	// place of the one server's line.
+	describe func() string
 }
 
 // worker is one replica and the mutations it made.
@@ -434,57 +448,7 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		wg.Add(1)
 		go func() { defer wg.Done(); w.run(ctx) }()
 	}
-	for _, df := range p.diskFaults {
-		if w := c.reps[df.replica]; w.disk != "" {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				time.Sleep(df.at - (relay.Elapsed() - base))
-				filler := filepath.Join(w.disk, "filler")
-				n, err := fill(filler)
-				t.Logf("replica %d's disk is full (%d bytes of filler; %v) for %v", w.i, n, err, df.long.Round(time.Millisecond))
-				time.Sleep(df.long)
-				if err := os.Remove(filler); err != nil {
-					t.Errorf("free replica %d's disk: %v", w.i, err)
-				}
-			}()
-			continue
-		}
-		if !fileFaultsHooked {
-			t.Logf("disk fault %+v not made: no hook under the replica's files in this build", df)
-			continue
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f := c.reps[df.replica].faults
-			time.Sleep(df.at - (relay.Elapsed() - base))
-			c.log.Info("chaos: disk faults", "replica", df.replica, "fault", fmt.Sprintf("%+v", df))
-			if df.full {
-				f.DiskFull()
-			} else {
-				f.FailRandom(df.prob, vfs.OpAll, false)
-			}
-			time.Sleep(df.long)
-			fired := f.Fired()
-			f.Clear()
-			c.t.Logf("replica %d: disk faults %+v injected %d failures", df.replica, df, fired)
-		}()
-	}
-	if c.serverDisk != "" {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			time.Sleep(p.serverFull.at - (relay.Elapsed() - base))
-			filler := filepath.Join(c.serverDisk, "filler")
-			n, err := fill(filler)
-			t.Logf("the server's disk is full (%d bytes of filler; %v) for %v", n, err, p.serverFull.long.Round(time.Millisecond))
-			time.Sleep(p.serverFull.long)
-			if err := os.Remove(filler); err != nil {
-				t.Errorf("free the server's disk: %v", err)
-			}
-		}()
-	}
+	c.diskFaults(&wg, func() time.Duration { return relay.Elapsed() - base })
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -512,41 +476,7 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		}
 	}
 	cut := p.finalCut
-	if err := relay.SetProfile(faultnet.Profile{Partitions: []faultnet.Partition{{Until: time.Duration(math.MaxInt64), Dir: faultnet.Both}}}); err != nil {
-		t.Fatal(err)
-	}
-	cutStart := time.Now()
-	// Each replica makes a backlog offline, which it must drain once the
-	// cut heals.
-	var offline sync.WaitGroup
-	for _, w := range c.reps {
-		offline.Add(1)
-		go func() {
-			defer offline.Done()
-			for j := range m.backlog {
-				w.mutate(ctx, []kind{own, toShared}[j%2])
-			}
-		}()
-	}
-	c.boundedWait("the offline backlog", 120*time.Second, &offline)
-	time.Sleep(cut - time.Since(cutStart))
-	if err := relay.SetProfile(faultnet.Profile{}); err != nil {
-		t.Fatal(err)
-	}
-	healed := time.Now()
-	var syncs sync.WaitGroup
-	for _, w := range c.reps {
-		syncs.Add(1)
-		go func() {
-			defer syncs.Done()
-			c.bounded(fmt.Sprintf("replica %d Sync after the faults", w.i), 90*time.Second, w.r.Sync)
-		}()
-	}
-	c.boundedWait("the Syncs", 100*time.Second, &syncs)
-	converged := time.Since(healed)
-	if t.Failed() {
-		t.FailNow()
-	}
+	converged := c.finalCut(ctx, m, []*faultnet.Relay{relay})
 	c.check(ctx)
 	// The faults happened, to these clients: the relay was in the path.
 	st := relay.Stats()
@@ -583,6 +513,113 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	}
 	t.Logf("in sync %v after a %v cut healed (%d mutations made offline by each replica); calls failed by disk faults per replica %v; relay: %+v", converged.Round(time.Millisecond), cut, m.backlog, faultErrs, st)
 	return converged
+}
+
+// finalCut cuts every client off from every server both ways, on every
+// relay, while each replica makes its backlog offline; then heals the cut
+// with every fault gone and returns the time until every replica synced.
+func (c *cluster) finalCut(ctx context.Context, m mode, relays []*faultnet.Relay) time.Duration {
+	t := c.t
+	cut := c.plan.finalCut
+	for _, relay := range relays {
+		if err := relay.SetProfile(faultnet.Profile{Partitions: []faultnet.Partition{{Until: time.Duration(math.MaxInt64), Dir: faultnet.Both}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cutStart := time.Now()
+	// Each replica makes a backlog offline, which it must drain once the
+	// cut heals.
+	var offline sync.WaitGroup
+	for _, w := range c.reps {
+		offline.Add(1)
+		go func() {
+			defer offline.Done()
+			for j := range m.backlog {
+				w.mutate(ctx, []kind{own, toShared}[j%2])
+			}
+		}()
+	}
+	c.boundedWait("the offline backlog", 120*time.Second, &offline)
+	time.Sleep(cut - time.Since(cutStart))
+	for _, relay := range relays {
+		if err := relay.SetProfile(faultnet.Profile{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	healed := time.Now()
+	var syncs sync.WaitGroup
+	for _, w := range c.reps {
+		syncs.Add(1)
+		go func() {
+			defer syncs.Done()
+			c.bounded(fmt.Sprintf("replica %d Sync after the faults", w.i), 90*time.Second, w.r.Sync)
+		}()
+	}
+	c.boundedWait("the Syncs", 100*time.Second, &syncs)
+	converged := time.Since(healed)
+	if t.Failed() {
+		t.FailNow()
+	}
+	return converged
+}
+
+// diskFaults starts the plan's disk faults, each on a goroutine of its own
+// in wg, at their times on the run's clock (elapsed): the replicas' (a real
+// full disk on a tmpfs, or the hook under their files) and the server's
+// full disk (on serverDisk, if mounted).
+func (c *cluster) diskFaults(wg *sync.WaitGroup, elapsed func() time.Duration) {
+	t := c.t
+	for _, df := range c.plan.diskFaults {
+		if w := c.reps[df.replica]; w.disk != "" {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				time.Sleep(df.at - elapsed())
+				filler := filepath.Join(w.disk, "filler")
+				n, err := fill(filler)
+				t.Logf("replica %d's disk is full (%d bytes of filler; %v) for %v", w.i, n, err, df.long.Round(time.Millisecond))
+				time.Sleep(df.long)
+				if err := os.Remove(filler); err != nil {
+					t.Errorf("free replica %d's disk: %v", w.i, err)
+				}
+			}()
+			continue
+		}
+		if !fileFaultsHooked {
+			t.Logf("disk fault %+v not made: no hook under the replica's files in this build", df)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f := c.reps[df.replica].faults
+			time.Sleep(df.at - elapsed())
+			c.log.Info("chaos: disk faults", "replica", df.replica, "fault", fmt.Sprintf("%+v", df))
+			if df.full {
+				f.DiskFull()
+			} else {
+				f.FailRandom(df.prob, vfs.OpAll, false)
+			}
+			time.Sleep(df.long)
+			fired := f.Fired()
+			f.Clear()
+			c.t.Logf("replica %d: disk faults %+v injected %d failures", df.replica, df, fired)
+		}()
+	}
+	if c.serverDisk != "" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(c.plan.serverFull.at - elapsed())
+			filler := filepath.Join(c.serverDisk, "filler")
+			n, err := fill(filler)
+			t.Logf("the server's disk is full (%d bytes of filler; %v) for %v", n, err, c.plan.serverFull.long.Round(time.Millisecond))
+			time.Sleep(c.plan.serverFull.long)
+			if err := os.Remove(filler); err != nil {
+				t.Errorf("free the server's disk: %v", err)
+			}
+		}()
+	}
 }
 
 // startServer opens the server on c.dir and serves it on addr (retrying
@@ -787,6 +824,15 @@ func (c *cluster) server() *server.Server {
 	return c.srv
 }
 
+// remoteOf is the Remote replica w connects through: the one server's,
+// through the relay, unless c.remote says otherwise.
+func (c *cluster) remoteOf(w *worker, fp string) *replica.Remote {
+	if c.remote != nil {
+		return c.remote(w)
+	}
+	return &replica.Remote{Addr: c.relay.Addr(), Database: dbName, Credential: secret, Fingerprint: fp}
+}
+
 func (w *worker) open(ctx context.Context) {
 	c := w.c
 	c.srvMu.Lock()
@@ -796,7 +842,7 @@ func (w *worker) open(ctx context.Context) {
 		Mutators: c.reg, Logger: c.log.With("replica", w.i),
 		// One replica fsyncs everything, the others the default.
 		Durability: []replica.Durability{replica.Normal, replica.Full}[w.i%2],
-		Remote:     &replica.Remote{Addr: c.relay.Addr(), Database: dbName, Credential: secret, Fingerprint: fp},
+		Remote:     c.remoteOf(w, fp),
 	}, w.faults)
 	if w.i < 2 && c.tr != nil {
 		opts.Remote.Transport = c.tr
@@ -926,45 +972,7 @@ func (c *cluster) check(ctx context.Context) {
 		t.Fatal("no server")
 	}
 	auth := srv.Authority(dbName)
-
-	// Every mutation settled, with the outcome its kind allows.
-	want := map[string]int64{}
-	capTried, capApplied := 0, 0
-	for _, w := range c.reps {
-		w.mu.Lock()
-		recs := slices.Clone(w.recs)
-		w.mu.Unlock()
-		for _, m := range recs {
-			var err error
-			select {
-			case <-m.h.Done():
-				err = m.h.Wait(ctx)
-			default:
-				t.Errorf("replica %d: mutation %d (%v) not settled after Sync", w.i, m.id, m.kind)
-				continue
-			}
-			var rej *replica.RejectedError
-			switch {
-			case m.kind == toCapped && err == nil:
-				capTried++
-				capApplied++
-			case m.kind == toCapped && errors.As(err, &rej) && strings.Contains(rej.Message, errCapFull.Error()):
-				capTried++
-			case err != nil:
-				t.Errorf("replica %d: mutation %d (%v): %v", w.i, m.id, m.kind, err)
-			case m.kind == own:
-				want[fmt.Sprintf("r%d", w.i)]++
-			case m.kind == toShared:
-				want[shared]++
-			}
-		}
-	}
-	if capApplied > 0 {
-		want[capRow] = int64(capApplied)
-	}
-	if wantCap := min(capTried, capLimit); capApplied != wantCap {
-		t.Errorf("capped: %d of %d applied, want %d", capApplied, capTried, wantCap)
-	}
+	want := c.settled(ctx)
 
 	// Every replica at the server's version, checksum and rows. A replica
 	// whose Sync returned early may still apply another's last version.
@@ -1010,6 +1018,51 @@ func (c *cluster) check(ctx context.Context) {
 	if fs := fileChecksum(t, file); fs != sum {
 		t.Errorf("the server's file (checkpointed by the CLI) has checksum %016x; the server reported %016x", fs, sum)
 	}
+}
+
+// settled checks that every mutation the replicas made settled, with the
+// outcome its kind allows, and returns the rows they make: the exact count
+// of each row's confirmed mutations.
+func (c *cluster) settled(ctx context.Context) map[string]int64 {
+	t := c.t
+	want := map[string]int64{}
+	capTried, capApplied := 0, 0
+	for _, w := range c.reps {
+		w.mu.Lock()
+		recs := slices.Clone(w.recs)
+		w.mu.Unlock()
+		for _, m := range recs {
+			var err error
+			select {
+			case <-m.h.Done():
+				err = m.h.Wait(ctx)
+			default:
+				t.Errorf("replica %d: mutation %d (%v) not settled after Sync", w.i, m.id, m.kind)
+				continue
+			}
+			var rej *replica.RejectedError
+			switch {
+			case m.kind == toCapped && err == nil:
+				capTried++
+				capApplied++
+			case m.kind == toCapped && errors.As(err, &rej) && strings.Contains(rej.Message, errCapFull.Error()):
+				capTried++
+			case err != nil:
+				t.Errorf("replica %d: mutation %d (%v): %v", w.i, m.id, m.kind, err)
+			case m.kind == own:
+				want[fmt.Sprintf("r%d", w.i)]++
+			case m.kind == toShared:
+				want[shared]++
+			}
+		}
+	}
+	if capApplied > 0 {
+		want[capRow] = int64(capApplied)
+	}
+	if wantCap := min(capTried, capLimit); capApplied != wantCap {
+		t.Errorf("capped: %d of %d applied, want %d", capApplied, capTried, wantCap)
+	}
+	return want
 }
 
 // smallDisk mounts a tmpfs of the given size on a temporary directory
@@ -1140,7 +1193,9 @@ func (c *cluster) boundedWait(what string, d time.Duration, wg *sync.WaitGroup) 
 // state describes the cluster for a failure message.
 func (c *cluster) state() string {
 	var b strings.Builder
-	if srv := c.server(); srv != nil {
+	if c.describe != nil {
+		b.WriteString(c.describe())
+	} else if srv := c.server(); srv != nil {
 		a := srv.Authority(dbName)
 		fmt.Fprintf(&b, "server: version %d checksum %016x\n", a.Version(), a.Checksum())
 	} else if c.hasChild() {

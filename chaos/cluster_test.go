@@ -1,0 +1,573 @@
+package chaos
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	scluster "github.com/sqlrebase/sqlrebase/cluster"
+	"github.com/sqlrebase/sqlrebase/internal/faultnet"
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/replica"
+	"github.com/sqlrebase/sqlrebase/server"
+	"github.com/sqlrebase/sqlrebase/vfs"
+)
+
+// leaseTTL is the cluster mode's lease TTL: a node that crashes holding
+// the lease blocks the take-over this long (the tests of the cluster
+// package use the same 2 s).
+const leaseTTL = 2 * time.Second
+
+// snapshotPolicy makes the owner snapshot (and trim the stream) every
+// few dozen versions, so that a run of a few hundred versions restores and
+// follows from snapshots too, not only from the stream's start.
+var snapshotPolicy = scluster.SnapshotPolicy{MinVersions: 20, MaxVersions: 60}
+
+// TestChaosCluster is the suite on the cluster code path (issue 12): an
+// embedded JetStream (one node, R1), two or three sqlrebase nodes in this
+// process, each with its own cluster.Owner (the VersionLog, LocalCache and
+// Follower) that runs forwarded pushes on its server, all presenting one
+// certificate. Each replica connects to its node through that node's
+// relay, with the other nodes' relays as alternates. The faults are the
+// single-node suite's (loss, duplication, reordering, partitions, replica
+// restarts, disk faults, the final cut and its offline backlog; the
+// server's full disk is the first node's) and, in place of the server's
+// restarts, node restarts on the same directory: the owner's node mostly,
+// which either releases its lease (a clean stop) or crashes holding it, so
+// that the others wait out the TTL. At the end every confirmed mutation is
+// counted exactly once, every replica is at the stream's tail (version and
+// checksum), every node serves that tail, exactly one node owns, and the
+// stock sqlite3 CLI finds each node's file (the owner's db.sqlite, a
+// follower's follow.sqlite) intact, with the rows and checksum of the tail.
+func TestChaosCluster(t *testing.T) {
+	runSeeds(t, "TestChaosCluster", clusterMode(chooseMode(t)), runClusterSeed)
+}
+
+// clusterMode sizes the cluster mode from the single-node one: fewer
+// seeds, each costs more (a JetStream, two or three servers, waits for a
+// lease TTL).
+func clusterMode(m mode) mode {
+	switch m.name {
+	case "short":
+		m.seeds = 1
+	case "default":
+		m.seeds = 2
+		m.runFor = 4 * time.Second
+		m.perReplica = 48
+		m.backlog = 200
+	}
+	return m
+}
+
+// clusterPlan is what a seed decides of the cluster beyond the plan: how
+// many nodes, and who stops how at each of the plan's server restarts.
+type clusterPlan struct {
+	nodes int
+	stops []nodeStop // one per plan.serverRestarts
+}
+
+// nodeStop is one node restart.
+type nodeStop struct {
+	owner   bool // stop whichever node owns the database then (else node)
+	node    int
+	release bool // a clean stop (the lease released), or a crash holding it
+}
+
+func makeClusterPlan(seed uint64, p plan) clusterPlan {
+	rng := rand.New(rand.NewPCG(seed, seed^0xc1057e5))
+	cp := clusterPlan{nodes: 2 + rng.IntN(2)}
+	for range p.serverRestarts {
+		cp.stops = append(cp.stops, nodeStop{owner: rng.IntN(3) > 0, node: rng.IntN(cp.nodes), release: rng.IntN(2) == 0})
+	}
+	return cp
+}
+
+// clusterRun is one seed's cluster: the JetStream, the nodes and, in c,
+// the replicas and the machinery the single-node mode drives them with.
+type clusterRun struct {
+	c       *cluster
+	cp      clusterPlan
+	nats    *scluster.Node
+	nodes   []*node
+	certDir string
+	start   time.Time // of the run, under faults
+}
+
+// node is one sqlrebase node; its server listens on the same address in
+// every life, behind its own relay.
+type node struct {
+	r     *clusterRun
+	i     int
+	dir   string
+	addr  string
+	relay *faultnet.Relay
+
+	mu   sync.Mutex // guards life
+	life *nodeLife  // nil while the node is down
+}
+
+// nodeLife is one life of a node: its own NATS connection, Owner and server.
+type nodeLife struct {
+	nc    *nats.Conn
+	owner *scluster.Owner
+	srv   *server.Server
+}
+
+func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
+	p := makePlan(seed, m)
+	cp := makeClusterPlan(seed, p)
+	t.Logf("plan: %d nodes; profile %+v; partitions %+v (of each node's clients); replica restarts before mutation %v; node stops %+v at %+v; disk faults %+v; node 0's disk full %+v; shared transport %v",
+		cp.nodes, p.profile, p.partitions, p.restartAt, cp.stops, p.serverRestarts, p.diskFaults, p.serverFull, p.sharedTransport)
+	c := &cluster{t: t, seed: seed, plan: p, reg: registry(t), dir: t.TempDir(), logs: newRing(400)}
+	c.log = slog.New(slog.NewTextHandler(c.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("seed %d failed; the last log lines:\n%s", seed, c.logs.String())
+		}
+	})
+	ctx := context.Background()
+	cr := &clusterRun{c: c, cp: cp, certDir: filepath.Join(c.dir, "cert")}
+	c.describe = cr.describe
+	c.remote = cr.remote
+	if err := os.MkdirAll(cr.certDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	nn, err := scluster.StartNode(ctx, scluster.NodeConfig{Name: "nats", Dir: filepath.Join(c.dir, "nats"),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr.nats = nn
+	t.Cleanup(nn.Shutdown)
+
+	for i := range cp.nodes {
+		n := &node{r: cr, i: i, dir: filepath.Join(c.dir, fmt.Sprintf("node%d", i)), addr: "127.0.0.1:0"}
+		if i == 0 && p.serverFull.long > 0 {
+			if disk, err := smallDisk(t, "64m"); err != nil {
+				t.Logf("node 0's disk will not fill: %v", err)
+			} else {
+				c.serverDisk = disk
+				n.dir = filepath.Join(disk, "node0")
+			}
+		}
+		// Node 0 starts first: its AddDatabase opens the database, so it
+		// owns; the others follow it.
+		if err := n.start(ctx, true); err != nil {
+			t.Fatal(err)
+		}
+		relay, err := faultnet.Listen(faultnet.Config{Target: n.addr, Seed: seed + uint64(i), Logger: c.log.With("relay", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.relay = relay
+		t.Cleanup(func() { relay.Close() })
+		cr.nodes = append(cr.nodes, n)
+	}
+	t.Cleanup(func() {
+		for _, n := range cr.nodes {
+			n.stop(true)
+		}
+	})
+	c.fp = cr.nodes[0].life.srv.Fingerprint()
+	if p.sharedTransport {
+		c.tr = replica.NewTransport(replica.TransportOptions{Logger: c.log})
+	}
+	for i := range p.replicas {
+		w := &worker{c: c, i: i, path: filepath.Join(c.dir, fmt.Sprintf("r%d.db", i)), faults: vfs.NewFaults(seed + uint64(i))}
+		for _, df := range p.diskFaults {
+			if df.replica == i && df.full {
+				if disk, err := smallDisk(t, "32m"); err != nil {
+					t.Logf("replica %d's disk will not fill for real: %v", i, err)
+				} else {
+					w.disk, w.path = disk, filepath.Join(disk, fmt.Sprintf("r%d.db", i))
+				}
+			}
+		}
+		w.open(ctx)
+		c.reps = append(c.reps, w)
+		c.bounded("replica connects", 20*time.Second, func(ctx context.Context) error { return w.r.WaitConnected(ctx) })
+	}
+	t.Cleanup(func() {
+		for _, w := range c.reps {
+			w.close()
+		}
+		if c.tr != nil {
+			c.tr.Close()
+		}
+	})
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	// Faults on, on every relay (each has its own clock), then the run.
+	start := time.Now()
+	cr.start = start
+	var lastUntil time.Duration
+	for _, n := range cr.nodes {
+		base := n.relay.Elapsed()
+		prof := p.profile
+		for _, q := range p.partitions {
+			q.From += base
+			q.Until += base
+			prof.Partitions = append(prof.Partitions, q)
+			lastUntil = max(lastUntil, q.Until-base)
+		}
+		if err := n.relay.SetProfile(prof); err != nil {
+			t.Fatal(err)
+		}
+	}
+	elapsed := func() time.Duration { return time.Since(start) }
+	var wg sync.WaitGroup
+	for _, w := range c.reps {
+		wg.Add(1)
+		go func() { defer wg.Done(); w.run(ctx) }()
+	}
+	c.diskFaults(&wg, elapsed)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for k, rs := range p.serverRestarts {
+			time.Sleep(rs.at - elapsed())
+			cr.restart(ctx, cp.stops[k], rs.down)
+		}
+	}()
+	c.boundedWait("the run", 10*m.runFor+60*time.Second, &wg)
+	if t.Failed() {
+		t.FailNow()
+	}
+	if d := lastUntil - elapsed(); d > 0 {
+		time.Sleep(d)
+	}
+	var relays []*faultnet.Relay
+	for _, n := range cr.nodes {
+		relays = append(relays, n.relay)
+	}
+	converged := c.finalCut(ctx, m, relays)
+	cr.check(ctx)
+
+	var lost, clients int
+	for _, n := range cr.nodes {
+		st := n.relay.Stats()
+		lost += int(st.Lost[0] + st.Lost[1])
+		clients += st.Clients
+	}
+	if p.profile.Loss > 0.02 && lost == 0 {
+		t.Errorf("loss %.3f, yet the relays lost no packet", p.profile.Loss)
+	}
+	c.logs.mu.Lock()
+	noSpace, vague := c.logs.noSpace, c.logs.vague
+	c.logs.mu.Unlock()
+	if len(vague) > 0 {
+		t.Errorf("disk errors said vaguely (a full disk must say \"no space left on device\"):\n%s", strings.Join(vague, "\n"))
+	}
+	if c.serverDisk != "" {
+		t.Logf("%d log lines said \"no space left on device\"", noSpace)
+	}
+	t.Logf("in sync %v after a %v cut healed (%d mutations made offline by each replica); %d client addresses over %d relays, %d packets lost",
+		converged.Round(time.Millisecond), p.finalCut, m.backlog, clients, len(relays), lost)
+	return converged
+}
+
+// remote is replica w's Remote: its node (w.i mod the nodes) through that
+// node's relay, the other nodes' relays as alternates.
+func (cr *clusterRun) remote(w *worker) *replica.Remote {
+	k := len(cr.nodes)
+	home := w.i % k
+	rm := &replica.Remote{Addr: cr.nodes[home].relay.Addr(), Database: dbName, Credential: secret, Fingerprint: cr.c.fp}
+	for j := 1; j < k; j++ {
+		rm.Alternates = append(rm.Alternates, cr.nodes[(home+j)%k].relay.Addr())
+	}
+	return rm
+}
+
+// start starts a life of the node on its directory, on its address (the
+// first: any port; AddDatabase), retrying while the port is still taken.
+func (n *node) start(ctx context.Context, first bool) error {
+	c := n.r.c
+	log := c.log.With("node", n.i)
+	nc, js, err := n.r.nats.Connect()
+	if err != nil {
+		return fmt.Errorf("node %d: connect to NATS: %w", n.i, err)
+	}
+	l, err := scluster.OpenLog(ctx, nc, js, scluster.LogConfig{})
+	var ls *scluster.Leases
+	var snaps *scluster.Snapshots
+	if err == nil {
+		ls, err = scluster.OpenLeases(ctx, js, scluster.LeaseConfig{TTL: leaseTTL})
+	}
+	if err == nil {
+		snaps, err = scluster.OpenSnapshots(ctx, js, scluster.SnapshotConfig{})
+	}
+	if err != nil {
+		nc.Close()
+		return fmt.Errorf("node %d: %w", n.i, err)
+	}
+	o := scluster.NewOwner(l, ls, snaps, fmt.Sprintf("node%d", n.i), log)
+	srv, err := server.Open(ctx, server.Config{
+		Dir: n.dir, Mutators: c.reg, Logger: log, VersionLog: o,
+		CertFile: filepath.Join(n.r.certDir, "cert.pem"), KeyFile: filepath.Join(n.r.certDir, "key.pem"),
+		Setup: func(ctx context.Context, tx mutators.Tx) error {
+			_, err := tx.Exec(mutators.DemoSchema)
+			return err
+		},
+	})
+	life := &nodeLife{nc: nc, owner: o, srv: srv}
+	if err != nil {
+		life.srv = nil
+		life.end(false)
+		return fmt.Errorf("node %d: server open: %w", n.i, err)
+	}
+	o.SetSnapshotSource(srv, snapshotPolicy)
+	o.SetForwardHandler(srv.ServeForwarded)
+	if first {
+		if err := srv.AddDatabase(ctx, dbName, secret); err != nil {
+			life.end(true)
+			return fmt.Errorf("node %d: %w", n.i, err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		a, err := srv.Listen(ctx, n.addr)
+		if err == nil {
+			n.mu.Lock()
+			n.addr, n.life = a, life
+			n.mu.Unlock()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			life.end(true)
+			return fmt.Errorf("node %d: listen %s: %w", n.i, n.addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// end ends a life: a clean stop closes the server, then the Owner (which
+// releases the leases), then the NATS connection; a crash closes the
+// connection first, so that the lease stays held until its TTL runs out
+// and nothing more reaches the stream, then the server and the Owner.
+func (l *nodeLife) end(release bool) {
+	if !release {
+		l.nc.Close()
+	}
+	if l.srv != nil {
+		l.srv.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	l.owner.Close(ctx)
+	l.nc.Close()
+}
+
+// stop ends the node's life, if it has one.
+func (n *node) stop(release bool) {
+	n.mu.Lock()
+	l := n.life
+	n.life = nil
+	n.mu.Unlock()
+	if l != nil {
+		l.end(release)
+	}
+}
+
+// owns reports whether the node is up and owns the database.
+func (n *node) owns() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.life != nil && n.life.owner.Owns(dbName)
+}
+
+// restart stops a node as s says, and starts it again on its directory
+// after down, as a supervisor would: until it starts.
+func (cr *clusterRun) restart(ctx context.Context, s nodeStop, down time.Duration) {
+	c := cr.c
+	n := cr.nodes[s.node]
+	if s.owner {
+		for _, m := range cr.nodes {
+			if m.owns() {
+				n = m
+			}
+		}
+	}
+	c.t.Logf("node %d (owner %v) stops at %v (lease released %v), down %v", n.i, n.owns(), time.Since(cr.start).Round(time.Millisecond), s.release, down.Round(time.Millisecond))
+	c.log.Info("chaos: node stops", "node", n.i, "release", s.release)
+	n.stop(s.release)
+	time.Sleep(down)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := n.start(ctx, false)
+		if err == nil {
+			c.log.Info("chaos: node started", "node", n.i)
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Errorf("node %d did not start again in 30 s: %v", n.i, err)
+			return
+		}
+		c.t.Logf("node %d did not start (will retry): %v", n.i, err)
+		if msg := err.Error(); strings.Contains(msg, "disk I/O error") && !strings.Contains(msg, "no space left on device") {
+			c.t.Errorf("node %d's start failed on a full disk without saying so: %v", n.i, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// describe describes the nodes for a failure message.
+func (cr *clusterRun) describe() string {
+	var b strings.Builder
+	for _, n := range cr.nodes {
+		n.mu.Lock()
+		up := n.life != nil
+		n.mu.Unlock()
+		fmt.Fprintf(&b, "node %d: up %v, owns %v; relay at %v: %+v\n", n.i, up, n.owns(), n.relay.Elapsed(), n.relay.Stats())
+	}
+	return b.String()
+}
+
+// tail is the version and checksum after the last version in the stream,
+// read on a connection of its own.
+func (cr *clusterRun) tail(ctx context.Context) (version, checksum uint64) {
+	t := cr.c.t
+	nc, js, err := cr.nats.Connect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	l, err := scluster.OpenLog(ctx, nc, js, scluster.LogConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := l.Last(ctx, dbName)
+	if err != nil || len(e.Rec) < 8 {
+		t.Fatalf("the stream's tail: %+v, %v", e, err)
+	}
+	ev, err := protocol.DecodeEncodedVersion(e.Rec[8:], protocol.DefaultLimits)
+	if err != nil {
+		t.Fatalf("the stream's tail: %v", err)
+	}
+	return e.Version, ev.PostChecksum
+}
+
+// check verifies the invariants once every replica has synced.
+func (cr *clusterRun) check(ctx context.Context) {
+	c := cr.c
+	t := c.t
+	want := c.settled(ctx)
+	wantRows := format(want)
+	tv, tsum := cr.tail(ctx)
+
+	// Exactly one node owns, and its file holds the confirmed rows.
+	var owner *node
+	for _, n := range cr.nodes {
+		if n.owns() {
+			if owner != nil {
+				t.Errorf("nodes %d and %d both own the database", owner.i, n.i)
+			}
+			owner = n
+		}
+	}
+	if owner == nil {
+		t.Fatalf("no node owns the database\n%s", c.state())
+	}
+	auth := owner.life.srv.Authority(dbName)
+	if auth == nil {
+		t.Fatal("the owner has no authority")
+	}
+	if got := rows(t, "owner", func(q string) (*sql.Rows, error) { return auth.Query(ctx, q) }); got != wantRows {
+		t.Errorf("the owner's rows %s, want %s (exact counts of the confirmed mutations)", got, wantRows)
+	}
+	if auth.Version() != tv || auth.Checksum() != tsum {
+		t.Errorf("the owner (node %d) at %d/%016x, the stream's tail %d/%016x", owner.i, auth.Version(), auth.Checksum(), tv, tsum)
+	}
+
+	// Every replica at the stream's tail, with the confirmed rows.
+	deadline := time.Now().Add(20 * time.Second)
+	for _, w := range c.reps {
+		for {
+			st := w.r.Status()
+			if st.Version == tv && st.Checksum == tsum && st.Pending == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("replica %d at %+v; the stream's tail %d/%016x", w.i, st, tv, tsum)
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if got := rows(t, fmt.Sprintf("replica %d", w.i), func(q string) (*sql.Rows, error) { return w.r.DB().QueryContext(ctx, q) }); got != wantRows {
+			t.Errorf("replica %d rows %s, want %s", w.i, got, wantRows)
+		}
+	}
+	for _, w := range c.reps {
+		w.close()
+	}
+
+	// Every node serves the tail: a new replica on each, straight to its
+	// server, reaches the tail's version and checksum.
+	for _, n := range cr.nodes {
+		r, err := replica.Open(ctx, filepath.Join(t.TempDir(), "probe.db"), replica.Options{Mutators: c.reg, Logger: c.log.With("probe", n.i),
+			Remote: &replica.Remote{Addr: n.addr, Database: dbName, Credential: secret, Fingerprint: c.fp}})
+		if err != nil {
+			t.Errorf("probe of node %d: %v", n.i, err)
+			continue
+		}
+		c.bounded(fmt.Sprintf("probe of node %d", n.i), 20*time.Second, func(ctx context.Context) error {
+			for {
+				if st := r.Status(); st.Version == tv {
+					if st.Checksum != tsum {
+						return fmt.Errorf("at %d/%016x, the tail's checksum %016x", st.Version, st.Checksum, tsum)
+					}
+					return nil
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("at %+v, the tail %d: %w", r.Status(), tv, ctx.Err())
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+		})
+		r.Close()
+	}
+
+	// Each node's file, read by the stock sqlite3 CLI once the nodes
+	// stopped: intact, the confirmed rows, the tail's checksum.
+	var files []string
+	for _, n := range cr.nodes {
+		name := "follow.sqlite"
+		if n == owner {
+			name = "db.sqlite"
+		}
+		files = append(files, filepath.Join(n.dir, "dbs", dbName, name))
+	}
+	for _, n := range cr.nodes {
+		n.stop(true)
+	}
+	for i, file := range files {
+		out, err := exec.Command("sqlite3", file, "PRAGMA integrity_check",
+			"SELECT group_concat(name || '=' || count, ',') FROM (SELECT name, count FROM Categories ORDER BY name)").CombinedOutput()
+		if err != nil {
+			t.Errorf("sqlite3 %s: %v\n%s", file, err, out)
+			continue
+		}
+		if got, w := strings.TrimSpace(string(out)), "ok\n"+wantRows; got != w {
+			t.Errorf("the sqlite3 CLI reads node %d's %s as\n%s\nwant\n%s", i, filepath.Base(file), got, w)
+		}
+		if fs := fileChecksum(t, file); fs != tsum {
+			t.Errorf("node %d's %s (checkpointed by the CLI) has checksum %016x; the stream's tail %016x", i, filepath.Base(file), fs, tsum)
+		}
+	}
+}
