@@ -371,6 +371,11 @@ func (d *database) subscribe(ctx context.Context, s *session, have uint64, check
 		if f.files.Version() == 0 {
 			return catchUp{}, &protocol.RemoteError{Code: protocol.CodeInternal, Message: "this node has no copy of the database yet; retry"}
 		}
+		if v := f.files.Version(); v < have {
+			// A copy that turned into another since the Hello waited
+			// for it (waitFollowerReady): the client retries.
+			return catchUp{}, followerBehind(v, have)
+		}
 		if version, sum, pageSize, dbSize, lmid, err = f.welcome(ctx, s.clientID); err != nil {
 			return catchUp{}, err
 		}

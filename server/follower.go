@@ -115,6 +115,10 @@ const (
 	// the follower's copy: the owner appended the version before it
 	// answered, so only a stuck consumer keeps it away this long.
 	heldAckLimit = 10 * time.Second
+	// followCatchUpPoll is how often a Hello from a client ahead of the
+	// copy looks again: a copy applies a followed version in about a
+	// millisecond or less, so a few milliseconds add little to the wait.
+	followCatchUpPoll = 5 * time.Millisecond
 )
 
 // followerFile is the name, in a database's directory, of the follower's
@@ -666,10 +670,17 @@ func (d *database) following() *follower {
 	return d.fol
 }
 
-// waitFollowerReady waits, for a Hello, until a follower's copy holds a
-// version (at most followReadyWait, and no longer than ctx): a copy at
-// version 0 has nothing to welcome a replica to.
-func (d *database) waitFollowerReady(ctx context.Context) error {
+// waitFollowerReady waits, for a Hello from a client at version have,
+// until a follower's copy holds a version, and at least have (at most
+// followReadyWait, and no longer than ctx): a copy at version 0 has
+// nothing to welcome a replica to, and one behind the client would tell it
+// that the server's history is behind it, a fatal error, where the copy
+// only lags: a node back on its directory with an old copy, or a copy a
+// few versions behind the log while the client synced on a node further
+// along (TestFollowerBehindAReplicaDoesNotStopIt, found by the chaos
+// suite's cluster mode). A copy still behind after the wait is refused
+// with a retryable error: the client tries again, or another node.
+func (d *database) waitFollowerReady(ctx context.Context, have uint64) error {
 	f := d.following()
 	if f == nil {
 		return nil
@@ -678,10 +689,35 @@ func (d *database) waitFollowerReady(ctx context.Context) error {
 	defer t.Stop()
 	select {
 	case <-f.ready:
-		return nil
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-t.C:
 		return &protocol.RemoteError{Code: protocol.CodeInternal, Message: "this node has no copy of the database yet; retry"}
 	}
+	// Polled: the wait is rare (a client that moved onto a lagging copy),
+	// and it keeps the apply path free of wake-up bookkeeping.
+	tick := time.NewTicker(followCatchUpPoll)
+	defer tick.Stop()
+	for {
+		d.auth.mu.Lock()
+		v := f.files.Version()
+		done := d.fol != f || v >= have
+		d.auth.mu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			return followerBehind(v, have)
+		}
+	}
+}
+
+// followerBehind is the retryable refusal of a Hello from a client ahead
+// of this node's copy.
+func followerBehind(v, have uint64) error {
+	return &protocol.RemoteError{Code: protocol.CodeInternal, Message: fmt.Sprintf("this node's copy of the database (version %d) is behind the client (version %d); retry", v, have)}
 }

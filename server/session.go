@@ -253,7 +253,7 @@ func (s *session) admit(ctx context.Context, h *protocol.Hello) (catchUp, error)
 	}
 	s.release = db.release
 	s.db, s.clientID, s.identity = db.d, h.ClientID, db.identity
-	if err := s.db.waitFollowerReady(ctx); err != nil {
+	if err := s.db.waitFollowerReady(ctx, h.Version); err != nil {
 		s.release()
 		return catchUp{}, err
 	}
