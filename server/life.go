@@ -28,6 +28,11 @@ type life struct {
 	pinned    bool      // Server.Authority handed it out: never closed before the server
 	idleSince time.Time // when refs last fell to zero (open, refs 0)
 	gen       uint64    // bumped by every acquire: an idle timer armed before it does nothing
+	// orphans are the references forceClose dropped: holders that are not
+	// sessions (an owner's snapshot in Server.WithAuthority, a forwarded
+	// push in ServeForwarded) may still be running when the server
+	// closes, and release after it.
+	orphans int
 }
 
 // acquireStep is what an acquirer does next.
@@ -73,6 +78,10 @@ func (l *life) pin() { l.pinned = true }
 // release drops a reference. It reports whether the database became idle
 // (then the caller arms an idle timer for gen).
 func (l *life) release(now time.Time) (idle bool) {
+	if l.state != tOpen && l.orphans > 0 {
+		l.orphans-- // held across the server's close (forceClose)
+		return false
+	}
 	if l.state != tOpen || l.refs <= 0 {
 		panic("server: release of an unheld database") // a bug of the registry, never input
 	}
@@ -113,7 +122,7 @@ func (l *life) forceClose() bool {
 	if l.state != tOpen {
 		return false
 	}
-	l.state, l.refs = tClosing, 0
+	l.state, l.refs, l.orphans = tClosing, 0, l.orphans+l.refs
 	return true
 }
 

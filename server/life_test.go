@@ -65,6 +65,34 @@ func TestLifeSteps(t *testing.T) {
 	}
 }
 
+// TestLifeReleaseAfterForceClose: a holder that is not a session (an
+// owner's snapshot, a forwarded push) may still hold the database when the
+// server closes it, and release it afterwards; that release is no bug (it
+// panicked, found by the chaos suite's cluster mode), a release nobody
+// took still is.
+func TestLifeReleaseAfterForceClose(t *testing.T) {
+	now := time.Unix(1000, 0)
+	var l life
+	l.acquire()
+	l.opened(true, now)
+	l.acquire() // two holders
+	if !l.forceClose() {
+		t.Fatal("forceClose of an open database")
+	}
+	l.release(now)
+	l.closed()
+	l.release(now)
+	if l.state != tClosed || l.refs != 0 || l.orphans != 0 {
+		t.Fatalf("after the orphans' releases: %+v", l)
+	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("a release nobody took did not panic")
+		}
+	}()
+	l.release(now)
+}
+
 func TestPickVictim(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	cases := []struct {
