@@ -6,6 +6,16 @@
 // the server's file, as the stock sqlite3 CLI reads it, is what the
 // server's checksum says.
 //
+// TestChaos runs it against one server with its local change log;
+// TestChaosCluster (cluster_test.go) on the cluster code path: an embedded
+// JetStream, two or three nodes in the process (each its own
+// cluster.Owner, following and forwarding, snapshots and trims), a relay
+// in front of each, every replica with the other nodes as alternates, and
+// node restarts that release the lease or crash holding it; at the end
+// every replica, every node and the stream's tail agree, exactly one node
+// owns, and the sqlite3 CLI reads each node's file (the owner's
+// db.sqlite, a follower's follow.sqlite) with the tail's checksum.
+//
 // It is a package of its own because it imports everything (replica,
 // server, faultnet) and nothing may import it.
 //
@@ -14,6 +24,7 @@
 //	SQLREBASE_CHAOS=long go test -timeout 0 ./chaos   # soak: new seeds for 10 minutes
 //	go test ./chaos -chaos.duration=1h -timeout 0     # soak for as long as asked
 //	go test ./chaos -chaos.seed=1234 -v               # replay one seed
+//	go test ./chaos -run TestChaosCluster -v          # the cluster mode only
 //
 // Each run logs its seed first; a failure names it. A seed fixes the fault
 // schedule and every packet's fate; the goroutines' interleaving is the
