@@ -367,7 +367,9 @@ func scanFile(f *os.File) (uint32, *wal.ChecksumTable, error) {
 	return pageSize, sums, nil
 }
 
-// copyFile copies src to dst (replaced), synced.
+// copyFile copies src to dst (replaced), not synced: the restore syncs
+// the finished file before it renames it into place, and a crash before
+// that leaves only a temporary file the next restore replaces.
 func copyFile(src, dst string) error {
 	in, err := os.Open(src)
 	if err != nil {
@@ -379,10 +381,6 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Sync(); err != nil {
 		out.Close()
 		return err
 	}
