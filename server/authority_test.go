@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
@@ -238,6 +239,64 @@ func TestPushRejected(t *testing.T) {
 	_, res = push(t, a, Mutation{ClientID: "c1", ID: 2, Name: "fail", Args: json.RawMessage("null")})
 	if res[0].Outcome != Duplicate {
 		t.Fatalf("re-pushed rejection: outcome %d, want Duplicate", res[0].Outcome)
+	}
+}
+
+// TestPushRunsAgainOnce: a batch runs without a savepoint per mutation
+// until a mutator fails; then it runs once more, with the failed mutation
+// rejected up front and a savepoint around each of the others, so that a
+// batch with two failures costs two attempts, not three. The batch after
+// one with a rejection starts with the savepoints; the one after a clean
+// batch does not.
+func TestPushRunsAgainOnce(t *testing.T) {
+	reg := testRegistry(t)
+	var mu sync.Mutex
+	runs := map[uint64]int{} // runs of the "counted" mutator, by its args
+	reg.MustRegister("counted", func(ctx context.Context, tx mutators.Tx, args json.RawMessage) error {
+		var n uint64
+		if err := json.Unmarshal(args, &n); err != nil {
+			return err
+		}
+		mu.Lock()
+		runs[n]++
+		mu.Unlock()
+		_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES ('counted', 1)
+			ON CONFLICT(name) DO UPDATE SET count = count + 1`)
+		return err
+	})
+	a, err := OpenAuthority(context.Background(), filepath.Join(t.TempDir(), "server.db"), reg, demoSetup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	counted := func(id uint64) Mutation {
+		return Mutation{ClientID: "c", ID: id, Name: "counted", Args: json.RawMessage(fmt.Sprint(id))}
+	}
+	fail := func(id uint64) Mutation {
+		return Mutation{ClientID: "c", ID: id, Name: "fail", Args: json.RawMessage("null")}
+	}
+	_, res := push(t, a, counted(1), fail(2), counted(3), fail(4), counted(5))
+	want := []Outcome{Applied, Rejected, Applied, Rejected, Applied}
+	for i, r := range res {
+		if r.Outcome != want[i] {
+			t.Fatalf("mutation %d: outcome %d (%s), want %d", i+1, r.Outcome, r.Err, want[i])
+		}
+	}
+	if runs[1] != 2 || runs[3] != 1 || runs[5] != 1 {
+		t.Fatalf("runs %v, want 1: 2 (before and after the first failure), 3: 1, 5: 1", runs)
+	}
+	if !a.guardNext {
+		t.Fatal("the batch after one with rejections starts without savepoints")
+	}
+	push(t, a, counted(6), counted(7))
+	if runs[6] != 1 || runs[7] != 1 || a.guardNext {
+		t.Fatalf("a clean guarded batch: runs %v, guard next %v; want one run each, and no guard next", runs, a.guardNext)
+	}
+	if got := count(t, a, "counted"); got != 5 {
+		t.Fatalf("counted = %d, want 5: the first attempt's writes must be gone", got)
+	}
+	if got := count(t, a, "from-fail"); got != 0 {
+		t.Fatal("a failed mutator's write survived")
 	}
 }
 
