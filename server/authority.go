@@ -193,11 +193,11 @@ type Authority struct {
 	checkpoints int            // checkpoints run, for tests
 	pin         snapshotPin    // the version the main file holds while pinned
 	broken      error          // set when a committed version could not be captured; the authority then refuses work (reopen it)
+	gc          gcState        // when bookkeeping was last collected (guarded by mu)
 	// guardNext is set when the last batch rejected a mutation: the next
 	// one runs with a savepoint around each mutation from the start (see
-	// Push), since one that fails is then likely.
+	// Push), since one that fails is then likely. Guarded by mu.
 	guardNext bool
-	gc        gcState // when bookkeeping was last collected (guarded by mu)
 
 	// onCommit, if set, runs under the authority's lock after each captured
 	// commit, with each page's image before it (nil for a new page) and the
@@ -305,6 +305,9 @@ func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx
 	if err := a.scan(); err != nil {
 		return err
 	}
+	if err := presizeWAL(a.path+"-wal", a.pageSize); err != nil {
+		return err
+	}
 	if a.capture, err = vfs.NewCapture(a.path); err != nil {
 		return err
 	}
@@ -332,6 +335,56 @@ func (a *Authority) open(ctx context.Context, setup func(ctx context.Context, tx
 		return nil
 	}
 	return a.upgradeReserved(ctx)
+}
+
+// presizeWALFrames is how many frames presizeWAL makes room for: a WAL
+// generation (checkpointFrames) and a batch or two past it.
+const presizeWALFrames = checkpointFrames + 64
+
+// presizeWAL writes zeros over the WAL file at path up to presizeWALFrames
+// frames of pageSize, and syncs them, if it is shorter. SQLite truncates
+// the WAL at a TRUNCATE checkpoint (open, a snapshot) and then appends to
+// it for a whole generation; an fdatasync of a file that grew must commit
+// the file system's journal (its size changed), one of a file written over
+// in place need not: on ext4 here, 0.34-0.39 ms appending against
+// 0.19-0.21 ms overwriting, p50, measured side by side. Zeros, not
+// fallocate: an allocated but unwritten extent turns written on its first
+// write, which is a journal commit again. An all-zero header is no WAL to
+// SQLite (nor to vfs.Capture and the self-check): the next commit writes a
+// header and its frames over the zeros. If the zeros cannot be written
+// (the disk is nearly full), the WAL is left empty, as SQLite left it.
+func presizeWAL(path string, pageSize uint32) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // SQLite creates it (not in WAL mode yet)
+	}
+	if err != nil {
+		return fmt.Errorf("presize the WAL: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("presize the WAL: %w", err)
+	}
+	want := int64(wal.HeaderSize) + presizeWALFrames*(int64(wal.FrameHeaderSize)+int64(pageSize))
+	if st.Size() > 0 {
+		// Only a truncated (empty) WAL: a longer one holds frames SQLite
+		// may still read, and is overwritten in place already.
+		return nil
+	}
+	zeros := make([]byte, 256<<10)
+	for off := int64(0); off < want && err == nil; off += int64(len(zeros)) {
+		_, err = f.WriteAt(zeros[:min(int64(len(zeros)), want-off)], off)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if err != nil {
+		// Only speed is lost (a disk that is nearly full, say): give
+		// the space back and let SQLite append as before.
+		return f.Truncate(0)
+	}
+	return nil
 }
 
 // scan builds the checksum table from the main file, which holds everything
@@ -890,7 +943,10 @@ func (a *Authority) OpenSnapshot(ctx context.Context) (*SnapshotReader, error) {
 	}
 	if a.pinned == 0 {
 		var busy, logFrames, done int
-		if err := a.conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)").Scan(&busy, &logFrames, &done); err != nil {
+		// RESTART, not TRUNCATE: the WAL keeps its length (presizeWAL), so
+		// that the commits after a snapshot write over it in place
+		// instead of growing it again for a whole generation.
+		if err := a.conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(RESTART)").Scan(&busy, &logFrames, &done); err != nil {
 			return nil, fmt.Errorf("snapshot: checkpoint: %w", err)
 		}
 		if busy != 0 {

@@ -85,6 +85,13 @@ func (c *Capture) next(wantBefore bool) ([]wal.Page, [][]byte, uint32, error) {
 		}
 		return nil, nil, 0, fmt.Errorf("capture: read WAL header: %w", err)
 	}
+	if hb == ([wal.HeaderSize]byte{}) {
+		// A WAL file written with zeros ahead of SQLite (the server
+		// presizes it): empty until SQLite writes a header.
+		c.started = true
+		c.off = 0
+		return nil, nil, 0, nil
+	}
 	hdr, err := wal.DecodeHeader(hb[:])
 	if err != nil {
 		return nil, nil, 0, fmt.Errorf("capture: %w", err)

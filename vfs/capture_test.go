@@ -135,6 +135,34 @@ func TestCaptureCommit(t *testing.T) {
 	}
 }
 
+// A WAL file written with zeros ahead of SQLite (the server presizes the
+// WAL after a TRUNCATE checkpoint, so that commits overwrite it in place) is
+// empty to the capture until SQLite writes its header; then the commit is
+// captured, and the next ones.
+func TestCaptureZeroedWAL(t *testing.T) {
+	db, path := walDB(t)
+	mustExec(t, db, "INSERT INTO u VALUES (1)", "PRAGMA wal_checkpoint(TRUNCATE)")
+	if err := os.WriteFile(path+"-wal", make([]byte, 64<<10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := newCapture(t, path)
+	if pages, _ := next(t, c); len(pages) != 0 || c.Frames() != 0 {
+		t.Fatalf("a zeroed WAL: %d pages, %d frames, want none", len(pages), c.Frames())
+	}
+	for i := 0; i < 3; i++ {
+		before := checkpointedCopy(t, path)
+		mustExec(t, db, "INSERT INTO t SELECT randomblob(1500) FROM generate_series(1, 5)")
+		pages, dbSize := next(t, c)
+		if len(pages) == 0 {
+			t.Fatalf("commit %d over the zeros captured no pages", i)
+		}
+		checkCapture(t, pages, dbSize, before, checkpointedCopy(t, path))
+	}
+	if st, err := os.Stat(path + "-wal"); err != nil || st.Size() != 64<<10 {
+		t.Fatalf("the WAL grew or shrank: %v, %v", st, err)
+	}
+}
+
 // A rolled-back transaction that spilled frames into the WAL is not a
 // commit: it yields nothing, and the next commit (which overwrites those
 // frames) yields only its own pages.
