@@ -53,12 +53,25 @@ type session struct {
 	deadline  time.Time
 	sentBytes prometheus.Counter
 
+	// mu guards the queue and what goes with it. Lock order: the
+	// authority's mu (onCommit offers under it), then mu, then the QUIC
+	// stream's own locks (a direct write, see flushLocked); nothing is
+	// taken after it but those.
 	mu         sync.Mutex
 	queue      []item
 	queueBytes int
 	closing    *protocol.Error // set once: the sender sends it and ends the session
-	wake       chan struct{}
-	done       chan struct{} // closed when the sender has finished
+	// idle is set while the sender waits in its live loop with everything
+	// before written: whoever holds mu may then write the queue to the
+	// stream itself, if the stream takes it without blocking.
+	idle bool
+	// sent is the newest version written, handed between the sender
+	// (which keeps its own while it runs) and the direct writes while it
+	// is idle: versions up to it (a catch-up's) are skipped.
+	sent uint64
+	dbuf []byte // the direct writes' buffer, reused (guarded by mu)
+	wake chan struct{}
+	done chan struct{} // closed when the sender has finished
 }
 
 func newSession(srv *Server, stream *quic.Stream, remote string) *session {
@@ -89,13 +102,13 @@ func (s *session) offerWake(it item, wake bool) bool {
 		s.srv.cfg.metrics.slow.WithLabelValues(s.srv.cfg.metrics.lv(s.dbName(), "queue")...).Inc()
 		s.closing = &protocol.Error{Code: protocol.CodeSlowClient, Message: fmt.Sprintf("more than %d versions or %d bytes queued; reconnect to catch up", s.srv.cfg.SessionQueue, s.srv.cfg.SessionQueueBytes)}
 		s.queue, s.queueBytes = nil, 0
-		s.signal()
+		s.wakeSender()
 		return false
 	}
 	s.queue = append(s.queue, it)
 	s.queueBytes += len(it.rec)
 	if wake {
-		s.signal()
+		s.flushLocked()
 	}
 	return true
 }
@@ -107,14 +120,95 @@ func (s *session) fail(code protocol.Code, msg string) {
 		s.closing = &protocol.Error{Code: code, Message: msg}
 	}
 	s.mu.Unlock()
-	s.signal()
+	s.wakeSender()
 }
 
+// signal sends what is queued: at once, from the caller's goroutine, if
+// the sender is idle and the stream takes it without blocking, else by
+// waking the sender.
 func (s *session) signal() {
+	s.mu.Lock()
+	s.flushLocked()
+	s.mu.Unlock()
+}
+
+// wakeSender wakes the sender goroutine.
+func (s *session) wakeSender() {
 	select {
 	case s.wake <- struct{}{}:
 	default:
 	}
+}
+
+// directFlushBytes bounds a direct write (flushLocked): more than this
+// queued is the sender's to write, in writes of flushBytes with deadlines.
+const directFlushBytes = 64 << 10
+
+// flushLocked writes the queue to the stream from the calling goroutine,
+// if the sender is idle (nothing of its own in flight, so order holds) and
+// the stream takes all of it now (quic.Stream.TryWriteAll: within flow
+// control, never blocking); anything else wakes the sender, which writes
+// it as before, under its deadline. A broadcast to N subscribers so costs
+// N direct writes from one goroutine, as bare quic-go's loop does, instead
+// of N goroutine wakes, each followed by the same write; and a pusher's
+// ack and version go out from the writer, one hop sooner. The slow-client
+// rules are unchanged: a client whose stream would block gets its queue
+// written by the sender, whose write deadline cuts it off.
+func (s *session) flushLocked() {
+	if !s.idle || s.closing != nil || len(s.queue) == 0 {
+		s.wakeSender()
+		return
+	}
+	buf, sent, ok := s.planDirect(s.dbuf[:0])
+	if ok {
+		ok = s.stream.TryWriteAll(buf) == nil
+	}
+	if !ok {
+		// Would block, or too large, or the stream failed: the sender
+		// finds out and does what it does.
+		s.wakeSender()
+		return
+	}
+	s.sent = sent
+	if s.sentBytes != nil {
+		s.sentBytes.Add(float64(len(buf)))
+	}
+	clear(s.queue)
+	s.queue, s.queueBytes = s.queue[:0], 0
+	if cap(buf) <= directFlushBytes {
+		s.dbuf = buf[:0]
+	}
+}
+
+// planDirect appends the queue's frames to buf, planned to the client's
+// limits as send plans them, and returns the newest version among them (or
+// s.sent); false if the queue holds anything send would
+// refuse or split (a version too large for the client) or more than
+// directFlushBytes: that is the sender's.
+func (s *session) planDirect(buf []byte) ([]byte, uint64, bool) {
+	items := make([]protocol.Item, 0, len(s.queue))
+	sent := s.sent
+	for _, it := range s.queue {
+		switch {
+		case it.ack != nil:
+			items = append(items, protocol.Item{Msg: it.ack})
+			continue
+		case it.version <= sent:
+			continue // already in the snapshot or the catch-up
+		}
+		if h, err := protocol.ReadRecordHeader(it.rec); err != nil || h.PageBytes > s.recv.MaxVersionBytes || uint64(len(it.rec)) > s.recv.MaxRecord() {
+			return buf, 0, false
+		}
+		items = append(items, protocol.Item{Version: it.version, Rec: it.rec})
+		sent = it.version
+	}
+	for _, f := range protocol.PlanFrames(items, s.recv) {
+		buf = f.Append(buf)
+		if len(buf) > directFlushBytes {
+			return buf, 0, false
+		}
+	}
+	return buf, sent, true
 }
 
 // helloTimeout bounds how long a stream may stay open without a Hello.
@@ -376,12 +470,18 @@ func (s *session) sender(ctx context.Context, c catchUp) {
 	}
 	var items []protocol.Item // reused: everything due at one wake, in one write
 	for {
+		// Everything before is written: offers may write the queue
+		// themselves (flushLocked) until this sender wakes.
+		s.mu.Lock()
+		s.idle, s.sent = true, sent
+		s.mu.Unlock()
 		select {
 		case <-s.wake:
 		case <-ctx.Done():
 			s.fail(protocol.CodeShuttingDown, "the server is shutting down")
 		}
 		s.mu.Lock()
+		s.idle, sent = false, s.sent
 		queued, closing := s.queue, s.closing
 		s.queue, s.queueBytes = nil, 0
 		s.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -186,5 +187,141 @@ func TestPushersWokenFirst(t *testing.T) {
 	bump()
 	if !woken(pusher) || !woken(other) {
 		t.Fatal("a version outside a batch did not wake every subscriber")
+	}
+}
+
+// quicPair is a QUIC connection on loopback with the server's settings and
+// one stream: the server's end and the client's.
+func quicPair(t *testing.T) (server, client *quic.Stream) {
+	t.Helper()
+	cert, _, err := protocol.LoadOrCreateCertificate(filepath.Join(t.TempDir(), "cert.pem"), filepath.Join(t.TempDir(), "key.pem"), []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := quic.ListenAddr("127.0.0.1:0", protocol.ServerTLS(cert), protocol.QUICConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	conn := dial(t, ln.Addr().String(), protocol.Fingerprint(cert.Certificate[0]))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	client, err = conn.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.Write([]byte{0}); err != nil { // announce the stream
+		t.Fatal(err)
+	}
+	sc, err := ln.Accept(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sc.CloseWithError(0, "") })
+	if server, err = sc.AcceptStream(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.Read(make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	return server, client
+}
+
+// TestDirectWrite: while a session's sender is idle, an offer writes the
+// queue to the stream itself, without waking the sender (one goroutine hop
+// fewer per subscriber per version), skipping versions the sender already
+// sent (a catch-up's); once the stream would block (a client that stopped
+// reading), the queue stays for the sender, which is woken, and whose
+// write deadline is what cuts such a client off.
+func TestDirectWrite(t *testing.T) {
+	ctx := context.Background()
+	srv, _ := testServer(t, t.TempDir(), nil)
+	d, err := openDatabase(ctx, "direct", t.TempDir(), &srv.cfg, srv.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.auth.Close(); d.clog.close() })
+	stream, client := quicPair(t)
+	s := &session{srv: srv, stream: stream, recv: protocol.DefaultReceiveLimits, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	woken := func() bool {
+		select {
+		case <-s.wake:
+			return true
+		default:
+			return false
+		}
+	}
+	d.auth.mu.Lock()
+	d.subs[s] = struct{}{}
+	d.auth.mu.Unlock()
+	bump := func(blob int) uint64 {
+		ps, err := d.auth.Exec(ctx, func(tx mutators.Tx) error {
+			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES (randomblob(?), 1)`, blob)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ps.Version
+	}
+	r := protocol.NewReader(client, protocol.DefaultLimits)
+	next := func() uint64 {
+		t.Helper()
+		client.SetReadDeadline(time.Now().Add(10 * time.Second))
+		m, err := r.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		vs, ok := m.(*protocol.Versions)
+		if !ok || len(vs.Versions) != 1 {
+			t.Fatalf("read %T %+v, want one version", m, m)
+		}
+		return vs.Versions[0].Version
+	}
+
+	// Not idle (the sender is writing, or not started): wake it.
+	v := bump(10)
+	if !woken() || len(s.queue) != 1 {
+		t.Fatalf("a busy sender: woken? queue %d; want woken and the version queued", len(s.queue))
+	}
+	s.mu.Lock()
+	s.queue, s.queueBytes = nil, 0
+	s.idle, s.sent = true, v // as the sender leaves it after writing v
+	s.mu.Unlock()
+
+	// Idle: written here, in order, nobody woken.
+	a, b := bump(10), bump(10)
+	if woken() || len(s.queue) != 0 {
+		t.Fatalf("an idle sender: woken, or %d left queued; want both written directly", len(s.queue))
+	}
+	if got := next(); got != a {
+		t.Fatalf("read version %d, want %d", got, a)
+	}
+	if got := next(); got != b {
+		t.Fatalf("read version %d, want %d", got, b)
+	}
+	// A version the sender sent already (catch-up) is not sent again.
+	s.mu.Lock()
+	s.queue = append(s.queue, item{version: b, rec: []byte{1}})
+	s.flushLocked()
+	s.mu.Unlock()
+	c := bump(10)
+	if got := next(); got != c {
+		t.Fatalf("read version %d, want %d: version %d went out twice", got, c, b)
+	}
+
+	// A client that stopped reading: the stream fills up, the queue stays
+	// and the sender is woken.
+	for i := 0; ; i++ {
+		if i == 500 {
+			t.Fatal("500 versions of 16 KiB went out unread without the stream blocking")
+		}
+		bump(16 << 10)
+		if woken() {
+			break
+		}
+	}
+	if len(s.queue) == 0 {
+		t.Fatal("the sender was woken with nothing queued for it")
 	}
 }
