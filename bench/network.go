@@ -318,10 +318,6 @@ func NetworkSection(replicas []int, samples int) Section {
 // count of subscribers, interleaved run by run: latency, and deliveries per
 // CPU-second of the process (server and subscribers).
 func FanoutSection(subscribers []int, samples int) Section {
-	// bareMessage is what bare quic-go writes: the size of our Versions
-	// message for the one-row update (server.TestWireOneRowUpdate, 25 B
-	// since protocol 4), so that both loops write the same bytes.
-	const bareMessage = 25
 	return Section{Name: "fanout", Run: func(ctx context.Context, env *Env) ([]Result, error) {
 		var out []Result
 		msf := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
@@ -334,7 +330,10 @@ func FanoutSection(subscribers []int, samples int) Section {
 				if err != nil {
 					return nil, err
 				}
-				bare, err := RunBareBroadcast(ctx, dir, n, samples, bareMessage)
+				// Bare writes the frame ours wrote last (the one-row
+				// update, 25 B since protocol 4): the same bytes, read
+				// the same way.
+				bare, err := RunBareBroadcast(ctx, dir, n, samples, ours.Frame)
 				if err != nil {
 					return nil, err
 				}
@@ -372,6 +371,9 @@ type DeliveryResult struct {
 	// fsync, capture, checksum, encoding and change-log append, until
 	// Exec returns (the broadcast to the subscribers' queues included).
 	MakeVersion Percentiles
+	// Frame is the Versions message of the last version, as the server
+	// wrote it to each subscriber: what RunBareBroadcast writes.
+	Frame []byte
 }
 
 // RunDelivery measures the server's fan-out alone: cfg.Replicas protocol
@@ -451,9 +453,14 @@ func RunDelivery(ctx context.Context, cfg NetworkConfig) (DeliveryResult, error)
 		}
 	}
 	cpu := cpuTime() - cpu0
+	rec, err := srv.EncodedVersion("bench", auth.Version())
+	if err != nil {
+		return DeliveryResult{}, err
+	}
 	return DeliveryResult{
 		BroadcastResult: BroadcastResult{Latency: percentiles(lat), PerCPUSecond: float64(len(lat)) / cpu.Seconds()},
 		MakeVersion:     percentiles(made),
+		Frame:           protocol.AppendVersionsFrame(nil, rec),
 	}, nil
 }
 

@@ -47,7 +47,10 @@ func TestRunDelivery(t *testing.T) {
 	if p.Latency.N != 15 || p.Latency.P50 <= 0 || p.MakeVersion.N != 5 || p.PerCPUSecond <= 0 {
 		t.Fatalf("result %+v", p)
 	}
-	bare, err := RunBareBroadcast(ctx, t.TempDir(), 3, 5, 63)
+	if len(p.Frame) == 0 || len(p.Frame) > 64 {
+		t.Fatalf("the frame of a one-row update: %d bytes", len(p.Frame))
+	}
+	bare, err := RunBareBroadcast(ctx, t.TempDir(), 3, 5, p.Frame)
 	if err != nil {
 		t.Fatal(err)
 	}
