@@ -1,0 +1,685 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/server"
+)
+
+// The cluster benchmarks (issue 12, "Measured"): one database served by a
+// single node with its local change log, by a one-node cluster (R1) and by a
+// three-node cluster (R3, sync always: three embedded NATS nodes in this
+// process on loopback routes, each with its own sqlrebase server whose
+// VersionLog is that node's Owner). Every comparison is interleaved in one
+// run, the deployments taking turns sample by sample, so that all see the
+// same machine; the metrics are same-run ratios. Clients are raw protocol
+// sessions over loopback QUIC (as server's BenchmarkServerThroughput and
+// bench's fan-out use), in the same process: CPU and RSS figures include
+// them. None of these runs in `go test ./...`; run them with -bench and a
+// fixed -benchtime (each iteration is a round of every deployment):
+//
+//	go test -run '^$' -bench ClusterThroughput -benchtime 5x ./cluster
+//	go test -run '^$' -bench ClusterPushAck -benchtime 300x ./cluster
+//	go test -run '^$' -bench ClusterFanout -benchtime 30x ./cluster
+//	go test -run '^$' -bench ClusterConnections -benchtime 3x ./cluster
+//	go test -run '^$' -bench ClusterDatabases -benchtime 2x ./cluster
+
+const (
+	benchDB     = "demo.db"
+	benchSecret = "s3cret"
+)
+
+// deployment is one way of serving benchDB: its servers, one per node, of
+// which srvs[0] owns the database (it opened it first, so it holds the
+// lease in a cluster).
+type deployment struct {
+	name  string
+	srvs  []*server.Server
+	addrs []string
+	auth  *server.Authority // the owner's, pinned open
+	logs  []*Log            // per node; nil for the single node
+}
+
+// benchServer is a sqlrebase server on a fresh directory with the demo
+// mutators and benchDB, listening on loopback, taking up to conns QUIC
+// connections from 127.0.0.1. vl nil is a single node (local change log).
+func benchServer(tb testing.TB, vl server.VersionLog, conns int) (*server.Server, string) {
+	tb.Helper()
+	reg := mutators.NewRegistry()
+	if err := mutators.RegisterDemo(reg); err != nil {
+		tb.Fatal(err)
+	}
+	ctx := bounded(tb, 30*time.Second)
+	srv, err := server.Open(ctx, server.Config{
+		Dir: tb.TempDir(), Mutators: reg, Logger: quiet, VersionLog: vl,
+		MaxConnsPerAddr: conns + 16, CredentialHashIterations: 1,
+		Setup: func(ctx context.Context, tx mutators.Tx) error { _, err := tx.Exec(mutators.DemoSchema); return err },
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { srv.Close() })
+	if err := srv.AddDatabase(ctx, benchDB, benchSecret); err != nil {
+		tb.Fatal(err)
+	}
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return srv, addr
+}
+
+// singleNode is a server without a VersionLog: today's single node.
+func singleNode(tb testing.TB, conns int) *deployment {
+	tb.Helper()
+	srv, addr := benchServer(tb, nil, conns)
+	a := srv.Authority(benchDB)
+	if a == nil {
+		tb.Fatal("the single node did not open the database")
+	}
+	return &deployment{name: "single", srvs: []*server.Server{srv}, addrs: []string{addr}, auth: a}
+}
+
+// clusterOf starts n embedded NATS nodes (1: no routes, R1; 3: a cluster,
+// R3), a server on each with an Owner as its VersionLog, as `serve
+// --cluster` does (snapshots left out: nothing here restores), and opens
+// benchDB on the first, which so takes the lease.
+func clusterOf(tb testing.TB, n, conns int) *deployment {
+	tb.Helper()
+	var nodes []*Node
+	if n == 1 {
+		node, err := StartNode(bounded(tb, 20*time.Second), NodeConfig{Name: "r1", Dir: tb.TempDir(), Logger: quiet})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(node.Shutdown)
+		nodes = []*Node{node}
+	} else {
+		nodes = trio(tb)
+	}
+	d := &deployment{name: fmt.Sprintf("r%d", n)}
+	ctx := bounded(tb, 60*time.Second)
+	for _, node := range nodes {
+		nc, js := connect(tb, node)
+		l := untilOpen(tb, ctx, func() (*Log, error) { return OpenLog(ctx, nc, js, LogConfig{Replicas: n}) })
+		ls := untilOpen(tb, ctx, func() (*Leases, error) { return OpenLeases(ctx, js, LeaseConfig{Replicas: n}) })
+		o := NewOwner(l, ls, nil, node.Name(), quiet)
+		tb.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			o.Close(ctx)
+		})
+		srv, addr := benchServer(tb, o, conns)
+		d.srvs, d.addrs, d.logs = append(d.srvs, srv), append(d.addrs, addr), append(d.logs, l)
+	}
+	if d.auth = d.srvs[0].Authority(benchDB); d.auth == nil {
+		tb.Fatalf("%s: the first node did not open the database", d.name)
+	}
+	if n > 1 {
+		if si, err := d.logs[0].stream.Info(ctx); err == nil && si.Cluster != nil {
+			tb.Logf("%s: the stream's leader is %s; the owner is %s", d.name, si.Cluster.Leader, nodes[0].Name())
+		}
+	}
+	return d
+}
+
+// untilOpen calls open until it succeeds or ctx ends. A cluster that has
+// just elected its meta leader may still refuse an R3 stream with "no
+// suitable peers for placement" (10005) until it has heard of every peer,
+// which OpenLog does not take for transient.
+func untilOpen[T any](tb testing.TB, ctx context.Context, open func() (T, error)) T {
+	tb.Helper()
+	for {
+		v, err := open()
+		if err == nil {
+			return v
+		}
+		select {
+		case <-ctx.Done():
+			tb.Fatal(err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// benchConn is a raw protocol session on its own QUIC connection. A reader
+// goroutine records the last Ack and the last version received (with the
+// time it arrived) and pokes notify; it never blocks on the benchmark.
+type benchConn struct {
+	conn   *quic.Conn
+	stream *quic.Stream
+	next   uint64 // the next mutation id to push
+
+	acked   atomic.Uint64
+	version atomic.Uint64
+	at      atomic.Int64 // UnixNano when version arrived
+	notify  chan struct{}
+	dead    chan struct{} // closed when the reader stops; err says why
+	err     error
+}
+
+// dial opens a session of clientID to benchDB on d's node i, announcing the
+// owner's current version and checksum (so no catch-up is sent), and
+// starts its reader. Cleanup closes the connection and waits for the
+// reader.
+func dial(tb testing.TB, d *deployment, i int, clientID string) *benchConn {
+	tb.Helper()
+	tlsConf, err := protocol.ClientTLS(d.srvs[i].Fingerprint(), "", "")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx := bounded(tb, 20*time.Second)
+	conn, err := quic.DialAddr(ctx, d.addrs[i], tlsConf, protocol.QUICConfig())
+	if err != nil {
+		tb.Fatalf("%s: dial node %d: %v", d.name, i, err)
+	}
+	c := &benchConn{conn: conn, next: 1, notify: make(chan struct{}, 1), dead: make(chan struct{})}
+	tb.Cleanup(func() {
+		conn.CloseWithError(0, "")
+		<-c.dead
+	})
+	if c.stream, err = conn.OpenStreamSync(ctx); err != nil {
+		close(c.dead)
+		tb.Fatal(err)
+	}
+	hello := &protocol.Hello{Protocol: protocol.Version, Database: benchDB, ClientID: clientID, Credential: benchSecret, Version: d.auth.Version(), Checksum: d.auth.Checksum()}
+	if err := protocol.WriteMessage(c.stream, hello); err != nil {
+		close(c.dead)
+		tb.Fatal(err)
+	}
+	r := protocol.NewReader(c.stream, protocol.DefaultLimits)
+	c.stream.SetReadDeadline(time.Now().Add(20 * time.Second))
+	m, err := r.Read()
+	if err != nil {
+		close(c.dead)
+		tb.Fatalf("%s: Hello to node %d: %v", d.name, i, err)
+	}
+	w, ok := m.(*protocol.Welcome)
+	if !ok {
+		close(c.dead)
+		if e, ok := m.(*protocol.Error); ok {
+			tb.Fatalf("%s: node %d refused the Hello: %v", d.name, i, e.Err())
+		}
+		tb.Fatalf("%s: node %d answered the Hello with %T", d.name, i, m)
+	}
+	c.stream.SetReadDeadline(time.Time{})
+	c.version.Store(w.Version)
+	go c.read(r)
+	return c
+}
+
+func (c *benchConn) read(r *protocol.Reader) {
+	defer close(c.dead)
+	for {
+		m, err := r.Read()
+		if err != nil {
+			c.err = err
+			return
+		}
+		switch m := m.(type) {
+		case *protocol.Ack:
+			c.acked.Store(max(c.acked.Load(), m.LastMutationID))
+		case *protocol.Versions:
+			if n := len(m.Versions); n > 0 {
+				c.at.Store(time.Now().UnixNano())
+				c.version.Store(m.Versions[n-1].Version)
+			}
+		case *protocol.Error:
+			c.err = m.Err()
+			return
+		default:
+			continue
+		}
+		select {
+		case c.notify <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// wait blocks until done() holds, the reader stops or ctx ends.
+func (c *benchConn) wait(ctx context.Context, done func() bool) error {
+	for !done() {
+		select {
+		case <-c.notify:
+		case <-c.dead:
+			if done() {
+				return nil
+			}
+			return fmt.Errorf("session ended: %w", c.err)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// pump pushes n demo mutations in pushes of batch, keeping at most window
+// unacknowledged, and returns once all are acknowledged.
+func (c *benchConn) pump(ctx context.Context, n, batch, window int, category string) error {
+	args := mutators.CategoryArgs(category, 1)
+	last := c.next + uint64(n) - 1
+	for c.acked.Load() < last {
+		for c.next <= last && int(c.next-1-c.acked.Load())+batch <= window {
+			p := &protocol.Push{}
+			for j := 0; j < batch && c.next <= last; j++ {
+				p.Mutations = append(p.Mutations, protocol.Mutation{ID: c.next, Name: mutators.CreateCategoryOrIncrementIfExists, Args: args})
+				c.next++
+			}
+			if err := protocol.WriteMessage(c.stream, p); err != nil {
+				return err
+			}
+		}
+		acked := c.acked.Load()
+		if err := c.wait(ctx, func() bool { return c.acked.Load() > acked || c.acked.Load() >= last }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// cpuTime is the process's user and system CPU so far: servers, NATS nodes
+// and clients alike, since they share the process.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// rssKiB is the process's resident set, after a collection that returns
+// freed memory to the system, so that successive readings differ by what
+// is live.
+func rssKiB() int {
+	runtime.GC()
+	debug.FreeOSMemory()
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return n
+		}
+	}
+	return 0
+}
+
+// noLeaks fails tb if, once its other cleanups ran (servers, NATS nodes,
+// connections), more goroutines are left than when it was called, after a
+// bounded wait for them to wind down. Call it first.
+func noLeaks(tb testing.TB) {
+	before := runtime.NumGoroutine()
+	tb.Cleanup(func() {
+		deadline := time.Now().Add(10 * time.Second)
+		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		if n := runtime.NumGoroutine(); n > before {
+			buf := make([]byte, 1<<20)
+			tb.Errorf("%d goroutines left after the set-up closed:\n%s", n-before, buf[:runtime.Stack(buf, true)])
+		}
+	})
+}
+
+// median of xs (0 for none).
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// spread is "median [min-max]" of xs.
+func spread(xs []float64) string {
+	if len(xs) == 0 {
+		return "none"
+	}
+	return fmt.Sprintf("%.3g [%.3g-%.3g]", median(xs), slices.Min(xs), slices.Max(xs))
+}
+
+// ms is d in milliseconds, for metrics.
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// BenchmarkClusterThroughput: 10 clients push the demo mutator to the
+// owner as fast as it acknowledges (the writer's group commit takes what
+// waits), on a single node, a one-node cluster and a three-node cluster in
+// turn; each iteration is one round of every deployment. Three cases: pushes
+// of 200 with 2,000 in flight per client (server's
+// BenchmarkServerThroughput), pushes of 1 with 2,000 in flight, and pushes
+// of 1 with one in flight (each client waits for its Ack: a batch holds at
+// most 10 mutations, so the append's latency is not hidden). The metrics
+// are the medians over the rounds of each one's acknowledged mutations per
+// second and of the per-round ratios to the single node.
+func BenchmarkClusterThroughput(b *testing.B) {
+	for _, c := range []struct{ batch, window, per int }{{200, 2000, 5000}, {1, 2000, 1000}, {1, 1, 200}} {
+		b.Run(fmt.Sprintf("push=%d/window=%d", c.batch, c.window), func(b *testing.B) { benchClusterThroughput(b, c.batch, c.window, c.per) })
+	}
+}
+
+// benchClusterThroughput runs one case: each client pushes per mutations a
+// round, batch to a Push, at most window in flight.
+func benchClusterThroughput(b *testing.B, batch, window, per int) {
+	noLeaks(b)
+	const clients = 10
+	deps := []*deployment{singleNode(b, clients), clusterOf(b, 1, clients), clusterOf(b, 3, clients)}
+	conns := make([][]*benchConn, len(deps))
+	for i, d := range deps {
+		for j := range clients {
+			conns[i] = append(conns[i], dial(b, d, 0, fmt.Sprintf("pusher-%d", j)))
+		}
+	}
+	ctx := bounded(b, 30*time.Minute)
+	round := func(i, n int) float64 {
+		start := time.Now()
+		errs := make(chan error, clients)
+		var wg sync.WaitGroup
+		for j, c := range conns[i] {
+			wg.Go(func() { errs <- c.pump(ctx, n, batch, window, fmt.Sprintf("cat-%d", j%3)) })
+		}
+		wg.Wait()
+		el := time.Since(start)
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				b.Fatalf("%s: %v", deps[i].name, err)
+			}
+		}
+		return float64(n*clients) / el.Seconds()
+	}
+	for i := range deps { // a warm round: past the first WAL generation (bench/README.md)
+		round(i, per)
+	}
+	rates := make([][]float64, len(deps))
+	var r1, r3 []float64
+	v0 := make([]uint64, len(deps))
+	for i, d := range deps {
+		v0[i] = d.auth.Version()
+	}
+	b.ResetTimer()
+	for n := range b.N {
+		got := make([]float64, len(deps))
+		for k := range deps {
+			i := (n + k) % len(deps)
+			got[i] = round(i, per)
+		}
+		for i := range deps {
+			rates[i] = append(rates[i], got[i])
+		}
+		r1, r3 = append(r1, got[1]/got[0]), append(r3, got[2]/got[0])
+	}
+	b.StopTimer()
+	for i, d := range deps {
+		versions := d.auth.Version() - v0[i]
+		b.Logf("%s: %s acked/s; %.0f mutations per version", d.name, spread(rates[i]), float64(b.N*per*clients)/float64(max(versions, 1)))
+		b.ReportMetric(median(rates[i]), d.name+"-acked/s")
+	}
+	b.Logf("r1/single %s, r3/single %s", spread(r1), spread(r3))
+	b.ReportMetric(median(r1), "r1/single")
+	b.ReportMetric(median(r3), "r3/single")
+}
+
+// BenchmarkClusterPushAck: one client pushes one mutation and waits for
+// its Ack, on a single node, a one-node and a three-node cluster in turn
+// (each iteration is one push on each): the server's part of Mutate to
+// confirmed, with the stream's quorum ack in the path for the clusters.
+func BenchmarkClusterPushAck(b *testing.B) {
+	noLeaks(b)
+	deps := []*deployment{singleNode(b, 1), clusterOf(b, 1, 1), clusterOf(b, 3, 1)}
+	var cs []*benchConn
+	for _, d := range deps {
+		cs = append(cs, dial(b, d, 0, "lat"))
+	}
+	ctx := bounded(b, 30*time.Minute)
+	one := func(i int) time.Duration {
+		start := time.Now()
+		if err := cs[i].pump(ctx, 1, 1, 1, "Food"); err != nil {
+			b.Fatalf("%s: %v", deps[i].name, err)
+		}
+		return time.Since(start)
+	}
+	for range 600 { // past the first WAL generation
+		for i := range deps {
+			one(i)
+		}
+	}
+	lat := make([][]time.Duration, len(deps))
+	b.ResetTimer()
+	for n := range b.N {
+		for k := range deps {
+			i := (n + k) % len(deps)
+			lat[i] = append(lat[i], one(i))
+		}
+	}
+	b.StopTimer()
+	for i, d := range deps {
+		b.ReportMetric(ms(pct(lat[i], 50)), d.name+"-p50-ms")
+		b.ReportMetric(ms(pct(lat[i], 99)), d.name+"-p99-ms")
+	}
+	for i, d := range deps[1:] {
+		b.ReportMetric(float64(pct(lat[i+1], 50))/float64(pct(lat[0], 50)), d.name+"/single-p50")
+		b.ReportMetric(float64(pct(lat[i+1], 99))/float64(pct(lat[0], 99)), d.name+"/single-p99")
+	}
+}
+
+// fanout is a set of subscribers to one deployment's database.
+type fanout struct {
+	name string
+	d    *deployment
+	subs []*benchConn
+}
+
+// BenchmarkClusterFanout: 300 subscribers read every version, on a single
+// node and on the owner of a three-node cluster, in turn; each iteration
+// makes one version (a one-row update through the owner's authority) on
+// each and waits until all 300 have it. Latency is from the start of the
+// commit to each subscriber's read; deliveries per CPU-second count the
+// whole process's CPU over the sample (servers, NATS nodes and clients,
+// and whatever the idle deployment spends meanwhile).
+func BenchmarkClusterFanout(b *testing.B) {
+	noLeaks(b)
+	const n = 300
+	single, r3 := singleNode(b, n), clusterOf(b, 3, n)
+	fs := []*fanout{{name: "single", d: single}, {name: "r3-owner", d: r3}}
+	for _, f := range fs {
+		for j := range n {
+			f.subs = append(f.subs, dial(b, f.d, 0, fmt.Sprintf("sub-%d", j)))
+		}
+	}
+	ctx := bounded(b, 30*time.Minute)
+	type result struct {
+		lat  []time.Duration
+		made []time.Duration
+		cpu  time.Duration
+	}
+	res := make([]result, len(fs))
+	sample := func(i int) {
+		f := fs[i]
+		cpu0 := cpuTime()
+		start := time.Now()
+		ps, err := f.d.auth.Exec(ctx, func(tx mutators.Tx) error {
+			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES ('Food', 1) ON CONFLICT(name) DO UPDATE SET count = count + 1`)
+			return err
+		})
+		if err != nil {
+			b.Fatalf("%s: %v", f.name, err)
+		}
+		res[i].made = append(res[i].made, time.Since(start))
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		for _, s := range f.subs {
+			if err := s.wait(sctx, func() bool { return s.version.Load() >= ps.Version }); err != nil {
+				b.Fatalf("%s: a subscriber did not get version %d: %v", f.name, ps.Version, err)
+			}
+		}
+		res[i].cpu += cpuTime() - cpu0
+		for _, s := range f.subs {
+			res[i].lat = append(res[i].lat, time.Unix(0, s.at.Load()).Sub(start))
+		}
+	}
+	for range 5 {
+		for i := range fs {
+			sample(i)
+		}
+	}
+	res = make([]result, len(fs))
+	b.ResetTimer()
+	for k := range b.N {
+		for j := range fs {
+			sample((k + j) % len(fs))
+		}
+	}
+	b.StopTimer()
+	per := make([]float64, len(fs))
+	for i, f := range fs {
+		per[i] = float64(len(res[i].lat)) / res[i].cpu.Seconds()
+		b.ReportMetric(per[i], f.name+"-deliveries/cpu-s")
+		b.ReportMetric(ms(pct(res[i].lat, 50)), f.name+"-p50-ms")
+		b.ReportMetric(ms(pct(res[i].lat, 99)), f.name+"-p99-ms")
+		b.ReportMetric(ms(pct(res[i].made, 50)), f.name+"-commit-p50-ms")
+	}
+	for i, f := range fs[1:] {
+		b.ReportMetric(per[i+1]/per[0], f.name+"/single-per-cpu")
+		b.ReportMetric(float64(pct(res[i+1].lat, 50))/float64(pct(res[0].lat, 50)), f.name+"/single-p50")
+	}
+}
+
+// BenchmarkClusterConnections: what a connection costs a node. Each
+// iteration adds 100 subscribed sessions (a QUIC connection each) to a
+// single node and then to the owner of a three-node cluster, and reads the
+// process's RSS (after a collection that returns freed memory), its
+// goroutines, the CPU the 100 connects took and the CPU of 2 s idle after.
+// Client and server ends are both in this process, so a connection's cost
+// here is both ends'. The fixed cost of the deployments themselves (RSS
+// and idle CPU of the single node and of the three nodes with no
+// connection) is logged first.
+func BenchmarkClusterConnections(b *testing.B) {
+	noLeaks(b)
+	const step, idle = 100, 2 * time.Second
+	idleCPU := func() time.Duration {
+		c0 := cpuTime()
+		time.Sleep(idle)
+		return cpuTime() - c0
+	}
+	rss0, cpuIdle0 := rssKiB(), idleCPU()
+	single := singleNode(b, 4*step)
+	rss1, cpuIdle1 := rssKiB(), idleCPU()
+	r3 := clusterOf(b, 3, 4*step)
+	rss2, cpuIdle2 := rssKiB(), idleCPU()
+	b.Logf("fixed: the test process %d KiB RSS, idle %.1f ms CPU/s; a single node +%d KiB, +%.1f ms CPU/s idle; three cluster nodes +%d KiB, +%.1f ms CPU/s idle",
+		rss0, ms(cpuIdle0)/idle.Seconds(), rss1-rss0, ms(cpuIdle1-cpuIdle0)/idle.Seconds(), rss2-rss1, ms(cpuIdle2-cpuIdle1)/idle.Seconds())
+	deps := []*deployment{single, r3}
+	type totals struct {
+		conns, rss, goroutines int
+		connect, idle          time.Duration
+	}
+	tot := make([]totals, len(deps))
+	b.ResetTimer()
+	for range b.N {
+		for i, d := range deps {
+			rssA, gA, idleA := rssKiB(), runtime.NumGoroutine(), idleCPU()
+			c0 := cpuTime()
+			for j := range step {
+				dial(b, d, 0, fmt.Sprintf("conn-%d-%d", tot[i].conns, j))
+			}
+			connect := cpuTime() - c0
+			rssB, gB, idleB := rssKiB(), runtime.NumGoroutine(), idleCPU()
+			tot[i].conns += step
+			tot[i].rss += rssB - rssA
+			tot[i].goroutines += gB - gA
+			tot[i].connect += connect
+			tot[i].idle += idleB - idleA
+			b.Logf("%s at %d connections: +%d KiB RSS, +%d goroutines, connect %.2f ms CPU each, idle +%.2f ms CPU/s",
+				d.name, tot[i].conns, rssB-rssA, gB-gA, ms(connect)/step, ms(idleB-idleA)/idle.Seconds())
+		}
+	}
+	b.StopTimer()
+	for i, d := range deps {
+		t := tot[i]
+		b.ReportMetric(float64(t.rss)/float64(t.conns), d.name+"-KiB/conn")
+		b.ReportMetric(float64(t.goroutines)/float64(t.conns), d.name+"-goroutines/conn")
+		b.ReportMetric(float64(t.connect.Microseconds())/float64(t.conns), d.name+"-connect-cpu-µs")
+		b.ReportMetric(float64(t.idle.Microseconds())/idle.Seconds()/float64(t.conns), d.name+"-idle-cpu-µs/s/conn")
+	}
+}
+
+// BenchmarkClusterDatabases: what an open database costs a node. Each
+// iteration opens 100 more databases on a single node and on the owner of
+// a three-node cluster (AddDatabase, then open: in the cluster the lease is
+// taken and version 1 appended), and reads the RSS, the goroutines, the
+// time an open took and the CPU of 3 s idle after. An open database in a
+// cluster holds its lease, renewed every TTL/3 (1 s) through the R3 lease
+// bucket, for as long as the node's Owner runs: that renewal is its idle
+// cost.
+func BenchmarkClusterDatabases(b *testing.B) {
+	noLeaks(b)
+	const step, idle = 100, 3 * time.Second
+	idleCPU := func() time.Duration {
+		c0 := cpuTime()
+		time.Sleep(idle)
+		return cpuTime() - c0
+	}
+	deps := []*deployment{singleNode(b, 1), clusterOf(b, 3, 1)}
+	type totals struct {
+		dbs, rss, goroutines int
+		open, idle           time.Duration
+	}
+	tot := make([]totals, len(deps))
+	ctx := bounded(b, 30*time.Minute)
+	b.ResetTimer()
+	for range b.N {
+		for i, d := range deps {
+			rssA, gA, idleA := rssKiB(), runtime.NumGoroutine(), idleCPU()
+			start := time.Now()
+			for j := range step {
+				name := fmt.Sprintf("t%d.db", tot[i].dbs+j)
+				if err := d.srvs[0].AddDatabase(ctx, name, benchSecret); err != nil {
+					b.Fatal(err)
+				}
+				if d.srvs[0].Authority(name) == nil {
+					b.Fatalf("%s: %s did not open", d.name, name)
+				}
+			}
+			open := time.Since(start)
+			rssB, gB, idleB := rssKiB(), runtime.NumGoroutine(), idleCPU()
+			tot[i].dbs += step
+			tot[i].rss += rssB - rssA
+			tot[i].goroutines += gB - gA
+			tot[i].open += open
+			tot[i].idle += idleB - idleA
+			b.Logf("%s at %d open databases: +%d KiB RSS, +%d goroutines, %.2f ms to add and open one, idle +%.2f ms CPU/s",
+				d.name, tot[i].dbs, rssB-rssA, gB-gA, ms(open)/step, ms(idleB-idleA)/idle.Seconds())
+		}
+	}
+	b.StopTimer()
+	for i, d := range deps {
+		t := tot[i]
+		b.ReportMetric(float64(t.rss)/float64(t.dbs), d.name+"-KiB/db")
+		b.ReportMetric(float64(t.goroutines)/float64(t.dbs), d.name+"-goroutines/db")
+		b.ReportMetric(ms(t.open)/float64(t.dbs), d.name+"-open-ms")
+		b.ReportMetric(float64(t.idle.Microseconds())/idle.Seconds()/float64(t.dbs), d.name+"-idle-cpu-µs/s/db")
+	}
+}
