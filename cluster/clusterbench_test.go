@@ -3,8 +3,11 @@ package cluster
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -16,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/quic-go/quic-go"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
@@ -55,6 +59,8 @@ type deployment struct {
 	addrs []string
 	auth  *server.Authority // the owner's, pinned open
 	logs  []*Log            // per node; nil for the single node
+	nodes []*Node
+	ncs   []*nats.Conn
 }
 
 // benchServer is a sqlrebase server on a fresh directory with the demo
@@ -118,6 +124,7 @@ func clusterOf(tb testing.TB, n, conns int) *deployment {
 	ctx := bounded(tb, 60*time.Second)
 	for _, node := range nodes {
 		nc, js := connect(tb, node)
+		d.nodes, d.ncs = append(d.nodes, node), append(d.ncs, nc)
 		l := untilOpen(tb, ctx, func() (*Log, error) { return OpenLog(ctx, nc, js, LogConfig{Replicas: n}) })
 		ls := untilOpen(tb, ctx, func() (*Leases, error) { return OpenLeases(ctx, js, LeaseConfig{Replicas: n}) })
 		o := NewOwner(l, ls, nil, node.Name(), quiet)
@@ -132,12 +139,87 @@ func clusterOf(tb testing.TB, n, conns int) *deployment {
 	if d.auth = d.srvs[0].Authority(benchDB); d.auth == nil {
 		tb.Fatalf("%s: the first node did not open the database", d.name)
 	}
-	if n > 1 {
-		if si, err := d.logs[0].stream.Info(ctx); err == nil && si.Cluster != nil {
-			tb.Logf("%s: the stream's leader is %s; the owner is %s", d.name, si.Cluster.Leader, nodes[0].Name())
+	return d
+}
+
+// leaderOn moves the version stream's Raft leader to node i (a leader
+// stepdown with a preferred placement) and waits until it is there, and
+// names d after where it put it: the owner's appends then go to a leader
+// in its own process (i 0) or one route hop away (the usual case once
+// databases hash onto streams whose leaders spread over the nodes).
+func (d *deployment) leaderOn(tb testing.TB, i int) {
+	tb.Helper()
+	ctx := bounded(tb, 60*time.Second)
+	want := d.nodes[i].Name()
+	if i == 0 {
+		d.name += "-leader-owner"
+	} else {
+		d.name += "-leader-other"
+	}
+	stream := d.logs[0].stream.CachedInfo().Config.Name
+	body, err := json.Marshal(map[string]any{"placement": map[string]string{"preferred": want}})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for {
+		si, err := d.logs[0].stream.Info(ctx)
+		if err == nil && si.Cluster != nil && si.Cluster.Leader == want {
+			return
+		}
+		if err == nil && si.Cluster != nil && si.Cluster.Leader != "" {
+			if _, err := d.ncs[0].RequestWithContext(ctx, fmt.Sprintf("$JS.API.STREAM.LEADER.STEPDOWN.%s", stream), body); err != nil && ctx.Err() == nil {
+				tb.Logf("%s: stepdown: %v", d.name, err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			tb.Fatalf("%s: the stream's leader did not move to %s", d.name, want)
+		case <-time.After(500 * time.Millisecond):
 		}
 	}
-	return d
+}
+
+// leader is the node name of the version stream's leader ("" if unknown).
+func (d *deployment) leader(ctx context.Context) string {
+	if len(d.logs) == 0 {
+		return ""
+	}
+	si, err := d.logs[0].stream.Info(ctx)
+	if err != nil || si.Cluster == nil {
+		return ""
+	}
+	return si.Cluster.Leader
+}
+
+// pinnedTrios are two three-node clusters, one with the stream's leader on
+// the owner's node and one with it on another node.
+func pinnedTrios(tb testing.TB, conns int) []*deployment {
+	tb.Helper()
+	own, other := clusterOf(tb, 3, conns), clusterOf(tb, 3, conns)
+	own.leaderOn(tb, 0)
+	other.leaderOn(tb, 1)
+	return []*deployment{own, other}
+}
+
+// checkLeaders fails tb if a pinned leader moved during the benchmark (an
+// election on the loaded machine), which would mix the two cases.
+func checkLeaders(tb testing.TB, deps []*deployment) {
+	tb.Helper()
+	ctx := bounded(tb, 10*time.Second)
+	for _, d := range deps {
+		want := ""
+		switch {
+		case strings.HasSuffix(d.name, "-leader-owner"):
+			want = d.nodes[0].Name()
+		case strings.HasSuffix(d.name, "-leader-other"):
+			want = d.nodes[1].Name()
+		default:
+			continue
+		}
+		if got := d.leader(ctx); got != want {
+			tb.Errorf("%s: the stream's leader moved to %q during the run", d.name, got)
+		}
+	}
 }
 
 // untilOpen calls open until it succeeds or ctx ends. A cluster that has
@@ -181,14 +263,26 @@ type benchConn struct {
 // reader.
 func dial(tb testing.TB, d *deployment, i int, clientID string) *benchConn {
 	tb.Helper()
-	tlsConf, err := protocol.ClientTLS(d.srvs[i].Fingerprint(), "", "")
+	return dialAt(tb, target{Addr: d.addrs[i], Fingerprint: d.srvs[i].Fingerprint(), Version: d.auth.Version(), Checksum: d.auth.Checksum()}, clientID)
+}
+
+// target is where a session goes, and the state it announces.
+type target struct {
+	Addr, Fingerprint string
+	Version, Checksum uint64
+}
+
+// dialAt is dial to any target (also from a child process).
+func dialAt(tb testing.TB, tg target, clientID string) *benchConn {
+	tb.Helper()
+	tlsConf, err := protocol.ClientTLS(tg.Fingerprint, "", "")
 	if err != nil {
 		tb.Fatal(err)
 	}
 	ctx := bounded(tb, 20*time.Second)
-	conn, err := quic.DialAddr(ctx, d.addrs[i], tlsConf, protocol.QUICConfig())
+	conn, err := quic.DialAddr(ctx, tg.Addr, tlsConf, protocol.QUICConfig())
 	if err != nil {
-		tb.Fatalf("%s: dial node %d: %v", d.name, i, err)
+		tb.Fatalf("dial %s: %v", tg.Addr, err)
 	}
 	c := &benchConn{conn: conn, next: 1, notify: make(chan struct{}, 1), dead: make(chan struct{})}
 	tb.Cleanup(func() {
@@ -199,7 +293,7 @@ func dial(tb testing.TB, d *deployment, i int, clientID string) *benchConn {
 		close(c.dead)
 		tb.Fatal(err)
 	}
-	hello := &protocol.Hello{Protocol: protocol.Version, Database: benchDB, ClientID: clientID, Credential: benchSecret, Version: d.auth.Version(), Checksum: d.auth.Checksum()}
+	hello := &protocol.Hello{Protocol: protocol.Version, Database: benchDB, ClientID: clientID, Credential: benchSecret, Version: tg.Version, Checksum: tg.Checksum}
 	if err := protocol.WriteMessage(c.stream, hello); err != nil {
 		close(c.dead)
 		tb.Fatal(err)
@@ -209,15 +303,15 @@ func dial(tb testing.TB, d *deployment, i int, clientID string) *benchConn {
 	m, err := r.Read()
 	if err != nil {
 		close(c.dead)
-		tb.Fatalf("%s: Hello to node %d: %v", d.name, i, err)
+		tb.Fatalf("Hello to %s: %v", tg.Addr, err)
 	}
 	w, ok := m.(*protocol.Welcome)
 	if !ok {
 		close(c.dead)
 		if e, ok := m.(*protocol.Error); ok {
-			tb.Fatalf("%s: node %d refused the Hello: %v", d.name, i, e.Err())
+			tb.Fatalf("%s refused the Hello: %v", tg.Addr, e.Err())
 		}
-		tb.Fatalf("%s: node %d answered the Hello with %T", d.name, i, m)
+		tb.Fatalf("%s answered the Hello with %T", tg.Addr, m)
 	}
 	c.stream.SetReadDeadline(time.Time{})
 	c.version.Store(w.Version)
@@ -385,7 +479,7 @@ func BenchmarkClusterThroughput(b *testing.B) {
 func benchClusterThroughput(b *testing.B, batch, window, per int) {
 	noLeaks(b)
 	const clients = 10
-	deps := []*deployment{singleNode(b, clients), clusterOf(b, 1, clients), clusterOf(b, 3, clients)}
+	deps := append([]*deployment{singleNode(b, clients), clusterOf(b, 1, clients)}, pinnedTrios(b, clients)...)
 	conns := make([][]*benchConn, len(deps))
 	for i, d := range deps {
 		for j := range clients {
@@ -414,7 +508,7 @@ func benchClusterThroughput(b *testing.B, batch, window, per int) {
 		round(i, per)
 	}
 	rates := make([][]float64, len(deps))
-	var r1, r3 []float64
+	ratios := make([][]float64, len(deps)) // to the single node, per round
 	v0 := make([]uint64, len(deps))
 	for i, d := range deps {
 		v0[i] = d.auth.Version()
@@ -428,18 +522,19 @@ func benchClusterThroughput(b *testing.B, batch, window, per int) {
 		}
 		for i := range deps {
 			rates[i] = append(rates[i], got[i])
+			ratios[i] = append(ratios[i], got[i]/got[0])
 		}
-		r1, r3 = append(r1, got[1]/got[0]), append(r3, got[2]/got[0])
 	}
 	b.StopTimer()
+	checkLeaders(b, deps)
 	for i, d := range deps {
 		versions := d.auth.Version() - v0[i]
-		b.Logf("%s: %s acked/s; %.0f mutations per version", d.name, spread(rates[i]), float64(b.N*per*clients)/float64(max(versions, 1)))
+		b.Logf("%s: %s acked/s, %s of the single node's; %.0f mutations per version", d.name, spread(rates[i]), spread(ratios[i]), float64(b.N*per*clients)/float64(max(versions, 1)))
 		b.ReportMetric(median(rates[i]), d.name+"-acked/s")
+		if i > 0 {
+			b.ReportMetric(median(ratios[i]), d.name+"/single")
+		}
 	}
-	b.Logf("r1/single %s, r3/single %s", spread(r1), spread(r3))
-	b.ReportMetric(median(r1), "r1/single")
-	b.ReportMetric(median(r3), "r3/single")
 }
 
 // BenchmarkClusterPushAck: one client pushes one mutation and waits for
@@ -448,7 +543,7 @@ func benchClusterThroughput(b *testing.B, batch, window, per int) {
 // confirmed, with the stream's quorum ack in the path for the clusters.
 func BenchmarkClusterPushAck(b *testing.B) {
 	noLeaks(b)
-	deps := []*deployment{singleNode(b, 1), clusterOf(b, 1, 1), clusterOf(b, 3, 1)}
+	deps := append([]*deployment{singleNode(b, 1), clusterOf(b, 1, 1)}, pinnedTrios(b, 1)...)
 	var cs []*benchConn
 	for _, d := range deps {
 		cs = append(cs, dial(b, d, 0, "lat"))
@@ -475,6 +570,7 @@ func BenchmarkClusterPushAck(b *testing.B) {
 		}
 	}
 	b.StopTimer()
+	checkLeaders(b, deps)
 	for i, d := range deps {
 		b.ReportMetric(ms(pct(lat[i], 50)), d.name+"-p50-ms")
 		b.ReportMetric(ms(pct(lat[i], 99)), d.name+"-p99-ms")
@@ -503,6 +599,7 @@ func BenchmarkClusterFanout(b *testing.B) {
 	noLeaks(b)
 	const n = 300
 	single, r3 := singleNode(b, n), clusterOf(b, 3, n)
+	r3.leaderOn(b, 1)
 	fs := []*fanout{{name: "single", d: single}, {name: "r3-owner", d: r3}}
 	for _, f := range fs {
 		for j := range n {
@@ -567,62 +664,167 @@ func BenchmarkClusterFanout(b *testing.B) {
 	}
 }
 
-// BenchmarkClusterConnections: what a connection costs a node. Each
-// iteration adds 100 subscribed sessions (a QUIC connection each) to a
-// single node and then to the owner of a three-node cluster, and reads the
-// process's RSS (after a collection that returns freed memory), its
-// goroutines, the CPU the 100 connects took and the CPU of 2 s idle after.
-// Client and server ends are both in this process, so a connection's cost
-// here is both ends'. The fixed cost of the deployments themselves (RSS
-// and idle CPU of the single node and of the three nodes with no
-// connection) is logged first.
+// clientsEnv names the environment variable that makes
+// TestClusterBenchClients a client process: a JSON clientsJob.
+const clientsEnv = "SQLREBASE_BENCH_CLIENTS"
+
+// clientsJob is what a client process does: open N sessions to Target.
+type clientsJob struct {
+	Target target
+	N      int
+	Prefix string
+}
+
+// TestClusterBenchClients is not a test: it is the client process of
+// BenchmarkClusterConnections (the benchmark re-runs this binary with
+// clientsEnv set), so that the benchmark's process holds only the server
+// ends of its connections. It opens the sessions, prints "ready", and
+// keeps them until its standard input closes.
+func TestClusterBenchClients(t *testing.T) {
+	spec := os.Getenv(clientsEnv)
+	if spec == "" {
+		t.Skip("the client process of BenchmarkClusterConnections")
+	}
+	var job clientsJob
+	if err := json.Unmarshal([]byte(spec), &job); err != nil {
+		t.Fatal(err)
+	}
+	for j := range job.N {
+		dialAt(t, job.Target, fmt.Sprintf("%s-%d", job.Prefix, j))
+	}
+	fmt.Println("ready")
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// clients starts a client process holding n sessions to d's node i, and
+// returns once they are all welcomed. Cleanup ends it.
+func clients(tb testing.TB, d *deployment, i, n int, prefix string) {
+	tb.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	spec, err := json.Marshal(clientsJob{Target: target{Addr: d.addrs[i], Fingerprint: d.srvs[i].Fingerprint(), Version: d.auth.Version(), Checksum: d.auth.Checksum()}, N: n, Prefix: prefix})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run", "^TestClusterBenchClients$", "-test.count", "1")
+	cmd.Env = append(os.Environ(), clientsEnv+"="+string(spec))
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	done := make(chan error, 1)
+	tb.Cleanup(func() {
+		stdin.Close()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		ok := false
+		for sc.Scan() {
+			if sc.Text() == "ready" && !ok {
+				ok = true
+				ready <- true
+			}
+		}
+		if !ok {
+			ready <- false
+		}
+		done <- cmd.Wait()
+	}()
+	select {
+	case ok := <-ready:
+		if !ok {
+			tb.Fatalf("the client process failed: %s", stderr.String())
+		}
+	case <-time.After(2 * time.Minute):
+		tb.Fatalf("the client process did not open %d sessions in time", n)
+	}
+}
+
+// BenchmarkClusterConnections: what a connection costs the node that
+// serves it. Each iteration adds 100 subscribed sessions (a QUIC
+// connection each, held by a client process, so that this process has only
+// the server ends) to a single node and then to the owner of a three-node
+// cluster, and reads this process's RSS (after a collection that returns
+// freed memory) and its goroutines after an idle window, the CPU of that
+// window, and the CPU the 100 connects and Hellos took. Per connection, the metrics are the slopes from
+// the first step to the last (the first hundred also warm pools and
+// caches; they are logged). The fixed cost of the deployments themselves
+// (the RSS and idle CPU of a single node, and of three cluster nodes
+// holding one open database) is logged first.
 func BenchmarkClusterConnections(b *testing.B) {
 	noLeaks(b)
-	const step, idle = 100, 2 * time.Second
-	idleCPU := func() time.Duration {
+	const step, idle = 100, 5 * time.Second
+	idleCPU := func() float64 { // ms of CPU per second
+		time.Sleep(time.Second) // let the last handshakes and the collection settle
 		c0 := cpuTime()
 		time.Sleep(idle)
-		return cpuTime() - c0
+		return ms(cpuTime()-c0) / idle.Seconds()
 	}
-	rss0, cpuIdle0 := rssKiB(), idleCPU()
-	single := singleNode(b, 4*step)
-	rss1, cpuIdle1 := rssKiB(), idleCPU()
-	r3 := clusterOf(b, 3, 4*step)
-	rss2, cpuIdle2 := rssKiB(), idleCPU()
-	b.Logf("fixed: the test process %d KiB RSS, idle %.1f ms CPU/s; a single node +%d KiB, +%.1f ms CPU/s idle; three cluster nodes +%d KiB, +%.1f ms CPU/s idle",
-		rss0, ms(cpuIdle0)/idle.Seconds(), rss1-rss0, ms(cpuIdle1-cpuIdle0)/idle.Seconds(), rss2-rss1, ms(cpuIdle2-cpuIdle1)/idle.Seconds())
+	rss0, cpu0 := rssKiB(), idleCPU()
+	single := singleNode(b, 8*step)
+	rss1, cpu1 := rssKiB(), idleCPU()
+	r3 := clusterOf(b, 3, 8*step)
+	rss2, cpu2 := rssKiB(), idleCPU()
+	b.Logf("fixed: the test process %d KiB RSS, idle %.2f ms CPU/s; a single node +%d KiB, +%.2f ms CPU/s idle; three cluster nodes (in one process, one open database) +%d KiB, +%.2f ms CPU/s idle",
+		rss0, cpu0, rss1-rss0, cpu1-cpu0, rss2-rss1, cpu2-cpu1)
 	deps := []*deployment{single, r3}
-	type totals struct {
+	type level struct {
 		conns, rss, goroutines int
-		connect, idle          time.Duration
+		idle                   float64
 	}
-	tot := make([]totals, len(deps))
+	levels := make([][]level, len(deps))
+	connectCPU := make([]time.Duration, len(deps))
+	idle0 := idleCPU()
+	rss, g := rssKiB(), runtime.NumGoroutine()
+	for i := range deps {
+		levels[i] = []level{{0, rss, g, idle0}}
+	}
+	b.Logf("both deployments, no connection: idle %.2f ms CPU/s, %d goroutines", idle0, g)
 	b.ResetTimer()
-	for range b.N {
+	for n := range b.N {
 		for i, d := range deps {
-			rssA, gA, idleA := rssKiB(), runtime.NumGoroutine(), idleCPU()
 			c0 := cpuTime()
-			for j := range step {
-				dial(b, d, 0, fmt.Sprintf("conn-%d-%d", tot[i].conns, j))
+			clients(b, d, 0, step, fmt.Sprintf("conn-%d", n))
+			if n > 0 {
+				connectCPU[i] += cpuTime() - c0
 			}
-			connect := cpuTime() - c0
-			rssB, gB, idleB := rssKiB(), runtime.NumGoroutine(), idleCPU()
-			tot[i].conns += step
-			tot[i].rss += rssB - rssA
-			tot[i].goroutines += gB - gA
-			tot[i].connect += connect
-			tot[i].idle += idleB - idleA
-			b.Logf("%s at %d connections: +%d KiB RSS, +%d goroutines, connect %.2f ms CPU each, idle +%.2f ms CPU/s",
-				d.name, tot[i].conns, rssB-rssA, gB-gA, ms(connect)/step, ms(idleB-idleA)/idle.Seconds())
+			l := level{conns: (n + 1) * step, idle: idleCPU()}
+			l.rss, l.goroutines = rssKiB(), runtime.NumGoroutine() // after the idle window: what stays
+			prev := levels[i][len(levels[i])-1]
+			levels[i] = append(levels[i], l)
+			b.Logf("%s at %d connections: RSS +%d KiB, +%d goroutines, connect %.2f ms CPU each, idle %.2f ms CPU/s (%+.2f)",
+				d.name, l.conns, l.rss-prev.rss, l.goroutines-prev.goroutines, ms(cpuTime()-c0)/step, l.idle, l.idle-prev.idle)
 		}
 	}
 	b.StopTimer()
+	if b.N < 2 {
+		return // no slope from one step
+	}
 	for i, d := range deps {
-		t := tot[i]
-		b.ReportMetric(float64(t.rss)/float64(t.conns), d.name+"-KiB/conn")
-		b.ReportMetric(float64(t.goroutines)/float64(t.conns), d.name+"-goroutines/conn")
-		b.ReportMetric(float64(t.connect.Microseconds())/float64(t.conns), d.name+"-connect-cpu-µs")
-		b.ReportMetric(float64(t.idle.Microseconds())/idle.Seconds()/float64(t.conns), d.name+"-idle-cpu-µs/s/conn")
+		first, last := levels[i][1], levels[i][len(levels[i])-1]
+		k := float64(last.conns - first.conns)
+		b.ReportMetric(float64(last.rss-first.rss)/k, d.name+"-KiB/conn")
+		b.ReportMetric(float64(last.goroutines-first.goroutines)/k, d.name+"-goroutines/conn")
+		b.ReportMetric(float64(connectCPU[i].Microseconds())/k, d.name+"-hello-cpu-µs")
+		b.ReportMetric((last.idle-levels[i][0].idle)*1000/float64(last.conns), d.name+"-idle-cpu-µs/s/conn")
 	}
 }
 
