@@ -104,9 +104,10 @@ func singleNode(tb testing.TB, conns int) *deployment {
 }
 
 // clusterOf starts n embedded NATS nodes (1: no routes, R1; 3: a cluster,
-// R3), a server on each with an Owner as its VersionLog, as `serve
-// --cluster` does (snapshots left out: nothing here restores), and opens
-// benchDB on the first, which so takes the lease.
+// R3), a server on each with an Owner as its VersionLog that writes
+// snapshots by the default policy and serves forwarded pushes, as `serve
+// --cluster` does, and opens benchDB on the first, which so takes the
+// lease; a session on another node opens it there as a follower.
 func clusterOf(tb testing.TB, n, conns int) *deployment {
 	tb.Helper()
 	var nodes []*Node
@@ -127,13 +128,16 @@ func clusterOf(tb testing.TB, n, conns int) *deployment {
 		d.nodes, d.ncs = append(d.nodes, node), append(d.ncs, nc)
 		l := untilOpen(tb, ctx, func() (*Log, error) { return OpenLog(ctx, nc, js, LogConfig{Replicas: n}) })
 		ls := untilOpen(tb, ctx, func() (*Leases, error) { return OpenLeases(ctx, js, LeaseConfig{Replicas: n}) })
-		o := NewOwner(l, ls, nil, node.Name(), quiet)
+		snaps := untilOpen(tb, ctx, func() (*Snapshots, error) { return OpenSnapshots(ctx, js, SnapshotConfig{Replicas: n}) })
+		o := NewOwner(l, ls, snaps, node.Name(), quiet)
 		tb.Cleanup(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			o.Close(ctx)
 		})
 		srv, addr := benchServer(tb, o, conns)
+		o.SetSnapshotSource(srv, SnapshotPolicy{})
+		o.SetForwardHandler(srv.ServeForwarded)
 		d.srvs, d.addrs, d.logs = append(d.srvs, srv), append(d.addrs, addr), append(d.logs, l)
 	}
 	if d.auth = d.srvs[0].Authority(benchDB); d.auth == nil {
@@ -538,46 +542,52 @@ func benchClusterThroughput(b *testing.B, batch, window, per int) {
 }
 
 // BenchmarkClusterPushAck: one client pushes one mutation and waits for
-// its Ack, on a single node, a one-node and a three-node cluster in turn
-// (each iteration is one push on each): the server's part of Mutate to
+// its Ack, on a single node, a one-node cluster, and three-node clusters
+// (the stream's leader on the owner's node, or on another), in turn (each
+// iteration is one push on each): the server's part of Mutate to
 // confirmed, with the stream's quorum ack in the path for the clusters.
+// "r3-forwarded" is a client of the third node of the leader-other
+// cluster, neither owner nor leader: a follower, which forwards the push
+// to the owner and acks once the owner answers.
 func BenchmarkClusterPushAck(b *testing.B) {
 	noLeaks(b)
 	deps := append([]*deployment{singleNode(b, 1), clusterOf(b, 1, 1)}, pinnedTrios(b, 1)...)
+	names := []string{}
 	var cs []*benchConn
 	for _, d := range deps {
-		cs = append(cs, dial(b, d, 0, "lat"))
+		cs, names = append(cs, dial(b, d, 0, "lat")), append(names, d.name)
 	}
+	cs, names = append(cs, dial(b, deps[3], 2, "fwd")), append(names, "r3-forwarded")
 	ctx := bounded(b, 30*time.Minute)
 	one := func(i int) time.Duration {
 		start := time.Now()
 		if err := cs[i].pump(ctx, 1, 1, 1, "Food"); err != nil {
-			b.Fatalf("%s: %v", deps[i].name, err)
+			b.Fatalf("%s: %v", names[i], err)
 		}
 		return time.Since(start)
 	}
 	for range 600 { // past the first WAL generation
-		for i := range deps {
+		for i := range cs {
 			one(i)
 		}
 	}
-	lat := make([][]time.Duration, len(deps))
+	lat := make([][]time.Duration, len(cs))
 	b.ResetTimer()
 	for n := range b.N {
-		for k := range deps {
-			i := (n + k) % len(deps)
+		for k := range cs {
+			i := (n + k) % len(cs)
 			lat[i] = append(lat[i], one(i))
 		}
 	}
 	b.StopTimer()
 	checkLeaders(b, deps)
-	for i, d := range deps {
-		b.ReportMetric(ms(pct(lat[i], 50)), d.name+"-p50-ms")
-		b.ReportMetric(ms(pct(lat[i], 99)), d.name+"-p99-ms")
-	}
-	for i, d := range deps[1:] {
-		b.ReportMetric(float64(pct(lat[i+1], 50))/float64(pct(lat[0], 50)), d.name+"/single-p50")
-		b.ReportMetric(float64(pct(lat[i+1], 99))/float64(pct(lat[0], 99)), d.name+"/single-p99")
+	for i, name := range names {
+		b.ReportMetric(ms(pct(lat[i], 50)), name+"-p50-ms")
+		b.ReportMetric(ms(pct(lat[i], 99)), name+"-p99-ms")
+		if i > 0 {
+			b.ReportMetric(float64(pct(lat[i], 50))/float64(pct(lat[0], 50)), name+"/single-p50")
+			b.ReportMetric(float64(pct(lat[i], 99))/float64(pct(lat[0], 99)), name+"/single-p99")
+		}
 	}
 }
 
@@ -586,31 +596,41 @@ type fanout struct {
 	name string
 	d    *deployment
 	subs []*benchConn
+	node []int // the node index of each subscriber
 }
 
 // BenchmarkClusterFanout: 300 subscribers read every version, on a single
-// node and on the owner of a three-node cluster, in turn; each iteration
-// makes one version (a one-row update through the owner's authority) on
-// each and waits until all 300 have it. Latency is from the start of the
+// node, on the owner of a three-node cluster, and spread over the three
+// nodes of another (100 on the owner, 100 on each follower, which gets the
+// version from the stream with an ordered consumer and applies it to its
+// copy before it sends it), in turn; each iteration makes one version (a
+// one-row update through the owner's authority) on each and waits until
+// all 300 have it. Latency is from the start of the
 // commit to each subscriber's read; deliveries per CPU-second count the
 // whole process's CPU over the sample (servers, NATS nodes and clients,
 // and whatever the idle deployment spends meanwhile).
 func BenchmarkClusterFanout(b *testing.B) {
 	noLeaks(b)
 	const n = 300
-	single, r3 := singleNode(b, n), clusterOf(b, 3, n)
+	single, r3, spread := singleNode(b, n), clusterOf(b, 3, n), clusterOf(b, 3, n)
 	r3.leaderOn(b, 1)
-	fs := []*fanout{{name: "single", d: single}, {name: "r3-owner", d: r3}}
+	spread.leaderOn(b, 1)
+	fs := []*fanout{{name: "single", d: single}, {name: "r3-owner", d: r3}, {name: "r3-spread", d: spread}}
 	for _, f := range fs {
+		nodes := 1
+		if f.name == "r3-spread" {
+			nodes = 3
+		}
 		for j := range n {
-			f.subs = append(f.subs, dial(b, f.d, 0, fmt.Sprintf("sub-%d", j)))
+			f.subs, f.node = append(f.subs, dial(b, f.d, j%nodes, fmt.Sprintf("sub-%d", j))), append(f.node, j%nodes)
 		}
 	}
 	ctx := bounded(b, 30*time.Minute)
 	type result struct {
-		lat  []time.Duration
-		made []time.Duration
-		cpu  time.Duration
+		lat      []time.Duration
+		followed []time.Duration // the subscribers of a follower
+		made     []time.Duration
+		cpu      time.Duration
 	}
 	res := make([]result, len(fs))
 	sample := func(i int) {
@@ -633,8 +653,12 @@ func BenchmarkClusterFanout(b *testing.B) {
 			}
 		}
 		res[i].cpu += cpuTime() - cpu0
-		for _, s := range f.subs {
-			res[i].lat = append(res[i].lat, time.Unix(0, s.at.Load()).Sub(start))
+		for j, s := range f.subs {
+			l := time.Unix(0, s.at.Load()).Sub(start)
+			res[i].lat = append(res[i].lat, l)
+			if f.node[j] > 0 {
+				res[i].followed = append(res[i].followed, l)
+			}
 		}
 	}
 	for range 5 {
@@ -657,6 +681,9 @@ func BenchmarkClusterFanout(b *testing.B) {
 		b.ReportMetric(ms(pct(res[i].lat, 50)), f.name+"-p50-ms")
 		b.ReportMetric(ms(pct(res[i].lat, 99)), f.name+"-p99-ms")
 		b.ReportMetric(ms(pct(res[i].made, 50)), f.name+"-commit-p50-ms")
+		if len(res[i].followed) > 0 {
+			b.ReportMetric(ms(pct(res[i].followed, 50)), f.name+"-on-followers-p50-ms")
+		}
 	}
 	for i, f := range fs[1:] {
 		b.ReportMetric(per[i+1]/per[0], f.name+"/single-per-cpu")
