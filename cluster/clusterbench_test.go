@@ -42,7 +42,7 @@ import (
 //	go test -run '^$' -bench ClusterThroughput -benchtime 5x ./cluster
 //	go test -run '^$' -bench ClusterPushAck -benchtime 300x ./cluster
 //	go test -run '^$' -bench ClusterFanout -benchtime 30x ./cluster
-//	go test -run '^$' -bench ClusterConnections -benchtime 3x ./cluster
+//	go test -run '^$' -bench ClusterConnections -benchtime 4x ./cluster
 //	go test -run '^$' -bench ClusterDatabases -benchtime 2x ./cluster
 
 const (
@@ -788,14 +788,16 @@ func clients(tb testing.TB, d *deployment, i, n int, prefix string) {
 // BenchmarkClusterConnections: what a connection costs the node that
 // serves it. Each iteration adds 100 subscribed sessions (a QUIC
 // connection each, held by a client process, so that this process has only
-// the server ends) to a single node and then to the owner of a three-node
-// cluster, and reads this process's RSS (after a collection that returns
-// freed memory) and its goroutines after an idle window, the CPU of that
-// window, and the CPU the 100 connects and Hellos took. Per connection, the metrics are the slopes from
-// the first step to the last (the first hundred also warm pools and
-// caches; they are logged). The fixed cost of the deployments themselves
-// (the RSS and idle CPU of a single node, and of three cluster nodes
-// holding one open database) is logged first.
+// the server ends) to a single node, to the owner of a three-node cluster
+// and to a follower of that cluster, in turn; after each step it reads this
+// process's RSS (after a collection that returns freed memory), its
+// goroutines and the CPU of an idle window, and charges the difference from
+// the reading before to that step, with the CPU its connects and Hellos
+// took. The first iteration warms pools and caches (and opens the
+// follower): the metrics are per connection over the later ones. The fixed
+// cost of the deployments themselves (the RSS and idle CPU of a single
+// node, and of three cluster nodes holding one open database) is logged
+// first.
 func BenchmarkClusterConnections(b *testing.B) {
 	noLeaks(b)
 	const step, idle = 100, 5 * time.Second
@@ -812,46 +814,66 @@ func BenchmarkClusterConnections(b *testing.B) {
 	rss2, cpu2 := rssKiB(), idleCPU()
 	b.Logf("fixed: the test process %d KiB RSS, idle %.2f ms CPU/s; a single node +%d KiB, +%.2f ms CPU/s idle; three cluster nodes (in one process, one open database) +%d KiB, +%.2f ms CPU/s idle",
 		rss0, cpu0, rss1-rss0, cpu1-cpu0, rss2-rss1, cpu2-cpu1)
-	deps := []*deployment{single, r3}
+	// Where the sessions go: the owner of each, and a follower of the
+	// cluster (its second node, which opens the database as a follower
+	// on the first Hello).
+	type where struct {
+		name string
+		d    *deployment
+		node int
+	}
+	ws := []where{{"single", single, 0}, {"r3-owner", r3, 0}, {"r3-follower", r3, 1}}
+	// A measurement of the process after an idle window; each step's cost
+	// is the difference from the measurement just before it (the previous
+	// step's, whichever deployment took it).
 	type level struct {
+		rss, goroutines int
+		idle            float64
+	}
+	measure := func() level {
+		l := level{idle: idleCPU()}
+		l.rss, l.goroutines = rssKiB(), runtime.NumGoroutine() // after the idle window: what stays
+		return l
+	}
+	type totals struct {
 		conns, rss, goroutines int
 		idle                   float64
+		connect                time.Duration
 	}
-	levels := make([][]level, len(deps))
-	connectCPU := make([]time.Duration, len(deps))
-	idle0 := idleCPU()
-	rss, g := rssKiB(), runtime.NumGoroutine()
-	for i := range deps {
-		levels[i] = []level{{0, rss, g, idle0}}
-	}
-	b.Logf("both deployments, no connection: idle %.2f ms CPU/s, %d goroutines", idle0, g)
+	tot := make([]totals, len(ws))
+	prev := measure()
+	b.Logf("both deployments, no connection: idle %.2f ms CPU/s, %d goroutines", prev.idle, prev.goroutines)
 	b.ResetTimer()
 	for n := range b.N {
-		for i, d := range deps {
+		for i, w := range ws {
 			c0 := cpuTime()
-			clients(b, d, 0, step, fmt.Sprintf("conn-%d", n))
-			if n > 0 {
-				connectCPU[i] += cpuTime() - c0
+			clients(b, w.d, w.node, step, fmt.Sprintf("%s-%d", w.name, n))
+			connect := cpuTime() - c0
+			l := measure()
+			b.Logf("%s, connections %d to %d: RSS %+d KiB, %+d goroutines, connect %.2f ms CPU each, idle %.2f ms CPU/s (%+.2f)",
+				w.name, n*step, (n+1)*step, l.rss-prev.rss, l.goroutines-prev.goroutines, ms(connect)/step, l.idle, l.idle-prev.idle)
+			if n > 0 { // the first hundred also warm pools and caches (and open the follower)
+				t := &tot[i]
+				t.conns += step
+				t.rss += l.rss - prev.rss
+				t.goroutines += l.goroutines - prev.goroutines
+				t.idle += l.idle - prev.idle
+				t.connect += connect
 			}
-			l := level{conns: (n + 1) * step, idle: idleCPU()}
-			l.rss, l.goroutines = rssKiB(), runtime.NumGoroutine() // after the idle window: what stays
-			prev := levels[i][len(levels[i])-1]
-			levels[i] = append(levels[i], l)
-			b.Logf("%s at %d connections: RSS +%d KiB, +%d goroutines, connect %.2f ms CPU each, idle %.2f ms CPU/s (%+.2f)",
-				d.name, l.conns, l.rss-prev.rss, l.goroutines-prev.goroutines, ms(cpuTime()-c0)/step, l.idle, l.idle-prev.idle)
+			prev = l
 		}
 	}
 	b.StopTimer()
 	if b.N < 2 {
-		return // no slope from one step
+		return // only the warm step
 	}
-	for i, d := range deps {
-		first, last := levels[i][1], levels[i][len(levels[i])-1]
-		k := float64(last.conns - first.conns)
-		b.ReportMetric(float64(last.rss-first.rss)/k, d.name+"-KiB/conn")
-		b.ReportMetric(float64(last.goroutines-first.goroutines)/k, d.name+"-goroutines/conn")
-		b.ReportMetric(float64(connectCPU[i].Microseconds())/k, d.name+"-hello-cpu-µs")
-		b.ReportMetric((last.idle-levels[i][0].idle)*1000/float64(last.conns), d.name+"-idle-cpu-µs/s/conn")
+	for i, w := range ws {
+		t := tot[i]
+		k := float64(t.conns)
+		b.ReportMetric(float64(t.rss)/k, w.name+"-KiB/conn")
+		b.ReportMetric(float64(t.goroutines)/k, w.name+"-goroutines/conn")
+		b.ReportMetric(float64(t.connect.Microseconds())/k, w.name+"-hello-cpu-µs")
+		b.ReportMetric(t.idle*1000/k, w.name+"-idle-cpu-µs/s/conn")
 	}
 }
 
