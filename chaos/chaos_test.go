@@ -349,6 +349,9 @@ type cluster struct {
 	// describe, if set, describes the servers for a failure message in
 	// place of the one server's line.
 	describe func() string
+	// childLog is where child processes log: the ring (runSeed), or the
+	// cluster mode's tally of it.
+	childLog io.Writer
 }
 
 // worker is one replica and the mutations it made.
@@ -375,6 +378,7 @@ func runSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	t.Logf("plan: profile %+v; partitions %+v; replica restarts before mutation %v; server restarts %+v; disk faults %+v; server disk full %+v; shared transport %v",
 		p.profile, p.partitions, p.restartAt, p.serverRestarts, p.diskFaults, p.serverFull, p.sharedTransport)
 	c := &cluster{t: t, seed: seed, plan: p, reg: registry(t), dir: t.TempDir(), logs: newRing(300)}
+	c.childLog = c.logs
 	c.log = slog.New(slog.NewTextHandler(c.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -714,7 +718,12 @@ func (c *cluster) hasChild() bool {
 // childConfig in JSON.
 const childEnv = "SQLREBASE_CHAOS_CHILD_SERVER"
 
-type childConfig struct{ Dir, Addr string }
+type childConfig struct {
+	Dir, Addr string
+	// NATS, if set, makes the child a cluster node (cluster_test.go): its
+	// Owner on this NATS URL, named Node, with the certificate in CertDir.
+	NATS, Node, CertDir string
+}
 
 func TestMain(m *testing.M) {
 	if cfg := os.Getenv(childEnv); cfg != "" {
@@ -731,6 +740,9 @@ func runChild(cfgJSON string) int {
 	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 2
+	}
+	if cfg.NATS != "" {
+		return runClusterChild(cfg)
 	}
 	reg, err := newRegistry()
 	if err != nil {
@@ -771,20 +783,33 @@ type child struct {
 // startChild starts a server life in a child process and waits until it
 // listens.
 func (c *cluster) startChild(addr string) error {
-	cfg, _ := json.Marshal(childConfig{Dir: c.serverDir, Addr: addr})
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+string(cfg))
-	cmd.Stderr = c.logs
-	stdin, err := cmd.StdinPipe()
+	ch, err := c.spawnChild(childConfig{Dir: c.serverDir, Addr: addr})
 	if err != nil {
 		return err
+	}
+	c.srvMu.Lock()
+	c.child = ch
+	c.srvMu.Unlock()
+	return nil
+}
+
+// spawnChild starts a child process that serves as cfg says, and waits
+// until it listens; it logs to the cluster's log.
+func (c *cluster) spawnChild(cfgv childConfig) (*child, error) {
+	cfg, _ := json.Marshal(cfgv)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"="+string(cfg))
+	cmd.Stderr = c.childLog
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("child server: %w", err)
+		return nil, fmt.Errorf("child server: %w", err)
 	}
 	ch := &child{cmd: cmd, stdin: stdin}
 	ready := make(chan error, 1)
@@ -803,12 +828,9 @@ func (c *cluster) startChild(addr string) error {
 	}
 	if err != nil {
 		ch.kill()
-		return fmt.Errorf("child server: %w", err)
+		return nil, fmt.Errorf("child server: %w", err)
 	}
-	c.srvMu.Lock()
-	c.child = ch
-	c.srvMu.Unlock()
-	return nil
+	return ch, nil
 }
 
 // kill ends the child with SIGKILL and reaps it.

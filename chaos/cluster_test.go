@@ -1,6 +1,7 @@
 package chaos
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"fmt"
@@ -12,10 +13,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	scluster "github.com/sqlrebase/sqlrebase/cluster"
 	"github.com/sqlrebase/sqlrebase/internal/faultnet"
@@ -32,9 +35,10 @@ import (
 const leaseTTL = 2 * time.Second
 
 // snapshotPolicy makes the owner snapshot (and trim the stream) every
-// few dozen versions, so that a run of a few hundred versions restores and
-// follows from snapshots too, not only from the stream's start.
-var snapshotPolicy = scluster.SnapshotPolicy{MinVersions: 20, MaxVersions: 60}
+// 10-25 versions, so that a run (a hundred versions or so: group commits
+// gather the backlog) restores and follows from snapshots too, not only
+// from the stream's start.
+var snapshotPolicy = scluster.SnapshotPolicy{MinVersions: 10, MaxVersions: 25}
 
 // TestChaosCluster is the suite on the cluster code path (issue 12): an
 // embedded JetStream (one node, R1), two or three sqlrebase nodes in this
@@ -104,6 +108,45 @@ type clusterRun struct {
 	nodes   []*node
 	certDir string
 	start   time.Time // of the run, under faults
+	tally   *tally
+	// tailVersion is the stream's last version at the check.
+	tailVersion uint64
+	leases      *scluster.Leases // on the test's own connection: who holds the lease
+	// forwarded counts the pushes the owners ran for the other nodes.
+	forwarded atomic.Int64
+}
+
+// tallied are the log lines that show the cluster code path at work,
+// counted for the seed's summary.
+var tallied = []string{
+	"following the database: another node owns it",
+	"rebuilding the follower's copy from the log",
+	"took the database over",
+	"restored database from the stream",
+	"snapshot stored, stream trimmed behind it",
+	"forward pushes to the owner",
+}
+
+// tally counts the tallied log lines on their way to the ring.
+type tally struct {
+	next io.Writer
+	mu   sync.Mutex
+	n    map[string]int
+}
+
+func (t *tally) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	for _, s := range tallied {
+		t.n[s] += bytes.Count(p, []byte(s))
+	}
+	t.mu.Unlock()
+	return t.next.Write(p)
+}
+
+func (t *tally) count(s string) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.n[s]
 }
 
 // node is one sqlrebase node; its server listens on the same address in
@@ -115,8 +158,9 @@ type node struct {
 	addr  string
 	relay *faultnet.Relay
 
-	mu   sync.Mutex // guards life
-	life *nodeLife  // nil while the node is down
+	mu    sync.Mutex // guards life and child
+	life  *nodeLife  // the node's life in this process, or nil
+	child *child     // its life in a child process, or nil
 }
 
 // nodeLife is one life of a node: its own NATS connection, Owner and server.
@@ -132,14 +176,16 @@ func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	t.Logf("plan: %d nodes; profile %+v; partitions %+v (of each node's clients); replica restarts before mutation %v; node stops %+v at %+v; disk faults %+v; node 0's disk full %+v; shared transport %v",
 		cp.nodes, p.profile, p.partitions, p.restartAt, cp.stops, p.serverRestarts, p.diskFaults, p.serverFull, p.sharedTransport)
 	c := &cluster{t: t, seed: seed, plan: p, reg: registry(t), dir: t.TempDir(), logs: newRing(400)}
-	c.log = slog.New(slog.NewTextHandler(c.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	tl := &tally{next: c.logs, n: map[string]int{}}
+	c.childLog = tl
+	c.log = slog.New(slog.NewTextHandler(tl, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("seed %d failed; the last log lines:\n%s", seed, c.logs.String())
 		}
 	})
 	ctx := context.Background()
-	cr := &clusterRun{c: c, cp: cp, certDir: filepath.Join(c.dir, "cert")}
+	cr := &clusterRun{c: c, cp: cp, certDir: filepath.Join(c.dir, "cert"), tally: tl}
 	c.describe = cr.describe
 	c.remote = cr.remote
 	if err := os.MkdirAll(cr.certDir, 0o755); err != nil {
@@ -153,6 +199,14 @@ func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	}
 	cr.nats = nn
 	t.Cleanup(nn.Shutdown)
+	nc, js, err := nn.Connect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	if cr.leases, err = scluster.OpenLeases(ctx, js, scluster.LeaseConfig{TTL: leaseTTL}); err != nil {
+		t.Fatal(err)
+	}
 
 	for i := range cp.nodes {
 		n := &node{r: cr, i: i, dir: filepath.Join(c.dir, fmt.Sprintf("node%d", i)), addr: "127.0.0.1:0"}
@@ -166,7 +220,7 @@ func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		}
 		// Node 0 starts first: its AddDatabase opens the database, so it
 		// owns; the others follow it.
-		if err := n.start(ctx, true); err != nil {
+		if err := n.start(ctx, true, false); err != nil {
 			t.Fatal(err)
 		}
 		relay, err := faultnet.Listen(faultnet.Config{Target: n.addr, Seed: seed + uint64(i), Logger: c.log.With("relay", i)})
@@ -242,12 +296,19 @@ func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		defer wg.Done()
 		for k, rs := range p.serverRestarts {
 			time.Sleep(rs.at - elapsed())
-			cr.restart(ctx, cp.stops[k], rs.down)
+			cr.restart(ctx, cp.stops[k], rs.down, rs.child)
 		}
 	}()
 	c.boundedWait("the run", 10*m.runFor+60*time.Second, &wg)
 	if t.Failed() {
 		t.FailNow()
+	}
+	// The checks need every node in this process: a life in a child
+	// process ends with one more crash.
+	for _, n := range cr.nodes {
+		if n.inChild() {
+			cr.restart(ctx, nodeStop{node: n.i}, 0, false)
+		}
 	}
 	if d := lastUntil - elapsed(); d > 0 {
 		time.Sleep(d)
@@ -279,6 +340,16 @@ func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	}
 	t.Logf("in sync %v after a %v cut healed (%d mutations made offline by each replica); %d client addresses over %d relays, %d packets lost",
 		converged.Round(time.Millisecond), p.finalCut, m.backlog, clients, len(relays), lost)
+	// The cluster code path was the one hammered: replicas on the nodes
+	// that did not own had their pushes forwarded.
+	if cr.forwarded.Load() == 0 {
+		t.Errorf("no push was forwarded to an owner")
+	}
+	var b strings.Builder
+	for _, s := range tallied {
+		fmt.Fprintf(&b, "; %q %d", s, tl.count(s))
+	}
+	t.Logf("%d versions; %d pushes forwarded to an owner%s", cr.tailVersion, cr.forwarded.Load(), b.String())
 	return converged
 }
 
@@ -294,15 +365,12 @@ func (cr *clusterRun) remote(w *worker) *replica.Remote {
 	return rm
 }
 
-// start starts a life of the node on its directory, on its address (the
-// first: any port; AddDatabase), retrying while the port is still taken.
-func (n *node) start(ctx context.Context, first bool) error {
-	c := n.r.c
-	log := c.log.With("node", n.i)
-	nc, js, err := n.r.nats.Connect()
-	if err != nil {
-		return fmt.Errorf("node %d: connect to NATS: %w", n.i, err)
-	}
+// openLife opens a node's life on nc, its own NATS connection: the log,
+// the leases and the snapshots, an Owner named node that snapshots and
+// runs forwarded pushes (counting them in forwarded, if set) on a server
+// on dir that presents the certificate in certDir. In this process and in
+// a child.
+func openLife(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, node, dir, certDir string, reg *mutators.Registry, log *slog.Logger, forwarded *atomic.Int64) (*nodeLife, error) {
 	l, err := scluster.OpenLog(ctx, nc, js, scluster.LogConfig{})
 	var ls *scluster.Leases
 	var snaps *scluster.Snapshots
@@ -314,12 +382,12 @@ func (n *node) start(ctx context.Context, first bool) error {
 	}
 	if err != nil {
 		nc.Close()
-		return fmt.Errorf("node %d: %w", n.i, err)
+		return nil, err
 	}
-	o := scluster.NewOwner(l, ls, snaps, fmt.Sprintf("node%d", n.i), log)
+	o := scluster.NewOwner(l, ls, snaps, node, log)
 	srv, err := server.Open(ctx, server.Config{
-		Dir: n.dir, Mutators: c.reg, Logger: log, VersionLog: o,
-		CertFile: filepath.Join(n.r.certDir, "cert.pem"), KeyFile: filepath.Join(n.r.certDir, "key.pem"),
+		Dir: dir, Mutators: reg, Logger: log, VersionLog: o,
+		CertFile: filepath.Join(certDir, "cert.pem"), KeyFile: filepath.Join(certDir, "key.pem"),
 		Setup: func(ctx context.Context, tx mutators.Tx) error {
 			_, err := tx.Exec(mutators.DemoSchema)
 			return err
@@ -329,31 +397,111 @@ func (n *node) start(ctx context.Context, first bool) error {
 	if err != nil {
 		life.srv = nil
 		life.end(false)
-		return fmt.Errorf("node %d: server open: %w", n.i, err)
+		return nil, fmt.Errorf("server open: %w", err)
 	}
 	o.SetSnapshotSource(srv, snapshotPolicy)
-	o.SetForwardHandler(srv.ServeForwarded)
+	o.SetForwardHandler(func(ctx context.Context, db string, pushes []server.ForwardedPush) ([]server.ForwardedResult, error) {
+		if forwarded != nil {
+			forwarded.Add(int64(len(pushes)))
+		}
+		return srv.ServeForwarded(ctx, db, pushes)
+	})
+	return life, nil
+}
+
+// listen serves the life's server on addr, retrying while the port is
+// still taken by the previous life.
+func (l *nodeLife) listen(ctx context.Context, addr string) (string, error) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		a, err := l.srv.Listen(ctx, addr)
+		if err == nil {
+			return a, nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("listen %s: %w", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// start starts a life of the node on its directory, on its address (the
+// first: any port; AddDatabase): in this process, or in a child.
+func (n *node) start(ctx context.Context, first, inChild bool) error {
+	c := n.r.c
+	if inChild {
+		ch, err := c.spawnChild(childConfig{Dir: n.dir, Addr: n.addr, NATS: n.r.nats.ClientURL(), Node: n.name(), CertDir: n.r.certDir})
+		if err != nil {
+			return fmt.Errorf("node %d: %w", n.i, err)
+		}
+		n.mu.Lock()
+		n.child = ch
+		n.mu.Unlock()
+		return nil
+	}
+	nc, js, err := n.r.nats.Connect()
+	if err != nil {
+		return fmt.Errorf("node %d: connect to NATS: %w", n.i, err)
+	}
+	life, err := openLife(ctx, nc, js, n.name(), n.dir, n.r.certDir, c.reg, c.log.With("node", n.i), &n.r.forwarded)
+	if err != nil {
+		return fmt.Errorf("node %d: %w", n.i, err)
+	}
 	if first {
-		if err := srv.AddDatabase(ctx, dbName, secret); err != nil {
+		if err := life.srv.AddDatabase(ctx, dbName, secret); err != nil {
 			life.end(true)
 			return fmt.Errorf("node %d: %w", n.i, err)
 		}
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		a, err := srv.Listen(ctx, n.addr)
-		if err == nil {
-			n.mu.Lock()
-			n.addr, n.life = a, life
-			n.mu.Unlock()
-			return nil
-		}
-		if time.Now().After(deadline) {
-			life.end(true)
-			return fmt.Errorf("node %d: listen %s: %w", n.i, n.addr, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	a, err := life.listen(ctx, n.addr)
+	if err != nil {
+		life.end(true)
+		return fmt.Errorf("node %d: %w", n.i, err)
 	}
+	n.mu.Lock()
+	n.addr, n.life = a, life
+	n.mu.Unlock()
+	return nil
+}
+
+// name is the node's name: its lease tokens start with it.
+func (n *node) name() string { return fmt.Sprintf("node%d", n.i) }
+
+// runClusterChild runs a cluster node's life in a child process (as
+// runChild does the single server's) until its stdin closes or it is
+// killed.
+func runClusterChild(cfg childConfig) int {
+	reg, err := newRegistry()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	ctx := context.Background()
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", cfg.Node, "child", true)
+	nc, err := nats.Connect(cfg.NATS, nats.Name("chaos-"+cfg.Node))
+	var js jetstream.JetStream
+	if err == nil {
+		js, err = jetstream.New(nc)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	life, err := openLife(ctx, nc, js, cfg.Node, cfg.Dir, cfg.CertDir, reg, log, nil)
+	if err == nil {
+		_, err = life.listen(ctx, cfg.Addr)
+		if err != nil {
+			life.end(true)
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 1
+	}
+	fmt.Println("ready")
+	io.Copy(io.Discard, os.Stdin)
+	life.end(true)
+	return 0
 }
 
 // end ends a life: a clean stop closes the server, then the Owner (which
@@ -373,15 +521,27 @@ func (l *nodeLife) end(release bool) {
 	l.nc.Close()
 }
 
-// stop ends the node's life, if it has one.
+// stop ends the node's life, if it has one; one in a child process ends
+// with SIGKILL (a crash, whatever it was writing, the lease held) whatever
+// release says.
 func (n *node) stop(release bool) {
 	n.mu.Lock()
-	l := n.life
-	n.life = nil
+	l, ch := n.life, n.child
+	n.life, n.child = nil, nil
 	n.mu.Unlock()
 	if l != nil {
 		l.end(release)
 	}
+	if ch != nil {
+		ch.kill()
+	}
+}
+
+// inChild reports whether the node's life is in a child process.
+func (n *node) inChild() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.child != nil
 }
 
 // owns reports whether the node is up and owns the database.
@@ -392,26 +552,25 @@ func (n *node) owns() bool {
 }
 
 // restart stops a node as s says, and starts it again on its directory
-// after down, as a supervisor would: until it starts.
-func (cr *clusterRun) restart(ctx context.Context, s nodeStop, down time.Duration) {
+// after down, in a child process if inChild, as a supervisor would: until
+// it starts.
+func (cr *clusterRun) restart(ctx context.Context, s nodeStop, down time.Duration, inChild bool) {
 	c := cr.c
 	n := cr.nodes[s.node]
-	if s.owner {
-		for _, m := range cr.nodes {
-			if m.owns() {
-				n = m
-			}
-		}
+	owner := cr.holder(ctx)
+	if s.owner && owner != nil {
+		n = owner
 	}
-	c.t.Logf("node %d (owner %v) stops at %v (lease released %v), down %v", n.i, n.owns(), time.Since(cr.start).Round(time.Millisecond), s.release, down.Round(time.Millisecond))
+	c.t.Logf("node %d (owner %v, in a child %v) stops at %v (lease released %v), down %v, next life in a child %v",
+		n.i, n == owner, n.inChild(), time.Since(cr.start).Round(time.Millisecond), s.release && !n.inChild(), down.Round(time.Millisecond), inChild)
 	c.log.Info("chaos: node stops", "node", n.i, "release", s.release)
 	n.stop(s.release)
 	time.Sleep(down)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		err := n.start(ctx, false)
+		err := n.start(ctx, false, inChild)
 		if err == nil {
-			c.log.Info("chaos: node started", "node", n.i)
+			c.log.Info("chaos: node started", "node", n.i, "child", inChild)
 			return
 		}
 		if time.Now().After(deadline) {
@@ -426,6 +585,24 @@ func (cr *clusterRun) restart(ctx context.Context, s nodeStop, down time.Duratio
 	}
 }
 
+// holder is the node that holds the database's lease now (in this process
+// or a child), or nil.
+func (cr *clusterRun) holder(ctx context.Context) *node {
+	hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	tok, _, err := cr.leases.Holder(hctx, dbName)
+	if err != nil {
+		cr.c.t.Logf("the lease's holder: %v", err)
+		return nil
+	}
+	for _, n := range cr.nodes {
+		if strings.HasPrefix(tok, n.name()+"-") {
+			return n
+		}
+	}
+	return nil
+}
+
 // describe describes the nodes for a failure message.
 func (cr *clusterRun) describe() string {
 	var b strings.Builder
@@ -433,7 +610,7 @@ func (cr *clusterRun) describe() string {
 		n.mu.Lock()
 		up := n.life != nil
 		n.mu.Unlock()
-		fmt.Fprintf(&b, "node %d: up %v, owns %v; relay at %v: %+v\n", n.i, up, n.owns(), n.relay.Elapsed(), n.relay.Stats())
+		fmt.Fprintf(&b, "node %d: up %v, in a child %v, owns %v; relay at %v: %+v\n", n.i, up, n.inChild(), n.owns(), n.relay.Elapsed(), n.relay.Stats())
 	}
 	return b.String()
 }
@@ -469,6 +646,7 @@ func (cr *clusterRun) check(ctx context.Context) {
 	want := c.settled(ctx)
 	wantRows := format(want)
 	tv, tsum := cr.tail(ctx)
+	cr.tailVersion = tv
 
 	// Exactly one node owns, and its file holds the confirmed rows.
 	var owner *node
