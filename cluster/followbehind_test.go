@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"errors"
 	"path/filepath"
 	"testing"
@@ -68,4 +69,51 @@ func TestFollowerBehindAReplicaDoesNotStopIt(t *testing.T) {
 		t.Errorf("alice = %d, want 53", got)
 	}
 	increments(t, ctx, r, "alice", 1)
+}
+
+// TestFollowerRebuiltFromAnImageMovesItsSessionsOn: a replica welcomed by a
+// follower from its old copy, which the follower then rebuilds from an
+// image (the stream was trimmed past the copy while the node was down),
+// must reach the image's version. It was left at the old copy's version
+// for good: the rebuild offered its sessions nothing (found by
+// TestChaosCluster: a restarted node's probe stuck at version 47, the tail
+// 66).
+func TestFollowerRebuiltFromAnImageMovesItsSessionsOn(t *testing.T) {
+	ctx := bounded(t, 60*time.Second)
+	sh := openShared(t, ctx, 5*time.Second)
+	a := startNode(t, ctx, sh, "a", t.TempDir())
+	rA := openReplica(t, ctx, a.srv, a.addr)
+	increments(t, ctx, rA, "alice", 3)
+
+	// B follows, then stops with its copy at the tail of the time.
+	dirB := t.TempDir()
+	b := startNode(t, ctx, sh, "b", dirB)
+	rB := openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 1)
+	old := rB.Status().Version
+	rB.Close()
+	b.stop()
+
+	// The log moves on and is trimmed past B's copy.
+	increments(t, ctx, rA, "alice", 5)
+	putSnapshot(t, ctx, sh.snaps, sh.log, a.srv.Authority("demo.db"))
+	increments(t, ctx, rA, "alice", 1)
+	tv, tsum := tailChecksum(t, ctx, sh.log, "demo.db")
+
+	// B again: a new replica's Hello opens the database there, from the
+	// old copy, which then gaps and is rebuilt from the image.
+	b = startNode(t, ctx, sh, "b", dirB)
+	r := openReplica(t, ctx, b.srv, b.addr)
+	wctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	for r.Status().Version < tv {
+		select {
+		case <-wctx.Done():
+			t.Fatalf("replica on the rebuilt follower at %d (the old copy %d), the tail %d", r.Status().Version, old, tv)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if st := r.Status(); st.Checksum != tsum {
+		t.Fatalf("replica at %d/%016x, the tail %d/%016x", st.Version, st.Checksum, tv, tsum)
+	}
 }

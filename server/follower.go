@@ -372,6 +372,14 @@ func (d *database) installImage(ctx context.Context, f *follower, fl Follower) e
 		return err
 	}
 	d.failHeldAcksLocked(f, "the node's copy of the database was rebuilt; reconnect")
+	// The subscribers are at versions before the image, which no version
+	// offered from now on follows: they reconnect and are welcomed to the
+	// image (TestFollowerRebuiltFromAnImageMovesItsSessionsOn; they were
+	// left behind for good).
+	for s := range d.subs {
+		s.fail(protocol.CodeInternal, "the node's copy of the database was rebuilt; reconnect")
+	}
+	d.subs = map[*session]struct{}{}
 	f.markReadyLocked()
 	d.log.Info("follower's copy rebuilt from the log", "version", img.Version)
 	return nil
