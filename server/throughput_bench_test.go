@@ -36,6 +36,9 @@ func benchThroughput(b *testing.B, tune func(*Config), batch int) {
 	for i := 0; i < clients; i++ {
 		conn := dial(b, addr, srv.Fingerprint())
 		c := benchClient(b, conn, fmt.Sprintf("bench-%d", i))
+		// The Welcome's read armed a 10 s deadline: a long run (one
+		// fsync per mutation) outlasts it.
+		c.stream.SetReadDeadline(time.Time{})
 		cs = append(cs, c)
 	}
 	b.ResetTimer()
