@@ -29,6 +29,17 @@ type Restored struct {
 // restoreChunk is how many log entries a restore reads at a time.
 const restoreChunk = 256
 
+// restoreTries bounds how often a restore starts again from a newer
+// snapshot stored while it ran (errTrimmed): the owner snapshots at most
+// every DefaultSnapshotMinVersions versions, so a restore that loses the
+// race three times in a row is up against a misconfigured policy.
+const restoreTries = 3
+
+// errTrimmed marks a restore that found the stream trimmed past its image:
+// the versions after the image's are gone, because a newer snapshot was
+// stored (and the stream trimmed behind it) meanwhile.
+var errTrimmed = errors.New("cluster: the stream is trimmed past the image")
+
 // Restore builds db's server file at path from the stream, as a new owner
 // must before it takes the lease's work over: the latest snapshot (or the
 // empty database, if there is none), then every version after it, each
@@ -45,6 +56,18 @@ func Restore(ctx context.Context, l *Log, snaps *Snapshots, db, path string) (Re
 		return Restored{}, fmt.Errorf("cluster: restore %s: %w", db, err)
 	}
 	res, err := restoreInto(ctx, l, snaps, db, f)
+	for try := 1; try < restoreTries && errors.Is(err, errTrimmed) && snaps != nil; try++ {
+		// The owner stored a newer snapshot and trimmed the stream behind
+		// it while this restore read the older one: start again from the
+		// new one.
+		info, ierr := snaps.Info(ctx, db)
+		if ierr != nil || info.Version == res.FromSnap {
+			break
+		}
+		if err = f.Truncate(0); err == nil {
+			res, err = restoreInto(ctx, l, snaps, db, f)
+		}
+	}
 	if err == nil {
 		err = f.Sync()
 	}
@@ -121,7 +144,10 @@ func apply(ctx context.Context, l *Log, db string, f *os.File, pageSize uint32, 
 			return res, err
 		}
 		for _, e := range es {
-			if res.Version != 0 && e.Version != res.Version+1 || res.Version == 0 && e.Version != 1 {
+			if e.Version > res.Version+1 {
+				return res, fmt.Errorf("%w: %w: version %d (seq %d) after %d", ErrBrokenChain, errTrimmed, e.Version, e.Seq, res.Version)
+			}
+			if e.Version != res.Version+1 {
 				return res, fmt.Errorf("%w: version %d (seq %d) after %d", ErrBrokenChain, e.Version, e.Seq, res.Version)
 			}
 			if len(e.Rec) < 8 || binary.LittleEndian.Uint64(e.Rec) != sums.Sum() {

@@ -2,12 +2,15 @@ package cluster
 
 import (
 	"context"
+	"errors"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/sqlrebase/sqlrebase/server"
+	"github.com/sqlrebase/sqlrebase/wal"
 )
 
 // gatedSource is a SnapshotSource that holds every snapshot until the
@@ -203,5 +206,54 @@ func TestEntryOf(t *testing.T) {
 		if _, err := entryOf(ctx, l, "a", v); err == nil {
 			t.Fatalf("entryOf(%d) found a version the subject does not hold", v)
 		}
+	}
+}
+
+// TestRestoreSeesATrimUnderIt: a restore whose image is older than the
+// stream's first entry (a newer snapshot was stored and the stream
+// trimmed behind it while the restore read the old one) says so with
+// errTrimmed, which Restore answers by starting again from the newer
+// snapshot; a version out of order that is not a gap is only
+// ErrBrokenChain.
+func TestRestoreSeesATrimUnderIt(t *testing.T) {
+	_, nc, js := single(t)
+	ctx := bounded(t, 30*time.Second)
+	l, err := OpenLog(ctx, nc, js, LogConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap, err := l.NewAppender(ctx, "db", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seq20 uint64
+	for v := uint64(1); v <= 25; v++ {
+		s, err := ap.Append(ctx, v, make([]byte, 16))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v == 20 {
+			seq20 = s
+		}
+	}
+	if err := l.TrimBefore(ctx, "db", seq20); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(filepath.Join(t.TempDir(), "img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img := wal.EmptyDatabase(wal.DefaultPageSize)
+	if _, err := f.WriteAt(img, 0); err != nil {
+		t.Fatal(err)
+	}
+	_, err = apply(ctx, l, "db", f, wal.DefaultPageSize, tableOf(img, wal.DefaultPageSize), Restored{Version: 10, FromSnap: 10}, 1)
+	if !errors.Is(err, errTrimmed) || !errors.Is(err, ErrBrokenChain) {
+		t.Fatalf("an image at 10 over a stream trimmed to 20: %v, want errTrimmed", err)
+	}
+	_, err = apply(ctx, l, "db", f, wal.DefaultPageSize, tableOf(img, wal.DefaultPageSize), Restored{Version: 22}, seq20)
+	if errors.Is(err, errTrimmed) || !errors.Is(err, ErrBrokenChain) {
+		t.Fatalf("an image at 22 given version 20: %v, want ErrBrokenChain only", err)
 	}
 }
