@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math/rand/v2"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
+	"github.com/sqlrebase/sqlrebase/wal"
 )
 
 // TestNextDeadline: every write starts with at least the write timeout
@@ -323,5 +325,52 @@ func TestDirectWrite(t *testing.T) {
 	}
 	if len(s.queue) == 0 {
 		t.Fatal("the sender was woken with nothing queued for it")
+	}
+}
+
+// oneVersionRec is an encoded one-page version record, for the planning
+// tests.
+func oneVersionRec(t testing.TB) []byte {
+	t.Helper()
+	enc := protocol.NewEncoder()
+	defer enc.Close()
+	before := make([]byte, wal.DefaultPageSize)
+	after := make([]byte, wal.DefaultPageSize)
+	after[100] = 1
+	ev, err := enc.Version(&wal.PageSet{Version: 2, PageSize: wal.DefaultPageSize, DBSize: 1, Pages: []wal.Page{{Pgno: 1, Data: after}}}, 1,
+		func(uint32) []byte { return before })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev.AppendBinary(nil)
+}
+
+// TestPlanDirectOneVersion: the direct write's short way for a queue of
+// one version writes what the sender's planning would.
+func TestPlanDirectOneVersion(t *testing.T) {
+	rec := oneVersionRec(t)
+	for _, l := range []protocol.ReceiveLimits{protocol.DefaultReceiveLimits, {MaxMessage: uint32(len(rec)) + 2, MaxVersions: 1, MaxVersionBytes: 1 << 20}} {
+		s := &session{recv: l, queue: []item{{version: 2, rec: rec}}}
+		got, sent, ok := s.planDirect(nil)
+		var want []byte
+		for _, f := range protocol.PlanFrames([]protocol.Item{{Version: 2, Rec: rec}}, l) {
+			want = f.Append(want)
+		}
+		if !ok || sent != 2 || !bytes.Equal(got, want) {
+			t.Fatalf("limits %+v: planned %x (sent %d, %v), want %x", l, got, sent, ok, want)
+		}
+	}
+}
+
+// BenchmarkPlanDirect is the planning of one version for a direct write:
+// what each idle subscriber costs per version besides the write itself.
+func BenchmarkPlanDirect(b *testing.B) {
+	rec := oneVersionRec(b)
+	s := &session{recv: protocol.DefaultReceiveLimits}
+	var buf []byte
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		s.queue = append(s.queue[:0], item{version: uint64(i) + 1, rec: rec})
+		buf, _, _ = s.planDirect(buf[:0])
 	}
 }
