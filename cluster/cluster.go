@@ -98,6 +98,10 @@ const (
 	// system temporarily unavailable" (no meta leader yet); nats.go names
 	// no constant for it.
 	codeClusterNotAvailable = 10008
+	// codeNoPeers is JetStream's "no suitable peers for placement", which
+	// a just-started cluster answers until its nodes have all reported to
+	// the meta leader; nats.go names no constant for it either.
+	codeNoPeers = 10005
 )
 
 // token turns a database name (server's [A-Za-z0-9][A-Za-z0-9_.-]{0,63})
