@@ -591,12 +591,13 @@ func BenchmarkClusterPushAck(b *testing.B) {
 	}
 }
 
-// fanout is a set of subscribers to one deployment's database.
+// fanout is a set of subscribers to one deployment's database, held by
+// client processes (one per node they connect to).
 type fanout struct {
-	name string
-	d    *deployment
-	subs []*benchConn
-	node []int // the node index of each subscriber
+	name     string
+	d        *deployment
+	procs    []*clientProc
+	follower []bool // whether procs[i]'s sessions are on a follower
 }
 
 // BenchmarkClusterFanout: 300 subscribers read every version, on a single
@@ -605,10 +606,11 @@ type fanout struct {
 // version from the stream with an ordered consumer and applies it to its
 // copy before it sends it), in turn; each iteration makes one version (a
 // one-row update through the owner's authority) on each and waits until
-// all 300 have it. Latency is from the start of the
-// commit to each subscriber's read; deliveries per CPU-second count the
-// whole process's CPU over the sample (servers, NATS nodes and clients,
-// and whatever the idle deployment spends meanwhile).
+// all 300 have it. The subscribers are in client processes, so this
+// process's CPU over a sample is the servers' and NATS nodes' only (and
+// what the idle deployments spend meanwhile): deliveries per server
+// CPU-second. Latency is from the start of the commit to each subscriber's
+// read, by the machine's clock in both processes.
 func BenchmarkClusterFanout(b *testing.B) {
 	noLeaks(b)
 	const n = 300
@@ -621,8 +623,9 @@ func BenchmarkClusterFanout(b *testing.B) {
 		if f.name == "r3-spread" {
 			nodes = 3
 		}
-		for j := range n {
-			f.subs, f.node = append(f.subs, dial(b, f.d, j%nodes, fmt.Sprintf("sub-%d", j))), append(f.node, j%nodes)
+		for i := range nodes {
+			f.procs = append(f.procs, clients(b, f.d, i, n/nodes, fmt.Sprintf("sub-%d", i)))
+			f.follower = append(f.follower, i > 0)
 		}
 	}
 	ctx := bounded(b, 30*time.Minute)
@@ -645,19 +648,21 @@ func BenchmarkClusterFanout(b *testing.B) {
 			b.Fatalf("%s: %v", f.name, err)
 		}
 		res[i].made = append(res[i].made, time.Since(start))
-		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		for _, s := range f.subs {
-			if err := s.wait(sctx, func() bool { return s.version.Load() >= ps.Version }); err != nil {
-				b.Fatalf("%s: a subscriber did not get version %d: %v", f.name, ps.Version, err)
-			}
+		for _, p := range f.procs {
+			p.ask(b, ps.Version)
+		}
+		var got [][]time.Time
+		for _, p := range f.procs {
+			got = append(got, p.got(b, ps.Version))
 		}
 		res[i].cpu += cpuTime() - cpu0
-		for j, s := range f.subs {
-			l := time.Unix(0, s.at.Load()).Sub(start)
-			res[i].lat = append(res[i].lat, l)
-			if f.node[j] > 0 {
-				res[i].followed = append(res[i].followed, l)
+		for j, ts := range got {
+			for _, t := range ts {
+				l := t.Sub(start)
+				res[i].lat = append(res[i].lat, l)
+				if f.follower[j] {
+					res[i].followed = append(res[i].followed, l)
+				}
 			}
 		}
 	}
@@ -677,7 +682,7 @@ func BenchmarkClusterFanout(b *testing.B) {
 	per := make([]float64, len(fs))
 	for i, f := range fs {
 		per[i] = float64(len(res[i].lat)) / res[i].cpu.Seconds()
-		b.ReportMetric(per[i], f.name+"-deliveries/cpu-s")
+		b.ReportMetric(per[i], f.name+"-deliveries/server-cpu-s")
 		b.ReportMetric(ms(pct(res[i].lat, 50)), f.name+"-p50-ms")
 		b.ReportMetric(ms(pct(res[i].lat, 99)), f.name+"-p99-ms")
 		b.ReportMetric(ms(pct(res[i].made, 50)), f.name+"-commit-p50-ms")
@@ -702,30 +707,56 @@ type clientsJob struct {
 	Prefix string
 }
 
-// TestClusterBenchClients is not a test: it is the client process of
-// BenchmarkClusterConnections (the benchmark re-runs this binary with
-// clientsEnv set), so that the benchmark's process holds only the server
-// ends of its connections. It opens the sessions, prints "ready", and
-// keeps them until its standard input closes.
+// TestClusterBenchClients is not a test: it is the client process of the
+// benchmarks that keep their clients out of the measured process
+// (BenchmarkClusterConnections, BenchmarkClusterFanout re-run this binary
+// with clientsEnv set). It opens the sessions and prints "ready"; then for
+// each line "V" on its standard input it waits until every session has
+// version V and prints "V" and the time (UnixNano) each got it, or
+// "timeout V"; it ends when its standard input closes.
 func TestClusterBenchClients(t *testing.T) {
 	spec := os.Getenv(clientsEnv)
 	if spec == "" {
-		t.Skip("the client process of BenchmarkClusterConnections")
+		t.Skip("the client process of BenchmarkClusterConnections and BenchmarkClusterFanout")
 	}
 	var job clientsJob
 	if err := json.Unmarshal([]byte(spec), &job); err != nil {
 		t.Fatal(err)
 	}
+	var subs []*benchConn
 	for j := range job.N {
-		dialAt(t, job.Target, fmt.Sprintf("%s-%d", job.Prefix, j))
+		subs = append(subs, dialAt(t, job.Target, fmt.Sprintf("%s-%d", job.Prefix, j)))
 	}
 	fmt.Println("ready")
-	io.Copy(io.Discard, os.Stdin)
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		v, err := strconv.ParseUint(sc.Text(), 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		line := []string{strconv.FormatUint(v, 10)}
+		for _, c := range subs {
+			if err := c.wait(ctx, func() bool { return c.version.Load() >= v }); err != nil {
+				line = []string{"timeout", strconv.FormatUint(v, 10)}
+				break
+			}
+			line = append(line, strconv.FormatInt(c.at.Load(), 10))
+		}
+		cancel()
+		fmt.Println(strings.Join(line, " "))
+	}
+}
+
+// clientProc is a running client process.
+type clientProc struct {
+	stdin io.WriteCloser
+	lines chan string // its standard output, line by line; closed at its end
 }
 
 // clients starts a client process holding n sessions to d's node i, and
 // returns once they are all welcomed. Cleanup ends it.
-func clients(tb testing.TB, d *deployment, i, n int, prefix string) {
+func clients(tb testing.TB, d *deployment, i, n int, prefix string) *clientProc {
 	tb.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -750,9 +781,23 @@ func clients(tb testing.TB, d *deployment, i, n int, prefix string) {
 	if err := cmd.Start(); err != nil {
 		tb.Fatal(err)
 	}
+	p := &clientProc{stdin: stdin, lines: make(chan string, 16)}
 	done := make(chan error, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			p.lines <- sc.Text()
+		}
+		close(p.lines)
+		done <- cmd.Wait()
+	}()
 	tb.Cleanup(func() {
 		stdin.Close()
+		go func() { // drain, so that the reader can finish
+			for range p.lines {
+			}
+		}()
 		select {
 		case <-done:
 		case <-time.After(20 * time.Second):
@@ -760,28 +805,46 @@ func clients(tb testing.TB, d *deployment, i, n int, prefix string) {
 			<-done
 		}
 	})
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		ok := false
-		for sc.Scan() {
-			if sc.Text() == "ready" && !ok {
-				ok = true
-				ready <- true
-			}
-		}
-		if !ok {
-			ready <- false
-		}
-		done <- cmd.Wait()
-	}()
 	select {
-	case ok := <-ready:
-		if !ok {
-			tb.Fatalf("the client process failed: %s", stderr.String())
+	case l, ok := <-p.lines:
+		if !ok || l != "ready" {
+			tb.Fatalf("the client process failed (%q): %s", l, stderr.String())
 		}
 	case <-time.After(2 * time.Minute):
 		tb.Fatalf("the client process did not open %d sessions in time", n)
+	}
+	return p
+}
+
+// ask asks p for the times its sessions got version v.
+func (p *clientProc) ask(tb testing.TB, v uint64) {
+	tb.Helper()
+	if _, err := fmt.Fprintln(p.stdin, v); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// got reads p's answer to ask(v): when each of its sessions got it.
+func (p *clientProc) got(tb testing.TB, v uint64) []time.Time {
+	tb.Helper()
+	select {
+	case l, ok := <-p.lines:
+		f := strings.Fields(l)
+		if !ok || len(f) == 0 || f[0] != strconv.FormatUint(v, 10) {
+			tb.Fatalf("the client process answered %q for version %d", l, v)
+		}
+		ts := make([]time.Time, 0, len(f)-1)
+		for _, x := range f[1:] {
+			n, err := strconv.ParseInt(x, 10, 64)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			ts = append(ts, time.Unix(0, n))
+		}
+		return ts
+	case <-time.After(time.Minute):
+		tb.Fatalf("the client process did not answer for version %d", v)
+		return nil
 	}
 }
 
