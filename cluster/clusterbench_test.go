@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -276,51 +277,71 @@ type target struct {
 	Version, Checksum uint64
 }
 
-// dialAt is dial to any target (also from a child process).
+// dialAt is dial to any target (also from a child process). A refusal a
+// replica would retry (a follower still building its copy answers
+// CodeInternal after 5 s; busy; shutting down) is retried for up to 60 s.
 func dialAt(tb testing.TB, tg target, clientID string) *benchConn {
 	tb.Helper()
+	ctx := bounded(tb, 60*time.Second)
+	for {
+		c, r, err := dialOnce(ctx, tg, clientID)
+		if err == nil {
+			tb.Cleanup(func() {
+				c.conn.CloseWithError(0, "")
+				<-c.dead
+			})
+			go c.read(r)
+			return c
+		}
+		var re *protocol.RemoteError
+		retry := errors.As(err, &re) && (re.Code == protocol.CodeInternal || re.Code == protocol.CodeBusy || re.Code == protocol.CodeShuttingDown)
+		if !retry || ctx.Err() != nil {
+			tb.Fatalf("session %s to %s: %v", clientID, tg.Addr, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// dialOnce opens a connection and a session and reads the Welcome; on an
+// error the connection is closed.
+func dialOnce(ctx context.Context, tg target, clientID string) (c *benchConn, r *protocol.Reader, err error) {
 	tlsConf, err := protocol.ClientTLS(tg.Fingerprint, "", "")
 	if err != nil {
-		tb.Fatal(err)
+		return nil, nil, err
 	}
-	ctx := bounded(tb, 20*time.Second)
 	conn, err := quic.DialAddr(ctx, tg.Addr, tlsConf, protocol.QUICConfig())
 	if err != nil {
-		tb.Fatalf("dial %s: %v", tg.Addr, err)
+		return nil, nil, fmt.Errorf("dial: %w", err)
 	}
-	c := &benchConn{conn: conn, next: 1, notify: make(chan struct{}, 1), dead: make(chan struct{})}
-	tb.Cleanup(func() {
-		conn.CloseWithError(0, "")
-		<-c.dead
-	})
+	defer func() {
+		if err != nil {
+			conn.CloseWithError(0, "")
+		}
+	}()
+	c = &benchConn{conn: conn, next: 1, notify: make(chan struct{}, 1), dead: make(chan struct{})}
 	if c.stream, err = conn.OpenStreamSync(ctx); err != nil {
-		close(c.dead)
-		tb.Fatal(err)
+		return nil, nil, err
 	}
 	hello := &protocol.Hello{Protocol: protocol.Version, Database: benchDB, ClientID: clientID, Credential: benchSecret, Version: tg.Version, Checksum: tg.Checksum}
 	if err := protocol.WriteMessage(c.stream, hello); err != nil {
-		close(c.dead)
-		tb.Fatal(err)
+		return nil, nil, err
 	}
-	r := protocol.NewReader(c.stream, protocol.DefaultLimits)
+	r = protocol.NewReader(c.stream, protocol.DefaultLimits)
 	c.stream.SetReadDeadline(time.Now().Add(20 * time.Second))
 	m, err := r.Read()
 	if err != nil {
-		close(c.dead)
-		tb.Fatalf("Hello to %s: %v", tg.Addr, err)
+		return nil, nil, fmt.Errorf("Hello: %w", err)
 	}
-	w, ok := m.(*protocol.Welcome)
-	if !ok {
-		close(c.dead)
-		if e, ok := m.(*protocol.Error); ok {
-			tb.Fatalf("%s refused the Hello: %v", tg.Addr, e.Err())
-		}
-		tb.Fatalf("%s answered the Hello with %T", tg.Addr, m)
+	switch m := m.(type) {
+	case *protocol.Welcome:
+		c.stream.SetReadDeadline(time.Time{})
+		c.version.Store(m.Version)
+		return c, r, nil
+	case *protocol.Error:
+		return nil, nil, fmt.Errorf("refused: %w", m.Err())
+	default:
+		return nil, nil, fmt.Errorf("the Hello was answered with %T", m)
 	}
-	c.stream.SetReadDeadline(time.Time{})
-	c.version.Store(w.Version)
-	go c.read(r)
-	return c
 }
 
 func (c *benchConn) read(r *protocol.Reader) {
@@ -808,7 +829,11 @@ func clients(tb testing.TB, d *deployment, i, n int, prefix string) *clientProc 
 	select {
 	case l, ok := <-p.lines:
 		if !ok || l != "ready" {
-			tb.Fatalf("the client process failed (%q): %s", l, stderr.String())
+			out := []string{l}
+			for l := range p.lines { // its test log, up to its end
+				out = append(out, l)
+			}
+			tb.Fatalf("the client process failed:\n%s\n%s", strings.Join(out, "\n"), stderr.String())
 		}
 	case <-time.After(2 * time.Minute):
 		tb.Fatalf("the client process did not open %d sessions in time", n)
