@@ -61,3 +61,54 @@ func TestServerOpenOnFullDiskSaysSo(t *testing.T) {
 }
 
 func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// TestSnapshotOnFullDiskSaysSo: an owner's snapshot starts with a
+// checkpoint, which on a full disk failed with a bare "snapshot:
+// checkpoint: sqlite3: disk I/O error" (found by TestChaosCluster, the
+// owner's node on a full tmpfs); it must say "no space left on device".
+func TestSnapshotOnFullDiskSaysSo(t *testing.T) {
+	disk, err := smallDisk(t, "8m")
+	if err != nil {
+		t.Skipf("needs a small tmpfs: %v", err)
+	}
+	ctx := context.Background()
+	srv, err := server.Open(ctx, server.Config{Dir: filepath.Join(disk, "server"), Mutators: registry(t), Logger: quietLogger(),
+		Setup: func(ctx context.Context, tx mutators.Tx) error {
+			_, err := tx.Exec(mutators.DemoSchema)
+			return err
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if err := srv.AddDatabase(ctx, dbName, secret); err != nil {
+		t.Fatal(err)
+	}
+	auth := srv.Authority(dbName)
+	if auth == nil {
+		t.Fatal("no authority")
+	}
+	// Pages in the WAL that the checkpoint must add to the main file.
+	if _, err := auth.Exec(ctx, func(tx mutators.Tx) error {
+		if _, err := tx.Exec(`CREATE TABLE IF NOT EXISTS filler(b BLOB)`); err != nil {
+			return err
+		}
+		_, err := tx.Exec(`INSERT INTO filler SELECT randomblob(1000) FROM generate_series(1, 1000)`)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(disk, "filler")
+	defer os.Remove(filler)
+	if _, err := fill(filler); err == nil {
+		t.Fatal("the disk did not fill")
+	}
+	sr, err := auth.OpenSnapshot(ctx)
+	if err == nil {
+		sr.Close()
+		t.Skip("the snapshot's checkpoint found room: nothing to say")
+	}
+	if !strings.Contains(err.Error(), "no space left on device") {
+		t.Fatalf("OpenSnapshot on a full disk: %v, want it to say \"no space left on device\"", err)
+	}
+}

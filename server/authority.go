@@ -947,7 +947,7 @@ func (a *Authority) OpenSnapshot(ctx context.Context) (*SnapshotReader, error) {
 		// that the commits after a snapshot write over it in place
 		// instead of growing it again for a whole generation.
 		if err := a.conn.QueryRowContext(ctx, "PRAGMA wal_checkpoint(RESTART)").Scan(&busy, &logFrames, &done); err != nil {
-			return nil, fmt.Errorf("snapshot: checkpoint: %w", err)
+			return nil, fmt.Errorf("snapshot: checkpoint: %w", a.diskFull(err)) // TestSnapshotOnFullDiskSaysSo (chaos)
 		}
 		if busy != 0 {
 			return nil, errors.New("server: snapshot: a reader kept the checkpoint from finishing; try again")
