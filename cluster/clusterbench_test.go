@@ -446,18 +446,29 @@ func rssKiB() int {
 }
 
 // noLeaks fails tb if, once its other cleanups ran (servers, NATS nodes,
-// connections), more goroutines are left than when it was called, after a
-// bounded wait for them to wind down. Call it first.
+// connections, client processes), more goroutines or open file
+// descriptors (sockets: the ports; files) are left than when it was
+// called, after a bounded wait for them to wind down. Call it first.
 func noLeaks(tb testing.TB) {
-	before := runtime.NumGoroutine()
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			return 0 // no /proc: goroutines only
+		}
+		return len(ents)
+	}
+	g0, f0 := runtime.NumGoroutine(), fds()
 	tb.Cleanup(func() {
 		deadline := time.Now().Add(10 * time.Second)
-		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		for (runtime.NumGoroutine() > g0 || fds() > f0) && time.Now().Before(deadline) {
 			time.Sleep(50 * time.Millisecond)
 		}
-		if n := runtime.NumGoroutine(); n > before {
+		if n := fds(); n > f0 {
+			tb.Errorf("%d file descriptors left after the set-up closed", n-f0)
+		}
+		if n := runtime.NumGoroutine(); n > g0 {
 			buf := make([]byte, 1<<20)
-			tb.Errorf("%d goroutines left after the set-up closed:\n%s", n-before, buf[:runtime.Stack(buf, true)])
+			tb.Errorf("%d goroutines left after the set-up closed:\n%s", n-g0, buf[:runtime.Stack(buf, true)])
 		}
 	})
 }
