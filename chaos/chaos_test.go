@@ -721,8 +721,10 @@ const childEnv = "SQLREBASE_CHAOS_CHILD_SERVER"
 type childConfig struct {
 	Dir, Addr string
 	// NATS, if set, makes the child a cluster node (cluster_test.go): its
-	// Owner on this NATS URL, named Node, with the certificate in CertDir.
+	// Owner on this NATS URL (the streams replicated Replicas times),
+	// named Node, with the certificate in CertDir.
 	NATS, Node, CertDir string
+	Replicas            int
 }
 
 func TestMain(m *testing.M) {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -81,6 +82,11 @@ func clusterMode(m mode) mode {
 type clusterPlan struct {
 	nodes int
 	stops []nodeStop // one per plan.serverRestarts
+	// r3: the JetStream is three NATS nodes with everything replicated
+	// three times (each sqlrebase node on its own NATS node, modulo), not
+	// one node R1. Never in -short: a 3-node JetStream costs seconds to
+	// elect its leaders.
+	r3 bool
 }
 
 // nodeStop is one node restart.
@@ -90,13 +96,79 @@ type nodeStop struct {
 	release bool // a clean stop (the lease released), or a crash holding it
 }
 
-func makeClusterPlan(seed uint64, p plan) clusterPlan {
+func makeClusterPlan(seed uint64, p plan, m mode) clusterPlan {
 	rng := rand.New(rand.NewPCG(seed, seed^0xc1057e5))
 	cp := clusterPlan{nodes: 2 + rng.IntN(2)}
 	for range p.serverRestarts {
 		cp.stops = append(cp.stops, nodeStop{owner: rng.IntN(3) > 0, node: rng.IntN(cp.nodes), release: rng.IntN(2) == 0})
 	}
+	cp.r3 = rng.IntN(2) == 0 && m.name != "short"
 	return cp
+}
+
+// replicas is the JetStream replication of the stream, leases and
+// snapshots.
+func (cp clusterPlan) replicas() int {
+	if cp.r3 {
+		return 3
+	}
+	return 1
+}
+
+// startJetStream starts the plan's JetStream in dir: one node, or three
+// on loopback routes.
+func startJetStream(t *testing.T, ctx context.Context, dir string, r3 bool) []*scluster.Node {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if !r3 {
+		n, err := scluster.StartNode(ctx, scluster.NodeConfig{Name: "nats", Dir: filepath.Join(dir, "nats"), Logger: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(n.Shutdown)
+		return []*scluster.Node{n}
+	}
+	var ports []int
+	var ls []net.Listener
+	for range 3 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	var routes []string
+	for i, l := range ls {
+		l.Close()
+		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", ports[i]))
+	}
+	nodes := make([]*scluster.Node, 3)
+	errs := make(chan error, 3)
+	sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	for i := range nodes {
+		go func() {
+			n, err := scluster.StartNode(sctx, scluster.NodeConfig{Name: fmt.Sprintf("nats%d", i), Dir: filepath.Join(dir, fmt.Sprintf("nats%d", i)),
+				Logger: quiet, ClusterName: "chaos", ClusterPort: ports[i], Routes: routes})
+			nodes[i] = n
+			errs <- err
+		}()
+	}
+	var failed error
+	for range nodes {
+		if err := <-errs; err != nil {
+			failed = err
+		}
+	}
+	for _, n := range nodes {
+		if n != nil {
+			t.Cleanup(n.Shutdown)
+		}
+	}
+	if failed != nil {
+		t.Fatal(failed)
+	}
+	return nodes
 }
 
 // clusterRun is one seed's cluster: the JetStream, the nodes and, in c,
@@ -104,7 +176,7 @@ func makeClusterPlan(seed uint64, p plan) clusterPlan {
 type clusterRun struct {
 	c       *cluster
 	cp      clusterPlan
-	nats    *scluster.Node
+	nats    []*scluster.Node // node i's is nats[i % len]
 	nodes   []*node
 	certDir string
 	start   time.Time // of the run, under faults
@@ -172,9 +244,9 @@ type nodeLife struct {
 
 func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
 	p := makePlan(seed, m)
-	cp := makeClusterPlan(seed, p)
-	t.Logf("plan: %d nodes; profile %+v; partitions %+v (of each node's clients); replica restarts before mutation %v; node stops %+v at %+v; disk faults %+v; node 0's disk full %+v; shared transport %v",
-		cp.nodes, p.profile, p.partitions, p.restartAt, cp.stops, p.serverRestarts, p.diskFaults, p.serverFull, p.sharedTransport)
+	cp := makeClusterPlan(seed, p, m)
+	t.Logf("plan: %d nodes, JetStream R%d; profile %+v; partitions %+v (of each node's clients); replica restarts before mutation %v; node stops %+v at %+v; disk faults %+v; node 0's disk full %+v; shared transport %v",
+		cp.nodes, cp.replicas(), p.profile, p.partitions, p.restartAt, cp.stops, p.serverRestarts, p.diskFaults, p.serverFull, p.sharedTransport)
 	c := &cluster{t: t, seed: seed, plan: p, reg: registry(t), dir: t.TempDir(), logs: newRing(400)}
 	tl := &tally{next: c.logs, n: map[string]int{}}
 	c.childLog = tl
@@ -192,19 +264,13 @@ func runClusterSeed(t *testing.T, seed uint64, m mode) time.Duration {
 		t.Fatal(err)
 	}
 
-	nn, err := scluster.StartNode(ctx, scluster.NodeConfig{Name: "nats", Dir: filepath.Join(c.dir, "nats"),
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cr.nats = nn
-	t.Cleanup(nn.Shutdown)
-	nc, js, err := nn.Connect()
+	cr.nats = startJetStream(t, ctx, c.dir, cp.r3)
+	nc, js, err := cr.nats[0].Connect()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	if cr.leases, err = scluster.OpenLeases(ctx, js, scluster.LeaseConfig{TTL: leaseTTL}); err != nil {
+	if _, cr.leases, _, err = openStreams(ctx, nc, js, cp.replicas()); err != nil {
 		t.Fatal(err)
 	}
 
@@ -370,16 +436,8 @@ func (cr *clusterRun) remote(w *worker) *replica.Remote {
 // runs forwarded pushes (counting them in forwarded, if set) on a server
 // on dir that presents the certificate in certDir. In this process and in
 // a child.
-func openLife(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, node, dir, certDir string, reg *mutators.Registry, log *slog.Logger, forwarded *atomic.Int64) (*nodeLife, error) {
-	l, err := scluster.OpenLog(ctx, nc, js, scluster.LogConfig{})
-	var ls *scluster.Leases
-	var snaps *scluster.Snapshots
-	if err == nil {
-		ls, err = scluster.OpenLeases(ctx, js, scluster.LeaseConfig{TTL: leaseTTL})
-	}
-	if err == nil {
-		snaps, err = scluster.OpenSnapshots(ctx, js, scluster.SnapshotConfig{})
-	}
+func openLife(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, replicas int, node, dir, certDir string, reg *mutators.Registry, log *slog.Logger, forwarded *atomic.Int64) (*nodeLife, error) {
+	l, ls, snaps, err := openStreams(ctx, nc, js, replicas)
 	if err != nil {
 		nc.Close()
 		return nil, err
@@ -409,6 +467,31 @@ func openLife(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, node, 
 	return life, nil
 }
 
+// openStreams opens the log, the leases and the snapshots, replicated
+// replicas times, retrying (for at most 30 s) while a 3-node JetStream
+// elects their leaders.
+func openStreams(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, replicas int) (*scluster.Log, *scluster.Leases, *scluster.Snapshots, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		l, err := scluster.OpenLog(ctx, nc, js, scluster.LogConfig{Replicas: replicas})
+		var ls *scluster.Leases
+		var snaps *scluster.Snapshots
+		if err == nil {
+			ls, err = scluster.OpenLeases(ctx, js, scluster.LeaseConfig{Replicas: replicas, TTL: leaseTTL})
+		}
+		if err == nil {
+			snaps, err = scluster.OpenSnapshots(ctx, js, scluster.SnapshotConfig{Replicas: replicas})
+		}
+		if err == nil {
+			return l, ls, snaps, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, nil, nil, err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // listen serves the life's server on addr, retrying while the port is
 // still taken by the previous life.
 func (l *nodeLife) listen(ctx context.Context, addr string) (string, error) {
@@ -430,7 +513,7 @@ func (l *nodeLife) listen(ctx context.Context, addr string) (string, error) {
 func (n *node) start(ctx context.Context, first, inChild bool) error {
 	c := n.r.c
 	if inChild {
-		ch, err := c.spawnChild(childConfig{Dir: n.dir, Addr: n.addr, NATS: n.r.nats.ClientURL(), Node: n.name(), CertDir: n.r.certDir})
+		ch, err := c.spawnChild(childConfig{Dir: n.dir, Addr: n.addr, NATS: n.natsNode().ClientURL(), Replicas: n.r.cp.replicas(), Node: n.name(), CertDir: n.r.certDir})
 		if err != nil {
 			return fmt.Errorf("node %d: %w", n.i, err)
 		}
@@ -439,11 +522,11 @@ func (n *node) start(ctx context.Context, first, inChild bool) error {
 		n.mu.Unlock()
 		return nil
 	}
-	nc, js, err := n.r.nats.Connect()
+	nc, js, err := n.natsNode().Connect()
 	if err != nil {
 		return fmt.Errorf("node %d: connect to NATS: %w", n.i, err)
 	}
-	life, err := openLife(ctx, nc, js, n.name(), n.dir, n.r.certDir, c.reg, c.log.With("node", n.i), &n.r.forwarded)
+	life, err := openLife(ctx, nc, js, n.r.cp.replicas(), n.name(), n.dir, n.r.certDir, c.reg, c.log.With("node", n.i), &n.r.forwarded)
 	if err != nil {
 		return fmt.Errorf("node %d: %w", n.i, err)
 	}
@@ -463,6 +546,9 @@ func (n *node) start(ctx context.Context, first, inChild bool) error {
 	n.mu.Unlock()
 	return nil
 }
+
+// natsNode is the NATS node the node connects to.
+func (n *node) natsNode() *scluster.Node { return n.r.nats[n.i%len(n.r.nats)] }
 
 // name is the node's name: its lease tokens start with it.
 func (n *node) name() string { return fmt.Sprintf("node%d", n.i) }
@@ -487,7 +573,7 @@ func runClusterChild(cfg childConfig) int {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 1
 	}
-	life, err := openLife(ctx, nc, js, cfg.Node, cfg.Dir, cfg.CertDir, reg, log, nil)
+	life, err := openLife(ctx, nc, js, cfg.Replicas, cfg.Node, cfg.Dir, cfg.CertDir, reg, log, nil)
 	if err == nil {
 		_, err = life.listen(ctx, cfg.Addr)
 		if err != nil {
@@ -619,12 +705,12 @@ func (cr *clusterRun) describe() string {
 // read on a connection of its own.
 func (cr *clusterRun) tail(ctx context.Context) (version, checksum uint64) {
 	t := cr.c.t
-	nc, js, err := cr.nats.Connect()
+	nc, js, err := cr.nats[0].Connect()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	l, err := scluster.OpenLog(ctx, nc, js, scluster.LogConfig{})
+	l, err := scluster.OpenLog(ctx, nc, js, scluster.LogConfig{Replicas: cr.cp.replicas()})
 	if err != nil {
 		t.Fatal(err)
 	}
