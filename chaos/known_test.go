@@ -8,8 +8,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
+	"github.com/sqlrebase/sqlrebase/replica"
 	"github.com/sqlrebase/sqlrebase/server"
 )
 
@@ -120,5 +122,118 @@ func TestSnapshotOnFullDiskSaysSo(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "no space left on device") {
 		t.Fatalf("OpenSnapshot on a full disk: %v, want it to say \"no space left on device\"", err)
+	}
+}
+
+// TestFollowerImageOnFullDiskRecovers: a follower whose image install
+// meets a full disk must serve the database once space returns. Its copy
+// stayed poisoned for good (found by TestChaosCluster, seed
+// 9663264129092618901): every later install failed at once with the
+// poisoning error, and every Hello was refused. The follower's disk is
+// filled but for room for the image, not for installing it.
+func TestFollowerImageOnFullDiskRecovers(t *testing.T) {
+	disk, err := smallDisk(t, "16m")
+	if err != nil {
+		t.Skipf("needs a small tmpfs: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	js := startJetStream(t, ctx, dir, false)
+	reg := registry(t)
+	certDir := filepath.Join(dir, "cert")
+	if err := os.MkdirAll(certDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	start := func(name, dir string) (*nodeLife, string) {
+		nc, jsc, err := js[0].Connect()
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := openLife(ctx, nc, jsc, 1, name, dir, certDir, reg, quietLogger(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.end(true) })
+		if err := l.srv.AddDatabase(ctx, dbName, secret); err != nil {
+			t.Fatal(err)
+		}
+		addr, err := l.listen(ctx, "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l, addr
+	}
+	a, addrA := start("a", filepath.Join(dir, "a"))
+	open := func(addr string) *replica.Replica {
+		r, err := replica.Open(ctx, filepath.Join(t.TempDir(), "r.db"), replica.Options{Mutators: reg, Logger: quietLogger(),
+			Remote: &replica.Remote{Addr: addr, Database: dbName, Credential: secret, Fingerprint: a.srv.Fingerprint()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		return r
+	}
+	rA := open(addrA)
+	// Enough versions for a snapshot (snapshotPolicy) and a trim: a new
+	// follower must start from an image.
+	for i := range 40 {
+		h, err := rA.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("a", 1))
+		if err == nil {
+			err = h.Wait(ctx)
+		}
+		if err != nil {
+			t.Fatalf("increment %d: %v", i, err)
+		}
+	}
+	tail := rA.Status().Version
+
+	// B, logging to blog, with the database registered.
+	b, _ := start("b", filepath.Join(disk, "b"))
+	b.end(true)
+	blog := newRing(200)
+	nc, jsc, err := js[0].Connect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err = openLife(ctx, nc, jsc, 1, "b", filepath.Join(disk, "b"), certDir, reg, slog.New(slog.NewTextHandler(blog, nil)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.end(true) })
+	addrB, err := b.listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if t.Failed() {
+			t.Logf("B's log:\n%s", blog.String())
+		}
+	}()
+	filler := filepath.Join(disk, "filler")
+	if _, err := fill(filler); err == nil {
+		t.Fatal("the disk did not fill")
+	}
+	// Room for the follower's files and the image, not for the install.
+	st, err := os.Stat(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filler, st.Size()-72<<10); err != nil {
+		t.Fatal(err)
+	}
+	rB := open(addrB)
+	time.Sleep(2 * time.Second) // the follower meets the full disk
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
+	defer wcancel()
+	for rB.Status().Version < tail {
+		select {
+		case <-wctx.Done():
+			t.Fatalf("the replica on the follower at %+v once space returned, the tail %d", rB.Status(), tail)
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }

@@ -147,6 +147,10 @@ type follower struct {
 	// waits for it (briefly), rather than be welcomed to the empty file.
 	ready     chan struct{}
 	readySent bool
+	// image is the image of an install that failed with the copy
+	// poisoned, open (its name removed) for the Repair that copies it
+	// again; nil if none.
+	image *os.File
 }
 
 // markReadyLocked closes ready once the copy holds a version.
@@ -201,6 +205,7 @@ func removeFollowerFiles(path string) {
 }
 
 func (f *follower) close() error {
+	f.dropImage()
 	var errs []error
 	if f.conn != nil {
 		errs = append(errs, f.conn.Close())
@@ -330,6 +335,9 @@ func (d *database) requestTakeover() {
 
 // installImage replaces f's copy with the log's latest image.
 func (d *database) installImage(ctx context.Context, f *follower, fl Follower) error {
+	if err := d.repairCopy(ctx, f); err != nil {
+		return err
+	}
 	tmp := f.path + ".image"
 	defer os.Remove(tmp)
 	ictx, cancel := context.WithTimeout(ctx, restoreTimeout)
@@ -342,7 +350,12 @@ func (d *database) installImage(ctx context.Context, f *follower, fl Follower) e
 	if err != nil {
 		return err
 	}
-	defer src.Close()
+	kept := false
+	defer func() {
+		if !kept {
+			src.Close()
+		}
+	}()
 	var hdr [100]byte
 	if _, err := io.ReadFull(src, hdr[:]); err != nil {
 		return fmt.Errorf("server: image for the follower: %w", err)
@@ -365,6 +378,13 @@ func (d *database) installImage(ctx context.Context, f *follower, fl Follower) e
 	}
 	err = f.files.InstallSnapshot(ctx, vfs.SnapshotImage{Src: src, Version: img.Version, PageSize: pageSize, Pages: uint32(st.Size() / int64(pageSize)), Checksum: img.Checksum})
 	if err != nil {
+		if errors.Is(err, vfs.ErrPoisoned) {
+			// The copy is poisoned (a full disk, say) until a Repair,
+			// which copies this image again: keep it open (its name goes)
+			// until one works (repairCopy).
+			f.dropImage()
+			f.image, kept = src, true
+		}
 		return fmt.Errorf("server: install the follower's image: %w", err)
 	}
 	// The change log's versions end before the image: start it afresh.
@@ -383,6 +403,38 @@ func (d *database) installImage(ctx context.Context, f *follower, fl Follower) e
 	f.markReadyLocked()
 	d.log.Info("follower's copy rebuilt from the log", "version", img.Version)
 	return nil
+}
+
+// repairCopy repairs f's copy if a failed write left it poisoned (an
+// image install or a followed version on a full disk): until then every
+// install and apply fails at once, with the poisoning error, for ever
+// (found by the chaos suite's cluster mode: a follower whose image install
+// met a full disk served nothing again). On failure (the disk still full)
+// it stays poisoned; the follower tries again after followRetry.
+func (d *database) repairCopy(ctx context.Context, f *follower) error {
+	d.auth.mu.Lock()
+	defer d.auth.mu.Unlock()
+	if d.fol != f {
+		return errFollowerStopped
+	}
+	if f.files.Poisoned() == nil {
+		f.dropImage()
+		return nil
+	}
+	if err := f.files.Repair(ctx); err != nil {
+		return fmt.Errorf("server: repair the follower's copy: %w", wrapFull(err))
+	}
+	f.dropImage()
+	d.log.Info("follower's copy repaired", "version", f.files.Version())
+	return nil
+}
+
+// dropImage closes the image a failed install kept for its repair.
+func (f *follower) dropImage() {
+	if f.image != nil {
+		f.image.Close()
+		f.image = nil
+	}
 }
 
 // applyFollowed applies one followed version to f's copy, logs it, offers
