@@ -125,7 +125,11 @@ func (le *Lease) setLost(err error) error {
 func (ls *Leases) Acquire(ctx context.Context, db, holder string) (*Lease, error) {
 	start := time.Now()
 	rev, err := ls.kv.Create(ctx, token(db), []byte(holder), jetstream.KeyTTL(ls.ttl))
-	if errors.Is(err, jetstream.ErrKeyExists) {
+	// A create that lost a race to another is a wrong last sequence, not
+	// ErrKeyExists, on a replicated bucket (10164, which the client does
+	// not map): the lease is held all the same
+	// (TestLeaseAcquireRaceOnAReleasedLease).
+	if errors.Is(err, jetstream.ErrKeyExists) || isWrongLastSeq(err) {
 		who, _, _ := ls.Holder(ctx, db)
 		return nil, fmt.Errorf("%w: %s is held by %q", ErrLeaseHeld, db, who)
 	}
