@@ -25,6 +25,7 @@
 //	go test ./chaos -chaos.duration=1h -timeout 0     # soak for as long as asked
 //	go test ./chaos -chaos.seed=1234 -v               # replay one seed
 //	go test ./chaos -run TestChaosCluster -v          # the cluster mode only
+//	SQLREBASE_CHAOS_R3=1 go test ./chaos -run TestChaosCluster   # on a 3-node JetStream, R3
 //
 // Each run logs its seed first; a failure names it. A seed fixes the fault
 // schedule and every packet's fate; the goroutines' interleaving is the
