@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -75,9 +77,26 @@ func (o *Owner) Follow(ctx context.Context, db string, after uint64, apply func(
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 	defer it.Stop()
+	// The watchdog: an ordered consumer made on a just-formed R3 stream
+	// was seen to deliver nothing for a whole run (the chaos suite's R3
+	// mode, about one seed in six) while the subject moved on. So the
+	// subject's tail is read every followStall, and a consumer that let a
+	// whole period pass without delivering a version the tail holds is
+	// dropped, and the caller follows again with a new one.
+	var applied atomic.Uint64
+	applied.Store(after)
+	stalled := make(chan struct{})
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go o.watchFollow(wctx, db, &applied, func() { close(stalled); it.Stop() })
 	for {
 		m, err := it.Next()
 		if err != nil {
+			select {
+			case <-stalled:
+				return fmt.Errorf("cluster: follow %s: %w", db, errFollowStalled)
+			default:
+			}
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
@@ -97,6 +116,39 @@ func (o *Owner) Follow(ctx context.Context, db string, after uint64, apply func(
 			return err
 		}
 		after = v
+		applied.Store(v)
+	}
+}
+
+// followStall is how long a follower's consumer may hold back a version
+// the subject's tail already has before it is made again.
+const followStall = 2 * time.Second
+
+// errFollowStalled is a consumer the watchdog dropped.
+var errFollowStalled = errors.New("the consumer delivered nothing the subject holds; following again")
+
+// watchFollow reads db's tail every followStall and calls stalled once if
+// applied has not moved in a whole period while the tail was ahead of it.
+func (o *Owner) watchFollow(ctx context.Context, db string, applied *atomic.Uint64, stalled func()) {
+	t := time.NewTicker(followStall)
+	defer t.Stop()
+	prev, behind := applied.Load(), false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := applied.Load()
+		if behind && now == prev {
+			o.logger.Warn("the follower's consumer stalled behind the stream; following again", "db", db, "applied", now)
+			stalled()
+			return
+		}
+		lctx, cancel := context.WithTimeout(ctx, followStall)
+		last, err := o.log.Last(lctx, db)
+		cancel()
+		prev, behind = now, err == nil && last.Version > now
 	}
 }
 

@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -264,5 +265,48 @@ func TestIdleCloseReleasesTheLease(t *testing.T) {
 	}
 	if got := count(t, ctx, rB, "Food"); got != 1 {
 		t.Fatalf("Food = %d, want 1", got)
+	}
+}
+
+// TestFollowWatchdog: a consumer that lets a whole period pass without a
+// version the subject's tail holds is called stalled; one that keeps up,
+// or a subject with nothing new, is not.
+func TestFollowWatchdog(t *testing.T) {
+	ctx := bounded(t, 30*time.Second)
+	sh := openShared(t, ctx, 5*time.Second)
+	o := NewOwner(sh.log, sh.leases, nil, "a", quiet)
+	defer o.Close(ctx)
+	ap, err := sh.log.NewAppender(ctx, "db", o.Token())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ap.Append(ctx, 1, []byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	watch := func(applied *atomic.Uint64, d time.Duration) bool {
+		wctx, cancel := context.WithTimeout(ctx, d)
+		defer cancel()
+		called := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			o.watchFollow(wctx, "db", applied, func() { close(called) })
+		}()
+		<-done
+		select {
+		case <-called:
+			return true
+		default:
+			return false
+		}
+	}
+	var caughtUp atomic.Uint64
+	caughtUp.Store(1)
+	if watch(&caughtUp, 3*followStall) {
+		t.Fatal("a follower at the tail was called stalled")
+	}
+	var stuck atomic.Uint64
+	if !watch(&stuck, 4*followStall) {
+		t.Fatal("a follower a version behind the tail for two periods was not called stalled")
 	}
 }
