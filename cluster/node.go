@@ -30,6 +30,11 @@ type NodeConfig struct {
 	// ClusterPort is the route port (0 with ClusterName: one the system
 	// picks, which only suits a node that others are told of later).
 	ClusterPort int
+	// Advertise is the route address (HOST:PORT) this node tells its peers
+	// to reach it at, when that is not the one it listens on (a proxy or
+	// NAT in front of it; a test's relay). Empty: the listen address.
+	// Peers that list it in their Routes then open no second route to it.
+	Advertise string
 	// Routes are the peers' route URLs (nats-route://HOST:PORT). A node may
 	// list itself; NATS ignores the route to itself.
 	Routes []string
@@ -91,7 +96,7 @@ func StartNode(ctx context.Context, cfg NodeConfig) (*Node, error) {
 		if cport == 0 {
 			cport = natsserver.RANDOM_PORT
 		}
-		opts.Cluster = natsserver.ClusterOpts{Name: cfg.ClusterName, Host: cfg.Host, Port: cport}
+		opts.Cluster = natsserver.ClusterOpts{Name: cfg.ClusterName, Host: cfg.Host, Port: cport, Advertise: cfg.Advertise}
 		for _, r := range cfg.Routes {
 			u, err := url.Parse(r)
 			if err != nil {

@@ -24,6 +24,7 @@ type clusterFlags struct {
 	node     string
 	routes   string // HOST:PORT,HOST:PORT of the peers' route ports
 	routeOn  string // HOST:PORT this node's route port listens on
+	advert   string // HOST:PORT peers reach the route port at, if not routeOn
 	natsURL  string // an external NATS instead of the embedded one
 	replicas int
 	leaseTTL time.Duration
@@ -34,6 +35,7 @@ func (c *clusterFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.node, "node", "", "this node's name in the cluster (with --cluster or --nats; required)")
 	fs.StringVar(&c.routes, "routes", "", "the peers' route addresses, HOST:PORT,HOST:PORT (with --cluster)")
 	fs.StringVar(&c.routeOn, "cluster-listen", "127.0.0.1:6222", "TCP address this node's NATS routes listen on (with --cluster)")
+	fs.StringVar(&c.advert, "cluster-advertise", "", "HOST:PORT the peers reach this node's routes at, if not --cluster-listen (a proxy in front of it)")
 	fs.StringVar(&c.natsURL, "nats", "", "use the external NATS JetStream at this URL instead of embedding one")
 	fs.IntVar(&c.replicas, "replicas", 0, "replicas of the stream, lease bucket and snapshot store (0: 3 with --routes or --nats, else 1)")
 	fs.DurationVar(&c.leaseTTL, "lease-ttl", cluster.DefaultLeaseTTL, "a database's lease without renewal")
@@ -75,7 +77,7 @@ func startCluster(ctx context.Context, c *clusterFlags, data string, log *slog.L
 		if perr != nil {
 			return nil, fmt.Errorf("--cluster-listen %q: %w", c.routeOn, perr)
 		}
-		cfg := cluster.NodeConfig{Name: c.node, Dir: filepath.Join(data, "nats"), Host: host, ClusterName: c.cluster, ClusterPort: port, Logger: log}
+		cfg := cluster.NodeConfig{Name: c.node, Dir: filepath.Join(data, "nats"), Host: host, ClusterName: c.cluster, ClusterPort: port, Advertise: c.advert, Logger: log}
 		for _, r := range strings.Split(c.routes, ",") {
 			if r = strings.TrimSpace(r); r != "" {
 				cfg.Routes = append(cfg.Routes, "nats-route://"+r)
