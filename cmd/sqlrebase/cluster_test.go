@@ -50,6 +50,9 @@ func TestMain(m *testing.M) {
 	if cfg := os.Getenv(workerEnv); cfg != "" {
 		os.Exit(runWorker(cfg))
 	}
+	if cfg := os.Getenv(clusterWorkerEnv); cfg != "" {
+		os.Exit(runClusterWorker(cfg))
+	}
 	os.Exit(m.Run())
 }
 
