@@ -41,6 +41,14 @@ type database struct {
 	// reopening is set while reopenLocked runs: a refusal during the
 	// reopen's own open leaves the database stopped.
 	reopening bool
+	// stopped is set when a reopen or a take-over could not open the
+	// database (the lease was unreachable or held): the authority refuses
+	// work, and a Hello asks the writer (takeover) to try the open again,
+	// at most every stoppedRetry (retried, the time of the last try), so
+	// that the database serves again once the cluster lets it, not only
+	// after it has been idle long enough to close. Guarded by auth.mu.
+	stopped bool
+	retried time.Time
 	// later holds the subscribers a batch's version was queued for without
 	// a wake, while pushersFirst is set: the writer wakes them after its
 	// pushers' acks (see run).
@@ -261,7 +269,8 @@ func (d *database) reopenLocked(cause error) {
 	}
 	if err != nil {
 		a.broken = fmt.Errorf("server: reopen after the version log refused a version: %w (after %w)", err, cause)
-		d.log.Warn("could not reopen the database; it stays stopped until it opens again", "err", err, "after", cause)
+		d.stopped = true
+		d.log.Warn("could not reopen the database; it stays stopped until a Hello finds it can open", "err", err, "after", cause)
 		return
 	}
 	if d.clog.last() != a.version {
@@ -271,6 +280,49 @@ func (d *database) reopenLocked(cause error) {
 		}
 	}
 	d.log.Info("reopened the database from the version log", "version", a.version, "after", cause)
+}
+
+// stoppedRetry is how often a stopped database tries to open again, while
+// Hellos come for it: each try may wait for the lease (versionLogTimeout).
+const stoppedRetry = time.Second
+
+// retryStopped runs on the writer goroutine: a database that stopped
+// because it could not open (stopped) tries the open again, through the
+// same check as a reopen (Owner.Fresh takes the lease, the file is
+// restored), and follows another owner if one holds the lease.
+func (d *database) retryStopped(ctx context.Context) {
+	a := d.auth
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !d.stopped || d.fol != nil || time.Since(d.retried) < stoppedRetry {
+		return
+	}
+	d.retried = time.Now()
+	cause := a.broken
+	a.Close()
+	a.reset()
+	octx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	defer cancel()
+	err := d.openChecked(octx, a)
+	if _, ok := d.cfg.VersionLog.(Follower); ok && errors.Is(err, ErrNotOwner) {
+		if err = d.startFollowerLocked(octx, d.dir); err == nil {
+			d.stopped = false
+			d.log.Info("the stopped database follows another owner", "after", cause)
+			return
+		}
+	}
+	if err != nil {
+		a.broken = fmt.Errorf("server: the database is stopped, and opening it again failed: %w (after %w)", err, cause)
+		return
+	}
+	if d.clog.last() != a.version {
+		if err := d.clog.reset(); err != nil {
+			a.broken = fmt.Errorf("server: reopen: reset the change log: %w", err)
+			return
+		}
+	}
+	d.stopped = false
+	d.log.Info("the stopped database opened again", "version", a.version, "after", cause)
 }
 
 // setAside moves a stale database file and its WAL out of the way (to
@@ -381,6 +433,9 @@ func (d *database) subscribe(ctx context.Context, s *session, have uint64, check
 		}
 	} else {
 		if a.broken != nil {
+			if d.stopped {
+				d.requestTakeover() // the writer tries the open again
+			}
 			return catchUp{}, a.broken
 		}
 		if lmid, err = mutators.LastMutationID(ctx, a.conn, s.clientID); err != nil {

@@ -617,6 +617,7 @@ func (d *database) forward(ctx context.Context, reqs []pushRequest) {
 func (d *database) takeOver(ctx context.Context) {
 	f := d.following()
 	if f == nil {
+		d.retryStopped(ctx)
 		return
 	}
 	// Only once the lease is free: a forward that found no owner while
@@ -648,7 +649,8 @@ func (d *database) takeOver(ctx context.Context) {
 	}
 	if err != nil {
 		a.broken = fmt.Errorf("server: take the database over: %w", err)
-		d.log.Warn("could not take the database over; it stays stopped until it opens again", "err", err)
+		d.stopped = true
+		d.log.Warn("could not take the database over; it stays stopped until a Hello finds it can open", "err", err)
 		return
 	}
 	if d.clog.last() != a.version {
