@@ -325,6 +325,48 @@ func (d *database) retryStopped(ctx context.Context) {
 	d.log.Info("the stopped database opened again", "version", a.version, "after", cause)
 }
 
+// leaseHolder is a version log that says whether this node still holds a
+// database's lease (cluster.Owner).
+type leaseHolder interface {
+	Owns(db string) bool
+}
+
+// ownerCheck is how often the writer of an owned database asks its version
+// log whether this node still holds the lease.
+const ownerCheck = time.Second
+
+// checkOwner runs on the writer goroutine every ownerCheck. An owned
+// database whose lease this node lost without an append being refused (a
+// renewal found another node's token, or none succeeded within the TTL:
+// after a partition heals, say) would otherwise go on serving its last
+// version while the log moves on; it ends its sessions with the retryable
+// CodeInternal and opens again through the check, which follows the new
+// owner (or takes the lease back if it is free). A stopped database tries
+// its open again.
+func (d *database) checkOwner(ctx context.Context) {
+	lh, ok := d.cfg.VersionLog.(leaseHolder)
+	if !ok || d.fol != nil {
+		return
+	}
+	a := d.auth
+	a.mu.Lock()
+	if !d.stopped {
+		if a.broken != nil || a.db == nil || lh.Owns(d.name) {
+			a.mu.Unlock()
+			return
+		}
+		for s := range d.subs {
+			s.fail(protocol.CodeInternal, "this node lost the database's lease; reconnect")
+		}
+		d.subs = map[*session]struct{}{}
+		a.broken = fmt.Errorf("%w: %s: this node lost the lease", ErrNotOwner, d.name)
+		d.stopped, d.retried = true, time.Time{}
+		d.log.Warn("this node lost the database's lease; opening it again to follow the new owner")
+	}
+	a.mu.Unlock()
+	d.retryStopped(ctx)
+}
+
 // setAside moves a stale database file and its WAL out of the way (to
 // db.sqlite.stale and db.sqlite.stale-wal, replacing any earlier ones):
 // kept for an operator to look at, never opened again. Its shared-memory
@@ -511,6 +553,12 @@ func (d *database) unsubscribe(s *session) {
 func (d *database) writer() {
 	defer close(d.done)
 	ctx := context.Background()
+	var check <-chan time.Time // nil: the version log holds no leases
+	if _, ok := d.cfg.VersionLog.(leaseHolder); ok {
+		t := time.NewTicker(ownerCheck)
+		defer t.Stop()
+		check = t.C
+	}
 	for {
 		var reqs []pushRequest
 		select {
@@ -518,6 +566,9 @@ func (d *database) writer() {
 			reqs = append(reqs, r)
 		case <-d.takeover:
 			d.takeOver(ctx)
+			continue
+		case <-check:
+			d.checkOwner(ctx)
 			continue
 		case <-d.stop:
 			return

@@ -110,3 +110,71 @@ func isInternal(m protocol.Message) bool {
 	e, ok := m.(*protocol.Error)
 	return ok && e.Code == protocol.CodeInternal
 }
+
+// ownsCache is a tailCache that holds a lease (Owns) until deposed is
+// set, and takes it back at the next Fresh, as Owner.Fresh does when the
+// lease is free again.
+type ownsCache struct {
+	tailCache
+	omu     sync.Mutex
+	deposed bool
+	freshes int
+}
+
+func (f *ownsCache) Owns(string) bool {
+	f.omu.Lock()
+	defer f.omu.Unlock()
+	return !f.deposed
+}
+
+func (f *ownsCache) Fresh(ctx context.Context, db string, version, checksum uint64) (bool, error) {
+	f.omu.Lock()
+	f.deposed = false
+	f.freshes++
+	f.omu.Unlock()
+	return f.tailCache.Fresh(ctx, db, version, checksum)
+}
+
+// TestLostLeaseReopensTheDatabase: an owner whose lease is lost without a
+// refused append (no push came) ends its sessions with the retryable
+// internal error within about a second and opens the database again
+// through the check, instead of serving its last version while the log
+// moves on; a new Hello is then welcomed and its push acknowledged.
+func TestLostLeaseReopensTheDatabase(t *testing.T) {
+	oc := &ownsCache{tailCache: tailCache{fakeLog: fakeLog{recs: map[uint64][]byte{}, fail: map[uint64]bool{}}}}
+	srv, addr := testServer(t, t.TempDir(), func(c *Config) { c.VersionLog = oc })
+	conn := dial(t, addr, srv.Fingerprint())
+	c, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "alice", Credential: "s3cret"})
+	welcome(t, m)
+	c.until(1)
+	oc.omu.Lock()
+	oc.deposed, oc.freshes = true, 0
+	oc.omu.Unlock()
+	for { // read waits at most 10 s
+		if e, ok := c.read().(*protocol.Error); ok {
+			if e.Code != protocol.CodeInternal {
+				t.Fatalf("error %v, want the retryable internal error", e.Err())
+			}
+			break
+		}
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		b, m := openClient(t, conn, protocol.Hello{Database: "demo", ClientID: "bob", Credential: "s3cret"})
+		if _, ok := m.(*protocol.Welcome); ok {
+			b.until(1)
+			b.push(1)
+			b.acked(1)
+			break
+		}
+		if !isInternal(m) || time.Now().After(deadline) {
+			t.Fatalf("got %T after the lease was lost, want a Welcome once the database opened again", m)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	oc.omu.Lock()
+	defer oc.omu.Unlock()
+	if oc.freshes == 0 {
+		t.Fatal("the database did not open again through the check")
+	}
+}
