@@ -377,15 +377,21 @@ func owner(ctx context.Context, nodes []*nodeProc) string {
 	return o
 }
 
-// ownerRead is owner, and whether a node answered.
+// ownerRead is owner, and whether a majority of the nodes agreed on it.
+// Each node is asked in turn, and the answer of a majority counts: a node
+// that has just rejoined after a partition may still answer as the lease
+// stream's leader it was, with the lease as it was then.
 func ownerRead(ctx context.Context, nodes []*nodeProc) (string, bool) {
+	votes := map[string]int{}
 	for _, n := range nodes {
 		if !n.running() || n.natsURL == "" {
 			continue
 		}
 		if who, err := leaseHolder(ctx, n.natsURL); err == nil {
 			name, _, _ := strings.Cut(who, "-")
-			return name, true
+			if votes[name]++; votes[name] > len(nodes)/2 {
+				return name, true
+			}
 		}
 	}
 	return "", false
