@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sqlrebase/sqlrebase/internal/faultnet"
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/replica"
 	"github.com/sqlrebase/sqlrebase/server"
@@ -113,9 +114,21 @@ func TestTrioFailsOverWithReplicasOnEveryNode(t *testing.T) {
 	ctx := bounded(t, 150*time.Second)
 	ns := startTrio(t, ctx, ttl)
 	fp := ns[0].srv.Fingerprint()
+	// Node 0's replica reaches it through a relay that goes silent at the
+	// crash, as a SIGKILLed process does (no QUIC close, nothing at all):
+	// the replica must count the connection dead after Remote.DeadAfter
+	// (5 s with Alternates), not QUIC's usual 20 s.
+	rel, err := faultnet.Listen(faultnet.Config{Target: ns[0].addr, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rel.Close() })
 	rs := make([]*replica.Replica, len(ns))
 	for i := range ns {
 		addrs := []string{ns[i].addr}
+		if i == 0 {
+			addrs[0] = rel.Addr()
+		}
 		for j := 1; j < len(ns); j++ {
 			addrs = append(addrs, ns[(i+j)%len(ns)].addr)
 		}
@@ -167,6 +180,7 @@ func TestTrioFailsOverWithReplicasOnEveryNode(t *testing.T) {
 		t.FailNow()
 	}
 	killed := time.Now()
+	rel.Close()
 	ns[0].crash()
 	// The first acknowledged increment after the crash, on a live node.
 	h, err := rs[1].Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("r1", 1))
@@ -178,6 +192,19 @@ func TestTrioFailsOverWithReplicasOnEveryNode(t *testing.T) {
 	}
 	done["r1"]++
 	t.Logf("from the owner's crash to the next acknowledged mutation: %v (lease TTL %v)", time.Since(killed).Round(time.Millisecond), ttl)
+	// The dead node's own replica: bounded well above DeadAfter's 5 s and
+	// well below QUIC's 20 s idle timeout, which it must not wait out.
+	wctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	h, err = rs[0].Mutate(wctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("r0", 1))
+	if err == nil {
+		err = h.Wait(wctx)
+	}
+	cancel()
+	if err != nil {
+		t.Fatalf("the silent node's replica: %v (status %+v)", err, rs[0].Status())
+	}
+	done["r0"]++
+	t.Logf("from the crash to the silent node's replica's next acknowledged mutation: %v", time.Since(killed).Round(time.Millisecond))
 	run(rounds, 2*rounds)
 	if t.Failed() {
 		t.FailNow()

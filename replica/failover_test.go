@@ -249,3 +249,22 @@ func TestFailoverFatalOnAnyNode(t *testing.T) {
 		t.Fatalf("WaitConnected = %v, want the second node's CodeUnknownDatabase", err)
 	}
 }
+
+// TestDeadAfterDefaults: a replica with Alternates counts a silent
+// connection dead after 5 s, one without after QUIC's usual 20 s, unless
+// told (cluster/trio_test.go shows the fail-over it buys).
+func TestDeadAfterDefaults(t *testing.T) {
+	for _, c := range []struct {
+		rm   Remote
+		want time.Duration
+	}{
+		{Remote{}, 20 * time.Second},
+		{Remote{Alternates: []string{"b:1"}}, 5 * time.Second},
+		{Remote{DeadAfter: 2 * time.Second}, 2 * time.Second},
+		{Remote{DeadAfter: 30 * time.Second, Alternates: []string{"b:1"}}, 30 * time.Second},
+	} {
+		if got := c.rm.deadAfter(); got != c.want {
+			t.Errorf("%+v: %v, want %v", c.rm, got, c.want)
+		}
+	}
+}

@@ -111,6 +111,14 @@ const (
 	// version before it is refused (retryable): an image of a small
 	// database takes tens of milliseconds.
 	followReadyWait = 5 * time.Second
+	// forwardTimeout bounds a forwarded batch's round trip to the owner.
+	// An owner killed while a request was on its way never answers, and
+	// until this ends the follower neither answers its sessions nor tries
+	// a take-over: at the version log's 10 s it alone put fail-over past
+	// the cluster's 5 s (cmd/sqlrebase's TestClusterFailover). An owner
+	// alive but slow (its append waiting out a stream leader election)
+	// costs the sessions a retry, which the last mutation ids make safe.
+	forwardTimeout = 4 * time.Second
 	// heldAckLimit is how long an ack may wait for its version to reach
 	// the follower's copy: the owner appended the version before it
 	// answered, so only a stuck consumer keeps it away this long.
@@ -578,7 +586,7 @@ func (d *database) forward(ctx context.Context, reqs []pushRequest) {
 	for i, r := range reqs {
 		pushes[i] = ForwardedPush{ClientID: r.s.clientID, UserID: r.s.identity.UserID, Claims: r.s.identity.Claims, Mutations: r.mutations}
 	}
-	fctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
+	fctx, cancel := context.WithTimeout(ctx, forwardTimeout)
 	res, err := fl.Forward(fctx, d.name, pushes)
 	cancel()
 	if err == nil && len(res) != len(reqs) {
