@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -211,11 +212,24 @@ func (a *Access) Create(ctx context.Context, db string) error {
 	})
 	if errors.Is(err, jetstream.ErrKeyExists) {
 		// Known already, or soon: make sure it is before the caller
-		// serves it.
-		if _, err := a.get(ctx, db); err != nil {
-			return err
+		// serves it. A KV get may be answered by a replica of the bucket
+		// that has not applied the other node's create yet (direct gets),
+		// so "not found" for a key known to exist is retried, bounded:
+		// three nodes started at once with --db each failed now and then
+		// with "unknown database" (cmd/sqlrebase's TestClusterFailover).
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		for {
+			_, err := a.get(wctx, db)
+			if !errors.Is(err, server.ErrUnknownDatabase) || wctx.Err() != nil {
+				return err
+			}
+			select {
+			case <-wctx.Done():
+				return err
+			case <-time.After(50 * time.Millisecond):
+			}
 		}
-		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("cluster: create database %s: %w", db, err)

@@ -111,14 +111,13 @@ const (
 	// version before it is refused (retryable): an image of a small
 	// database takes tens of milliseconds.
 	followReadyWait = 5 * time.Second
-	// forwardTimeout bounds a forwarded batch's round trip to the owner.
-	// An owner killed while a request was on its way never answers, and
-	// until this ends the follower neither answers its sessions nor tries
-	// a take-over: at the version log's 10 s it alone put fail-over past
-	// the cluster's 5 s (cmd/sqlrebase's TestClusterFailover). An owner
-	// alive but slow (its append waiting out a stream leader election)
-	// costs the sessions a retry, which the last mutation ids make safe.
-	forwardTimeout = 4 * time.Second
+	// forwardTimeout bounds a forwarded batch's round trip to the owner:
+	// the version log's own bound, since the owner answers only once its
+	// append is acknowledged, which may wait out a stream leader election.
+	// (4 s was tried: with the owner's append waiting for an election
+	// every forward then timed out, each time ending the sessions, and in
+	// TestClusterFailover no replica was confirmed for 45 s.)
+	forwardTimeout = versionLogTimeout
 	// heldAckLimit is how long an ack may wait for its version to reach
 	// the follower's copy: the owner appended the version before it
 	// answered, so only a stuck consumer keeps it away this long.
