@@ -66,20 +66,9 @@ func TestRestartedNodeAppliesOnlyWhatItMissed(t *testing.T) {
 	if testing.Short() {
 		t.Skip("1000 pushes through a real server and JetStream")
 	}
-	_, nc, js := single(t)
 	ctx := bounded(t, 120*time.Second)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := openShared(t, ctx, 5*time.Second)
+	l, snaps, ls := sh.log, sh.snaps, sh.leases
 	dirA := t.TempDir()
 	oA := NewOwner(l, ls, snaps, "a", quiet)
 	srvA := serverAt(t, dirA, oA)

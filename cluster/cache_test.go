@@ -229,20 +229,9 @@ func TestStaleFileIsRestoredOnRestart(t *testing.T) {
 // the stream after it, and serves a replica that ends at the stream's
 // checksum.
 func TestNewNodeRestoresAndServesAReplica(t *testing.T) {
-	_, nc, js := single(t)
 	ctx := bounded(t, 60*time.Second)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := openShared(t, ctx, 5*time.Second)
+	l, snaps, ls := sh.log, sh.snaps, sh.leases
 	oA := NewOwner(l, ls, snaps, "a", quiet)
 	srvA := serverAt(t, t.TempDir(), oA)
 	aA := srvA.Authority("demo.db")

@@ -20,31 +20,6 @@ type clusterNode struct {
 	addr  string
 }
 
-// shared is the JetStream side every test node of one cluster shares.
-type shared struct {
-	log    *Log
-	leases *Leases
-	snaps  *Snapshots
-}
-
-func openShared(t *testing.T, ctx context.Context, ttl time.Duration) shared {
-	t.Helper()
-	_, nc, js := single(t)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: ttl})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return shared{l, ls, snaps}
-}
-
 // startNode starts a node named name on dir: an Owner that runs forwarded
 // pushes on its server.
 func startNode(t *testing.T, ctx context.Context, sh shared, name, dir string) *clusterNode {
