@@ -166,25 +166,10 @@ func TestRestartedNodeAppliesOnlyWhatItMissed(t *testing.T) {
 // start from it, it restores in full, and ends at B's version and
 // checksum.
 func TestDivergedFileIsRestoredInFull(t *testing.T) {
-	_, nc, js := single(t)
 	ctx := bounded(t, 60*time.Second)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := openShared(t, ctx, 5*time.Second)
 	// Two lease buckets: two nodes that both believe they own it.
-	lsA, err := OpenLeases(ctx, js, LeaseConfig{TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lsB, err := OpenLeases(ctx, js, LeaseConfig{Bucket: "sqlrebase-leases-b", TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, snaps, lsA, lsB := sh.log, sh.snaps, sh.leases, sh.rivalLeases(t, ctx, 5*time.Second)
 	rec := newRecorder()
 	oA := NewOwner(l, lsA, snaps, "a", slog.New(rec))
 	defer oA.Close(ctx)

@@ -61,26 +61,11 @@ func tailChecksum(t *testing.T, ctx context.Context, l *Log, db string) (version
 // Node B, a new node without a file, restored the database before its
 // first push.
 func TestFencedOwnerReopensFromTheStream(t *testing.T) {
-	_, nc, js := single(t)
 	ctx := bounded(t, 60*time.Second)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := openShared(t, ctx, 5*time.Second)
 	// Two lease buckets: the only way to make two nodes both believe they
 	// own a database, as a paused or partitioned owner may.
-	lsA, err := OpenLeases(ctx, js, LeaseConfig{TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lsB, err := OpenLeases(ctx, js, LeaseConfig{Bucket: "sqlrebase-leases-b", TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, snaps, lsA, lsB := sh.log, sh.snaps, sh.leases, sh.rivalLeases(t, ctx, 5*time.Second)
 	dirA := t.TempDir()
 	oA := NewOwner(l, lsA, snaps, "a", quiet)
 	defer oA.Close(ctx)

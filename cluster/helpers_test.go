@@ -113,6 +113,7 @@ type shared struct {
 	log    *Log
 	leases *Leases
 	snaps  *Snapshots
+	js     jetstream.JetStream
 }
 
 func openShared(t *testing.T, ctx context.Context, ttl time.Duration) shared {
@@ -130,5 +131,17 @@ func openShared(t *testing.T, ctx context.Context, ttl time.Duration) shared {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return shared{l, ls, snaps}
+	return shared{l, ls, snaps, js}
+}
+
+// rivalLeases opens a second lease bucket beside sh's: the only way to
+// make two nodes both believe they own a database, as a paused or
+// partitioned owner may.
+func (sh shared) rivalLeases(t *testing.T, ctx context.Context, ttl time.Duration) *Leases {
+	t.Helper()
+	ls, err := OpenLeases(ctx, sh.js, LeaseConfig{Bucket: "sqlrebase-leases-b", TTL: ttl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ls
 }

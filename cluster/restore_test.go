@@ -20,20 +20,9 @@ import (
 // checksum, which an Authority opens and SQLite finds intact. A version
 // that does not link is refused with ErrBrokenChain.
 func TestRestoreFromSnapshotAndStream(t *testing.T) {
-	_, nc, js := single(t)
 	ctx := bounded(t, 60*time.Second)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := openShared(t, ctx, 5*time.Second)
+	l, snaps, ls := sh.log, sh.snaps, sh.leases
 	o := NewOwner(l, ls, snaps, "n1", quiet)
 	defer o.Close(ctx)
 	srv := demoServer(t, o)

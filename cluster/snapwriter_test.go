@@ -56,20 +56,9 @@ func (g *gatedSource) counts() (calls, mx int) {
 // version, the stream is trimmed behind it, and a restore from it gives
 // the server's version and checksum.
 func TestOwnerWritesSnapshotsAndTrims(t *testing.T) {
-	_, nc, js := single(t)
 	ctx := bounded(t, 60*time.Second)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := openShared(t, ctx, 5*time.Second)
+	l, snaps, ls := sh.log, sh.snaps, sh.leases
 	o := NewOwner(l, ls, snaps, "n1", quiet)
 	defer o.Close(ctx)
 	srv := demoServer(t, o)
@@ -100,6 +89,7 @@ func TestOwnerWritesSnapshotsAndTrims(t *testing.T) {
 	// The held one runs (at the version of its pin: 61, the latest), the
 	// next push starts another (41 versions since the first began).
 	var info SnapshotInfo
+	var err error
 	for {
 		info, err = snaps.Info(ctx, "demo.db")
 		if err == nil {

@@ -18,20 +18,9 @@ var _ server.Takeover = (*Owner)(nil)
 // what refuses A's next append: ErrFenced, and nothing of A's reaches the
 // stream.
 func TestTakeoverFencesAPausedOwner(t *testing.T) {
-	_, nc, js := single(t)
 	ctx := bounded(t, 60*time.Second)
-	l, err := OpenLog(ctx, nc, js, LogConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ls, err := OpenLeases(ctx, js, LeaseConfig{TTL: MinLeaseTTL})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	sh := openShared(t, ctx, MinLeaseTTL)
+	l, snaps, ls := sh.log, sh.snaps, sh.leases
 	oA := NewOwner(l, ls, snaps, "a", quiet)
 	defer oA.Close(ctx)
 	srvA := serverAt(t, t.TempDir(), oA)

@@ -570,13 +570,20 @@ func (a *Authority) remember(ps *wal.PageSet) {
 // diskFull wraps err in ErrDiskFull when its cause is a full disk, so that
 // the log and the client say so instead of "disk I/O error".
 func (a *Authority) diskFull(err error) error {
-	if err == nil || errors.Is(err, ErrDiskFull) {
-		return err
-	}
-	if isDiskFull(err) || (errors.Is(err, sqlite3.IOERR) && lowOnSpace(filepath.Dir(a.path), a.pageSize)) {
+	if errors.Is(err, sqlite3.IOERR) && !errors.Is(err, ErrDiskFull) && !isDiskFull(err) && lowOnSpace(filepath.Dir(a.path), a.pageSize) {
 		return fmt.Errorf("%w: %w", ErrDiskFull, err)
 	}
-	return err
+	return wrapFull(err)
+}
+
+// wrapFull marks err with ErrDiskFull where err says itself that the disk
+// is full (the authority's diskFull also reads a bare I/O error on a
+// nearly full disk as one).
+func wrapFull(err error) error {
+	if err == nil || errors.Is(err, ErrDiskFull) || !isDiskFull(err) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrDiskFull, err)
 }
 
 // isDiskFull reports whether err says itself that the disk is full.

@@ -554,14 +554,6 @@ func (f *follower) snapshot() (*SnapshotReader, error) {
 	return &SnapshotReader{f: tmp, remove: tmp.Name(), Version: f.files.Version(), PageSize: pageSize, DBSize: pages, Checksum: f.files.Checksum()}, nil
 }
 
-// wrapFull says "no space left on device" as ErrDiskFull where err is one.
-func wrapFull(err error) error {
-	if isDiskFull(err) {
-		return fmt.Errorf("%w: %w", ErrDiskFull, err)
-	}
-	return err
-}
-
 // forward hands a batch of pushes to the owner in one request (while it
 // is answered, the next pushes gather for the next one, as a group commit
 // does) and delivers each answer: an Error at once, an ack once the copy
