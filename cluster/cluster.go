@@ -52,6 +52,11 @@ var (
 	// ErrSnapshotChecksum is the error of a snapshot image whose pages do
 	// not give the checksum it claims.
 	ErrSnapshotChecksum = errors.New("cluster: snapshot checksum mismatch")
+	// ErrSnapshotReplaced is the error of reading a snapshot that a newer
+	// one replaced meanwhile: the object store purges the old one's
+	// chunks once the new one is stored, and a read of them would wait
+	// for chunks that never come. Restore starts again from the new one.
+	ErrSnapshotReplaced = errors.New("cluster: the snapshot was replaced while it was read")
 	// ErrBrokenChain is the error of a restore whose versions do not link:
 	// a version that does not follow the one before, whose checksum before
 	// is not the image's, or whose pages do not give its checksum after.

@@ -56,12 +56,16 @@ func Restore(ctx context.Context, l *Log, snaps *Snapshots, db, path string) (Re
 		return Restored{}, fmt.Errorf("cluster: restore %s: %w", db, err)
 	}
 	res, err := restoreInto(ctx, l, snaps, db, f)
-	for try := 1; try < restoreTries && errors.Is(err, errTrimmed) && snaps != nil; try++ {
-		// The owner stored a newer snapshot and trimmed the stream behind
-		// it while this restore read the older one: start again from the
-		// new one.
-		info, ierr := snaps.Info(ctx, db)
-		if ierr != nil || info.Version == res.FromSnap {
+	for try := 1; try < restoreTries && snaps != nil; try++ {
+		// The owner stored a newer snapshot while this restore read the
+		// older one (and purged its chunks, or trimmed the stream behind
+		// the new one): start again from the new one.
+		if errors.Is(err, errTrimmed) {
+			info, ierr := snaps.Info(ctx, db)
+			if ierr != nil || info.Version == res.FromSnap {
+				break
+			}
+		} else if !errors.Is(err, ErrSnapshotReplaced) {
 			break
 		}
 		if err = f.Truncate(0); err == nil {

@@ -1,9 +1,12 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"strconv"
 
@@ -25,8 +28,17 @@ type SnapshotConfig struct {
 // Snapshots is the object store of the databases' snapshots: one object
 // per database, replaced by each new snapshot.
 type Snapshots struct {
-	obs jetstream.ObjectStore
+	obs    jetstream.ObjectStore
+	stream jetstream.Stream // the object store's own stream, whose chunks Get reads
+	bucket string
 }
+
+// Names of the object store's stream and of an object's chunk subject,
+// as the object store's specification (NATS ADR-20) fixes them.
+const (
+	objectStream = "OBJ_%s"     // OBJ_<bucket>
+	objectChunks = "$O.%s.C.%s" // $O.<bucket>.C.<object's NUID>
+)
 
 // SnapshotInfo describes one snapshot: the database image at Version,
 // whose version message in the log has stream sequence Seq.
@@ -60,7 +72,13 @@ func OpenSnapshots(ctx context.Context, js jetstream.JetStream, cfg SnapshotConf
 	if err != nil {
 		return nil, fmt.Errorf("cluster: open snapshot store %s: %w", cfg.Bucket, err)
 	}
-	return &Snapshots{obs: obs}, nil
+	stream, err := retry(ctx, func(ctx context.Context) (jetstream.Stream, error) {
+		return js.Stream(ctx, fmt.Sprintf(objectStream, cfg.Bucket))
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cluster: open snapshot store %s's stream: %w", cfg.Bucket, err)
+	}
+	return &Snapshots{obs: obs, stream: stream, bucket: cfg.Bucket}, nil
 }
 
 // Put stores image (info.Pages pages of info.PageSize bytes) as db's
@@ -117,31 +135,80 @@ func parseInfo(db string, oi *jetstream.ObjectInfo) (SnapshotInfo, error) {
 
 // Get opens db's snapshot: its info and a reader of the image. The reader
 // checks the pages against the checksum as they stream by and ends with
-// ErrSnapshotChecksum instead of io.EOF if they do not give it (the object
-// store checks its own digest too), so a caller that reads to io.EOF has
-// an image it can trust. The caller closes the reader.
+// ErrSnapshotChecksum instead of io.EOF if they do not give it (or if the
+// bytes do not give the object store's digest), so a caller that reads to
+// io.EOF has an image it can trust. A snapshot replaced while it is read
+// ends the reader with ErrSnapshotReplaced. The reader's reads are bound
+// to ctx. The caller closes the reader.
 func (s *Snapshots) Get(ctx context.Context, db string) (SnapshotInfo, io.ReadCloser, error) {
-	r, err := s.obs.Get(ctx, token(db))
+	oi, err := s.obs.GetInfo(ctx, token(db))
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return SnapshotInfo{}, nil, fmt.Errorf("%w: %s", ErrNoSnapshot, db)
 	}
 	if err != nil {
 		return SnapshotInfo{}, nil, fmt.Errorf("cluster: get snapshot of %s: %w", db, err)
 	}
-	oi, err := r.Info()
-	if err != nil {
-		r.Close()
-		return SnapshotInfo{}, nil, fmt.Errorf("cluster: get snapshot of %s: %w", db, err)
-	}
 	info, err := parseInfo(db, oi)
 	if err != nil {
-		r.Close()
 		return SnapshotInfo{}, nil, err
 	}
-	return info, struct {
-		io.Reader
-		io.Closer
-	}{newPageChecker(r, info), r}, nil
+	want, err := jetstream.DecodeObjectDigest(oi.Digest)
+	if err != nil || oi.NUID == "" {
+		return SnapshotInfo{}, nil, fmt.Errorf("cluster: snapshot of %s: bad object info (digest %q, nuid %q): %v", db, oi.Digest, oi.NUID, err)
+	}
+	cr := &chunkReader{ctx: ctx, stream: s.stream, subject: fmt.Sprintf(objectChunks, s.bucket, oi.NUID),
+		info: info, size: oi.Size, want: want, digest: sha256.New(), next: 1}
+	return info, io.NopCloser(newPageChecker(cr, info)), nil
+}
+
+// chunkReader reads an object's chunks from the object store's stream,
+// one direct get each, as Log.Read reads versions. nats.go's own
+// ObjectStore.Get reads them with an ordered push consumer instead, and
+// when a put of a new snapshot under the same name purges the old one's
+// chunks part way through, that consumer waits for chunks that are gone
+// for as long as its context lasts (TestOwnerWritesSnapshotsAndTrims hung
+// 60 s so, when a third snapshot was stored while a restore read the
+// second). Here the next chunk's get finds no message, which is
+// ErrSnapshotReplaced at once.
+type chunkReader struct {
+	ctx     context.Context
+	stream  jetstream.Stream
+	subject string
+	info    SnapshotInfo
+	size    uint64 // the object's size in bytes
+	want    []byte // its SHA-256
+	digest  hash.Hash
+	next    uint64 // the stream sequence to look for the next chunk from
+	got     uint64 // bytes read
+	buf     []byte // the rest of the chunk being read
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		if r.got >= r.size {
+			if !bytes.Equal(r.digest.Sum(nil), r.want) {
+				return 0, fmt.Errorf("%w: %s at version %d: its bytes do not give the object store's digest", ErrSnapshotChecksum, r.info.DB, r.info.Version)
+			}
+			return 0, io.EOF
+		}
+		m, err := r.stream.GetMsg(r.ctx, r.next, jetstream.WithGetMsgSubject(r.subject))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return 0, fmt.Errorf("%w: %s at version %d, after %d of %d bytes", ErrSnapshotReplaced, r.info.DB, r.info.Version, r.got, r.size)
+		}
+		if err != nil {
+			return 0, fmt.Errorf("cluster: read snapshot of %s: %w", r.info.DB, err)
+		}
+		r.next = m.Sequence + 1
+		r.got += uint64(len(m.Data))
+		if r.got > r.size {
+			return 0, fmt.Errorf("%w: %s at version %d: more than its %d bytes", ErrSnapshotChecksum, r.info.DB, r.info.Version, r.size)
+		}
+		r.digest.Write(m.Data)
+		r.buf = m.Data
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
 }
 
 // pageChecker passes an image through, computing the whole-database

@@ -3,6 +3,7 @@ package cluster
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/server"
+	"github.com/sqlrebase/sqlrebase/wal"
 )
 
 // authorityImage makes a real server database with some rows and returns
@@ -175,5 +177,67 @@ func TestSnapshotGetChecksDamage(t *testing.T) {
 	defer r.Close()
 	if _, err := io.ReadAll(r); !errors.Is(err, ErrSnapshotChecksum) {
 		t.Fatalf("read of a damaged snapshot: %v, want ErrSnapshotChecksum", err)
+	}
+}
+
+// syntheticImage is an image of pages pages of 4 KiB, each filled with
+// fill and its page number, and its whole-database checksum.
+func syntheticImage(pages uint32, fill byte) ([]byte, uint64) {
+	const ps = 4096
+	img := make([]byte, int(pages)*ps)
+	var sum uint64
+	for pg := uint32(1); pg <= pages; pg++ {
+		p := img[int(pg-1)*ps : int(pg)*ps]
+		for i := range p {
+			p[i] = fill
+		}
+		binary.LittleEndian.PutUint32(p, pg)
+		sum ^= wal.PageChecksum(pg, p)
+	}
+	return img, sum
+}
+
+// TestSnapshotReplacedWhileRead: a snapshot replaced by a newer one while
+// a reader is part way through it ends that read with ErrSnapshotReplaced
+// (the object store purged its chunks), not with a wait until the
+// context's end; and a read of the newer one succeeds.
+func TestSnapshotReplacedWhileRead(t *testing.T) {
+	_, _, js := single(t)
+	ctx := bounded(t, 45*time.Second)
+	snaps, err := OpenSnapshots(ctx, js, SnapshotConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const pages = 2048 // 8 MiB: 64 chunks of the object store's 128 KiB, of which the reader has read one
+	old, oldSum := syntheticImage(pages, 1)
+	if _, err := snaps.Put(ctx, SnapshotInfo{DB: "app.db", Version: 10, Seq: 10, Checksum: oldSum, PageSize: 4096, Pages: pages}, bytes.NewReader(old)); err != nil {
+		t.Fatal(err)
+	}
+	_, r, err := snaps.Get(ctx, "app.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := io.ReadFull(r, make([]byte, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	next, nextSum := syntheticImage(pages, 2)
+	if _, err := snaps.Put(ctx, SnapshotInfo{DB: "app.db", Version: 20, Seq: 20, Checksum: nextSum, PageSize: 4096, Pages: pages}, bytes.NewReader(next)); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = io.Copy(io.Discard, r)
+	if !errors.Is(err, ErrSnapshotReplaced) {
+		t.Fatalf("read of a replaced snapshot: %v after %v, want ErrSnapshotReplaced", err, time.Since(start))
+	}
+	t.Logf("the replaced read ended after %v", time.Since(start).Round(time.Millisecond))
+	info, r2, err := snaps.Get(ctx, "app.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r2.Close()
+	got, err := io.ReadAll(r2)
+	if err != nil || info.Version != 20 || !bytes.Equal(got, next) {
+		t.Fatalf("read of the newer snapshot: version %d, %d bytes, %v", info.Version, len(got), err)
 	}
 }
