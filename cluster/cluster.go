@@ -96,6 +96,13 @@ const (
 	// Message headers of a version.
 	headerVersion = "Sqlrebase-Version"
 	headerOwner   = "Sqlrebase-Owner"
+	// appendAttempt is how long an append waits for its acknowledgement
+	// before it sends the version again (Appender.publish): an R3 stream
+	// with sync_interval always acknowledges in milliseconds on loopback
+	// and under 100 ms loaded; a publish that has no answer in a second
+	// was lost with a leader, and the next attempt finds the new one as
+	// soon as it is elected.
+	appendAttempt = time.Second
 	// apiRetry is the pause between attempts at a JetStream API call that
 	// a cluster answers only once its meta leader is elected.
 	apiRetry = 100 * time.Millisecond
@@ -107,6 +114,9 @@ const (
 	// a just-started cluster answers until its nodes have all reported to
 	// the meta leader; nats.go names no constant for it either.
 	codeNoPeers = 10005
+	// codeDuplicateInProcess is JetStream's "duplicate message id is in
+	// process": a message with the same Nats-Msg-Id is being proposed.
+	codeDuplicateInProcess = 10158
 )
 
 // token turns a database name (server's [A-Za-z0-9][A-Za-z0-9_.-]{0,63})

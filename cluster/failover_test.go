@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"testing"
 	"time"
 )
@@ -107,6 +108,84 @@ func TestFailoverThreeNodes(t *testing.T) {
 			owner = token
 		}
 		if e.Version != uint64(i+1) || e.Owner != owner || e.Rec[0] != byte(i+1) {
+			t.Fatalf("entry %d: %+v", i, e)
+		}
+	}
+}
+
+// TestAppendRidesOutTheStreamLeadersDeath: the node that leads the
+// version stream dies while an owner on another node appends. The append
+// in flight then is never answered (its leader is gone); the Appender
+// sends it again until the new leader, elected seconds later, takes it,
+// and every version lands once, in order: no append fails, so the owner
+// keeps its database instead of dropping it after the version log's
+// timeout.
+func TestAppendRidesOutTheStreamLeadersDeath(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a 3-node cluster")
+	}
+	nodes := trio(t)
+	ctx := bounded(t, 90*time.Second)
+	nc1, js1 := connect(t, nodes[0])
+	l1, err := OpenLog(ctx, nc1, js1, LogConfig{Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := l1.stream.Info(ctx)
+	if err != nil || info.Cluster == nil || info.Cluster.Leader == "" {
+		t.Fatalf("the stream's leader: %v, %+v", err, info)
+	}
+	var leader *Node
+	var writer *Node
+	for _, n := range nodes {
+		if n.Name() == info.Cluster.Leader {
+			leader = n
+		} else if writer == nil {
+			writer = n
+		}
+	}
+	if leader == nil || writer == nil {
+		t.Fatalf("leader %q is none of the nodes", info.Cluster.Leader)
+	}
+	ncw, jsw := connect(t, writer)
+	lw, err := OpenLog(ctx, ncw, jsw, LogConfig{Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap, err := lw.NewAppender(ctx, "db", NewToken(writer.Name()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const total = 60
+	killed := make(chan time.Time, 1)
+	var slowest time.Duration
+	for v := uint64(1); v <= total; v++ {
+		if v == 20 {
+			go func() {
+				time.Sleep(5 * time.Millisecond) // while an append is in flight
+				leader.Shutdown()
+				killed <- time.Now()
+			}()
+		}
+		actx, cancel := context.WithTimeout(ctx, 15*time.Second) // the version log's timeout, and some
+		start := time.Now()
+		_, err := ap.Append(actx, v, []byte{byte(v)})
+		cancel()
+		if err != nil {
+			t.Fatalf("append %d after the leader %s died: %v", v, leader.Name(), err)
+		}
+		slowest = max(slowest, time.Since(start))
+	}
+	t.Logf("the slowest append took %v (the stream's leader %s died during the 20th)", slowest.Round(time.Millisecond), leader.Name())
+	es, err := lw.Read(ctx, "db", 0, total+10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != total {
+		t.Fatalf("the stream holds %d versions, want %d", len(es), total)
+	}
+	for i, e := range es {
+		if e.Version != uint64(i+1) || e.Rec[0] != byte(i+1) {
 			t.Fatalf("entry %d: %+v", i, e)
 		}
 	}

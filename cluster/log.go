@@ -261,15 +261,58 @@ func (a *Appender) Append(ctx context.Context, version uint64, rec []byte) (uint
 	return seq, nil
 }
 
+// publish sends the version, fenced, and waits for its acknowledgement,
+// sending it again every appendAttempt without one (retryPublish) until
+// ctx ends. A publish in flight when the stream's leader dies is never
+// answered: the leader that would have answered is gone, and the one
+// elected after it (4 to 9 s later: nats-server's fixed Raft election
+// timeout) never saw it. Waiting out ctx on that one message held the
+// owner's writer for the whole version log timeout (10 s) and then dropped
+// the database (TestClusterFailover: a confirmation 10.4 s after the kill
+// of a node that was not the owner but led the stream). Sent again with
+// the same Nats-Msg-Id and the same expected last subject sequence, it
+// cannot land twice: JetStream checks the id against its duplicate window
+// before the sequence, and answers a duplicate with the first one's
+// sequence (TestAppendRidesOutTheStreamLeadersDeath).
 func (a *Appender) publish(ctx context.Context, version uint64, rec []byte, id string) (uint64, error) {
 	m := &nats.Msg{Subject: a.subject, Data: rec, Header: nats.Header{}}
 	m.Header.Set(headerVersion, strconv.FormatUint(version, 10))
 	m.Header.Set(headerOwner, a.owner)
-	ack, err := a.log.js.PublishMsg(ctx, m, jetstream.WithMsgID(id), jetstream.WithExpectLastSequencePerSubject(a.lastSeq))
-	if err != nil {
-		return 0, err
+	for {
+		actx, cancel := context.WithTimeout(ctx, appendAttempt)
+		ack, err := a.log.js.PublishMsg(actx, m, jetstream.WithMsgID(id), jetstream.WithExpectLastSequencePerSubject(a.lastSeq))
+		cancel()
+		if err == nil {
+			return ack.Sequence, nil
+		}
+		if ctx.Err() != nil || !retryPublish(err) {
+			return 0, err
+		}
+		if !errors.Is(err, context.DeadlineExceeded) {
+			// Refused at once (no leader to answer yet): pause, as an
+			// attempt that timed out has.
+			select {
+			case <-ctx.Done():
+				return 0, err
+			case <-time.After(apiRetry):
+			}
+		}
 	}
-	return ack.Sequence, nil
+}
+
+// retryPublish reports whether a publish that failed with err may be sent
+// again: no answer within the attempt, no responder (no leader yet), or
+// JetStream's "temporarily unavailable", or "duplicate message id is in
+// process" (an earlier attempt is being stored: the next one is answered
+// with its sequence). A refusal (a wrong last sequence, a message too
+// large) is an answer, and final.
+func retryPublish(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.ErrorCode == codeClusterNotAvailable || apiErr.ErrorCode == codeDuplicateInProcess
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse)
 }
 
 // resolve decides a wrong-last-sequence refusal by the subject's tail: our

@@ -464,6 +464,39 @@ func waitOwner(t *testing.T, nodes []*nodeProc, bound time.Duration, want ...str
 	}
 }
 
+// streamLeaders names the leaders of the version stream and the lease
+// bucket's stream, as the first running node answers, for the log: a kill
+// of a node that leads one costs a Raft election (4-9 s in nats-server)
+// before the group takes writes again.
+func streamLeaders(nodes []*nodeProc) string {
+	for _, n := range nodes {
+		if !n.running() || n.natsURL == "" {
+			continue
+		}
+		nc, err := nats.Connect(n.natsURL, nats.Timeout(2*time.Second), nats.MaxReconnects(0))
+		if err != nil {
+			continue
+		}
+		defer nc.Close()
+		js, err := jetstream.New(nc)
+		if err != nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		var out []string
+		for _, name := range []string{cluster.DefaultStream, "KV_" + cluster.DefaultLeaseBucket} {
+			leader := "?"
+			if st, err := js.Stream(ctx, name); err == nil && st.CachedInfo().Cluster != nil {
+				leader = st.CachedInfo().Cluster.Leader
+			}
+			out = append(out, name+"="+leader)
+		}
+		return strings.Join(out, " ")
+	}
+	return "unknown"
+}
+
 // waitLeaseFrom waits, bounded, until the lease is no longer held by the
 // node named from (expired, released or taken over) and returns when it
 // saw that.
@@ -795,12 +828,13 @@ func TestClusterFailover(t *testing.T) {
 				victim = nodes[rng.IntN(len(nodes))]
 			}
 		}
+		lead := streamLeaders(nodes)
 		victim.kill()
 		at := time.Now()
 		if victim.name != own {
 			// The owner goes on: acknowledgements continue.
 			gap := waitAcks(t, workers, at, false, 15*time.Second)
-			t.Logf("kill %d: %s (not the owner %s): next confirmation %v after", k+1, victim.name, own, gap.Round(time.Millisecond))
+			t.Logf("kill %d: %s (not the owner %s; stream leaders before: %s): next confirmation %v after", k+1, victim.name, own, lead, gap.Round(time.Millisecond))
 		} else {
 			// A confirmation within 100 ms of the kill is one the dead
 			// owner sent before it died; a new owner needs the lease's TTL.
@@ -812,8 +846,8 @@ func TestClusterFailover(t *testing.T) {
 			all := waitAcks(t, workers, at.Add(100*time.Millisecond), true, 45*time.Second) + 100*time.Millisecond
 			failovers, allResumed = append(failovers, first), append(allResumed, all)
 			newOwner := waitOwner(t, nodes, 15*time.Second)
-			t.Logf("kill %d: owner %s: its lease gone %v after, first confirmation %v after, every worker's within %v; new owner %s",
-				k+1, own, freed.Round(time.Millisecond), first.Round(time.Millisecond), all.Round(time.Millisecond), newOwner)
+			t.Logf("kill %d: owner %s (stream leaders before: %s): its lease gone %v after, first confirmation %v after, every worker's within %v; new owner %s",
+				k+1, own, lead, freed.Round(time.Millisecond), first.Round(time.Millisecond), all.Round(time.Millisecond), newOwner)
 		}
 		startAll(t, victim)
 	}
