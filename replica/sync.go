@@ -527,6 +527,36 @@ type session struct {
 	writing  bool                      // a push buffer is with the writer: wbuf is not ours
 	asm      *protocol.Reassembler     // the parts of a version too large for one message
 	wbuf     []byte
+	// pushErr is a push the server refused by cancelling the stream's
+	// read side (pushRefused); pushGrace fires when the session stops
+	// waiting for the server's reason.
+	pushErr   error
+	pushGrace <-chan time.Time
+}
+
+// stopSendingGrace is how long a session whose push the server refused
+// (it cancelled its read side, as it does when it ends a session) goes on
+// reading for the server's Error message, which it wrote before: the
+// Error is the reason (a fatal one, such as a version too large for this
+// client), while the push's own error only says the stream was cancelled,
+// and taken alone made the replica reconnect forever
+// (TestSyncVersionTooLarge failed so in one run of thirty).
+const stopSendingGrace = 2 * time.Second
+
+// pushRefused takes a push's write error: a cancel by the server is kept
+// (no more pushes on this session, and the loop reads on for the
+// server's reason until stopSendingGrace), anything else ends the
+// session.
+func (ss *session) pushRefused(err error) error {
+	var se *quic.StreamError
+	if errors.As(err, &se) && se.Remote {
+		if ss.pushErr == nil {
+			ss.pushErr = err
+			ss.pushGrace = time.After(stopSendingGrace)
+		}
+		return nil
+	}
+	return fmt.Errorf("push to %s: %w", ss.r.net.addr(), err)
 }
 
 // snapBuffer collects a snapshot's chunks in a file next to the replica
@@ -587,8 +617,12 @@ func (ss *session) run(ctx context.Context) error {
 					ss.wbuf = nil // do not keep a large buffer for the life of the session
 				}
 				if err != nil {
-					return fmt.Errorf("push to %s: %w", ss.r.net.addr(), err)
+					if err := ss.pushRefused(err); err != nil {
+						return err
+					}
 				}
+			case <-ss.pushGrace:
+				return fmt.Errorf("push to %s: %w", ss.r.net.addr(), ss.pushErr)
 			case m := <-ss.in.msgs:
 				if err := ss.handle(m); err != nil {
 					return err
@@ -767,8 +801,10 @@ func (ss *session) rebase(ctx context.Context) error {
 // push sends as many pending mutations as the limits allow, in Push
 // messages of one write.
 func (ss *session) push() error {
-	if ss.writing {
-		return nil // the write in flight ends with a wake of run, which pushes on
+	if ss.writing || ss.pushErr != nil {
+		// The write in flight ends with a wake of run, which pushes on;
+		// or the server refused pushes on this session.
+		return nil
 	}
 	ss.wbuf = ss.wbuf[:0]
 	for {
@@ -819,7 +855,7 @@ func (ss *session) push() error {
 			return nil
 		}
 		if !errors.Is(err, quic.ErrWouldBlock) {
-			return fmt.Errorf("push to %s: %w", ss.r.net.addr(), err)
+			return ss.pushRefused(err)
 		}
 	}
 	ss.writing = true
