@@ -31,6 +31,7 @@ type Owner struct {
 	leases *Leases
 	snaps  *Snapshots // nil: restores start from the empty database
 	token  string
+	node   string // this node's name: its NATS server's, when the server is embedded
 	logger *slog.Logger
 	ctx    context.Context // ends at Close: the lease runners' life
 	cancel context.CancelFunc
@@ -83,13 +84,23 @@ type SnapshotSource interface {
 
 // NewOwner makes node's owner on the given log, leases and snapshots (nil:
 // none; a restore then replays the whole stream). Its token (a NewToken of
-// node) names it in the leases and on every entry it appends.
+// node) names it in the leases and on every entry it appends. While it
+// owns databases it checks, every placementEvery, whether its node leads
+// the version stream or the lease bucket, and hands that leadership to a
+// node that owns fewer (placement.go); node must so be the name of the
+// embedded NATS server, if there is one.
 func NewOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *slog.Logger) *Owner {
 	if logger == nil {
 		logger = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Owner{log: log, leases: leases, snaps: snaps, token: NewToken(node), logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
+	o := &Owner{log: log, leases: leases, snaps: snaps, token: NewToken(node), node: node, logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
+	o.wg.Add(1)
+	go func() {
+		defer o.wg.Done()
+		o.runPlacement()
+	}()
+	return o
 }
 
 // SetSnapshotSource makes the owner write snapshots of the databases it

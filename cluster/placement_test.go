@@ -1,0 +1,156 @@
+package cluster
+
+import (
+	"slices"
+	"testing"
+	"time"
+)
+
+func TestLeaderHandoff(t *testing.T) {
+	peers := []string{"n2", "n3"}
+	for _, c := range []struct {
+		name   string
+		g      groupState
+		owns   map[string]int
+		prefer string
+		to     string
+		handed bool
+	}{
+		{"leads and owns, peers own nothing", groupState{"n1", peers}, map[string]int{"n1": 1}, "", "n2", true},
+		{"to the peer owning fewest", groupState{"n1", peers}, map[string]int{"n1": 5, "n2": 3, "n3": 1}, "", "n3", true},
+		{"ties go to the first name", groupState{"n1", []string{"n3", "n2"}}, map[string]int{"n1": 2}, "", "n2", true},
+		{"the other group's leader among the fewest", groupState{"n1", peers}, map[string]int{"n1": 2}, "n3", "n3", true},
+		{"fewer beats the other group's leader", groupState{"n1", peers}, map[string]int{"n1": 2, "n3": 1}, "n3", "n2", true},
+		{"does not lead", groupState{"n2", peers}, map[string]int{"n1": 4}, "", "", false},
+		{"owns nothing", groupState{"n1", peers}, map[string]int{"n2": 1}, "", "", false},
+		{"every peer owns as many", groupState{"n1", peers}, map[string]int{"n1": 2, "n2": 2, "n3": 2}, "", "", false},
+		{"no current peer", groupState{"n1", nil}, map[string]int{"n1": 1}, "", "", false},
+		{"self and empty names among the peers are skipped", groupState{"n1", []string{"", "n1"}}, map[string]int{"n1": 1}, "", "", false},
+	} {
+		to, ok := leaderHandoff("n1", c.g, c.owns, c.prefer)
+		if to != c.to || ok != c.handed {
+			t.Errorf("%s: leaderHandoff = %q, %v; want %q, %v", c.name, to, ok, c.to, c.handed)
+		}
+	}
+}
+
+// FuzzLeaderHandoff: a handoff goes only from a leader that owns
+// databases to a current peer that owns strictly fewer, and the new
+// leader would never hand it straight back.
+func FuzzLeaderHandoff(f *testing.F) {
+	f.Add(uint8(0), uint8(3), []byte{1, 0, 2})
+	f.Add(uint8(1), uint8(2), []byte{0, 5, 5})
+	f.Fuzz(func(t *testing.T, leader, npeers uint8, counts []byte) {
+		prefer := ""
+		if len(counts) > 0 {
+			prefer = string(rune('a' + counts[0]%6))
+		}
+		names := []string{"a", "b", "c", "d", "e"}
+		owns := map[string]int{}
+		for i, c := range counts {
+			if i < len(names) {
+				owns[names[i]] = int(c)
+			}
+		}
+		g := groupState{Leader: names[int(leader)%len(names)]}
+		for i := range int(npeers) % len(names) {
+			g.Peers = append(g.Peers, names[(int(leader)+1+i)%len(names)])
+		}
+		to, ok := leaderHandoff("a", g, owns, prefer)
+		if !ok {
+			return
+		}
+		if g.Leader != "a" || owns["a"] == 0 || to == "a" || !slices.Contains(g.Peers, to) || owns[to] >= owns["a"] {
+			t.Fatalf("handoff from %+v (owns %v) to %q", g, owns, to)
+		}
+		back := groupState{Leader: to, Peers: []string{"a"}}
+		if _, again := leaderHandoff(to, back, owns, "a"); again {
+			t.Fatalf("%q would hand the leadership straight back to a (owns %v)", to, owns)
+		}
+	})
+}
+
+// TestOwnerHandsOverTheLeadership: an owner on the node that leads the
+// version stream and the lease bucket hands both leaderships to nodes
+// that own nothing, so that its own death costs the lease's TTL and not
+// a Raft election as well.
+func TestOwnerHandsOverTheLeadership(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a 3-node cluster")
+	}
+	nodes := trio(t)
+	ctx := bounded(t, 60*time.Second)
+	nc1, js1 := connect(t, nodes[0])
+	l1, err := OpenLog(ctx, nc1, js1, LogConfig{Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls1, err := OpenLeases(ctx, js1, LeaseConfig{Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	streams := []string{DefaultStream, leaseStream(DefaultLeaseBucket)}
+	o := NewOwner(l1, ls1, nil, "", quiet)
+	defer o.Close(ctx)
+	// Wait until both groups have current followers, then make the
+	// version stream's leader the owner, leading both.
+	var lead string
+	for {
+		gs, err := o.groupOf(ctx, streams[0])
+		if err == nil && gs.Leader != "" && len(gs.Peers) == 2 {
+			lead = gs.Leader
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("no stream leader with two current peers: %+v, %v", gs, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if g, _ := o.groupOf(ctx, streams[1]); g.Leader != lead {
+		if err := o.stepDown(ctx, streams[1], lead); err != nil {
+			t.Fatal(err)
+		}
+	}
+	o.Close(ctx)
+	o = NewOwner(l1, ls1, nil, lead, quiet)
+	defer o.Close(ctx)
+	if err := o.Append(ctx, "db", 1, []byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		g0, e0 := o.groupOf(ctx, streams[0])
+		g1, e1 := o.groupOf(ctx, streams[1])
+		if e0 == nil && e1 == nil && g0.Leader == lead && g1.Leader == lead {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("%s never led both groups: %+v %+v", lead, g0, g1)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := o.placeLeaders(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var leaders []string
+	for _, s := range streams {
+		for {
+			g, err := o.groupOf(ctx, s)
+			if err == nil && g.Leader != "" && g.Leader != lead {
+				t.Logf("%s: leader %s after the owner %s handed it over", s, g.Leader, lead)
+				leaders = append(leaders, g.Leader)
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("%s: still led by the owner %s: %+v, %v", s, lead, g, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if leaders[0] != leaders[1] {
+		t.Fatalf("the groups' leaders are %v: both should be on one node, so that the other's death costs no election", leaders)
+	}
+	// The owner's appends go on under the new leaders.
+	if err := o.Append(ctx, "db", 2, []byte{2}); err != nil {
+		t.Fatal(err)
+	}
+}
