@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -283,5 +284,61 @@ func TestFollowWatchdog(t *testing.T) {
 	var stuck atomic.Uint64
 	if !watch(&stuck, 4*followStall) {
 		t.Fatal("a follower a version behind the tail for two periods was not called stalled")
+	}
+}
+
+// TestForwardToAVanishedOwnerEnds: B forwards its replica's push to A,
+// which owns the database and never answers (a node that died with the
+// request), then A's lease goes. B's watch of the lease ends the forward
+// at once, instead of holding B's writer, and with it the take-over, for
+// the forward's 10 s timeout: B takes the database over and the replica's
+// mutation is confirmed well before that timeout would have run out.
+func TestForwardToAVanishedOwnerEnds(t *testing.T) {
+	ctx := bounded(t, 60*time.Second)
+	sh := openShared(t, ctx, 2*time.Second)
+	a := startNode(t, ctx, sh, "a", t.TempDir())
+	rA := openReplica(t, ctx, a.srv, a.addr)
+	increments(t, ctx, rA, "alice", 1)
+	b := startNode(t, ctx, sh, "b", t.TempDir())
+	rB := openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 1)
+	if !a.owner.Owns("demo.db") || b.owner.Owns("demo.db") {
+		t.Fatal("A should own the database, B follow it")
+	}
+	held := make(chan struct{})
+	unblock := make(chan struct{})
+	defer close(unblock)
+	a.owner.SetForwardHandler(func(ctx context.Context, db string, pushes []server.ForwardedPush) ([]server.ForwardedResult, error) {
+		close(held)
+		select { // the owner's node died with the request
+		case <-unblock:
+		case <-ctx.Done():
+		}
+		return nil, errors.New("never answered")
+	})
+	h, err := rB.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("bob", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-held:
+	case <-ctx.Done():
+		t.Fatal("B's forward never reached A")
+	}
+	// A's server stops (it would open the database again, and take the
+	// lease back), then its lease goes, as a dead node's runs out.
+	a.srv.Close()
+	gone := time.Now()
+	a.owner.Drop("demo.db", errors.New("the test: A is gone"))
+	// Without the watch, the forward would end only after forwardTimeout
+	// (10 s) from when it began.
+	wctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	defer cancel()
+	if err := h.Wait(wctx); err != nil {
+		t.Fatalf("the mutation forwarded to a vanished owner: %v (%v after its lease went)", err, time.Since(gone).Round(time.Millisecond))
+	}
+	t.Logf("confirmed %v after the owner's lease went", time.Since(gone).Round(time.Millisecond))
+	if count(t, ctx, rB, "bob") != 2 {
+		t.Fatalf("bob's count is %d, want 2", count(t, ctx, rB, "bob"))
 	}
 }

@@ -32,9 +32,11 @@ type Owner struct {
 	snaps  *Snapshots // nil: restores start from the empty database
 	token  string
 	node   string // this node's name: its NATS server's, when the server is embedded
-	logger *slog.Logger
-	ctx    context.Context // ends at Close: the lease runners' life
-	cancel context.CancelFunc
+	// placeKick asks the leader placement for a check now (placement.go).
+	placeKick chan struct{}
+	logger    *slog.Logger
+	ctx       context.Context // ends at Close: the lease runners' life
+	cancel    context.CancelFunc
 
 	// Lock order: mu, then an owned's smu; neither is held across I/O.
 	mu      sync.Mutex // guards dbs, handler, src, policy, and wg.Add against Close
@@ -94,7 +96,7 @@ func NewOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *s
 		logger = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	o := &Owner{log: log, leases: leases, snaps: snaps, token: NewToken(node), node: node, logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
+	o := &Owner{log: log, leases: leases, snaps: snaps, token: NewToken(node), node: node, placeKick: make(chan struct{}, 1), logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
 	o.wg.Add(1)
 	go func() {
 		defer o.wg.Done()
@@ -350,6 +352,7 @@ func (o *Owner) writer(ctx context.Context, db string) (*owned, error) {
 		})
 	}()
 	o.logger.Info("own database", "db", db, "token", o.token, "after_version", ap.lastVersion)
+	o.kickPlacement()
 	return w, nil
 }
 

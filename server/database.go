@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -69,6 +70,44 @@ type database struct {
 	// takeover asks the writer to try to take a followed database over
 	// (its lease is free).
 	takeover chan struct{}
+	// inflight is the forward the writer waits on, which watchLease ends
+	// when the lease changes hands under it (see forward).
+	inflight forwardInFlight
+}
+
+// forwardInFlight is the one forward a follower's writer has in flight.
+// Its mu is a leaf: nothing else is taken under it, and it is never held
+// across I/O.
+type forwardInFlight struct {
+	mu     sync.Mutex
+	cancel context.CancelCauseFunc // nil: none in flight
+	since  time.Time
+}
+
+// start records a forward begun now, with the cancel of its context.
+func (f *forwardInFlight) start(cancel context.CancelCauseFunc) {
+	f.mu.Lock()
+	f.cancel, f.since = cancel, time.Now()
+	f.mu.Unlock()
+}
+
+// end forgets the forward in flight.
+func (f *forwardInFlight) end() {
+	f.mu.Lock()
+	f.cancel = nil
+	f.mu.Unlock()
+}
+
+// cancelBefore ends the forward in flight with cause, if it began before t.
+func (f *forwardInFlight) cancelBefore(t time.Time, cause error) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.cancel == nil || !f.since.Before(t) {
+		return false
+	}
+	f.cancel(cause)
+	f.cancel = nil
+	return true
 }
 
 // pushRequest is one Push of one session, for the writer: a session's own

@@ -96,6 +96,9 @@ var (
 	errFollowChain = errors.New("server: a followed version does not follow the copy")
 	// errFollowerStopped is an apply after the follower was stopped.
 	errFollowerStopped = errors.New("server: follower stopped")
+	// errOwnerChanged ends a forward whose owner's lease went free or
+	// changed hands while it was in flight (watchLease).
+	errOwnerChanged = errors.New("server: the database's lease went free or changed hands during the forward")
 )
 
 // Limits of the follower.
@@ -292,9 +295,17 @@ func (d *database) runFollower(ctx context.Context, f *follower) {
 
 // watchLease asks, every leaseCheckEvery, whether the database's lease is
 // free, and if it is, asks the writer to take the database over.
+//
+// A forward in flight that began before the lease was seen free, or held
+// by another node than at the check before, is ended at once: it went to
+// an owner that is gone, and would otherwise hold the writer (and the
+// take-over it runs) for forwardTimeout. Ending it is safe whatever the
+// owner did with it: the pushes' sessions are told to reconnect, and a
+// mutation the owner ran is not run twice when pushed again (its id).
 func (d *database) watchLease(ctx context.Context, fl Follower) {
 	t := time.NewTicker(leaseCheckEvery)
 	defer t.Stop()
+	last, known := "", false
 	for {
 		select {
 		case <-ctx.Done():
@@ -302,10 +313,20 @@ func (d *database) watchLease(ctx context.Context, fl Follower) {
 		case <-t.C:
 		}
 		d.expireHeldAcks()
+		asked := time.Now()
 		hctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
 		holder, err := fl.Holder(hctx, d.name)
 		cancel()
-		if err == nil && holder == "" {
+		if err != nil {
+			continue
+		}
+		if holder == "" || known && holder != last {
+			if d.inflight.cancelBefore(asked, fmt.Errorf("%w (now held by %q)", errOwnerChanged, holder)) {
+				d.log.Info("ended a forward in flight: the owner's lease is free or changed hands", "holder", holder)
+			}
+		}
+		last, known = holder, true
+		if holder == "" {
 			d.requestTakeover()
 		}
 	}
@@ -577,9 +598,21 @@ func (d *database) forward(ctx context.Context, reqs []pushRequest) {
 	for i, r := range reqs {
 		pushes[i] = ForwardedPush{ClientID: r.s.clientID, UserID: r.s.identity.UserID, Claims: r.s.identity.Claims, Mutations: r.mutations}
 	}
-	fctx, cancel := context.WithTimeout(ctx, forwardTimeout)
+	// A forward to an owner that died is never answered: it would hold
+	// this writer, and with it the take-over the writer runs, for the
+	// whole forwardTimeout (TestClusterFailover: the first confirmation
+	// 10.2 s after the owner's SIGKILL, the lease gone after 3.0 s). So
+	// watchLease ends it as soon as it sees the lease change hands.
+	cctx, cancelCause := context.WithCancelCause(ctx)
+	fctx, cancel := context.WithTimeout(cctx, forwardTimeout)
+	d.inflight.start(cancelCause)
 	res, err := fl.Forward(fctx, d.name, pushes)
+	d.inflight.end()
 	cancel()
+	cancelCause(nil)
+	if cause := context.Cause(cctx); errors.Is(cause, errOwnerChanged) {
+		err = cause
+	}
 	if err == nil && len(res) != len(reqs) {
 		err = fmt.Errorf("server: the owner answered %d of %d pushes", len(res), len(reqs))
 	}
