@@ -75,7 +75,12 @@ func OpenLog(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, cfg Log
 	return &Log{nc: nc, js: js, stream: s, max: nc.MaxPayload()}, nil
 }
 
-// retry calls fn with a bounded context until it succeeds or ctx ends.
+// retry calls fn with a bounded context (2 s) until it succeeds, fails
+// for good, or ctx ends. Every read of the stream goes through it: a
+// request that the leader being replaced drops is never answered, and
+// with the caller's own context (a restore's is 10 minutes) it waited that
+// long (TestClusterFailover: a new owner's restore that never finished
+// after the stream's leader moved under it, and no confirmation for 45 s).
 func retry[T any](ctx context.Context, fn func(context.Context) (T, error)) (T, error) {
 	for {
 		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -120,7 +125,9 @@ func entry(m *jetstream.RawStreamMsg) (Entry, error) {
 
 // Last is the last entry on db's subject; the zero Entry if it has none.
 func (l *Log) Last(ctx context.Context, db string) (Entry, error) {
-	m, err := l.stream.GetLastMsgForSubject(ctx, Subject(db))
+	m, err := retry(ctx, func(ctx context.Context) (*jetstream.RawStreamMsg, error) {
+		return l.stream.GetLastMsgForSubject(ctx, Subject(db))
+	})
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return Entry{}, nil
 	}
@@ -136,7 +143,9 @@ func (l *Log) Read(ctx context.Context, db string, from uint64, max int) ([]Entr
 	subj := Subject(db)
 	var out []Entry
 	for len(out) < max {
-		m, err := l.stream.GetMsg(ctx, max64(from, 1), jetstream.WithGetMsgSubject(subj))
+		m, err := retry(ctx, func(ctx context.Context) (*jetstream.RawStreamMsg, error) {
+			return l.stream.GetMsg(ctx, max64(from, 1), jetstream.WithGetMsgSubject(subj))
+		})
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			break
 		}

@@ -146,7 +146,12 @@ func (o *Owner) Append(ctx context.Context, db string, version uint64, rec []byt
 		}
 		return err
 	}
-	w.appended.Store(true)
+	if !w.appended.Swap(true) {
+		// The first version under this lease (the takeover's): the
+		// database serves now, so the leader placement may move the log
+		// groups' leaders without stalling its restore.
+		o.kickPlacement()
+	}
 	o.appended(db, w, version, seq, rec)
 	return nil
 }
@@ -352,7 +357,6 @@ func (o *Owner) writer(ctx context.Context, db string) (*owned, error) {
 		})
 	}()
 	o.logger.Info("own database", "db", db, "token", o.token, "after_version", ap.lastVersion)
-	o.kickPlacement()
 	return w, nil
 }
 

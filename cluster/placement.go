@@ -78,10 +78,13 @@ func leaderHandoff(self string, g groupState, owns map[string]int, prefer string
 }
 
 // runPlacement checks the log groups' leaders every placementEvery, and
-// at once when the owner takes a lease (kickPlacement), until the owner
-// closes: the node that wins a free lease is often the lease bucket's
-// leader, and a check up to 5 s later left TestClusterFailover's next
-// kill to hit an owner that led both groups.
+// at once when the owner appends its first version under a new lease
+// (kickPlacement), until the owner closes: the node that wins a free lease
+// is often the lease bucket's leader, and a check up to 5 s later left
+// TestClusterFailover's next kill to hit an owner that led both groups.
+// Not at the lease's take: moving the leaders while the new owner
+// restores made its reads fail ("JetStream system temporarily
+// unavailable") and the take-over with them.
 func (o *Owner) runPlacement() {
 	t := time.NewTicker(placementEvery)
 	defer t.Stop()

@@ -109,7 +109,7 @@ func (s *Snapshots) Put(ctx context.Context, info SnapshotInfo, image io.Reader)
 
 // Info describes db's snapshot; ErrNoSnapshot if it has none.
 func (s *Snapshots) Info(ctx context.Context, db string) (SnapshotInfo, error) {
-	oi, err := s.obs.GetInfo(ctx, token(db))
+	oi, err := retry(ctx, func(ctx context.Context) (*jetstream.ObjectInfo, error) { return s.obs.GetInfo(ctx, token(db)) })
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return SnapshotInfo{}, fmt.Errorf("%w: %s", ErrNoSnapshot, db)
 	}
@@ -141,7 +141,7 @@ func parseInfo(db string, oi *jetstream.ObjectInfo) (SnapshotInfo, error) {
 // ends the reader with ErrSnapshotReplaced. The reader's reads are bound
 // to ctx. The caller closes the reader.
 func (s *Snapshots) Get(ctx context.Context, db string) (SnapshotInfo, io.ReadCloser, error) {
-	oi, err := s.obs.GetInfo(ctx, token(db))
+	oi, err := retry(ctx, func(ctx context.Context) (*jetstream.ObjectInfo, error) { return s.obs.GetInfo(ctx, token(db)) })
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return SnapshotInfo{}, nil, fmt.Errorf("%w: %s", ErrNoSnapshot, db)
 	}
@@ -191,7 +191,9 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 			}
 			return 0, io.EOF
 		}
-		m, err := r.stream.GetMsg(r.ctx, r.next, jetstream.WithGetMsgSubject(r.subject))
+		m, err := retry(r.ctx, func(ctx context.Context) (*jetstream.RawStreamMsg, error) {
+			return r.stream.GetMsg(ctx, r.next, jetstream.WithGetMsgSubject(r.subject))
+		})
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return 0, fmt.Errorf("%w: %s at version %d, after %d of %d bytes", ErrSnapshotReplaced, r.info.DB, r.info.Version, r.got, r.size)
 		}
