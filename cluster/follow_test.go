@@ -3,6 +3,9 @@ package cluster
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"strings"
+	"sync"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -25,7 +28,13 @@ type clusterNode struct {
 // pushes on its server.
 func startNode(t *testing.T, ctx context.Context, sh shared, name, dir string) *clusterNode {
 	t.Helper()
-	o := NewOwner(sh.log, sh.leases, sh.snaps, name, quiet)
+	return startNodeLogged(t, ctx, sh, name, dir, quiet)
+}
+
+// startNodeLogged is startNode with the Owner's logger.
+func startNodeLogged(t *testing.T, ctx context.Context, sh shared, name, dir string, logger *slog.Logger) *clusterNode {
+	t.Helper()
+	o := NewOwner(sh.log, sh.leases, sh.snaps, name, logger)
 	srv := serverAt(t, dir, o)
 	o.SetForwardHandler(srv.ServeForwarded)
 	addr, err := srv.Listen(ctx, "127.0.0.1:0")
@@ -341,4 +350,55 @@ func TestForwardToAVanishedOwnerEnds(t *testing.T) {
 	if count(t, ctx, rB, "bob") != 2 {
 		t.Fatalf("bob's count is %d, want 2", count(t, ctx, rB, "bob"))
 	}
+}
+
+// TestTakeoverStartsFromTheFollowersCopy: a node that follows a database
+// and then takes it over opens it from its follower's copy, which is at
+// the stream's tail, instead of replaying the stream into the owner's
+// file it never had: no restore runs, and the counts are exact.
+func TestTakeoverStartsFromTheFollowersCopy(t *testing.T) {
+	ctx := bounded(t, 60*time.Second)
+	sh := openShared(t, ctx, 2*time.Second)
+	a := startNode(t, ctx, sh, "a", t.TempDir())
+	rA := openReplica(t, ctx, a.srv, a.addr)
+	increments(t, ctx, rA, "alice", 5)
+	var logs syncLog
+	b := startNodeLogged(t, ctx, sh, "b", t.TempDir(), slog.New(slog.NewTextHandler(&logs, nil)))
+	rB := openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 3)
+	if b.owner.Owns("demo.db") {
+		t.Fatal("B owns the database it should follow")
+	}
+	a.stop()
+	increments(t, ctx, rB, "bob", 2)
+	if !b.owner.Owns("demo.db") {
+		t.Fatal("B did not take the database over")
+	}
+	if strings.Contains(logs.String(), "restored database from the stream") {
+		t.Fatalf("the take-over restored the database from the stream instead of opening the follower's copy:\n%s", logs.String())
+	}
+	if got := count(t, ctx, rB, "bob"); got != 5 {
+		t.Errorf("bob = %d after the take-over, want 5", got)
+	}
+	if got := count(t, ctx, rB, "alice"); got != 5 {
+		t.Errorf("alice = %d after the take-over, want 5", got)
+	}
+}
+
+// syncLog is a log destination a test reads while the node writes it.
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
