@@ -5,7 +5,11 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/sqlrebase/sqlrebase/server"
 )
+
+var _ server.TakeoverDeferrer = (*Owner)(nil)
 
 func TestLeaderHandoff(t *testing.T) {
 	peers := []string{"n2", "n3"}
@@ -132,6 +136,10 @@ func TestOwnerHandsOverTheLeadership(t *testing.T) {
 	// at once (and one every placementEvery after it).
 	o = NewOwner(l1, ls1, nil, lead, quiet)
 	defer o.Close(ctx)
+	// While it leads them, it lets other nodes take free databases first.
+	if d := o.TakeoverDelay(ctx, "db"); d != takeoverDefer {
+		t.Fatalf("the leading node's take-over delay is %v, want %v", d, takeoverDefer)
+	}
 	if err := o.Append(ctx, "db", 1, []byte{1}); err != nil {
 		t.Fatal(err)
 	}
@@ -155,6 +163,9 @@ func TestOwnerHandsOverTheLeadership(t *testing.T) {
 	}
 	if leaders[0] != leaders[1] {
 		t.Fatalf("the groups' leaders are %v: both should be on one node, so that the other's death costs no election", leaders)
+	}
+	if d := o.TakeoverDelay(ctx, "db"); d != 0 {
+		t.Fatalf("the take-over delay of a node that leads nothing is %v, want 0", d)
 	}
 	// The owner's appends go on under the new leaders.
 	if err := o.Append(ctx, "db", 2, []byte{2}); err != nil {

@@ -47,6 +47,16 @@ type Follower interface {
 	Forward(ctx context.Context, db string, pushes []ForwardedPush) ([]ForwardedResult, error)
 }
 
+// TakeoverDeferrer is a Follower that may ask a node to wait before it
+// takes a free database over, so that a better-placed node takes it first
+// (in a cluster: one that does not lead the log's Raft groups, whose death
+// would then cost an election as well as the lease). TakeoverDelay is how
+// long the lease must have been seen free before this node tries; 0: at
+// once. The node still takes it over after the wait if nobody else did.
+type TakeoverDeferrer interface {
+	TakeoverDelay(ctx context.Context, db string) time.Duration
+}
+
 // LeaseReleaser is a VersionLog that holds something for each database
 // this node writes (a cluster's lease), which the server gives back when
 // the database closes here (idle, or the server stops): thousands of idle
@@ -355,6 +365,7 @@ func (d *database) watchLease(ctx context.Context, fl Follower) {
 	t := time.NewTicker(leaseCheckEvery)
 	defer t.Stop()
 	last, known := "", false
+	var freeSince time.Time // when the lease was first seen free (zero: held)
 	for {
 		select {
 		case <-ctx.Done():
@@ -375,9 +386,22 @@ func (d *database) watchLease(ctx context.Context, fl Follower) {
 			}
 		}
 		last, known = holder, true
-		if holder == "" {
-			d.requestTakeover()
+		if holder != "" {
+			freeSince = time.Time{}
+			continue
 		}
+		if freeSince.IsZero() {
+			freeSince = asked
+		}
+		if td, ok := fl.(TakeoverDeferrer); ok {
+			dctx, cancel := context.WithTimeout(ctx, versionLogTimeout)
+			wait := td.TakeoverDelay(dctx, d.name)
+			cancel()
+			if time.Since(freeSince) < wait {
+				continue
+			}
+		}
+		d.requestTakeover()
 	}
 }
 
