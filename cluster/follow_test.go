@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"path/filepath"
 	"strings"
@@ -401,4 +402,61 @@ func (l *syncLog) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// TestFollowerParksPushesWhileNoOwnerAnswers: between owners, as when the
+// old owner's lease has not yet run out, a forward finds no node that
+// answers for the database. B parks its replica's push and forwards it
+// again, instead of telling the replica to reconnect (which restarted its
+// backoff and held its first confirmation seconds after a new owner
+// served, in TestClusterFailover): the replica's session stays up, and
+// the push is confirmed once an owner answers.
+func TestFollowerParksPushesWhileNoOwnerAnswers(t *testing.T) {
+	ctx := bounded(t, 60*time.Second)
+	sh := openShared(t, ctx, 2*time.Second)
+	a := startNode(t, ctx, sh, "a", t.TempDir())
+	rA := openReplica(t, ctx, a.srv, a.addr)
+	increments(t, ctx, rA, "alice", 1)
+	b := startNode(t, ctx, sh, "b", t.TempDir())
+	rB := openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 1)
+	if !a.owner.Owns("demo.db") || b.owner.Owns("demo.db") {
+		t.Fatal("A should own the database, B follow it")
+	}
+	var refusing atomic.Bool
+	var refused atomic.Int32
+	refusing.Store(true)
+	a.owner.SetForwardHandler(func(ctx context.Context, db string, pushes []server.ForwardedPush) ([]server.ForwardedResult, error) {
+		if refusing.Load() {
+			refused.Add(1)
+			return nil, fmt.Errorf("%w: the test: no owner answers", server.ErrNotOwner)
+		}
+		return a.srv.ServeForwarded(ctx, db, pushes)
+	})
+	h, err := rB.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("bob", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Three refusals: the push was parked and forwarded again twice. The
+	// replica's session must stay up throughout.
+	for refused.Load() < 3 {
+		if st := rB.Status(); !st.Connected {
+			t.Fatalf("B ended its replica's session while no owner answered (refusals %d): %v", refused.Load(), st.LastError)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("B forwarded the push %d times, want 3", refused.Load())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	refusing.Store(false)
+	if err := h.Wait(ctx); err != nil {
+		t.Fatalf("the parked push: %v", err)
+	}
+	if st := rB.Status(); !st.Connected {
+		t.Fatalf("B's replica lost its session: %v", st.LastError)
+	}
+	if got := count(t, ctx, rB, "bob"); got != 2 {
+		t.Fatalf("bob = %d, want 2", got)
+	}
 }

@@ -598,18 +598,33 @@ func (d *database) writer() {
 		defer t.Stop()
 		check = t.C
 	}
+	// parked holds a follower's pushes that found no owner to forward them
+	// to (see parkedPushes); while it holds any, new pushes queue behind
+	// them, in order.
+	var parked parkedPushes
 	for {
 		var reqs []pushRequest
 		select {
 		case r := <-d.pushes:
+			if parked.holds() {
+				parked.queue(r)
+				continue
+			}
 			reqs = append(reqs, r)
+		case <-parked.retry():
+			reqs = parked.take()
 		case <-d.takeover:
 			d.takeOver(ctx)
+			if d.following() == nil {
+				// Owned here now: takeOver ended the parked pushes' sessions.
+				d.pending.Add(-int64(parked.fail("this node takes the database over; reconnect")))
+			}
 			continue
 		case <-check:
 			d.checkOwner(ctx)
 			continue
 		case <-d.stop:
+			d.pending.Add(-int64(parked.fail("the server is shutting down")))
 			return
 		}
 		n := len(reqs[0].mutations)
@@ -623,15 +638,18 @@ func (d *database) writer() {
 				break drain
 			}
 		}
-		d.run(ctx, reqs)
-		d.pending.Add(-int64(len(reqs)))
+		left := d.run(ctx, reqs)
+		expired := parked.park(left, time.Now())
+		d.pending.Add(-int64(len(reqs) - len(left) + expired))
 	}
 }
 
-func (d *database) run(ctx context.Context, reqs []pushRequest) {
+// run runs a batch of pushes, or forwards it to the owner where the
+// database is followed, and returns the pushes to park: those a forward
+// found no owner for.
+func (d *database) run(ctx context.Context, reqs []pushRequest) []pushRequest {
 	if d.following() != nil {
-		d.forward(ctx, reqs)
-		return
+		return d.forward(ctx, reqs)
 	}
 	var batch []Mutation
 	for _, r := range reqs {
@@ -668,7 +686,7 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 		for _, r := range reqs {
 			r.answer(ForwardedResult{Code: protocol.CodeInternal, Message: msg})
 		}
-		return
+		return nil
 	}
 	version := d.auth.Version()
 	d.cfg.metrics.batchDone(d.name, results)
@@ -695,6 +713,7 @@ func (d *database) run(ctx context.Context, reqs []pushRequest) {
 		}
 		r.answer(ForwardedResult{LastMutationID: last, Version: version})
 	}
+	return nil
 }
 
 // wakeLater ends a batch's pushers-first window and wakes the subscribers

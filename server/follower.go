@@ -651,8 +651,10 @@ func (f *follower) snapshot() (*SnapshotReader, error) {
 // forward hands a batch of pushes to the owner in one request (while it
 // is answered, the next pushes gather for the next one, as a group commit
 // does) and delivers each answer: an Error at once, an ack once the copy
-// holds its version. Runs on the writer.
-func (d *database) forward(ctx context.Context, reqs []pushRequest) {
+// holds its version. It returns, unanswered, the pushes of a forward that
+// found no owner (see parkable), for the writer to park and forward again.
+// Runs on the writer.
+func (d *database) forward(ctx context.Context, reqs []pushRequest) []pushRequest {
 	fl := d.cfg.VersionLog.(Follower)
 	own := reqs[:0:0]
 	for _, r := range reqs {
@@ -665,7 +667,7 @@ func (d *database) forward(ctx context.Context, reqs []pushRequest) {
 		own = append(own, r)
 	}
 	if reqs = own; len(reqs) == 0 {
-		return
+		return nil
 	}
 	pushes := make([]ForwardedPush, len(reqs))
 	for i, r := range reqs {
@@ -690,14 +692,18 @@ func (d *database) forward(ctx context.Context, reqs []pushRequest) {
 		err = fmt.Errorf("server: the owner answered %d of %d pushes", len(res), len(reqs))
 	}
 	if err != nil {
+		if errors.Is(err, ErrNotOwner) {
+			d.requestTakeover()
+		}
+		if parkable(err) {
+			d.log.Debug("forward found no owner; parked", "pushes", len(reqs), "err", err)
+			return reqs
+		}
 		d.log.Warn("forward pushes to the owner", "pushes", len(reqs), "err", err)
 		for _, r := range reqs {
 			r.answer(ForwardedResult{Code: protocol.CodeInternal, Message: "the database's owner did not answer; reconnect"})
 		}
-		if errors.Is(err, ErrNotOwner) {
-			d.requestTakeover()
-		}
-		return
+		return nil
 	}
 	d.auth.mu.Lock()
 	defer d.auth.mu.Unlock()
@@ -711,6 +717,7 @@ func (d *database) forward(ctx context.Context, reqs []pushRequest) {
 		r.s.inflight.Add(-int64(len(r.mutations)))
 		f.acks = append(f.acks, heldAck{s: r.s, ack: protocol.Ack{LastMutationID: res.LastMutationID, Version: res.Version}, since: time.Now()})
 	}
+	return nil
 }
 
 // takeOver turns a followed database into an owned one, if this node can
