@@ -314,7 +314,14 @@ func makePlan(seed uint64, m mode) plan {
 type rec struct {
 	id   uint64
 	kind kind
-	h    *replica.Handle // of the replica's latest life that knew it
+	h    *replica.Handle // of the replica's latest life that knew it; nil once atOpen
+	// atOpen: the mutation was unsettled at a Close, and the next Open
+	// settled it. A disk fault poisoned the rebase of a version that
+	// acknowledges it after that version's journal was written; Open's
+	// repair completes the apply from the journal and settles the
+	// mutation, where no handle hears of it. Its outcome is read from the
+	// confirmed state (the reserved tables) at the end.
+	atOpen bool
 }
 
 // cluster is one seed's server, relay and replicas.
@@ -892,22 +899,70 @@ func (w *worker) open(ctx context.Context) {
 	w.r = r
 	w.life++
 	// The handles of the previous life ended with ErrClosed; the
-	// mutations still pending have new ones. One neither settled nor
-	// pending would be lost to the app.
+	// mutations still pending have new ones. One unsettled at Close and
+	// not pending now must be one this Open settled (rec.atOpen): the
+	// server's acknowledgement of it is in the confirmed state. One
+	// neither pending nor acknowledged would be lost to the app.
+	var lmid uint64
+	var lmidErr error
+	read, atOpen := false, 0
 	for _, m := range w.recs {
+		if m.atOpen {
+			continue
+		}
 		if h := r.Handle(m.id); h != nil {
 			m.h = h
 			continue
 		}
 		select {
 		case <-m.h.Done():
-			if errors.Is(m.h.Wait(ctx), replica.ErrClosed) {
-				c.t.Errorf("replica %d: mutation %d was unsettled at Close, yet is not pending after reopen", w.i, m.id)
+			if !errors.Is(m.h.Wait(ctx), replica.ErrClosed) {
+				continue // settled in its life
 			}
+			if !read {
+				lmid, lmidErr = mutators.LastMutationID(ctx, r.DB(), r.ClientID())
+				read = true
+			}
+			switch {
+			case lmidErr != nil && (errors.Is(lmidErr, vfs.ErrPoisoned) || errors.Is(lmidErr, vfs.ErrInjected) || errors.Is(lmidErr, vfs.ErrDiskFull)):
+				// The disk faults go on (w.mu is held: no faultErr);
+				// settled reads the acknowledgement at the end.
+				c.log.Info("chaos: a disk fault failed the read of the last mutation id after reopen", "replica", w.i, "err", lmidErr)
+			case lmidErr != nil:
+				c.t.Errorf("replica %d: read the last mutation id after reopen: %v", w.i, lmidErr)
+			case lmid < m.id:
+				c.t.Errorf("replica %d: mutation %d was unsettled at Close, yet is neither pending nor acknowledged (last mutation id %d) after reopen: lost", w.i, m.id, lmid)
+			}
+			m.h, m.atOpen = nil, true
+			atOpen++
 		default:
 			c.t.Errorf("replica %d: mutation %d: the handle of a closed replica is not done", w.i, m.id)
 		}
 	}
+	if atOpen > 0 {
+		c.t.Logf("replica %d: life %d's Open settled %d mutation(s) unsettled at the last Close (acknowledged in a version journaled before a disk fault poisoned its apply)", w.i, w.life, atOpen)
+	}
+}
+
+// outcome is what the server made of mutation id, read from the replica's
+// confirmed state: nil (applied) or a *replica.RejectedError. An error if
+// the server has not settled it.
+func outcome(ctx context.Context, r *replica.Replica, id uint64) (result, err error) {
+	lmid, err := mutators.LastMutationID(ctx, r.DB(), r.ClientID())
+	if err != nil {
+		return nil, err
+	}
+	if lmid < id {
+		return nil, fmt.Errorf("not acknowledged: the last mutation id is %d", lmid)
+	}
+	rej, err := mutators.Rejections(ctx, r.DB(), r.ClientID(), id-1, id)
+	if err != nil {
+		return nil, err
+	}
+	if msg, ok := rej[id]; ok {
+		return &replica.RejectedError{ID: id, Message: msg}, nil
+	}
+	return nil, nil
 }
 
 func (w *worker) close() {
@@ -1061,15 +1116,24 @@ func (c *cluster) settled(ctx context.Context) map[string]int64 {
 	for _, w := range c.reps {
 		w.mu.Lock()
 		recs := slices.Clone(w.recs)
+		r := w.r
 		w.mu.Unlock()
 		for _, m := range recs {
 			var err error
-			select {
-			case <-m.h.Done():
-				err = m.h.Wait(ctx)
-			default:
-				t.Errorf("replica %d: mutation %d (%v) not settled after Sync", w.i, m.id, m.kind)
-				continue
+			if m.atOpen {
+				var oerr error
+				if err, oerr = outcome(ctx, r, m.id); oerr != nil {
+					t.Errorf("replica %d: mutation %d (%v), settled at an Open: %v", w.i, m.id, m.kind, oerr)
+					continue
+				}
+			} else {
+				select {
+				case <-m.h.Done():
+					err = m.h.Wait(ctx)
+				default:
+					t.Errorf("replica %d: mutation %d (%v) not settled after Sync", w.i, m.id, m.kind)
+					continue
+				}
 			}
 			var rej *replica.RejectedError
 			switch {
