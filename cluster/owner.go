@@ -34,9 +34,12 @@ type Owner struct {
 	node   string // this node's name: its NATS server's, when the server is embedded
 	// placeKick asks the leader placement for a check now (placement.go).
 	placeKick chan struct{}
-	logger    *slog.Logger
-	ctx       context.Context // ends at Close: the lease runners' life
-	cancel    context.CancelFunc
+	// ownsSub answers the peers' placement how many databases this node
+	// owns (answerOwns); nil if it could not subscribe.
+	ownsSub *nats.Subscription
+	logger  *slog.Logger
+	ctx     context.Context // ends at Close: the lease runners' life
+	cancel  context.CancelFunc
 
 	// Lock order: mu, then an owned's smu; neither is held across I/O.
 	mu      sync.Mutex // guards dbs, handler, src, policy, and wg.Add against Close
@@ -97,6 +100,13 @@ func NewOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *s
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	o := &Owner{log: log, leases: leases, snaps: snaps, token: NewToken(node), node: node, placeKick: make(chan struct{}, 1), logger: logger, ctx: ctx, cancel: cancel, dbs: map[string]*owned{}}
+	var err error
+	if o.ownsSub, err = o.answerOwns(); err != nil {
+		// The peers then leave this node out of their placement: it is
+		// never handed a leadership, which costs a fail-over time, not
+		// correctness.
+		logger.Warn("cluster: cannot answer the peers' leader placement", "err", err)
+	}
 	o.wg.Add(1)
 	go func() {
 		defer o.wg.Done()
@@ -390,6 +400,9 @@ func (o *Owner) Owns(db string) bool {
 // server first: a version appended after Close is refused.
 func (o *Owner) Close(ctx context.Context) error {
 	// No more forwarded pushes: their goroutines count in wg.
+	if o.ownsSub != nil {
+		o.ownsSub.Unsubscribe()
+	}
 	o.mu.Lock()
 	for _, w := range o.dbs {
 		if w.sub != nil {

@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
+	"slices"
+	"strconv"
+	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go"
 )
 
 // Leader placement. Every append waits on the version stream's Raft
@@ -107,7 +109,7 @@ func (o *Owner) runPlacement() {
 		}
 		ctx, cancel := context.WithTimeout(o.ctx, placementEvery)
 		if err := o.placeLeaders(ctx); err != nil && o.ctx.Err() == nil {
-			o.logger.Debug("cluster: leader placement", "err", err)
+			o.logger.Warn("cluster: leader placement", "err", err)
 		}
 		cancel()
 	}
@@ -160,12 +162,15 @@ func (o *Owner) placeLeaders(ctx context.Context) error {
 		}
 		prefer := groups[1-i].Leader // the other group's (already handed over, for the second)
 		if owns == nil {
-			var err error
-			if owns, err = o.leases.owners(ctx); err != nil {
-				return errors.Join(append(errs, err)...)
-			}
-			owns[o.node] = max(owns[o.node], mine)
+			owns = o.peerOwns(ctx, append(append([]string(nil), groups[0].Peers...), groups[1].Peers...))
+			owns[o.node] = mine
 		}
+		// Only to a peer that said how many it owns: one that did not
+		// answer may be starting, or cut off.
+		g.Peers = slices.DeleteFunc(slices.Clone(g.Peers), func(p string) bool {
+			_, ok := owns[p]
+			return !ok
+		})
 		to, ok := leaderHandoff(o.node, g, owns, prefer)
 		if !ok {
 			continue
@@ -246,38 +251,70 @@ func (o *Owner) stepDown(ctx context.Context, stream, to string) error {
 // leaseStream is the name of the stream behind a KV bucket.
 func leaseStream(bucket string) string { return "KV_" + bucket }
 
-// owners counts the leases in the bucket by the node that holds them (a
-// holder token's name part, NewToken).
-func (ls *Leases) owners(ctx context.Context) (map[string]int, error) {
-	w, err := ls.kv.WatchAll(ctx, jetstream.IgnoreDeletes())
-	if err != nil {
-		return nil, fmt.Errorf("cluster: list leases: %w", err)
-	}
-	defer w.Stop()
-	owns := map[string]int{}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("cluster: list leases: %w", ctx.Err())
-		case e, ok := <-w.Updates():
-			if !ok {
-				return nil, errors.New("cluster: list leases: the watch ended")
-			}
-			if e == nil { // the end of the current values
-				return owns, nil
-			}
-			if e.Operation() == jetstream.KeyValuePut {
-				owns[tokenNode(string(e.Value()))]++
-			}
+
+// OwnsSubjectPrefix starts the subject on which each node answers how many
+// databases it owns (OwnsSubject), for the leader placement of its peers.
+const OwnsSubjectPrefix = "sqlrebase.owns."
+
+// ownsAskTimeout bounds a peer's answer to how many databases it owns: a
+// live node answers in well under a millisecond on a LAN, and a node that
+// does not answer within this is left out of the placement.
+const ownsAskTimeout = 500 * time.Millisecond
+
+// OwnsSubject is the subject on which node answers how many databases it
+// owns.
+func OwnsSubject(node string) string { return OwnsSubjectPrefix + token(node) }
+
+// answerOwns subscribes this node to its OwnsSubject. Asking each peer is
+// O(nodes) per check; listing the lease bucket, as the placement did
+// before, was O(databases) and went through a KV watch, which in
+// TestClusterFailover waited out the check's 5 s once (a lease that
+// expired while the watch delivered the current values, so its end never
+// came) and left an owner leading both groups at the next kill.
+func (o *Owner) answerOwns() (*nats.Subscription, error) {
+	return o.log.nc.Subscribe(OwnsSubject(o.node), func(m *nats.Msg) {
+		o.mu.Lock()
+		n := len(o.dbs)
+		o.mu.Unlock()
+		if err := m.Respond([]byte(strconv.Itoa(n))); err != nil {
+			o.logger.Debug("cluster: answer how many databases this node owns", "err", err)
 		}
-	}
+	})
 }
 
-// tokenNode is the node name in a holder token (NewToken: the name, "-",
-// 16 hex digits).
-func tokenNode(token string) string {
-	if i := strings.LastIndexByte(token, '-'); i >= 0 {
-		return token[:i]
+// peerOwns asks each of peers (at once) how many databases it owns, and
+// returns the answers; a peer that does not answer within ownsAskTimeout,
+// or answers what is not a count, is left out.
+func (o *Owner) peerOwns(ctx context.Context, peers []string) map[string]int {
+	ctx, cancel := context.WithTimeout(ctx, ownsAskTimeout)
+	defer cancel()
+	var ask []string
+	for _, p := range peers {
+		if p != o.node && p != "" && !slices.Contains(ask, p) {
+			ask = append(ask, p)
+		}
 	}
-	return token
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	owns := map[string]int{}
+	for _, p := range ask {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m, err := o.log.nc.RequestWithContext(ctx, OwnsSubject(p), nil)
+			n := -1
+			if err == nil {
+				if v, perr := strconv.Atoi(string(m.Data)); perr == nil && v >= 0 {
+					n = v
+				}
+			}
+			if n >= 0 {
+				mu.Lock()
+				owns[p] = n
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return owns
 }

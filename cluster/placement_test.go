@@ -132,10 +132,42 @@ func TestOwnerHandsOverTheLeadership(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	o.Close(ctx)
+	// The other nodes run Owners too, which own nothing: they answer the
+	// placement's question how many databases they own. A node that does
+	// not answer is never handed a leadership (see below).
+	var peers []*Owner
+	for _, n := range nodes {
+		if name := n.Name(); name != lead {
+			nc, js := connect(t, n)
+			l, err := OpenLog(ctx, nc, js, LogConfig{Replicas: 3})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ls, err := OpenLeases(ctx, js, LeaseConfig{Replicas: 3})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := NewOwner(l, ls, nil, name, quiet)
+			defer p.Close(ctx)
+			peers = append(peers, p)
+		}
+	}
 	// The owner on the leading node takes a lease: that starts a check
 	// at once (and one every placementEvery after it).
 	o = NewOwner(l1, ls1, nil, lead, quiet)
 	defer o.Close(ctx)
+	// (A subscription reaches the other servers over the routes a moment
+	// after it is made: ask until both have answered.)
+	for {
+		got := o.peerOwns(ctx, []string{peers[0].node, peers[1].node, "nobody", peers[0].node})
+		if len(got) == 2 && got[peers[0].node] == 0 && got[peers[1].node] == 0 {
+			break
+		}
+		if _, ok := got["nobody"]; ok || ctx.Err() != nil {
+			t.Fatalf("the peers' answers how many databases they own: %v, want both 0 and no answer from a node that does not exist", got)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	// While it leads them, it lets other nodes take free databases first.
 	if d := o.TakeoverDelay(ctx, "db"); d != takeoverDefer {
 		t.Fatalf("the leading node's take-over delay is %v, want %v", d, takeoverDefer)

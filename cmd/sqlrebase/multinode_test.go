@@ -251,7 +251,9 @@ func newClusterNodes(t *testing.T, dir string, n int, leaseTTL time.Duration, ro
 		t.Cleanup(func() { nd.kill() })
 	}
 	t.Cleanup(func() {
-		if t.Failed() {
+		// SQLREBASE_NODE_LOGS=1 prints them after a pass too (to read a
+		// fail-over's timeline).
+		if t.Failed() || os.Getenv("SQLREBASE_NODE_LOGS") != "" {
 			for _, n := range nodes {
 				t.Logf("%s's log:\n%s%s", n.name, strings.Join(n.logs, "--- restart ---\n"), n.stderr)
 			}
