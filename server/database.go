@@ -181,9 +181,9 @@ func openDatabase(ctx context.Context, name, dir string, cfg *Config, log *slog.
 	// replicas older than that get a snapshot.
 	if last := d.clog.last(); last != a.version {
 		if last != 0 {
-			d.log.Warn("change log does not end at the database version; starting it afresh", "log", last, "version", a.version)
+			d.log.Warn("change log does not end at the database version; continuing it from the version log, or starting it afresh", "log", last, "version", a.version)
 		}
-		if err := d.clog.reset(); err != nil {
+		if err := d.refillLogLocked(ctx, a.version); err != nil {
 			return nil, err
 		}
 	} else if err := d.clog.openTail(); err != nil {
@@ -313,8 +313,8 @@ func (d *database) reopenLocked(cause error) {
 		return
 	}
 	if d.clog.last() != a.version {
-		if err := d.clog.reset(); err != nil {
-			a.broken = fmt.Errorf("server: reopen: reset the change log: %w", err)
+		if err := d.refillLogLocked(ctx, a.version); err != nil {
+			a.broken = fmt.Errorf("server: reopen: %w", err)
 			return
 		}
 	}
@@ -355,8 +355,8 @@ func (d *database) retryStopped(ctx context.Context) {
 		return
 	}
 	if d.clog.last() != a.version {
-		if err := d.clog.reset(); err != nil {
-			a.broken = fmt.Errorf("server: reopen: reset the change log: %w", err)
+		if err := d.refillLogLocked(octx, a.version); err != nil {
+			a.broken = fmt.Errorf("server: reopen: %w", err)
 			return
 		}
 	}

@@ -779,8 +779,8 @@ func (d *database) takeOver(ctx context.Context) {
 		return
 	}
 	if d.clog.last() != a.version {
-		if err := d.clog.reset(); err != nil {
-			a.broken = fmt.Errorf("server: take over: reset the change log: %w", err)
+		if err := d.refillLogLocked(octx, a.version); err != nil {
+			a.broken = fmt.Errorf("server: take over: %w", err)
 			return
 		}
 	}
@@ -907,4 +907,89 @@ func (d *database) waitFollowerReady(ctx context.Context, have uint64) error {
 // of this node's copy.
 func followerBehind(v, have uint64) error {
 	return &protocol.RemoteError{Code: protocol.CodeInternal, Message: fmt.Sprintf("this node's copy of the database (version %d) is behind the client (version %d); retry", v, have)}
+}
+
+// Limits of refilling the change log from the version log.
+const (
+	// refillVersions is how many versions before the database's an empty
+	// change log is refilled with: replicas a fail-over moves to this
+	// node are at most a few hundred versions behind the stream's tail
+	// (TestClusterFailover: within 300 of it, at 9 replicas making 25
+	// increments a second each).
+	refillVersions = 1024
+	// refillTimeout bounds a refill (it runs under auth.mu): 1,500
+	// versions read from a local stream replica in about 0.1 s.
+	refillTimeout = 2 * time.Second
+)
+
+// errRefilled ends a refill's Follow once the change log reaches the
+// database's version.
+var errRefilled = errors.New("server: change log refilled")
+
+// refillLogLocked makes the change log end at version, the database's,
+// where the version log can tell what came before it: it appends the
+// stream's records after the log's last version (or, from an empty log,
+// the refillVersions before version), so that the replicas that reconnect
+// after a take-over or restore catch up from the log. Before, the log
+// started afresh at version, and each of them was sent a snapshot of the
+// whole database (TestClusterFailover: nine snapshots at every fail-over).
+// Where the version log cannot (no cluster, a gap, a timeout), the log
+// starts afresh, as before. Its error is only that of the reset. Called
+// with auth.mu held.
+func (d *database) refillLogLocked(ctx context.Context, version uint64) error {
+	fl, ok := d.cfg.VersionLog.(Follower)
+	if ok {
+		for _, fresh := range []bool{false, true} {
+			last := d.clog.last()
+			if fresh || last > version {
+				if err := d.clog.reset(); err != nil {
+					return fmt.Errorf("reset the change log: %w", err)
+				}
+				last = 0
+			}
+			after := last
+			if after == 0 {
+				after = version - min(version, refillVersions)
+			}
+			if after >= version {
+				return nil
+			}
+			err := d.refillFrom(ctx, fl, after, version)
+			if err == nil {
+				d.log.Info("continued the change log from the version log", "from", after+1, "to", version)
+				return nil
+			}
+			d.log.Info("could not continue the change log from the version log", "after", after, "version", version, "err", err)
+		}
+	}
+	if err := d.clog.reset(); err != nil {
+		return fmt.Errorf("reset the change log: %w", err)
+	}
+	return nil
+}
+
+// refillFrom appends the version log's records of after+1..version to the
+// change log.
+func (d *database) refillFrom(ctx context.Context, fl Follower, after, version uint64) error {
+	ctx, cancel := context.WithTimeout(ctx, refillTimeout)
+	defer cancel()
+	err := fl.Follow(ctx, d.name, after, func(v uint64, rec []byte) error {
+		if len(rec) < logPrefix {
+			return fmt.Errorf("the record of version %d has %d bytes", v, len(rec))
+		}
+		if err := d.clog.append(v, rec, time.Now()); err != nil {
+			return err
+		}
+		if v >= version {
+			return errRefilled
+		}
+		return nil
+	})
+	if errors.Is(err, errRefilled) {
+		return nil
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	return err
 }
