@@ -60,6 +60,11 @@ func (s *segment) last() uint64 { return s.first + uint64(len(s.offsets)) - 1 }
 
 const recordHeaderSize = 8
 
+// errLogGap is an append of a version that does not follow the log's
+// last: the log was left behind (a restore or take-over applied versions
+// from the version log that it never got), not damaged.
+var errLogGap = errors.New("change log: the version does not follow the last")
+
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // openChangeLog opens the log in dir, creating dir if needed.
@@ -169,7 +174,7 @@ func (l *changeLog) last() uint64 {
 // log is empty.
 func (l *changeLog) append(v uint64, rec []byte, now time.Time) error {
 	if len(l.segs) > 0 && v != l.last()+1 {
-		return fmt.Errorf("change log: append version %d after %d", v, l.last())
+		return fmt.Errorf("%w: append version %d after %d", errLogGap, v, l.last())
 	}
 	seg := l.current()
 	if seg == nil || len(seg.offsets) >= l.segVersions || seg.size >= l.segBytes {

@@ -461,7 +461,13 @@ func (d *database) onCommit(ps *wal.PageSet, before [][]byte, baseDBSize uint32)
 	d.cfg.metrics.published.WithLabelValues(d.cfg.metrics.lv(d.name)...).Add(float64(len(rec)))
 	d.cfg.metrics.versions.WithLabelValues(d.cfg.metrics.lv(d.name)...).Inc()
 	if err := d.clog.append(ps.Version, logRec, time.Now()); err != nil {
-		d.log.Error("change log append failed; the log starts afresh", "version", ps.Version, "err", err)
+		if errors.Is(err, errLogGap) {
+			// The take-over version of a restore, before refillLogLocked
+			// continues the log from the version log.
+			d.log.Info("the change log does not reach this version; it starts afresh", "version", ps.Version, "log", d.clog.last())
+		} else {
+			d.log.Error("change log append failed; the log starts afresh", "version", ps.Version, "err", err)
+		}
 		d.clog.reset()
 	}
 	first := d.pushersFirst.Load()
