@@ -65,6 +65,9 @@ func moveOnError(err error, welcomed bool) bool {
 		}
 		return false
 	}
+	if errors.Is(err, errNodeSilent) {
+		return true // the node is gone, however the session began
+	}
 	if welcomed || errors.Is(err, errTokenSource) {
 		return false
 	}

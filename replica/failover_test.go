@@ -9,6 +9,7 @@ import (
 
 	"pgregory.net/rapid"
 
+	"github.com/sqlrebase/sqlrebase/internal/faultnet"
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
 	"github.com/sqlrebase/sqlrebase/server"
@@ -114,6 +115,7 @@ func TestMoveOnError(t *testing.T) {
 		{remote(protocol.CodeCredentialExpired), true, false},
 		{errors.New("connection lost"), true, false},
 		{fmt.Errorf("%w: offline", errTokenSource), false, false},
+		{fmt.Errorf("%w: nothing for 2.25s", errNodeSilent), true, true},
 	} {
 		if got := moveOnError(tc.err, tc.welcomed); got != tc.want {
 			t.Errorf("moveOnError(%v, welcomed %v) = %v, want %v", tc.err, tc.welcomed, got, tc.want)
@@ -266,5 +268,98 @@ func TestDeadAfterDefaults(t *testing.T) {
 		if got := c.rm.deadAfter(); got != c.want {
 			t.Errorf("%+v: %v, want %v", c.rm, got, c.want)
 		}
+	}
+}
+
+func TestSilenceWatch(t *testing.T) {
+	const limit = 2 * time.Second
+	t0 := time.Unix(1000, 0)
+	var w silenceWatch
+	w, dead := w.look(7, t0, limit)
+	if dead || w.Since != t0 || w.Received != 7 {
+		t.Fatalf("a new watch: %+v dead %v", w, dead)
+	}
+	if w, dead = w.look(7, t0.Add(limit-time.Millisecond), limit); dead {
+		t.Fatal("silent for less than the limit: dead")
+	}
+	if w, dead = w.look(8, t0.Add(limit+time.Second), limit); dead || w.Since != t0.Add(limit+time.Second) {
+		t.Fatalf("a packet arrived: %+v dead %v", w, dead)
+	}
+	if _, dead = w.look(8, w.Since.Add(limit), limit); !dead {
+		t.Fatal("silent for the limit: not dead")
+	}
+	// Not watching (zero) starts afresh, however old the count.
+	if _, dead = (silenceWatch{}).look(8, t0.Add(time.Hour), limit); dead {
+		t.Fatal("a watch that began now is dead")
+	}
+}
+
+func TestSilenceLimit(t *testing.T) {
+	for _, c := range []struct{ deadAfter, want time.Duration }{
+		{deadAfterAlternates, 1250*time.Millisecond + silenceMargin},
+		{deadAfterAlone, 5*time.Second + silenceMargin},
+		{8 * time.Second, 2*time.Second + silenceMargin},
+	} {
+		if got := silenceLimit(c.deadAfter); got != c.want || got >= c.deadAfter {
+			t.Errorf("silenceLimit(%v) = %v, want %v (below the idle timeout)", c.deadAfter, got, c.want)
+		}
+	}
+}
+
+// TestSilentNodeEndsAWaitingSession: the node stops sending anything at
+// all (a relay in front of it drops every packet, as a SIGKILLed node's
+// host sends nothing) while a push waits for its ack. The session ends
+// with errNodeSilent a keep-alive period and silenceMargin after (3 s
+// here), not after the idle timeout (DeadAfter, 8 s), and once the node
+// answers again the mutation is confirmed, once.
+func TestSilentNodeEndsAWaitingSession(t *testing.T) {
+	reg := testRegistry(t)
+	a := startServer(t, reg, "", "127.0.0.1:0", nil)
+	rel, err := faultnet.Listen(faultnet.Config{Target: a.addr, Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rel.Close() })
+	rm := a.remote()
+	rm.Addr, rm.DeadAfter = rel.Addr(), 8*time.Second
+	r := openSynced(t, filepath.Join(t.TempDir(), "r.db"), reg, rm)
+	ctx := waitCtx(t, 60*time.Second)
+	h, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := rel.SetProfile(faultnet.Profile{Loss: 1}); err != nil {
+		t.Fatal(err)
+	}
+	silent := time.Now()
+	if h, err = r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, incr("Food", 1)); err != nil {
+		t.Fatal(err)
+	}
+	// Whichever comes first ends the session: the silence watch after 3 s,
+	// or QUIC's idle timeout after 8 s.
+	for r.Status().LastError == nil {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("the session outlived a silent node: %+v", r.Status())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	st := r.Status()
+	if !errors.Is(st.LastError, errNodeSilent) {
+		t.Fatalf("the session with a silent node ended with %v, want errNodeSilent", st.LastError)
+	}
+	t.Logf("the session ended %v after the node went silent: %v", time.Since(silent).Round(time.Millisecond), st.LastError)
+	if err := rel.SetProfile(faultnet.Profile{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	converged(t, a, r)
+	if got := categories(t, r.DB())["Food"]; got != 2 {
+		t.Fatalf("the replica counts %d, want 2", got)
 	}
 }

@@ -411,7 +411,8 @@ func (r *Replica) session(ctx context.Context) (welcomed bool, err error) {
 		return false, fmt.Errorf("client %s: %w", hello.ClientID, err)
 	}
 	sess := &session{r: r, s: s, in: in, cur: pushCursor{Pushed: w.LastMutationID, Acked: w.LastMutationID}, lim: newPushLimits(w), snapshot: w.Snapshot,
-		asm: protocol.NewReassembler(n.remote.receiveLimits().MaxRecord())}
+		asm:  protocol.NewReassembler(n.remote.receiveLimits().MaxRecord()),
+		conn: conn, silence: silenceLimit(n.peers[n.node].deadAfter)}
 	r.stats.sessions.Add(1)
 	n.update(func() {
 		n.connected, n.lastErr = true, nil
@@ -462,11 +463,16 @@ func serverGone(err error) bool {
 	if errors.As(err, &re) {
 		return re.Code == protocol.CodeShuttingDown
 	}
-	return errors.Is(err, errNoWelcome)
+	return errors.Is(err, errNoWelcome) || errors.Is(err, errNodeSilent)
 }
 
 // errNoWelcome is a Hello left unanswered.
 var errNoWelcome = errors.New("replica: no answer to hello")
+
+// errNodeSilent ends a session whose connection received nothing at all
+// for silenceLimit while its pushes waited for their ack: the node is gone
+// (see silenceLimit), and the next attempt goes to another node.
+var errNodeSilent = errors.New("replica: the node went silent while pushes waited for their ack")
 
 // streamClosed is the QUIC stream error code of a session the replica ends
 // (it is closing, or it gave up on the session after an error).
@@ -532,7 +538,17 @@ type session struct {
 	// waiting for the server's reason.
 	pushErr   error
 	pushGrace <-chan time.Time
+	// conn is the session's connection, whose packet count watch follows
+	// while pushes wait for their ack: a node that sends nothing for
+	// silence is counted dead (errNodeSilent).
+	conn    *quic.Conn
+	watch   silenceWatch
+	silence time.Duration
 }
+
+// silenceCheck is how often a session that waits for an ack looks at its
+// connection's packet count.
+const silenceCheck = 250 * time.Millisecond
 
 // stopSendingGrace is how long a session whose push the server refused
 // (it cancelled its read side, as it does when it ends a session) goes on
@@ -603,13 +619,27 @@ func (ss *session) run(ctx context.Context) error {
 	if err := ss.push(); err != nil {
 		return err
 	}
+	tick := time.NewTicker(silenceCheck)
+	defer tick.Stop()
 	for {
+		// While pushes wait for their ack, watch for a node gone silent.
+		var silent <-chan time.Time
+		if ss.cur.inFlight() > 0 && ss.conn != nil {
+			silent = tick.C
+		} else {
+			ss.watch = silenceWatch{}
+		}
 		// Once the reader has failed, only its buffered messages are left:
 		// take them without waiting.
 		if ss.in.err == nil {
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
+			case now := <-silent:
+				var dead bool
+				if ss.watch, dead = ss.watch.look(ss.conn.ConnectionStats().PacketsReceived, now, ss.silence); dead {
+					return fmt.Errorf("%w: nothing from %s for %v", errNodeSilent, ss.r.net.addr(), now.Sub(ss.watch.Since).Round(time.Millisecond))
+				}
 			case <-ss.r.net.wake:
 			case err := <-ss.wrote:
 				ss.writing = false

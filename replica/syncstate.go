@@ -207,3 +207,21 @@ func rebaseDue(s rebaseState, maxDefer time.Duration) bool {
 	}
 	return 2*s.Acked >= replay
 }
+
+// silenceWatch follows a connection's count of packets received, while a
+// session waits for an ack, to tell when its node has sent nothing for a
+// while (see silenceLimit).
+type silenceWatch struct {
+	Received uint64    // the count at the last look
+	Since    time.Time // when the count last moved, or the watch began; zero: not watching
+}
+
+// look is the watch after seeing the count received at now, and whether
+// the node has been silent for limit. A watch that was not watching starts
+// at now: silence is counted only from when the session began to wait.
+func (w silenceWatch) look(received uint64, now time.Time, limit time.Duration) (silenceWatch, bool) {
+	if w.Since.IsZero() || received != w.Received {
+		return silenceWatch{Received: received, Since: now}, false
+	}
+	return w, now.Sub(w.Since) >= limit
+}

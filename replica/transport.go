@@ -176,6 +176,31 @@ const (
 	deadAfterAlternates = 5 * time.Second
 )
 
+// silenceMargin is what silenceLimit allows beyond a keep-alive period
+// for the PING's round trip and a loss or two of it (each retransmitted
+// after a probe timeout, tens of milliseconds on a LAN).
+const silenceMargin = time.Second
+
+// keepAliveFor is the keep-alive period of a connection that counts its
+// node dead after deadAfter of silence: a quarter of it, so that three
+// PINGs in a row may be lost, and at most QUIC's usual 5 s.
+func keepAliveFor(deadAfter time.Duration) time.Duration {
+	return min(protocol.QUICConfig().KeepAlivePeriod, deadAfter/4)
+}
+
+// silenceLimit is how long a session that waits for an ack lets its
+// connection receive nothing at all before it counts the node dead
+// (errNodeSilent): quic-go sends a PING once nothing has arrived for the
+// keep-alive period, and a live node acknowledges it within a round trip,
+// whatever its application does; a node that was killed sends nothing.
+// The idle timeout (deadAfter) waits four keep-alive periods, for an idle
+// replica that loses nothing by waiting; one that waits for an ack moves
+// on after one and silenceMargin (2.25 s with Alternates, not 5 s), and
+// costs no packet more than the keep-alive already sends.
+func silenceLimit(deadAfter time.Duration) time.Duration {
+	return keepAliveFor(deadAfter) + silenceMargin
+}
+
 // deadAfter is DeadAfter or its default.
 func (rm *Remote) deadAfter() time.Duration {
 	switch {
@@ -382,7 +407,7 @@ func (p *peer) connection(ctx context.Context) (*quic.Conn, error) {
 	// The smaller of the two sides' idle timeouts holds: the server's is
 	// 20 s, so a shorter one here is what this connection gets.
 	cfg.MaxIdleTimeout = p.deadAfter
-	cfg.KeepAlivePeriod = min(cfg.KeepAlivePeriod, p.deadAfter/4)
+	cfg.KeepAlivePeriod = keepAliveFor(p.deadAfter)
 	c, err = qt.Dial(ctx, addr, p.tls, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", p.addr, err)
