@@ -203,3 +203,44 @@ func notOwner(err error) error {
 	}
 	return err
 }
+
+// Versions implements server.Follower: it reads db's records after version
+// after, through version through, with direct gets, as a restore does,
+// and calls apply with each. No consumer: on a node that restarted a
+// moment ago, creating one waited out its context (TestClusterFailover:
+// two refills of a new owner's change log, a second each), while direct
+// gets answered. server.ErrFollowGap: the subject does not hold them all.
+func (o *Owner) Versions(ctx context.Context, db string, after, through uint64, apply func(version uint64, rec []byte) error) error {
+	if after >= through {
+		return nil
+	}
+	seq, err := o.log.seqAfter(ctx, db, after)
+	if err != nil {
+		return err
+	}
+	for after < through {
+		es, err := o.log.Read(ctx, db, seq, int(min(through-after, restoreChunk)))
+		if err != nil {
+			return err
+		}
+		if len(es) == 0 {
+			return fmt.Errorf("%w: %s: the log ends before version %d", server.ErrFollowGap, db, after+1)
+		}
+		for _, e := range es {
+			seq = e.Seq + 1
+			switch {
+			case e.Version <= after:
+				continue
+			case e.Version != after+1:
+				return fmt.Errorf("%w: %s: version %d after %d", server.ErrFollowGap, db, e.Version, after)
+			}
+			if err := apply(e.Version, e.Rec); err != nil {
+				return err
+			}
+			if after = e.Version; after == through {
+				return nil
+			}
+		}
+	}
+	return nil
+}

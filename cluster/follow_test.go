@@ -460,3 +460,41 @@ func TestFollowerParksPushesWhileNoOwnerAnswers(t *testing.T) {
 		t.Fatalf("bob = %d, want 2", got)
 	}
 }
+
+// TestVersionsReadsARange: Versions reads the records after a version
+// through another, in order, with no consumer, and says ErrFollowGap for
+// what the subject does not hold.
+func TestVersionsReadsARange(t *testing.T) {
+	ctx := bounded(t, 30*time.Second)
+	sh := openShared(t, ctx, 2*time.Second)
+	o := NewOwner(sh.log, sh.leases, sh.snaps, "a", quiet)
+	defer o.Close(ctx)
+	for v := uint64(1); v <= 10; v++ {
+		if err := o.Append(ctx, "db", v, []byte(fmt.Sprintf("record %d", v))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []string
+	collect := func(v uint64, rec []byte) error {
+		got = append(got, fmt.Sprintf("%d=%s", v, rec))
+		return nil
+	}
+	if err := o.Versions(ctx, "db", 3, 6, collect); err != nil {
+		t.Fatal(err)
+	}
+	if want := "[4=record 4 5=record 5 6=record 6]"; fmt.Sprint(got) != want {
+		t.Fatalf("Versions(3, 6) gave %v, want %s", got, want)
+	}
+	got = nil
+	if err := o.Versions(ctx, "db", 8, 12, collect); !errors.Is(err, server.ErrFollowGap) || len(got) != 2 {
+		t.Fatalf("Versions past the tail: %v after %v, want ErrFollowGap after 9 and 10", err, got)
+	}
+	got = nil
+	if err := o.Versions(ctx, "db", 6, 6, collect); err != nil || len(got) != 0 {
+		t.Fatalf("an empty range: %v, %v", err, got)
+	}
+	stop := errors.New("stop")
+	if err := o.Versions(ctx, "db", 0, 10, func(v uint64, _ []byte) error { return stop }); !errors.Is(err, stop) {
+		t.Fatalf("apply's error: %v", err)
+	}
+}

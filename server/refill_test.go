@@ -11,29 +11,31 @@ import (
 )
 
 // streamFollower is a Follower whose log holds versions first..last, and
-// only its Follow is real: refillLogLocked uses nothing else.
+// only its Versions is real: refillLogLocked uses nothing else.
 type streamFollower struct {
 	Follower
 	first, last uint64
-	// cut: Follow fails after the last version (a node cut off), where a
-	// live stream waits for the next one (and the refill times out).
+	// cut: Versions fails after the last version with another error than
+	// a gap (a node cut off).
 	cut bool
 }
 
-func (f streamFollower) Follow(ctx context.Context, db string, after uint64, apply func(uint64, []byte) error) error {
+func (f streamFollower) Versions(ctx context.Context, db string, after, through uint64, apply func(uint64, []byte) error) error {
 	if after+1 < f.first {
 		return fmt.Errorf("%w: starts at %d", ErrFollowGap, f.first)
 	}
-	for v := after + 1; v <= f.last; v++ {
+	for v := after + 1; v <= through; v++ {
+		if v > f.last {
+			if f.cut {
+				return errors.New("the stream's leader is gone")
+			}
+			return fmt.Errorf("%w: ends at %d", ErrFollowGap, f.last)
+		}
 		if err := apply(v, refillRec(v)); err != nil {
 			return err
 		}
 	}
-	if f.cut {
-		return errors.New("the stream's leader is gone")
-	}
-	<-ctx.Done()
-	return ctx.Err()
+	return nil
 }
 
 func refillRec(v uint64) []byte {
