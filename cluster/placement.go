@@ -251,7 +251,6 @@ func (o *Owner) stepDown(ctx context.Context, stream, to string) error {
 // leaseStream is the name of the stream behind a KV bucket.
 func leaseStream(bucket string) string { return "KV_" + bucket }
 
-
 // OwnsSubjectPrefix starts the subject on which each node answers how many
 // databases it owns (OwnsSubject), for the leader placement of its peers.
 const OwnsSubjectPrefix = "sqlrebase.owns."
