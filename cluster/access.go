@@ -290,7 +290,7 @@ func (a *Access) Save(ctx context.Context, db string, value []byte, rev uint64) 
 		return a.kv.Update(ctx, key, value, rev)
 	})
 	if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-		e, gerr := retry(ctx, func(ctx context.Context) (jetstream.KeyValueEntry, error) { return a.kv.Get(ctx, key) })
+		e, gerr := a.newerThan(ctx, key, rev)
 		if gerr != nil {
 			return 0, fmt.Errorf("cluster: save access record of %s: %w; reading it again: %w", db, err, gerr)
 		}
@@ -305,6 +305,34 @@ func (a *Access) Save(ctx context.Context, db string, value []byte, rev uint64) 
 	}
 	a.put(db, server.AccessRecord{Value: bytes.Clone(value), Revision: next})
 	return next, nil
+}
+
+// staleReadWait bounds how long a save that lost its race waits for a
+// read of the record newer than the revision it saved on.
+const staleReadWait = 2 * time.Second
+
+// newerThan reads key's entry until it is newer than rev, for at most
+// staleReadWait, and returns the last one read. A refused save proves a
+// revision after rev exists, but a KV get is a direct get, which any
+// replica of the bucket may answer, also one that has not applied that
+// revision yet: handed back as the conflict's record, the stale entry made
+// the next attempt fail the same way, and sixteen in a row failed a Hello
+// or ended a node at start-up ("the access record changed meanwhile",
+// cmd/sqlrebase's multi-node tests, with three nodes started at once).
+func (a *Access) newerThan(ctx context.Context, key string, rev uint64) (jetstream.KeyValueEntry, error) {
+	wctx, cancel := context.WithTimeout(ctx, staleReadWait)
+	defer cancel()
+	for {
+		e, err := retry(ctx, func(ctx context.Context) (jetstream.KeyValueEntry, error) { return a.kv.Get(ctx, key) })
+		if err != nil || e.Revision() > rev {
+			return e, err
+		}
+		select {
+		case <-wctx.Done():
+			return e, nil
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // Watch calls fn with every record that changes from now on (from this

@@ -461,3 +461,71 @@ func BenchmarkAccessChange(b *testing.B) {
 	b.ReportMetric(float64(took[1].Microseconds())/float64(b.N), "kv-µs/change")
 	b.ReportMetric(float64(took[1])/float64(took[0]), "kv/file")
 }
+
+// staleKV answers its first stale Gets with an old entry, as a replica of
+// the bucket that has not yet applied the latest revision answers a
+// direct get.
+type staleKV struct {
+	jetstream.KeyValue
+	old   jetstream.KeyValueEntry
+	stale int
+	gets  int
+}
+
+func (s *staleKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
+	s.gets++
+	if s.gets <= s.stale {
+		return s.old, nil
+	}
+	return s.KeyValue.Get(ctx, key)
+}
+
+// TestAccessSaveWaitsOutAStaleRead: a save refused for its revision reads
+// the record again until the read is newer than that revision, so that
+// the conflict it reports holds the record the other change saved, not a
+// stale copy that would fail the next attempt the same way.
+func TestAccessSaveWaitsOutAStaleRead(t *testing.T) {
+	n, _, js := single(t)
+	ctx := bounded(t, 30*time.Second)
+	a, err := OpenAccess(ctx, js, AccessConfig{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Close)
+	_, js2 := connect(t, n)
+	b, err := OpenAccess(ctx, js2, AccessConfig{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	if err := a.Create(ctx, "db"); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := a.Load(ctx, "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev1, err := a.Save(ctx, "db", []byte(`{"v":1}`), rec.Revision)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := a.kv.Get(ctx, token("db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev2, err := b.Save(ctx, "db", []byte(`{"v":2}`), rev1) // another node's change
+	if err != nil {
+		t.Fatal(err)
+	}
+	skv := &staleKV{KeyValue: a.kv, old: old, stale: 3}
+	a.kv = skv
+	_, err = a.Save(ctx, "db", []byte(`{"v":3}`), rev1)
+	var conflict *server.AccessConflictError
+	if !errors.As(err, &conflict) {
+		t.Fatalf("a save on a revision another node moved past: %v, want an AccessConflictError", err)
+	}
+	if conflict.Current.Revision != rev2 || string(conflict.Current.Value) != `{"v":2}` {
+		t.Fatalf("the conflict holds revision %d %s, want the other node's %d (read %d times, %d of them stale)",
+			conflict.Current.Revision, conflict.Current.Value, rev2, skv.gets, skv.stale)
+	}
+}

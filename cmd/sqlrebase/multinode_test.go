@@ -214,9 +214,6 @@ type nodeProc struct {
 	fp      string
 	stderr  *syncBuffer
 	logs    []string // the stderr of its earlier runs
-	// accessRetries counts the starts that failed on the known access
-	// conflict (startAll).
-	accessRetries int
 }
 
 // newClusterNodes makes n nodes' configurations: each routes to every
@@ -338,17 +335,6 @@ func startAll(t *testing.T, nodes ...*nodeProc) {
 	for i := 0; i < len(readies); i++ {
 		select {
 		case err := <-readies[i]:
-			// Known bug (reported): nodes that add the same database at
-			// once may lose the access bucket's compare-and-set and exit.
-			// Start such a node again, so that the test goes on to what it
-			// is about; the log says it happened.
-			if err != nil && strings.Contains(nodes[i].stderr.String(), "the access record changed meanwhile") && nodes[i].accessRetries < 3 {
-				nodes[i].accessRetries++
-				t.Logf("%s exited at start-up on a conflicting access record save (a known bug); starting it again", nodes[i].name)
-				readies[i] = nodes[i].start(t)
-				i--
-				continue
-			}
 			if err != nil {
 				t.Fatalf("%v:\n%s", err, nodes[i].stderr)
 			}
