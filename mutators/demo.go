@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
+
+	sqlite3 "github.com/ncruces/go-sqlite3"
 )
 
 // DemoSchema is the schema of the demo app, the project's seed scenario:
@@ -52,15 +55,31 @@ func createCategoryOrIncrementIfExists(_ context.Context, tx Tx, args json.RawMe
 	if a.Name == "" {
 		return ErrEmptyCategory
 	}
-	// The schema is created here too because a replica at version 0 has an
-	// empty database, and the optimistic run must still work there; it is
-	// deterministic and a no-op once the table exists.
-	if _, err := tx.Exec(DemoSchema); err != nil {
-		return fmt.Errorf("create schema: %w", err)
+	_, err := tx.Exec(upsertCategory, a.Name, a.Delta)
+	if err != nil && noSuchTable(err) {
+		// A replica at version 0 has an empty database, and the
+		// optimistic run must still work there: the mutator creates its
+		// table, then upserts. The effect is the same whether the table
+		// was there or not (deterministic); trying the upsert first
+		// spares every other run a statement (CREATE TABLE IF NOT EXISTS
+		// each time was a tenth of the server's writer, pprof of
+		// BenchmarkServerThroughput).
+		if _, err := tx.Exec(DemoSchema); err != nil {
+			return fmt.Errorf("create schema: %w", err)
+		}
+		_, err = tx.Exec(upsertCategory, a.Name, a.Delta)
 	}
-	if _, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES (?, ?)
-		ON CONFLICT(name) DO UPDATE SET count = count + excluded.count`, a.Name, a.Delta); err != nil {
+	if err != nil {
 		return fmt.Errorf("upsert category %q: %w", a.Name, err)
 	}
 	return nil
+}
+
+const upsertCategory = `INSERT INTO Categories(name, count) VALUES (?, ?)
+		ON CONFLICT(name) DO UPDATE SET count = count + excluded.count`
+
+// noSuchTable reports whether err is SQLite's for a table that is not
+// there.
+func noSuchTable(err error) bool {
+	return errors.Is(err, sqlite3.ERROR) && strings.Contains(err.Error(), "no such table")
 }
