@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	sqlite3 "github.com/ncruces/go-sqlite3"
 )
@@ -48,9 +50,12 @@ func RegisterDemo(r *Registry) error {
 }
 
 func createCategoryOrIncrementIfExists(_ context.Context, tx Tx, args json.RawMessage) error {
-	var a CategoryDelta
-	if err := json.Unmarshal(args, &a); err != nil {
-		return fmt.Errorf("decode args: %w", err)
+	a, ok := decodeCategoryDelta(args)
+	if !ok {
+		a = CategoryDelta{}
+		if err := json.Unmarshal(args, &a); err != nil {
+			return fmt.Errorf("decode args: %w", err)
+		}
 	}
 	if a.Name == "" {
 		return ErrEmptyCategory
@@ -82,4 +87,118 @@ const upsertCategory = `INSERT INTO Categories(name, count) VALUES (?, ?)
 // there.
 func noSuchTable(err error) bool {
 	return errors.Is(err, sqlite3.ERROR) && strings.Contains(err.Error(), "no such table")
+}
+
+// decodeCategoryDelta decodes the common form of the demo's args, an
+// object of "name" (a string without escapes) and "delta" (an integer), in
+// any order, with JSON whitespace, as json.Unmarshal would; ok is false for
+// anything else (escapes, other keys or letter cases, other types,
+// nesting, invalid UTF-8, trailing data), which json.Unmarshal then
+// decodes, or refuses with its error. FuzzDecodeCategoryDelta holds the
+// two to the same result. json.Unmarshal was a sixth of the server's
+// writer (pprof of BenchmarkServerThroughput); this is a few dozen
+// nanoseconds.
+func decodeCategoryDelta(b []byte) (a CategoryDelta, ok bool) {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return a, false
+	}
+	i = skipSpace(b, i+1)
+	if i < len(b) && b[i] == '}' {
+		return a, skipSpace(b, i+1) == len(b)
+	}
+	for {
+		key, j, ok := plainString(b, i)
+		if !ok {
+			return a, false
+		}
+		i = skipSpace(b, j)
+		if i >= len(b) || b[i] != ':' {
+			return a, false
+		}
+		i = skipSpace(b, i+1)
+		switch key {
+		case "name":
+			s, j, ok := plainString(b, i)
+			if !ok {
+				return a, false
+			}
+			a.Name, i = s, j
+		case "delta":
+			n, j, ok := plainInt(b, i)
+			if !ok {
+				return a, false
+			}
+			a.Delta, i = n, j
+		default:
+			return a, false
+		}
+		i = skipSpace(b, i)
+		if i >= len(b) {
+			return a, false
+		}
+		switch b[i] {
+		case ',':
+			i = skipSpace(b, i+1)
+		case '}':
+			return a, skipSpace(b, i+1) == len(b)
+		default:
+			return a, false
+		}
+	}
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// plainString reads a JSON string at b[i] that has no escapes or control
+// characters and is valid UTF-8: then its bytes are its value.
+func plainString(b []byte, i int) (s string, next int, ok bool) {
+	if i >= len(b) || b[i] != '"' {
+		return "", 0, false
+	}
+	start := i + 1
+	ascii := true
+	for j := start; j < len(b); j++ {
+		switch c := b[j]; {
+		case c == '"':
+			if !ascii && !utf8.Valid(b[start:j]) {
+				return "", 0, false
+			}
+			return string(b[start:j]), j + 1, true
+		case c == '\\' || c < 0x20:
+			return "", 0, false
+		case c >= utf8.RuneSelf:
+			ascii = false
+		}
+	}
+	return "", 0, false
+}
+
+// plainInt reads a JSON integer at b[i] (no fraction or exponent) that
+// fits an int64.
+func plainInt(b []byte, i int) (n int64, next int, ok bool) {
+	j := i
+	if j < len(b) && b[j] == '-' {
+		j++
+	}
+	digits := j
+	for j < len(b) && '0' <= b[j] && b[j] <= '9' {
+		j++
+	}
+	switch {
+	case j == digits, j-digits > 1 && b[digits] == '0':
+		return 0, 0, false // no digits, or a leading zero
+	case j < len(b) && (b[j] == '.' || b[j] == 'e' || b[j] == 'E'):
+		return 0, 0, false
+	}
+	n, err := strconv.ParseInt(string(b[i:j]), 10, 64)
+	if err != nil {
+		return 0, 0, false
+	}
+	return n, j, true
 }
