@@ -221,7 +221,7 @@ func CheckArgs(args json.RawMessage) error {
 	if len(args) > MaxArgsSize {
 		return fmt.Errorf("%w: %d bytes exceeds the limit of %d", ErrInvalidArgs, len(args), MaxArgsSize)
 	}
-	if !json.Valid(args) {
+	if !validJSON(args) {
 		return ErrInvalidArgs
 	}
 	return nil
