@@ -11,10 +11,13 @@ import (
 // mutators', SAVEPOINT, the reserved tables') for every mutation. SQLite
 // re-prepares a cached statement by itself after a schema change.
 //
-// Statements are authorized when prepared, so a cache must not serve a
-// connection whose authorizer's verdict depends on who runs the statement
-// (the replica's); the server's has no authorizer. A StmtCache is not safe
-// for concurrent use, like the connection under it.
+// SQLite authorizes a statement when it prepares it, and again when it
+// prepares it anew after a schema change, under whatever role the
+// connection's authorizer sees then: so a cache serves one role only. The
+// server and the replica each keep one for their own statements and one
+// for the mutators', which they run only under the mutator role (a
+// statement prepared for the engine must never run for a mutator). A
+// StmtCache is not safe for concurrent use, like the connection under it.
 type StmtCache struct {
 	conn  *sql.Conn
 	stmts map[string]*sql.Stmt
@@ -74,6 +77,9 @@ func (c *StmtCache) QueryRowContext(ctx context.Context, query string, args ...a
 func (c *StmtCache) PrepareContext(ctx context.Context, query string) (*sql.Stmt, error) {
 	return c.conn.PrepareContext(ctx, query)
 }
+
+// Len is the number of statements cached.
+func (c *StmtCache) Len() int { return len(c.stmts) }
 
 // Close closes every cached statement.
 func (c *StmtCache) Close() error {

@@ -258,3 +258,47 @@ func TestMutatorTimeLimitUnderCancellableContext(t *testing.T) {
 		}
 	}
 }
+
+// TestServerCachedMutatorStatementAfterSchemaChange: the writer keeps the
+// mutators' statements prepared (Authority.mq), and SQLite prepares a
+// cached statement again after a schema change: under the mutator's role
+// then too, since only mutators run the statements of that cache. A
+// trigger that an administrative change adds, writing a reserved table,
+// makes the demo's cached upsert a forbidden statement until the trigger
+// goes; a new column is seen by the same cached statement.
+func TestServerCachedMutatorStatementAfterSchemaChange(t *testing.T) {
+	a := openChecked(t, AuthorityOptions{})
+	ctx := context.Background()
+	exec := func(stmt string) {
+		t.Helper()
+		if _, err := a.Exec(ctx, func(tx mutators.Tx) error { _, err := tx.Exec(stmt); return err }); err != nil {
+			t.Fatalf("%s: %v", stmt, err)
+		}
+	}
+	if _, res := push(t, a, upsert("c", 1, "Food", 1)); res[0].Outcome != Applied {
+		t.Fatal(res[0].Err)
+	}
+	if n := a.mq.Len(); n != 1 {
+		t.Fatalf("%d statements in the mutators' cache, want the demo's upsert", n)
+	}
+	exec(`CREATE TRIGGER bump AFTER UPDATE ON Categories BEGIN UPDATE _sqlrebase_meta SET value = value WHERE 0; END`)
+	_, res := push(t, a, upsert("c", 2, "Food", 1))
+	if res[0].Outcome != Rejected || !strings.Contains(res[0].Err, ErrForbidden.Error()) || !strings.Contains(res[0].Err, `UPDATE on reserved table "_sqlrebase_meta"`) {
+		t.Fatalf("the upsert with the trigger: outcome %d %q, want rejected as forbidden", res[0].Outcome, res[0].Err)
+	}
+	exec(`DROP TRIGGER bump`)
+	exec(`ALTER TABLE Categories ADD COLUMN note TEXT DEFAULT 'n'`)
+	if _, res := push(t, a, upsert("c", 3, "Food", 1), upsert("c", 4, "Drinks", 1)); res[0].Outcome != Applied || res[1].Outcome != Applied {
+		t.Fatalf("after the trigger went: %+v", res)
+	}
+	if got := count(t, a, "Food"); got != 2 {
+		t.Fatalf("Food = %d, want 2", got)
+	}
+	var note string
+	if err := a.db.QueryRowContext(ctx, `SELECT note FROM Categories WHERE name = 'Drinks'`).Scan(&note); err != nil || note != "n" {
+		t.Fatalf("note %q, %v", note, err)
+	}
+	if err := a.Verify(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
