@@ -289,3 +289,21 @@ func clampInt64(v uint64) int64 {
 	}
 	return int64(v)
 }
+
+// Rejection returns the mutator name and error of clientID's mutation id
+// if the server rejected it (ok), from the rejections table; ok is false
+// if the table holds no such row (or does not exist yet).
+func Rejection(ctx context.Context, q Querier, clientID string, id uint64) (name, msg string, ok bool, err error) {
+	if id > math.MaxInt64 {
+		return "", "", false, nil
+	}
+	err = q.QueryRowContext(ctx, `SELECT name, error FROM `+TableRejections+` WHERE client_id = ? AND mutation_id = ?`, clientID, int64(id)).Scan(&name, &msg)
+	if err == nil {
+		return name, msg, true, nil
+	}
+	// No such row (absent: nil), or no such table yet (missing): not rejected.
+	if _, merr := absent(ctx, q, TableRejections, err); merr != nil {
+		return "", "", false, fmt.Errorf("mutators: read the rejection of %q's mutation %d: %w", clientID, id, merr)
+	}
+	return "", "", false, nil
+}

@@ -527,6 +527,48 @@ func (r *Replica) Handle(id uint64) *Handle {
 	return h
 }
 
+// Outcome says what became of this replica's mutation id, from the
+// replicated state itself, so that it holds across Close, a crash and
+// Open: nil if the server applied it, a *RejectedError if it rejected it,
+// ErrPending while it waits for the server (Handle(id) follows it), and
+// ErrUnknownMutation for an id this replica never issued. A handle that
+// said ErrClosed (its mutation was settled, if at all, while the replica
+// was closed, or by the repair at Open) and a mutation whose handle died
+// with a crash are answered here: it was settled exactly once, and this is
+// how.
+func (r *Replica) Outcome(ctx context.Context, id uint64) error {
+	if id == 0 || id >= r.queue.NextID() {
+		return ErrUnknownMutation
+	}
+	// Settled, or pending: a rebase settles a mutation in the replicated
+	// state before it drops it from the queue, so a mutation seen neither
+	// pending nor settled was settled between the two looks: look again.
+	for try := 0; try < 2; try++ {
+		if _, pending := r.queue.name(id); pending {
+			return ErrPending
+		}
+		db, cid := r.DB(), r.queue.ClientID()
+		last, err := mutators.LastMutationID(ctx, db, cid)
+		if err != nil {
+			return fmt.Errorf("replica: outcome of mutation %d: %w", id, err)
+		}
+		if id > last {
+			continue
+		}
+		name, msg, rejected, err := mutators.Rejection(ctx, db, cid, id)
+		if err != nil {
+			return fmt.Errorf("replica: outcome of mutation %d: %w", id, err)
+		}
+		if rejected {
+			return &RejectedError{ID: id, Name: name, Message: msg}
+		}
+		return nil
+	}
+	// Issued, not pending, not in the state: the server forgot the client
+	// (ClientTTL) after it settled the mutation.
+	return ErrUnknownMutation
+}
+
 // liveHandle is the handle of a pending mutation if anyone holds it.
 func (r *Replica) liveHandle(id uint64) *Handle {
 	r.hmu.Lock()
@@ -592,6 +634,13 @@ var (
 	// refuses until a rebase replays them (the sync loop's next, a Mutate's
 	// repair, or Rebase(ctx) with no page sets).
 	ErrPendingHidden = errors.New("replica: pending mutations could not be replayed")
+	// ErrPending is Outcome's answer for a mutation the server has not
+	// settled yet: Handle(id) follows it.
+	ErrPending = errors.New("replica: the mutation is pending")
+	// ErrUnknownMutation is Outcome's answer for an id this replica never
+	// issued, or whose record the server no longer holds (it collects the
+	// records of clients away longer than its ClientTTL).
+	ErrUnknownMutation = errors.New("replica: no such mutation of this replica")
 )
 
 // engineError is a failure of the replica's own write (BEGIN, COMMIT, a

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -140,4 +141,64 @@ func TestOnChangeMayCallBack(t *testing.T) {
 	if r.Status().Pending != 1 {
 		t.Fatalf("the watcher's mutation is not pending: %+v", r.Status())
 	}
+}
+
+// TestOutcome: Outcome answers from the replicated state what became of
+// each mutation, before and after a reopen, when no handle is left.
+func TestOutcome(t *testing.T) {
+	ctx := context.Background()
+	reg := testRegistry(t)
+	a := newAuthority(t, reg)
+	path := filepath.Join(t.TempDir(), "r.db")
+	r, err := Open(ctx, path, Options{Mutators: reg, Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Outcome(ctx, 1); !errors.Is(err, ErrUnknownMutation) {
+		t.Fatalf("Outcome of a mutation never issued: %v", err)
+	}
+	catchUp(t, a, r)
+	applied, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rejected, err := r.Mutate(ctx, "fail", []byte(`"no way"`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Outcome(ctx, applied.ID); !errors.Is(err, ErrPending) {
+		t.Fatalf("Outcome of a pending mutation: %v, want ErrPending", err)
+	}
+	if err := r.Rebase(ctx, push(t, a, r)); err != nil {
+		t.Fatal(err)
+	}
+	later, err := r.Mutate(ctx, mutators.CreateCategoryOrIncrementIfExists, mutators.CategoryArgs("Food", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		if err := r.Outcome(ctx, applied.ID); err != nil {
+			t.Fatalf("%s: Outcome of an applied mutation: %v", when, err)
+		}
+		var rej *RejectedError
+		if err := r.Outcome(ctx, rejected.ID); !errors.As(err, &rej) || rej.ID != rejected.ID || rej.Name != "fail" || !strings.HasSuffix(rej.Message, "no way") {
+			t.Fatalf("%s: Outcome of a rejected mutation: %v", when, err)
+		}
+		if err := r.Outcome(ctx, later.ID); !errors.Is(err, ErrPending) {
+			t.Fatalf("%s: Outcome of a mutation never pushed: %v, want ErrPending", when, err)
+		}
+		if err := r.Outcome(ctx, later.ID+1); !errors.Is(err, ErrUnknownMutation) {
+			t.Fatalf("%s: Outcome of an id not issued: %v", when, err)
+		}
+	}
+	check("open")
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if r, err = Open(ctx, path, Options{Mutators: reg, Logger: quietLog}); err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	check("after reopen")
 }

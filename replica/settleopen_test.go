@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
@@ -99,6 +100,17 @@ func TestAckInPoisonedApplySettlesAtReopen(t *testing.T) {
 			id := w.h.ID
 			pending := r.Handle(id) != nil
 			settled := id <= lmid
+			// The app asks what became of the mutation whose handle said
+			// ErrClosed: pending again, or the server's outcome.
+			var rej *RejectedError
+			switch err := r.Outcome(ctx, id); {
+			case pending && !errors.Is(err, ErrPending):
+				t.Fatalf("point %d: Outcome of pending mutation %d: %v, want ErrPending", n, id, err)
+			case !pending && w.err == nil && err != nil:
+				t.Fatalf("point %d: Outcome of applied mutation %d: %v, want nil", n, id, err)
+			case !pending && w.err != nil && (!errors.As(err, &rej) || rej.ID != id || rej.Name != "fail" || !strings.HasSuffix(rej.Message, "no")):
+				t.Fatalf("point %d: Outcome of rejected mutation %d: %v, want its RejectedError", n, id, err)
+			}
 			switch {
 			case pending && settled:
 				t.Fatalf("point %d: mutation %d is pending and settled (last mutation id %d)", n, id, lmid)
