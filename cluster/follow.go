@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -205,12 +206,16 @@ func notOwner(err error) error {
 }
 
 // Versions implements server.Follower: it reads db's records after version
-// after, through version through, with direct gets, as a restore does,
+// after, through version through (0: to the subject's end), with direct gets, as a restore does,
 // and calls apply with each. No consumer: on a node that restarted a
 // moment ago, creating one waited out its context (TestClusterFailover:
 // two refills of a new owner's change log, a second each), while direct
 // gets answered. server.ErrFollowGap: the subject does not hold them all.
 func (o *Owner) Versions(ctx context.Context, db string, after, through uint64, apply func(version uint64, rec []byte) error) error {
+	toTail := through == 0
+	if toTail {
+		through = math.MaxUint64
+	}
 	if after >= through {
 		return nil
 	}
@@ -224,6 +229,9 @@ func (o *Owner) Versions(ctx context.Context, db string, after, through uint64, 
 			return err
 		}
 		if len(es) == 0 {
+			if toTail {
+				return nil
+			}
 			return fmt.Errorf("%w: %s: the log ends before version %d", server.ErrFollowGap, db, after+1)
 		}
 		for _, e := range es {

@@ -462,8 +462,8 @@ func TestFollowerParksPushesWhileNoOwnerAnswers(t *testing.T) {
 }
 
 // TestVersionsReadsARange: Versions reads the records after a version
-// through another, in order, with no consumer, and says ErrFollowGap for
-// what the subject does not hold.
+// through another (or to the subject's end), in order, with no consumer,
+// and says ErrFollowGap for what the subject does not hold.
 func TestVersionsReadsARange(t *testing.T) {
 	ctx := bounded(t, 30*time.Second)
 	sh := openShared(t, ctx, 2*time.Second)
@@ -490,11 +490,57 @@ func TestVersionsReadsARange(t *testing.T) {
 		t.Fatalf("Versions past the tail: %v after %v, want ErrFollowGap after 9 and 10", err, got)
 	}
 	got = nil
+	if err := o.Versions(ctx, "db", 7, 0, collect); err != nil || fmt.Sprint(got) != "[8=record 8 9=record 9 10=record 10]" {
+		t.Fatalf("Versions(7, to the tail): %v, %v", err, got)
+	}
+	got = nil
+	if err := o.Versions(ctx, "db", 10, 0, collect); err != nil || len(got) != 0 {
+		t.Fatalf("Versions(10, to the tail) at the tail: %v, %v", err, got)
+	}
 	if err := o.Versions(ctx, "db", 6, 6, collect); err != nil || len(got) != 0 {
 		t.Fatalf("an empty range: %v, %v", err, got)
 	}
 	stop := errors.New("stop")
 	if err := o.Versions(ctx, "db", 0, 10, func(v uint64, _ []byte) error { return stop }); !errors.Is(err, stop) {
 		t.Fatalf("apply's error: %v", err)
+	}
+}
+
+// stuckConsumer is an Owner whose consumers of the log never deliver, as
+// on a node whose JetStream is not yet current with its meta leader.
+type stuckConsumer struct{ *Owner }
+
+func (s stuckConsumer) Follow(ctx context.Context, db string, after uint64, apply func(uint64, []byte) error) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestFollowerCatchesUpWithoutAConsumer: a node whose consumer of the log
+// delivers nothing still builds its copy to the stream's tail, with direct
+// reads, and serves a replica at that version.
+func TestFollowerCatchesUpWithoutAConsumer(t *testing.T) {
+	ctx := bounded(t, 60*time.Second)
+	sh := openShared(t, ctx, 2*time.Second)
+	a := startNode(t, ctx, sh, "a", t.TempDir())
+	rA := openReplica(t, ctx, a.srv, a.addr)
+	increments(t, ctx, rA, "alice", 5)
+	o := NewOwner(sh.log, sh.leases, sh.snaps, "b", quiet)
+	srv := serverAt(t, t.TempDir(), stuckConsumer{o})
+	o.SetForwardHandler(srv.ServeForwarded)
+	addr, err := srv.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		srv.Close()
+		o.Close(context.Background())
+	})
+	rB := openReplica(t, ctx, srv, addr)
+	waitVersion(t, ctx, rB, rA.Status().Version)
+	if got := count(t, ctx, rB, "alice"); got != 5 {
+		t.Fatalf("alice = %d on the node without a consumer, want 5", got)
+	}
+	if o.Owns("demo.db") {
+		t.Fatal("B owns the database it should follow")
 	}
 }

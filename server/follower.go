@@ -43,9 +43,10 @@ type Follower interface {
 	// version after+1 (it was trimmed behind a snapshot): take an Image.
 	Follow(ctx context.Context, db string, after uint64, apply func(version uint64, rec []byte) error) error
 	// Versions calls apply with db's log records after version after,
-	// through version through, in order, and returns once it has (or at
-	// the first failure): a read of what the log holds now, where Follow
-	// waits for more. ErrFollowGap: the log does not hold them all.
+	// through version through (0: through the last the log holds now), in
+	// order, and returns once it has (or at the first failure): a read of
+	// what the log holds now, where Follow waits for more. ErrFollowGap:
+	// the log does not hold them all.
 	Versions(ctx context.Context, db string, after, through uint64, apply func(version uint64, rec []byte) error) error
 	// Forward hands pushes to db's owner and returns its answer to each,
 	// in order. ErrNotOwner: no node answers for db now.
@@ -334,10 +335,23 @@ func (d *database) runFollower(ctx context.Context, f *follower) {
 	}()
 	defer func() { <-leaseDone }()
 	for ctx.Err() == nil {
+		apply := func(v uint64, rec []byte) error { return d.applyFollowed(ctx, f, v, rec) }
 		d.auth.mu.Lock()
 		after := f.files.Version()
 		d.auth.mu.Unlock()
-		err := fl.Follow(ctx, d.name, after, func(v uint64, rec []byte) error { return d.applyFollowed(ctx, f, v, rec) })
+		// Catch up to the log's tail with direct reads first, then follow
+		// it live: on a node that restarted a moment before, the log's
+		// consumer could not be made for 5-10 s (its JetStream not yet
+		// current with the meta leader), and meanwhile the copy stood
+		// still and every Hello was refused as ahead of it
+		// (TestClusterFailover), where the direct reads answered.
+		err := fl.Versions(ctx, d.name, after, 0, apply)
+		if err == nil {
+			d.auth.mu.Lock()
+			after = f.files.Version()
+			d.auth.mu.Unlock()
+			err = fl.Follow(ctx, d.name, after, apply)
+		}
 		if ctx.Err() != nil {
 			return
 		}

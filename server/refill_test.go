@@ -24,6 +24,9 @@ func (f streamFollower) Versions(ctx context.Context, db string, after, through 
 	if after+1 < f.first {
 		return fmt.Errorf("%w: starts at %d", ErrFollowGap, f.first)
 	}
+	if through == 0 {
+		through = f.last
+	}
 	for v := after + 1; v <= through; v++ {
 		if v > f.last {
 			if f.cut {
