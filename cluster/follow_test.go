@@ -297,6 +297,23 @@ func TestFollowWatchdog(t *testing.T) {
 	}
 }
 
+// ownerAndFollower starts node A, which owns the database (its replica made
+// one increment of "alice"), and node B, which follows it (its replica
+// made one of "bob", forwarded to A), and returns A and B's replica.
+func ownerAndFollower(t *testing.T, ctx context.Context) (a *clusterNode, rB *replica.Replica) {
+	t.Helper()
+	sh := openShared(t, ctx, 2*time.Second)
+	a = startNode(t, ctx, sh, "a", t.TempDir())
+	increments(t, ctx, openReplica(t, ctx, a.srv, a.addr), "alice", 1)
+	b := startNode(t, ctx, sh, "b", t.TempDir())
+	rB = openReplica(t, ctx, b.srv, b.addr)
+	increments(t, ctx, rB, "bob", 1)
+	if !a.owner.Owns("demo.db") || b.owner.Owns("demo.db") {
+		t.Fatal("A should own the database, B follow it")
+	}
+	return a, rB
+}
+
 // TestForwardToAVanishedOwnerEnds: B forwards its replica's push to A,
 // which owns the database and never answers (a node that died with the
 // request), then A's lease goes. B's watch of the lease ends the forward
@@ -305,16 +322,7 @@ func TestFollowWatchdog(t *testing.T) {
 // mutation is confirmed well before that timeout would have run out.
 func TestForwardToAVanishedOwnerEnds(t *testing.T) {
 	ctx := bounded(t, 60*time.Second)
-	sh := openShared(t, ctx, 2*time.Second)
-	a := startNode(t, ctx, sh, "a", t.TempDir())
-	rA := openReplica(t, ctx, a.srv, a.addr)
-	increments(t, ctx, rA, "alice", 1)
-	b := startNode(t, ctx, sh, "b", t.TempDir())
-	rB := openReplica(t, ctx, b.srv, b.addr)
-	increments(t, ctx, rB, "bob", 1)
-	if !a.owner.Owns("demo.db") || b.owner.Owns("demo.db") {
-		t.Fatal("A should own the database, B follow it")
-	}
+	a, rB := ownerAndFollower(t, ctx)
 	held := make(chan struct{})
 	unblock := make(chan struct{})
 	defer close(unblock)
@@ -413,16 +421,7 @@ func (l *syncLog) String() string {
 // the push is confirmed once an owner answers.
 func TestFollowerParksPushesWhileNoOwnerAnswers(t *testing.T) {
 	ctx := bounded(t, 60*time.Second)
-	sh := openShared(t, ctx, 2*time.Second)
-	a := startNode(t, ctx, sh, "a", t.TempDir())
-	rA := openReplica(t, ctx, a.srv, a.addr)
-	increments(t, ctx, rA, "alice", 1)
-	b := startNode(t, ctx, sh, "b", t.TempDir())
-	rB := openReplica(t, ctx, b.srv, b.addr)
-	increments(t, ctx, rB, "bob", 1)
-	if !a.owner.Owns("demo.db") || b.owner.Owns("demo.db") {
-		t.Fatal("A should own the database, B follow it")
-	}
+	a, rB := ownerAndFollower(t, ctx)
 	var refusing atomic.Bool
 	var refused atomic.Int32
 	refusing.Store(true)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -97,16 +96,5 @@ func TestClusterTrimAndJoin(t *testing.T) {
 		t.Errorf("the new node did not follow the database:\n%s", s)
 	}
 	time.Sleep(2 * time.Second) // the others' increments go on meanwhile
-	if err := os.WriteFile(filepath.Join(dir, "stop"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	made := make([]int, len(workers))
-	for i, w := range workers {
-		rep := w.finish(t, 120*time.Second)
-		if rep.Confirmed != rep.Made {
-			t.Fatalf("%s made %d mutations and had %d confirmed", cfgs[i].Name, rep.Made, rep.Confirmed)
-		}
-		made[i] = rep.Made
-	}
-	settleAndCheck(t, nodes, cfgs, made)
+	settleAndCheck(t, nodes, cfgs, stopWorkers(t, dir, workers, cfgs, 120*time.Second))
 }

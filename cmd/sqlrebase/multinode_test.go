@@ -843,18 +843,26 @@ func TestClusterFailover(t *testing.T) {
 		len(failovers), percentile(leases, 0.5).Round(time.Millisecond), percentile(leases, 1).Round(time.Millisecond),
 		percentile(failovers, 0.5).Round(time.Millisecond), percentile(failovers, 1).Round(time.Millisecond),
 		percentile(allResumed, 0.5).Round(time.Millisecond), percentile(allResumed, 1).Round(time.Millisecond))
+	settleAndCheck(t, nodes, cfgs, stopWorkers(t, dir, workers, cfgs, 150*time.Second))
+}
+
+// stopWorkers tells the workers to stop mutating (the stop file in dir),
+// waits for each one's report, bounded, and returns how many mutations each
+// made, every one of which must have been confirmed.
+func stopWorkers(t *testing.T, dir string, workers []*clusterWorker, cfgs []clusterWorkerConfig, bound time.Duration) []int {
+	t.Helper()
 	if err := os.WriteFile(filepath.Join(dir, "stop"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	made := make([]int, len(workers))
 	for i, w := range workers {
-		rep := w.finish(t, 150*time.Second)
+		rep := w.finish(t, bound)
 		if rep.Confirmed != rep.Made {
 			t.Fatalf("%s made %d mutations and had %d confirmed", cfgs[i].Name, rep.Made, rep.Confirmed)
 		}
 		made[i] = rep.Made
 	}
-	settleAndCheck(t, nodes, cfgs, made)
+	return made
 }
 
 // frontRelays puts a relay in front of each node's route port: every
