@@ -63,11 +63,13 @@ func (o *Owner) Follow(ctx context.Context, db string, after uint64, apply func(
 	if err != nil {
 		return err
 	}
-	cons, err := o.log.js.OrderedConsumer(ctx, o.log.stream.CachedInfo().Config.Name, jetstream.OrderedConsumerConfig{
+	cctx, cancel := context.WithTimeout(ctx, consumerCreateTimeout)
+	cons, err := o.log.js.OrderedConsumer(cctx, o.log.stream.CachedInfo().Config.Name, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{Subject(db)},
 		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq:    start,
 	})
+	cancel()
 	if err != nil {
 		return fmt.Errorf("cluster: follow %s: %w", db, err)
 	}
@@ -124,6 +126,15 @@ func (o *Owner) Follow(ctx context.Context, db string, after uint64, apply func(
 // followStall is how long a follower's consumer may hold back a version
 // the subject's tail already has before it is made again.
 const followStall = 2 * time.Second
+
+// consumerCreateTimeout bounds the making of a follower's consumer (a few
+// milliseconds on a sound cluster). On a node restarted a moment before it
+// waited out the JetStream API's 5 s, and meanwhile the copy stood still
+// and the acks of its replicas' forwarded pushes waited for their versions
+// (one replica resumed 8.7 s after a kill in TestClusterFailover); bounded
+// here, the follower catches up with direct reads between tries
+// (server.Follower.Versions).
+const consumerCreateTimeout = time.Second
 
 // errFollowStalled is a consumer the watchdog dropped.
 var errFollowStalled = errors.New("the consumer delivered nothing the subject holds; following again")
