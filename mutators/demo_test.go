@@ -3,10 +3,7 @@ package mutators
 import (
 	"context"
 	"encoding/json"
-	"path/filepath"
 	"testing"
-
-	"github.com/ncruces/go-sqlite3/driver"
 )
 
 var categoryArgCases = []string{
@@ -87,18 +84,7 @@ func checkDecodeCategoryDelta(t *testing.T, b []byte) {
 // the table went away under a statement the cache holds.
 func TestDemoMutatorCreatesItsTable(t *testing.T) {
 	ctx := context.Background()
-	db, err := driver.Open("file:" + filepath.Join(t.TempDir(), "test.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	conn, err := db.Conn(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	q := NewStmtCache(conn, 8)
-	defer q.Close()
+	q, conn := openStmtCache(t, 8)
 	r := NewRegistry()
 	if err := RegisterDemo(r); err != nil {
 		t.Fatal(err)

@@ -2,26 +2,35 @@ package mutators
 
 import (
 	"context"
+	"database/sql"
 	"path/filepath"
 	"testing"
 
 	"github.com/ncruces/go-sqlite3/driver"
 )
 
-func TestStmtCache(t *testing.T) {
-	ctx := context.Background()
+// openStmtCache opens a new database and a statement cache of size on one
+// of its connections, all closed when the test ends.
+func openStmtCache(t *testing.T, size int) (*StmtCache, *sql.Conn) {
+	t.Helper()
 	db, err := driver.Open("file:" + filepath.Join(t.TempDir(), "test.db"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
-	conn, err := db.Conn(ctx)
+	t.Cleanup(func() { db.Close() })
+	conn, err := db.Conn(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	c := NewStmtCache(conn, 2)
-	defer c.Close()
+	t.Cleanup(func() { conn.Close() })
+	c := NewStmtCache(conn, size)
+	t.Cleanup(func() { c.Close() })
+	return c, conn
+}
+
+func TestStmtCache(t *testing.T) {
+	ctx := context.Background()
+	c, _ := openStmtCache(t, 2)
 	// A script of several statements is not cacheable: it runs directly.
 	if _, err := c.ExecContext(ctx, "CREATE TABLE t(x); CREATE TABLE u(y)"); err != nil {
 		t.Fatal(err)
