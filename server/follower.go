@@ -942,41 +942,43 @@ const (
 	refillTimeout = 2 * time.Second
 )
 
+// refillStart says where a refill of a change log whose last version is
+// last (0: empty) begins, to end at version: after its own last version
+// if that is at most refillVersions behind, else (reset: the log is
+// emptied first) refillVersions before version. Pure.
+func refillStart(last, version uint64) (after uint64, reset bool) {
+	if last != 0 && last <= version && version-last <= refillVersions {
+		return last, false
+	}
+	return version - min(version, refillVersions), last != 0
+}
+
 // refillLogLocked makes the change log end at version, the database's,
 // where the version log can tell what came before it: it appends the
-// stream's records after the log's last version (or, from an empty log,
-// the refillVersions before version), so that the replicas that reconnect
-// after a take-over or restore catch up from the log. Before, the log
-// started afresh at version, and each of them was sent a snapshot of the
-// whole database (TestClusterFailover: nine snapshots at every fail-over).
-// Where the version log cannot (no cluster, a gap, a timeout), the log
-// starts afresh, as before. Its error is only that of the reset. Called
-// with auth.mu held.
+// stream's records from where refillStart says, so that the replicas that
+// reconnect after a take-over or restore catch up from the log. Before,
+// the log started afresh at version, and each of them was sent a snapshot
+// of the whole database (TestClusterFailover: nine snapshots at every
+// fail-over). Where the version log cannot (no cluster, a gap, a timeout),
+// the log starts afresh, as before. Its error is only that of a reset.
+// Called with auth.mu held.
 func (d *database) refillLogLocked(ctx context.Context, version uint64) error {
-	fl, ok := d.cfg.VersionLog.(Follower)
-	if ok {
-		for _, fresh := range []bool{false, true} {
-			last := d.clog.last()
-			if fresh || last > version {
-				if err := d.clog.reset(); err != nil {
-					return fmt.Errorf("reset the change log: %w", err)
-				}
-				last = 0
+	if fl, ok := d.cfg.VersionLog.(Follower); ok {
+		after, reset := refillStart(d.clog.last(), version)
+		if reset {
+			if err := d.clog.reset(); err != nil {
+				return fmt.Errorf("reset the change log: %w", err)
 			}
-			after := last
-			if after == 0 {
-				after = version - min(version, refillVersions)
-			}
-			if after >= version {
-				return nil
-			}
-			err := d.refillFrom(ctx, fl, after, version)
-			if err == nil {
-				d.log.Info("continued the change log from the version log", "from", after+1, "to", version)
-				return nil
-			}
-			d.log.Info("could not continue the change log from the version log", "after", after, "version", version, "err", err)
 		}
+		if after >= version {
+			return nil
+		}
+		err := d.refillFrom(ctx, fl, after, version)
+		if err == nil {
+			d.log.Info("continued the change log from the version log", "from", after+1, "to", version)
+			return nil
+		}
+		d.log.Info("could not continue the change log from the version log; it starts afresh", "after", after, "version", version, "err", err)
 	}
 	if err := d.clog.reset(); err != nil {
 		return fmt.Errorf("reset the change log: %w", err)

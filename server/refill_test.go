@@ -62,6 +62,7 @@ func TestRefillLog(t *testing.T) {
 		{"from empty", streamFollower{first: 1, last: 2000}, 0, 2000, 2000 - refillVersions + 1, 2000},
 		{"from empty, a short stream", streamFollower{first: 1, last: 30}, 0, 30, 1, 30},
 		{"its own trimmed away", streamFollower{first: 900, last: 2000}, 5, 2000, 2000 - refillVersions + 1, 2000},
+		{"its own too far behind", streamFollower{first: 1, last: 3000}, 5, 3000, 3000 - refillVersions + 1, 3000},
 		{"ahead of the database", streamFollower{first: 1, last: 30}, 50, 30, 1, 30},
 		{"the stream trimmed past both", streamFollower{first: 1990, last: 2000}, 5, 2000, 0, 0},
 		{"the stream behind the database", streamFollower{first: 1, last: 20, cut: true}, 5, 30, 0, 0},
@@ -98,5 +99,26 @@ func TestRefillLog(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestRefillStart(t *testing.T) {
+	for _, c := range []struct {
+		last, version, after uint64
+		reset                bool
+	}{
+		{0, 0, 0, false},
+		{0, 30, 0, false},
+		{0, 5000, 5000 - refillVersions, false},
+		{5, 40, 5, false},
+		{40, 40, 40, false},
+		{1000, 1000 + refillVersions, 1000, false},
+		{999, 1000 + refillVersions, 1000, true}, // too far behind: from refillVersions before
+		{50, 30, 0, true},                        // ahead of the database
+	} {
+		after, reset := refillStart(c.last, c.version)
+		if after != c.after || reset != c.reset {
+			t.Errorf("refillStart(%d, %d) = %d, %v; want %d, %v", c.last, c.version, after, reset, c.after, c.reset)
+		}
 	}
 }
