@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/sqlrebase/sqlrebase/bench"
@@ -20,9 +21,28 @@ import (
 // then latency and fan-out with 1 and 10 replicas (quick) or 1, 10 and 100.
 func e2eSections(quick bool) []bench.Section {
 	if quick {
-		return []bench.Section{bench.ThroughputSection(10, 2000), bench.NetworkSection([]int{1, 10}, 30), bench.FanoutSection([]int{100}, 20)}
+		return []bench.Section{bench.ThroughputSection(10, 2000), bench.NetworkSection([]int{1, 10}, 30), bench.FanoutSection([]int{100}, 2000)}
 	}
-	return []bench.Section{bench.ThroughputSection(10, 10000), bench.NetworkSection([]int{1, 10, 100}, 100), bench.FanoutSection([]int{100, 300, 1000}, 50)}
+	return []bench.Section{bench.ThroughputSection(10, 10000), bench.NetworkSection([]int{1, 10, 100}, 100), bench.FanoutSection([]int{100, 300, 1000}, 20000)}
+}
+
+// withE2E is the --only list once --e2e is given: as it is if it names an
+// end-to-end section (--only fanout runs the fan-out alone), else with every
+// end-to-end section added (--only rebase --e2e runs the rebase series and
+// the end-to-end sections). An empty list runs everything either way.
+func withE2E(only []string, e2e []bench.Section) []string {
+	if len(only) == 0 {
+		return nil
+	}
+	for _, s := range e2e {
+		if slices.Contains(only, s.Name) {
+			return only
+		}
+	}
+	for _, s := range e2e {
+		only = append(only, s.Name)
+	}
+	return only
 }
 
 // cmdBench is the bench subcommand: the suite of package bench, our engine
@@ -104,11 +124,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	if *e2e {
 		extra := e2eSections(*quick)
 		cfg.Sections = append(cfg.Sections, extra...)
-		for _, s := range extra {
-			if len(cfg.Only) > 0 {
-				cfg.Only = append(cfg.Only, s.Name)
-			}
-		}
+		cfg.Only = withE2E(cfg.Only, extra)
 	}
 	cfg.Dir = *dir
 	if !*quiet {

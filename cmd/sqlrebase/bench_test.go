@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -87,5 +88,23 @@ func TestBenchE2E(t *testing.T) {
 	}
 	if strings.Contains(stdout, "connected: p50") && strings.Contains(strings.SplitN(strings.SplitN(stdout, "connected: p50", 2)[1], "\n", 2)[0], "ratio") {
 		t.Errorf("a percentile line has a ratio:\n%s", stdout)
+	}
+}
+
+// TestWithE2E: --only naming an end-to-end section runs just what it names;
+// naming none adds every end-to-end section; no --only runs all.
+func TestWithE2E(t *testing.T) {
+	e2e := e2eSections(true)
+	for _, c := range []struct {
+		only, want []string
+	}{
+		{nil, nil},
+		{[]string{"fanout"}, []string{"fanout"}},
+		{[]string{"rebase", "network"}, []string{"rebase", "network"}},
+		{[]string{"rebase"}, []string{"rebase", "throughput", "network", "fanout"}},
+	} {
+		if got := withE2E(slices.Clone(c.only), e2e); !slices.Equal(got, c.want) {
+			t.Errorf("withE2E(%q) = %q, want %q", c.only, got, c.want)
+		}
 	}
 }
