@@ -4,14 +4,10 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
-	"errors"
-	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
-	"sync"
 	"syscall"
 	"time"
 
@@ -24,13 +20,6 @@ import (
 // measure, measured in the same run with the same TLS and QUIC settings, so
 // that each of our numbers is read against what it cannot beat.
 
-// fanoutWarmup is how many versions (ours) or broadcasts (bare) each
-// fan-out run makes before it measures, with a garbage collection after
-// them: the first packets after the handshakes (MTU probes, session
-// tickets, the handshakes' garbage) are the connections' start, not the
-// steady fan-out either side is measured for.
-const fanoutWarmup = 5
-
 // cpuTime is the process's user and system CPU time so far. Server and
 // clients of a bench share the process, so a difference of two is the CPU of
 // both; the bare broadcast's clients do the same reading work as ours, so
@@ -41,14 +30,6 @@ func cpuTime() time.Duration {
 		return 0
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// BroadcastResult is a fan-out measurement: latency from the start of a
-// broadcast until each subscriber has it, and deliveries per CPU-second of
-// the whole process.
-type BroadcastResult struct {
-	Latency      Percentiles
-	PerCPUSecond float64
 }
 
 // bareServer is a QUIC listener with the server's TLS and QUIC
@@ -123,110 +104,6 @@ func (b *bareServer) acceptBare(ctx context.Context) (*quic.Conn, *quic.Stream, 
 		return nil, nil, err
 	}
 	return conn, s, nil
-}
-
-// RunBareBroadcast is the floor of the fan-out: n QUIC connections with the
-// server's TLS and QUIC settings, and a loop that writes the same frame to
-// each of them, as our server does with an encoded version. frame is our
-// server's Versions message for the version measured (DeliveryResult.Frame:
-// 25 bytes for a one-row update), and the subscribers read it with the
-// protocol reader, as ours do: the two runs differ only on the server side,
-// which is what their CPU ratio is to compare. (Until issue 13's last turn
-// bare's subscribers read raw bytes while ours decoded messages, which
-// counted about 2 us per delivery of subscriber work against ours.) The
-// time is from the start of the loop until each subscriber has read it.
-func RunBareBroadcast(ctx context.Context, dir string, n, samples int, frame []byte) (BroadcastResult, error) {
-	if m, err := protocol.Decode(frameBody(frame), protocol.DefaultLimits); err != nil {
-		return BroadcastResult{}, fmt.Errorf("bare broadcast: the frame: %w", err)
-	} else if _, ok := m.(*protocol.Versions); !ok {
-		return BroadcastResult{}, fmt.Errorf("bare broadcast: the frame is a %T, not Versions", m)
-	}
-	srv, err := listenBare(dir)
-	if err != nil {
-		return BroadcastResult{}, err
-	}
-	defer srv.close()
-	conf, err := protocol.ClientTLS(srv.fingerprint, "", "")
-	if err != nil {
-		return BroadcastResult{}, err
-	}
-	var conns []*quic.Conn
-	defer func() {
-		for _, c := range conns {
-			c.CloseWithError(0, "")
-		}
-	}()
-	got := make(chan time.Time, n*4)
-	var readers sync.WaitGroup
-	defer readers.Wait()
-	var outs []*quic.Stream
-	for range n {
-		c, s, err := srv.dialBare(ctx, conf)
-		if err != nil {
-			return BroadcastResult{}, fmt.Errorf("bare broadcast: dial: %w", err)
-		}
-		conns = append(conns, c)
-		sc, ss, err := srv.acceptBare(ctx)
-		if err != nil {
-			return BroadcastResult{}, fmt.Errorf("bare broadcast: accept: %w", err)
-		}
-		conns = append(conns, sc)
-		outs = append(outs, ss)
-		readers.Add(1)
-		go func() {
-			defer readers.Done()
-			r := protocol.NewReader(s, protocol.DefaultLimits)
-			for {
-				m, err := r.Read()
-				if err != nil {
-					return
-				}
-				if vs, ok := m.(*protocol.Versions); ok {
-					for range vs.Versions {
-						got <- time.Now()
-					}
-				}
-			}
-		}()
-	}
-	var lat []time.Duration
-	broadcast := func() error {
-		start := time.Now()
-		for _, s := range outs {
-			if _, err := s.Write(frame); err != nil {
-				return fmt.Errorf("bare broadcast: write: %w", err)
-			}
-		}
-		timeout := time.After(30 * time.Second)
-		for range n {
-			select {
-			case at := <-got:
-				lat = append(lat, at.Sub(start))
-			case <-timeout:
-				return errors.New("bare broadcast: a subscriber did not get the message")
-			}
-		}
-		return nil
-	}
-	for range fanoutWarmup {
-		if err := broadcast(); err != nil {
-			return BroadcastResult{}, err
-		}
-	}
-	lat = lat[:0]
-	runtime.GC()
-	cpu0 := cpuTime()
-	for range samples {
-		if err := broadcast(); err != nil {
-			return BroadcastResult{}, err
-		}
-	}
-	cpu := cpuTime() - cpu0
-	for _, c := range conns {
-		c.CloseWithError(0, "")
-	}
-	conns = nil
-	return BroadcastResult{Latency: percentiles(lat), PerCPUSecond: float64(n*samples) / cpu.Seconds()}, nil
 }
 
 // frameBody is a length-prefixed frame without its length.

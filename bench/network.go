@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -316,8 +315,9 @@ func NetworkSection(replicas []int, samples int) Section {
 // FanoutSection is our server's fan-out of a one-row update to protocol
 // subscribers (the server and QUIC alone) against a bare quic-go broadcast of
 // a message of the same size over the same TLS and QUIC settings, at each
-// count of subscribers, interleaved run by run: latency, and deliveries per
-// CPU-second of the process (server and subscribers). Each run makes
+// count of subscribers, the two taking turns within each run (RunFanout):
+// latency, and deliveries per CPU-second of the process (server and
+// subscribers). Each run makes
 // deliveries/n versions (at least fanoutMinSamples), so that every count
 // measures about the same number of deliveries: 50 versions to 100
 // subscribers were 5,000 deliveries in 0.3 s of CPU, where one stall of the
@@ -332,14 +332,7 @@ func FanoutSection(subscribers []int, deliveries int) Section {
 			for run := 0; run < max(1, env.Config.Runs); run++ {
 				env.Progress("fanout: %d subscribers, run %d", n, run+1)
 				dir := filepath.Join(env.Dir, fmt.Sprintf("fan%d-r%d", n, run))
-				ours, err := RunDelivery(ctx, NetworkConfig{Dir: dir, Replicas: n, Samples: samples})
-				if err != nil {
-					return nil, err
-				}
-				// Bare writes the frame ours wrote last (the one-row
-				// update, 25 B since protocol 4): the same bytes, read
-				// the same way.
-				bare, err := RunBareBroadcast(ctx, dir, n, samples, ours.Frame)
+				ours, bare, err := RunFanout(ctx, dir, n, samples)
 				if err != nil {
 					return nil, err
 				}
@@ -371,132 +364,6 @@ const fanoutMinSamples = 20
 func spreadResult(section, label string, params map[string]int, unit string, p50, p99 []float64, note string) Result {
 	return Result{Section: section, Label: label, Params: params, Unit: unit,
 		A: Side{"p50", summarize(p50)}, B: Side{"p99", summarize(p99)}, Note: note}
-}
-
-// DeliveryResult is what RunDelivery measured.
-type DeliveryResult struct {
-	BroadcastResult
-	// MakeVersion is the time to make each version: the commit with its
-	// fsync, capture, checksum, encoding and change-log append, until
-	// Exec returns (the broadcast to the subscribers' queues included).
-	MakeVersion Percentiles
-	// Frame is the Versions message of the last version, as the server
-	// wrote it to each subscriber: what RunBareBroadcast writes.
-	Frame []byte
-}
-
-// RunDelivery measures the server's fan-out alone: cfg.Replicas protocol
-// clients, each on a QUIC connection of its own, subscribe and only read;
-// the time is from the server's commit of a one-row update until every
-// client has read it. With no rebase on the receiving side, this is what
-// the server and QUIC cost, which replicas on other machines would see.
-func RunDelivery(ctx context.Context, cfg NetworkConfig) (DeliveryResult, error) {
-	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	}
-	srv, addr, err := startBenchServer(ctx, filepath.Join(cfg.Dir, "server"), cfg.Logger, cfg.Replicas)
-	if err != nil {
-		return DeliveryResult{}, err
-	}
-	defer srv.Close()
-	auth := srv.Authority("bench")
-	// The harness is bare's (RunBareBroadcast): each subscriber's reader
-	// stamps the time it read a version and sends it on one channel, and
-	// the loop waits for n stamps per version under one timeout. (Until
-	// issue 13's last turn the loop read n channels in turn, under a timer
-	// each, and stamped a version when it reached that subscriber's
-	// channel: a later time than the read, and about 1 us of CPU per
-	// delivery that bare's loop has not.)
-	type receipt struct {
-		version uint64
-		at      time.Time
-	}
-	got := make(chan receipt, cfg.Replicas*4)
-	var conns []*quic.Conn
-	var readers sync.WaitGroup
-	defer func() {
-		for _, c := range conns {
-			c.CloseWithError(0, "")
-		}
-		readers.Wait()
-	}()
-	for i := 0; i < cfg.Replicas; i++ {
-		pc, err := dialProtocolClient(ctx, srv, addr, fmt.Sprintf("sub-%d", i))
-		if err != nil {
-			return DeliveryResult{}, fmt.Errorf("delivery bench: %w", err)
-		}
-		conns = append(conns, pc.conn)
-		readers.Add(1)
-		go func() {
-			defer readers.Done()
-			for {
-				m, err := pc.r.Read()
-				if err != nil {
-					return
-				}
-				if vs, ok := m.(*protocol.Versions); ok {
-					for _, v := range vs.Versions {
-						select {
-						case got <- receipt{v.Version, time.Now()}:
-						case <-ctx.Done():
-							return
-						}
-					}
-				}
-			}
-		}()
-	}
-	var lat, made []time.Duration
-	// deliver makes one version and waits until every subscriber has
-	// read it: each reads each version once, and the loop waits for all
-	// of them before the next, so n receipts of this version.
-	deliver := func() error {
-		start := time.Now()
-		ps, err := auth.Exec(ctx, func(tx mutators.Tx) error {
-			_, err := tx.Exec(`INSERT INTO Categories(name, count) VALUES ('Food', 1) ON CONFLICT(name) DO UPDATE SET count = count + 1`)
-			return err
-		})
-		made = append(made, time.Since(start))
-		if err != nil {
-			return err
-		}
-		timeout := time.After(30 * time.Second)
-		for range cfg.Replicas {
-			select {
-			case r := <-got:
-				if r.version != ps.Version {
-					return fmt.Errorf("delivery bench: a subscriber read version %d while %d was due", r.version, ps.Version)
-				}
-				lat = append(lat, r.at.Sub(start))
-			case <-timeout:
-				return fmt.Errorf("delivery bench: a subscriber did not get version %d", ps.Version)
-			}
-		}
-		return nil
-	}
-	for range fanoutWarmup {
-		if err := deliver(); err != nil {
-			return DeliveryResult{}, err
-		}
-	}
-	lat, made = lat[:0], made[:0]
-	runtime.GC()
-	cpu0 := cpuTime()
-	for range cfg.Samples {
-		if err := deliver(); err != nil {
-			return DeliveryResult{}, err
-		}
-	}
-	cpu := cpuTime() - cpu0
-	rec, err := srv.EncodedVersion("bench", auth.Version())
-	if err != nil {
-		return DeliveryResult{}, err
-	}
-	return DeliveryResult{
-		BroadcastResult: BroadcastResult{Latency: percentiles(lat), PerCPUSecond: float64(len(lat)) / cpu.Seconds()},
-		MakeVersion:     percentiles(made),
-		Frame:           protocol.AppendVersionsFrame(nil, rec),
-	}, nil
 }
 
 // protocolClient is a bare protocol session, standing in for a replica
