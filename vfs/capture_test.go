@@ -283,3 +283,36 @@ func TestCaptureBefore(t *testing.T) {
 		prev = checkpointedCopy(t, path)
 	}
 }
+
+// Each capture's first read is sized by the commits the last one found
+// (vfs.Capture.lastFrames): commits that grow, shrink, and come several to
+// a call, in a WAL full of a previous generation's frames, are each
+// captured whole, and nothing after them.
+func TestCaptureCommitsOfChangingSizes(t *testing.T) {
+	db, path := walDB(t)
+	// A generation of frames that a restart leaves behind, for the
+	// reads to run into.
+	mustExec(t, db, "INSERT INTO u SELECT randomblob(1500) FROM generate_series(1, 60)", "PRAGMA wal_checkpoint(PASSIVE)")
+	c := newCapture(t, path)
+	mustExec(t, db, "INSERT INTO t VALUES (0)") // restarts the WAL
+	next(t, c)
+	for i, stmts := range [][]string{
+		{"UPDATE t SET x = x + 1"},
+		{"INSERT INTO t SELECT randomblob(1500) FROM generate_series(1, 40)"},
+		{"UPDATE t SET x = x + 1 WHERE rowid = 1"},
+		{"UPDATE t SET x = x + 1 WHERE rowid = 1", "INSERT INTO t SELECT randomblob(1500) FROM generate_series(1, 30)", "UPDATE t SET x = 7 WHERE rowid = 2"},
+		{"UPDATE t SET x = x + 1 WHERE rowid = 1"},
+		{"UPDATE t SET x = randomblob(1500) WHERE rowid > 20"},
+	} {
+		before := checkpointedCopy(t, path)
+		mustExec(t, db, stmts...)
+		pages, dbSize := next(t, c)
+		if len(pages) == 0 {
+			t.Fatalf("step %d: nothing captured", i)
+		}
+		checkCapture(t, pages, dbSize, before, checkpointedCopy(t, path))
+		if pages, _ := next(t, c); len(pages) != 0 {
+			t.Fatalf("step %d: captured again: %d pages", i, len(pages))
+		}
+	}
+}
