@@ -57,6 +57,15 @@ func TestRunDelivery(t *testing.T) {
 	if bare.Latency.N != 15 || bare.PerCPUSecond <= 0 {
 		t.Fatalf("bare broadcast %+v", bare)
 	}
+	// Side by side, in turns: 25 rounds are three turns each, the last
+	// one short, and every round of both sides is counted.
+	ours, bare2, err := RunFanout(ctx, t.TempDir(), 3, 25)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ours.Latency.N != 75 || ours.MakeVersion.N != 25 || bare2.Latency.N != 75 || ours.PerCPUSecond <= 0 || bare2.PerCPUSecond <= 0 {
+		t.Fatalf("side by side: ours %+v, bare %+v", ours, bare2)
+	}
 	floor, err := RunConfirmFloor(ctx, t.TempDir(), 5)
 	if err != nil || floor.Fsync <= 0 || floor.RoundTrip <= 0 {
 		t.Fatalf("confirm floor %+v, %v", floor, err)
