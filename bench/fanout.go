@@ -166,6 +166,23 @@ func RunFanout(ctx context.Context, dir string, n, samples int) (DeliveryResult,
 	return ours, b.result(cpu[1]), err
 }
 
+// subscribers is what both sides share: the QUIC connections and the
+// reader goroutines, which stop once done is closed or their stream ends.
+type subscribers struct {
+	conns   []*quic.Conn
+	done    chan struct{}
+	readers sync.WaitGroup
+}
+
+// stop closes the connections and waits for the readers.
+func (s *subscribers) stop() {
+	close(s.done)
+	for _, c := range s.conns {
+		c.CloseWithError(0, "")
+	}
+	s.readers.Wait()
+}
+
 // receipt is a subscriber's reading of a version, stamped when it read it.
 type receipt struct {
 	version uint64
@@ -176,15 +193,13 @@ type receipt struct {
 // protocol subscribers, whose readers stamp each version they read and send
 // it on one channel, as bare's readers do.
 type delivery struct {
-	srv     *server.Server
-	auth    *server.Authority
-	n       int
-	conns   []*quic.Conn
-	got     chan receipt
-	done    chan struct{} // closed by close: the readers stop
-	readers sync.WaitGroup
-	lat     []time.Duration
-	made    []time.Duration
+	subscribers
+	srv  *server.Server
+	auth *server.Authority
+	n    int
+	got  chan receipt
+	lat  []time.Duration
+	made []time.Duration
 }
 
 func openDelivery(ctx context.Context, cfg NetworkConfig) (*delivery, error) {
@@ -195,8 +210,8 @@ func openDelivery(ctx context.Context, cfg NetworkConfig) (*delivery, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &delivery{srv: srv, auth: srv.Authority("bench"), n: cfg.Replicas,
-		got: make(chan receipt, cfg.Replicas*4), done: make(chan struct{})}
+	d := &delivery{srv: srv, auth: srv.Authority("bench"), n: cfg.Replicas, got: make(chan receipt, cfg.Replicas*4)}
+	d.done = make(chan struct{})
 	for i := range cfg.Replicas {
 		pc, err := dialProtocolClient(ctx, srv, addr, fmt.Sprintf("sub-%d", i))
 		if err != nil {
@@ -283,11 +298,7 @@ func (d *delivery) result(cpu time.Duration) (DeliveryResult, error) {
 }
 
 func (d *delivery) close() {
-	close(d.done)
-	for _, c := range d.conns {
-		c.CloseWithError(0, "")
-	}
-	d.readers.Wait()
+	d.stop()
 	d.srv.Close()
 }
 
@@ -300,14 +311,12 @@ func (d *delivery) close() {
 // their CPU ratio is to compare. The time is from the start of the loop
 // until each subscriber has read it.
 type bareBroadcast struct {
-	srv     *bareServer
-	frame   []byte
-	conns   []*quic.Conn
-	outs    []*quic.Stream
-	got     chan time.Time
-	done    chan struct{} // closed by close: the readers stop
-	readers sync.WaitGroup
-	lat     []time.Duration
+	subscribers
+	srv   *bareServer
+	frame []byte
+	outs  []*quic.Stream
+	got   chan time.Time
+	lat   []time.Duration
 }
 
 func openBare(ctx context.Context, dir string, n int, frame []byte) (*bareBroadcast, error) {
@@ -320,7 +329,8 @@ func openBare(ctx context.Context, dir string, n int, frame []byte) (*bareBroadc
 	if err != nil {
 		return nil, err
 	}
-	b := &bareBroadcast{srv: srv, frame: frame, got: make(chan time.Time, n*4), done: make(chan struct{})}
+	b := &bareBroadcast{srv: srv, frame: frame, got: make(chan time.Time, n*4)}
+	b.done = make(chan struct{})
 	conf, err := protocol.ClientTLS(srv.fingerprint, "", "")
 	if err != nil {
 		b.close()
@@ -393,10 +403,6 @@ func (b *bareBroadcast) result(cpu time.Duration) BroadcastResult {
 }
 
 func (b *bareBroadcast) close() {
-	close(b.done)
-	for _, c := range b.conns {
-		c.CloseWithError(0, "")
-	}
-	b.readers.Wait()
+	b.stop()
 	b.srv.close()
 }
