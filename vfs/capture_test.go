@@ -260,6 +260,15 @@ func TestCaptureBefore(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		if i%5 == 2 {
+			// Next between: the images the next call starts from are
+			// this call's (Capture.lastImages), as much as NextBefore's.
+			if _, _, err := capt.Next(); err != nil {
+				t.Fatalf("commit %d: %v", i, err)
+			}
+			prev = checkpointedCopy(t, path)
+			continue
+		}
 		pages, before, _, err := capt.NextBefore()
 		if err != nil {
 			t.Fatalf("commit %d: %v", i, err)
