@@ -172,7 +172,8 @@ func apply(ctx context.Context, l *Log, db string, f *os.File, pageSize uint32, 
 			if err != nil {
 				return res, fmt.Errorf("%w: version %d: %w", ErrBrokenChain, e.Version, err)
 			}
-			if ps.PageSize != pageSize || sums.Preview(ps) != ps.PostChecksum {
+			crcs := wal.PageChecksums(ps) // once, for the check and the apply
+			if ps.PageSize != pageSize || sums.PreviewWith(ps, crcs) != ps.PostChecksum {
 				return res, fmt.Errorf("%w: version %d: its pages do not give its checksum", ErrBrokenChain, e.Version)
 			}
 			for _, p := range ps.Pages {
@@ -185,7 +186,7 @@ func apply(ctx context.Context, l *Log, db string, f *os.File, pageSize uint32, 
 					return res, err
 				}
 			}
-			sums.Apply(ps)
+			sums.ApplyWith(ps, crcs)
 			dbSize = ps.DBSize
 			res.Version, res.Seq = e.Version, e.Seq
 			res.Applied++

@@ -515,8 +515,10 @@ func (a *Authority) commit(ctx context.Context, fn func(tx mutators.Tx) error) (
 		return nil, a.broken
 	}
 	ps := &wal.PageSet{Version: a.version, PageSize: a.pageSize, DBSize: dbSize, PreChecksum: a.sums.Sum(), Pages: pages}
-	ps.PostChecksum = a.sums.Preview(ps)
-	a.sums.Apply(ps)
+	// Each page is hashed once, for the preview and the apply both.
+	crcs := wal.PageChecksums(ps)
+	ps.PostChecksum = a.sums.PreviewWith(ps, crcs)
+	a.sums.ApplyWith(ps, crcs)
 	base := a.dbSize
 	a.dbSize = dbSize
 	a.remember(ps)
