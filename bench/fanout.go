@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 	"github.com/sqlrebase/sqlrebase/protocol"
@@ -135,35 +137,55 @@ func RunBareBroadcast(ctx context.Context, dir string, n, samples int, frame []b
 	return b.result(cpu[0]), nil
 }
 
-// RunFanout measures our fan-out to n subscribers and the bare broadcast
-// of its frame to n connections side by side, samples rounds each, taking
-// turns (measureFanout).
-func RunFanout(ctx context.Context, dir string, n, samples int) (DeliveryResult, BroadcastResult, error) {
+// FanoutResult is one side-by-side run of the fan-out (RunFanout).
+type FanoutResult struct {
+	Ours DeliveryResult
+	// Bare is the bare quic-go broadcast of the same frame: the floor of
+	// the transport, with nothing durable in it.
+	Bare BroadcastResult
+	// BareDurable is the same broadcast after one page written and
+	// fdatasync'd per round: the floor of a fan-out whose versions are
+	// durable before they leave, as ours are (synchronous=FULL).
+	BareDurable BroadcastResult
+}
+
+// RunFanout measures our fan-out to n subscribers, the bare broadcast of its
+// frame to n connections, and that broadcast after an fdatasync per round,
+// side by side, samples rounds each, taking turns (measureFanout).
+func RunFanout(ctx context.Context, dir string, n, samples int) (FanoutResult, error) {
 	d, err := openDelivery(ctx, NetworkConfig{Dir: dir, Replicas: n})
 	if err != nil {
-		return DeliveryResult{}, BroadcastResult{}, err
+		return FanoutResult{}, err
 	}
 	defer d.close()
 	// Bare writes the frame ours writes (the one-row update, 25 B since
 	// protocol 4): the same bytes, read the same way.
 	if err := d.round(ctx); err != nil {
-		return DeliveryResult{}, BroadcastResult{}, err
+		return FanoutResult{}, err
 	}
 	frame, err := d.frame()
 	if err != nil {
-		return DeliveryResult{}, BroadcastResult{}, err
+		return FanoutResult{}, err
 	}
-	b, err := openBare(ctx, dir, n, frame)
+	b, err := openBare(ctx, filepath.Join(dir, "bare"), n, frame)
 	if err != nil {
-		return DeliveryResult{}, BroadcastResult{}, err
+		return FanoutResult{}, err
 	}
 	defer b.close()
-	cpu, err := measureFanout(ctx, samples, d, b)
+	bd, err := openBare(ctx, filepath.Join(dir, "bare-durable"), n, frame)
 	if err != nil {
-		return DeliveryResult{}, BroadcastResult{}, err
+		return FanoutResult{}, err
+	}
+	defer bd.close()
+	if err := bd.makeDurable(filepath.Join(dir, "bare-durable", "log")); err != nil {
+		return FanoutResult{}, err
+	}
+	cpu, err := measureFanout(ctx, samples, d, b, bd)
+	if err != nil {
+		return FanoutResult{}, err
 	}
 	ours, err := d.result(cpu[0])
-	return ours, b.result(cpu[1]), err
+	return FanoutResult{Ours: ours, Bare: b.result(cpu[1]), BareDurable: bd.result(cpu[2])}, err
 }
 
 // subscribers is what both sides share: the QUIC connections and the
@@ -317,6 +339,35 @@ type bareBroadcast struct {
 	outs  []*quic.Stream
 	got   chan time.Time
 	lat   []time.Duration
+	// log, if set (makeDurable), takes one page and an fdatasync at the
+	// start of every round, written over a file of durableLogPages pages
+	// in turn as a WAL is overwritten in place.
+	log    *os.File
+	page   []byte
+	rounds int
+}
+
+// durableLogPages is the length of a durable bare broadcast's log, in pages.
+const durableLogPages = 64
+
+// makeDurable gives b a log at path, presized and synced, so that each of
+// its rounds starts with a page written over it and an fdatasync.
+func (b *bareBroadcast) makeDurable(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("bare broadcast: %w", err)
+	}
+	b.page = make([]byte, 4096)
+	if _, err := f.WriteAt(make([]byte, durableLogPages*len(b.page)), 0); err != nil {
+		f.Close()
+		return fmt.Errorf("bare broadcast: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("bare broadcast: %w", err)
+	}
+	b.log = f
+	return nil
 }
 
 func openBare(ctx context.Context, dir string, n int, frame []byte) (*bareBroadcast, error) {
@@ -324,6 +375,9 @@ func openBare(ctx context.Context, dir string, n int, frame []byte) (*bareBroadc
 		return nil, fmt.Errorf("bare broadcast: the frame: %w", err)
 	} else if _, ok := m.(*protocol.Versions); !ok {
 		return nil, fmt.Errorf("bare broadcast: the frame is a %T, not Versions", m)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("bare broadcast: %w", err)
 	}
 	srv, err := listenBare(dir)
 	if err != nil {
@@ -376,6 +430,16 @@ func openBare(ctx context.Context, dir string, n int, frame []byte) (*bareBroadc
 
 func (b *bareBroadcast) round(ctx context.Context) error {
 	start := time.Now()
+	if b.log != nil {
+		b.rounds++
+		b.page[0] = byte(b.rounds)
+		if _, err := b.log.WriteAt(b.page, int64(b.rounds%durableLogPages)*int64(len(b.page))); err != nil {
+			return fmt.Errorf("bare broadcast: %w", err)
+		}
+		if err := unix.Fdatasync(int(b.log.Fd())); err != nil {
+			return fmt.Errorf("bare broadcast: %w", err)
+		}
+	}
 	for _, s := range b.outs {
 		if _, err := s.Write(b.frame); err != nil {
 			return fmt.Errorf("bare broadcast: write: %w", err)
@@ -405,4 +469,7 @@ func (b *bareBroadcast) result(cpu time.Duration) BroadcastResult {
 func (b *bareBroadcast) close() {
 	b.stop()
 	b.srv.close()
+	if b.log != nil {
+		b.log.Close()
+	}
 }

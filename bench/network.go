@@ -348,9 +348,10 @@ func NetworkSection(replicas []int, samples int) Section {
 // FanoutSection is our server's fan-out of a one-row update to protocol
 // subscribers (the server and QUIC alone) against a bare quic-go broadcast of
 // a message of the same size over the same TLS and QUIC settings, at each
-// count of subscribers, the two taking turns within each run (RunFanout):
-// latency, and deliveries per CPU-second of the process (server and
-// subscribers). Each run makes
+// count of subscribers, and against that broadcast after an fdatasync per
+// round (the floor of a fan-out of durable versions), the three taking turns
+// within each run (RunFanout): latency, and deliveries per CPU-second of the
+// process (server and subscribers). Each run makes
 // deliveries/n versions (at least fanoutMinSamples), so that every count
 // measures about the same number of deliveries: 50 versions to 100
 // subscribers were 5,000 deliveries in 0.3 s of CPU, where one stall of the
@@ -360,15 +361,17 @@ func FanoutSection(subscribers []int, deliveries int) Section {
 		var out []Result
 		msf := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 		for _, n := range subscribers {
-			var o50, o99, b50, b99, ocpu, bcpu, make50, make99 []float64
+			var o50, o99, b50, b99, ocpu, bcpu, dcpu, make50, make99 []float64
 			samples := max(fanoutMinSamples, deliveries/n)
 			for run := 0; run < max(1, env.Config.Runs); run++ {
 				env.Progress("fanout: %d subscribers, run %d", n, run+1)
 				dir := filepath.Join(env.Dir, fmt.Sprintf("fan%d-r%d", n, run))
-				ours, bare, err := RunFanout(ctx, dir, n, samples)
+				fan, err := RunFanout(ctx, dir, n, samples)
 				if err != nil {
 					return nil, err
 				}
+				ours, bare := fan.Ours, fan.Bare
+				dcpu = append(dcpu, fan.BareDurable.PerCPUSecond)
 				o50, o99 = append(o50, msf(ours.Latency.P50)), append(o99, msf(ours.Latency.P99))
 				b50, b99 = append(b50, msf(bare.Latency.P50)), append(b99, msf(bare.Latency.P99))
 				ocpu, bcpu = append(ocpu, ours.PerCPUSecond), append(bcpu, bare.PerCPUSecond)
@@ -381,6 +384,8 @@ func FanoutSection(subscribers []int, deliveries int) Section {
 				pairResult("fanout", fmt.Sprintf("fan-out p99, %d subscribers", n), params, "ms", "ours", o99, "bare quic-go", b99, ""),
 				pairResult("fanout", fmt.Sprintf("deliveries per CPU-second, %d subscribers", n), params, "1/s", "ours", ocpu, "bare quic-go", bcpu,
 					"server and subscribers share the process; higher is better"),
+				pairResult("fanout", fmt.Sprintf("deliveries per CPU-second against a durable broadcast, %d subscribers", n), params, "1/s", "ours", ocpu, "bare quic-go + fdatasync", dcpu,
+					"bare's broadcast after a page written and fdatasync'd per round, as each of our versions is durable before it leaves"),
 				spreadResult("fanout", fmt.Sprintf("making the version, %d subscribers", n), params, "ms", make50, make99,
 					"commit with fsync, capture, checksum, encoding, change-log append and the offer to every queue: the part of our p50 bare has not"),
 			)

@@ -59,12 +59,13 @@ func TestRunDelivery(t *testing.T) {
 	}
 	// Side by side, in turns: 25 rounds are three turns each, the last
 	// one short, and every round of both sides is counted.
-	ours, bare2, err := RunFanout(ctx, t.TempDir(), 3, 25)
+	fan, err := RunFanout(ctx, t.TempDir(), 3, 25)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ours.Latency.N != 75 || ours.MakeVersion.N != 25 || bare2.Latency.N != 75 || ours.PerCPUSecond <= 0 || bare2.PerCPUSecond <= 0 {
-		t.Fatalf("side by side: ours %+v, bare %+v", ours, bare2)
+	if fan.Ours.Latency.N != 75 || fan.Ours.MakeVersion.N != 25 || fan.Bare.Latency.N != 75 || fan.BareDurable.Latency.N != 75 ||
+		fan.Ours.PerCPUSecond <= 0 || fan.Bare.PerCPUSecond <= 0 || fan.BareDurable.PerCPUSecond <= 0 {
+		t.Fatalf("side by side: %+v", fan)
 	}
 	floor, err := RunConfirmFloor(ctx, t.TempDir(), 5)
 	if err != nil || floor.Fsync <= 0 || floor.RoundTrip <= 0 {
