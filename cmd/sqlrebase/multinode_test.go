@@ -700,15 +700,28 @@ func settleAndCheck(t *testing.T, nodes []*nodeProc, cfgs []clusterWorkerConfig,
 	}
 	slices.Sort(want)
 	finals := make([]clusterWorkerReport, len(cfgs))
-	for i, n := range nodes {
-		for j := i; j < len(cfgs); j += len(nodes) {
-			c := cfgs[j]
-			c.Addr, c.Alternates, c.Pace = n.addr, nil, 0
-			finals[j] = startClusterWorker(t, c).finish(t, 120*time.Second)
-			if finals[j].Node != n.addr {
-				t.Errorf("%s synced through %s, want %s (%s)", c.Name, finals[j].Node, n.addr, n.name)
+	// A node that lost its lease in the churn after a heal or a kill may
+	// take the database over again while the final syncs run, and its
+	// take-over version then reaches only the replicas that sync after it
+	// (seen once under CI's load: two replicas at 232, the third and every
+	// node at 233). That is a version the others have yet to fetch, not a
+	// divergence: the syncs run again until they end at one version, and
+	// the checks below hold them to one checksum and exact counts.
+	for pass := 1; ; pass++ {
+		for i, n := range nodes {
+			for j := i; j < len(cfgs); j += len(nodes) {
+				c := cfgs[j]
+				c.Addr, c.Alternates, c.Pace = n.addr, nil, 0
+				finals[j] = startClusterWorker(t, c).finish(t, 120*time.Second)
+				if finals[j].Node != n.addr {
+					t.Errorf("%s synced through %s, want %s (%s)", c.Name, finals[j].Node, n.addr, n.name)
+				}
 			}
 		}
+		if !finalVersionsDiffer(finals) || pass == finalSyncPasses {
+			break
+		}
+		t.Logf("final syncs, pass %d: the replicas ended at different versions (a take-over during the syncs?); syncing again", pass)
 	}
 	for i, r := range finals {
 		if r.Version != finals[0].Version || r.Checksum != finals[0].Checksum || r.Pending != 0 {
@@ -1056,6 +1069,21 @@ func TestClusterPartition(t *testing.T) {
 	// n1 follows from its own copy, or, as the owner again, restored its
 	// file from the stream first; either ends at the replicas' checksum.
 	settleAndCheck(t, nodes, cfgs, made)
+}
+
+// finalSyncPasses bounds how often settleAndCheck runs the final syncs
+// while the replicas end at different versions.
+const finalSyncPasses = 3
+
+// finalVersionsDiffer reports whether the final reports name more than one
+// version.
+func finalVersionsDiffer(finals []clusterWorkerReport) bool {
+	for _, r := range finals {
+		if r.Version != finals[0].Version {
+			return true
+		}
+	}
+	return false
 }
 
 func lastAfter(acks []int64, t0 time.Time) string {
