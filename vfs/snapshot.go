@@ -57,7 +57,7 @@ func (r *Replica) InstallSnapshot(ctx context.Context, img SnapshotImage) error 
 		return fmt.Errorf("%w: snapshot of version %d has checksum %016x, the server says %016x", ErrChecksum, img.Version, sums.Sum(), img.Checksum)
 	}
 	marker := &wal.PageSet{Version: img.Version, PageSize: img.PageSize, DBSize: img.Pages, PreChecksum: img.Checksum, PostChecksum: img.Checksum}
-	if err := r.writeJournal(marker); err != nil {
+	if err := r.writeJournal(marker, nil); err != nil {
 		return WrapDiskFull(err) // nothing was touched: not a poison
 	}
 	if err := r.lockAll(ctx); err != nil {
@@ -76,6 +76,7 @@ func (r *Replica) InstallSnapshot(ctx context.Context, img SnapshotImage) error 
 
 // copyImage writes the image's pages over the main file and sets its size.
 func (r *Replica) copyImage(img SnapshotImage) error {
+	r.cookieKnown = false // SchemaCookie reads it from the file again
 	if err := readImage(img, func(first uint32, chunk []byte) error {
 		_, err := r.faults.writeAt(r.main, chunk, int64(first-1)*int64(img.PageSize))
 		return err

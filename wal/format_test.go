@@ -2,7 +2,10 @@ package wal
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
+	"hash/crc64"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -406,10 +409,10 @@ func TestDecodePageSetLimitsAndHeader(t *testing.T) {
 	if _, err := DecodePageSet(huge, Limits{MaxPages: 0xffffffff, MaxBytes: 1 << 62}); !errors.Is(err, ErrTruncated) {
 		t.Errorf("nPages 2^32-1 under huge limits: %v", err)
 	}
-	v2 := bytes.Clone(b)
-	v2[4] = 2
-	if _, err := DecodePageSet(v2, Limits{}); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "version 2") {
-		t.Errorf("format version 2: %v", err)
+	v3 := bytes.Clone(b)
+	v3[4] = 3
+	if _, err := DecodePageSet(v3, Limits{}); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "version 3") {
+		t.Errorf("format version 3: %v", err)
 	}
 	bad := bytes.Clone(b)
 	bad[0] = 'X'
@@ -467,5 +470,70 @@ func TestDecodeIndexRejectsFields(t *testing.T) {
 		if _, _, err := DecodeIndex(b); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%s: %v", name, err)
 		}
+	}
+}
+
+// TestDecodePageSetFormats: format 2's record CRC covers each page through
+// its checksum, and records of format 1 (a journal written before the
+// upgrade), whose CRC covers every byte, still decode; each format's CRC
+// is refused under the other's format number.
+func TestDecodePageSetFormats(t *testing.T) {
+	ps := samplePageSet(3, 512)
+	v2, err := ps.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v2[4] != 2 {
+		t.Fatalf("written as format %d, want 2", v2[4])
+	}
+	v1 := bytes.Clone(v2)
+	v1[4] = 1
+	binary.LittleEndian.PutUint64(v1[len(v1)-8:], crc64.Checksum(v1[:len(v1)-8], crcTable))
+	for name, b := range map[string][]byte{"format 1": v1, "format 2": v2} {
+		got, err := DecodePageSet(b, Limits{})
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !reflect.DeepEqual(got, ps) {
+			t.Fatalf("%s: decoded %+v, want %+v", name, got, ps)
+		}
+		if err := CheckPageSetRecord(bytes.NewReader(b), int64(len(b))); err != nil {
+			t.Fatalf("%s: CheckPageSetRecord: %v", name, err)
+		}
+	}
+	swapped := bytes.Clone(v1)
+	swapped[4] = 2
+	if _, err := DecodePageSet(swapped, Limits{}); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("format 1's CRC as format 2: %v", err)
+	}
+	if err := CheckPageSetRecord(bytes.NewReader(swapped), int64(len(swapped))); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("CheckPageSetRecord, format 1's CRC as format 2: %v", err)
+	}
+	// The sums AppendBinaryWith is given are the ones the CRC covers.
+	sums := PageChecksums(ps)
+	with, err := ps.AppendBinaryWith(nil, sums)
+	if err != nil || !bytes.Equal(with, v2) {
+		t.Fatalf("AppendBinaryWith its own checksums: %v, equal %v", err, bytes.Equal(with, v2))
+	}
+	sums[1] ^= 1
+	wrong, err := ps.AppendBinaryWith(nil, sums)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := DecodePageSet(wrong, Limits{}); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("a record made with a wrong page checksum: %v", err)
+	}
+	if _, err := ps.AppendBinaryWith(nil, sums[:1]); !errors.Is(err, ErrInvalid) {
+		t.Errorf("too few checksums: %v", err)
+	}
+	// Every bit of every page counts, and a short record is not whole.
+	for i := pageSetHeaderSize; i < len(v2)-8; i += 97 {
+		bad := flipBit(v2, i*8)
+		if err := CheckPageSetRecord(bytes.NewReader(bad), int64(len(bad))); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("bit flipped at byte %d: %v", i, err)
+		}
+	}
+	if err := CheckPageSetRecord(bytes.NewReader(v2[:len(v2)-1]), int64(len(v2))); !errors.Is(err, ErrTruncated) {
+		t.Errorf("short record: %v", err)
 	}
 }

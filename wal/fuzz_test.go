@@ -2,6 +2,8 @@ package wal
 
 import (
 	"bytes"
+	"encoding/binary"
+	"hash/crc64"
 	"testing"
 )
 
@@ -100,12 +102,23 @@ func FuzzDecodePageSet(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(b)
+	v1 := bytes.Clone(b)
+	v1[4] = pageSetFormatV1
+	binary.LittleEndian.PutUint64(v1[len(v1)-8:], crc64.Checksum(v1[:len(v1)-8], crcTable))
+	f.Add(v1)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		head, herr := PeekPageSet(b)
 		if herr != nil && !isSentinel(herr) {
 			t.Fatalf("peek: error without sentinel: %v", herr)
 		}
 		ps, err := DecodePageSet(b, Limits{MaxPages: 64, MaxBytes: 1 << 20})
+		cerr := CheckPageSetRecord(bytes.NewReader(b), int64(len(b)))
+		if cerr != nil && !isSentinel(cerr) {
+			t.Fatalf("check: error without sentinel: %v", cerr)
+		}
+		if err == nil && cerr != nil {
+			t.Fatalf("decodes, but its record does not check: %v", cerr)
+		}
 		if err == nil {
 			// Whatever decodes whole, its header peeks as the same fields.
 			if herr != nil {
@@ -126,7 +139,13 @@ func FuzzDecodePageSet(f *testing.F) {
 		if err != nil {
 			t.Fatalf("decoded set does not re-encode: %v", err)
 		}
-		if !bytes.Equal(re, b) {
+		if b[4] == pageSetFormatV1 {
+			// Re-encoded in format 2: the same but for the format
+			// number and the record CRC.
+			if len(re) != len(b) || !bytes.Equal(re[6:len(re)-8], b[6:len(b)-8]) {
+				t.Fatalf("re-encode of a format-1 record differs")
+			}
+		} else if !bytes.Equal(re, b) {
 			t.Fatalf("re-encode differs")
 		}
 	})
