@@ -993,7 +993,7 @@ func (r *Replica) decodeVersions(evs []protocol.EncodedVersion) ([]*wal.PageSet,
 		if pgno == 0 || pgno > r.files.Pages() {
 			return nil, fmt.Errorf("no image of page %d", pgno)
 		}
-		return r.files.ReadPage(pgno)
+		return r.files.BasePage(pgno)
 	}
 	for i := range evs {
 		ev := &evs[i]

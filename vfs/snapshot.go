@@ -76,7 +76,7 @@ func (r *Replica) InstallSnapshot(ctx context.Context, img SnapshotImage) error 
 
 // copyImage writes the image's pages over the main file and sets its size.
 func (r *Replica) copyImage(img SnapshotImage) error {
-	r.cookieKnown = false // SchemaCookie reads it from the file again
+	r.cookieKnown, r.applied = false, nil // SchemaCookie and BasePage read the file again
 	if err := readImage(img, func(first uint32, chunk []byte) error {
 		_, err := r.faults.writeAt(r.main, chunk, int64(first-1)*int64(img.PageSize))
 		return err
