@@ -33,3 +33,16 @@ func ofdLock(f *os.File, typ int16, start, n int64) error {
 func readLock(f *os.File, start, n int64) error  { return ofdLock(f, unix.F_RDLCK, start, n) }
 func writeLock(f *os.File, start, n int64) error { return ofdLock(f, unix.F_WRLCK, start, n) }
 func unlock(f *os.File, start, n int64) error    { return ofdLock(f, unix.F_UNLCK, start, n) }
+
+// mapShared maps the first n bytes of f read-only and shared: what other
+// processes and handles write to the file shows in it.
+func mapShared(f *os.File, n int) ([]byte, error) {
+	b, err := unix.Mmap(int(f.Fd()), 0, n, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("map %s: %w", f.Name(), err)
+	}
+	return b, nil
+}
+
+// unmap undoes mapShared.
+func unmap(b []byte) error { return unix.Munmap(b) }

@@ -141,6 +141,12 @@ type Replica struct {
 	// the cookie, only this Replica writes the main file; every write but
 	// a rebase's apply forgets them.
 	applied map[uint32][]byte
+	// shmMap maps -shm's first region read-only, shared with every
+	// connection's mapping: the wal-index header a rebase reads three
+	// times (and the page array a View searches) come from memory, not a
+	// pread each. nil where mapping is unsupported or failed: then reads
+	// are preads. Writes stay pwrites, through the fault hook.
+	shmMap []byte
 }
 
 // appliedKeep bounds the pages Replica keeps of its last applies: 64 kB at
@@ -454,6 +460,9 @@ func (r *Replica) openShm() error {
 	if err := r.faults.truncate(r.shm, shmRegionSize); err != nil {
 		return err
 	}
+	// The region stays this long: nobody truncates -shm while we hold
+	// DMS, and SQLite only grows it.
+	r.shmMap, _ = mapShared(r.shm, shmRegionSize)
 	var seed [4]byte
 	rand.Read(seed[:])
 	r.change = binary.LittleEndian.Uint32(seed[:])
@@ -524,10 +533,23 @@ func (r *Replica) resetWAL(truncate bool) error {
 	return nil
 }
 
-// indexHeader reads and decodes the wal-index header (one pread).
+// readShm reads len(b) bytes of -shm at off: from the mapping where it
+// covers them, else with a pread. A copy torn by a connection writing
+// meanwhile is what a pread could return too; the header's two copies and
+// checksum tell.
+func (r *Replica) readShm(b []byte, off int64) error {
+	if off >= 0 && off+int64(len(b)) <= int64(len(r.shmMap)) {
+		copy(b, r.shmMap[off:])
+		return nil
+	}
+	_, err := r.shm.ReadAt(b, off)
+	return err
+}
+
+// indexHeader reads and decodes the wal-index header.
 func (r *Replica) indexHeader() (wal.IndexHeader, error) {
 	var b [wal.IndexHeaderSize]byte
-	if _, err := r.shm.ReadAt(b[:], 0); err != nil {
+	if err := r.readShm(b[:], 0); err != nil {
 		return wal.IndexHeader{}, fmt.Errorf("read wal-index header: %w", err)
 	}
 	h, _, err := wal.DecodeIndex(b[:])
@@ -617,7 +639,7 @@ func (r *Replica) lastFrameOf(pgno, mx uint32) (uint32, error) {
 		end, first := wal.IndexPgnoOffset(hi)
 		lo := max(first, hi-min(hi, uint32(len(buf)/4))+1)
 		n := int(hi-lo+1) * 4
-		if _, err := r.shm.ReadAt(buf[:n], end+4-int64(n)); err != nil {
+		if err := r.readShm(buf[:n], end+4-int64(n)); err != nil {
 			return 0, fmt.Errorf("read wal-index page array: %w", err)
 		}
 		for i := n - 4; i >= 0; i -= 4 {
@@ -1100,6 +1122,10 @@ func (r *Replica) Close() error {
 	if r.walf != nil {
 		errs = append(errs, r.walf.Close())
 		r.walf = nil
+	}
+	if r.shmMap != nil {
+		errs = append(errs, unmap(r.shmMap))
+		r.shmMap = nil
 	}
 	if r.shm != nil {
 		errs = append(errs, r.shm.Close())
