@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -732,6 +733,14 @@ func (d *database) wakeLater() {
 	later := d.later
 	d.later = nil
 	d.auth.mu.Unlock()
+	if len(later) > 0 {
+		// Let the pushers' connections send their acks first: the writes
+		// above readied their goroutines, and the writes below would
+		// ready one more per subscriber before them. With 10 replicas on
+		// this process's two cores, Mutate to confirmed p50 0.94 -> 0.83
+		// ms (12 runs alternated, 11 faster).
+		runtime.Gosched()
+	}
 	for _, s := range later {
 		s.signal()
 	}
