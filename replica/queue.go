@@ -409,8 +409,17 @@ func (q *queue) Settle(lmid uint64) error {
 	q.starts = append([]int64(nil), q.starts[n:]...)
 	var recorded bool
 	var err error
-	if len(q.pending) == 0 {
+	if len(q.pending) == 0 && (q.size-queueHeaderSize > q.compactMin || lmid != q.lastID) {
 		recorded, err = q.compactEmpty()
+	} else if len(q.pending) == 0 {
+		// Settled records the base filters out stay until they pass
+		// compactMin: a truncate per settle was a tenth of settling one
+		// mutation (the rebase that confirms it). The next append goes
+		// after them with the next id (lmid is the last one in the file;
+		// otherwise the ids in the file would have a gap, which ends a
+		// valid queue, and compactEmpty truncates).
+		err = q.writeHeader()
+		recorded = err == nil
 	} else if settledBytes := q.starts[0] - queueHeaderSize; settledBytes > q.compactMin && settledBytes > q.size/2 {
 		recorded, err = q.rewrite()
 	} else {

@@ -329,19 +329,37 @@ func TestQueueCompactTruncate(t *testing.T) {
 			if err := q.Settle(3); err != nil {
 				t.Fatal(err)
 			}
+			// Under compactMin the settled records stay, behind the base,
+			// and the next append goes after them.
+			if got := fileSize(t, path); got == queueHeaderSize {
+				t.Fatalf("file is %d bytes after settling 3 under compactMin: truncated", got)
+			}
+			appendN(t, q, 1)
+			q.Close()
+			q = mustOpenQueue(t, path, sync)
+			checkPending(t, q, []uint64{4})
+			q.compactMin = 0
+			if err := q.Settle(4); err != nil {
+				t.Fatal(err)
+			}
 			if got := fileSize(t, path); got != queueHeaderSize {
-				t.Fatalf("file is %d bytes after settling everything", got)
+				t.Fatalf("file is %d bytes after settling everything past compactMin", got)
 			}
 			q.Close()
 			q = mustOpenQueue(t, path, sync)
 			checkPending(t, q, []uint64{})
-			if q.NextID() != 4 {
-				t.Fatalf("NextID after compaction to empty = %d, want 4 (ids must not be reused)", q.NextID())
+			if q.NextID() != 5 {
+				t.Fatalf("NextID after compaction to empty = %d, want 5 (ids must not be reused)", q.NextID())
 			}
 			appendN(t, q, 2)
-			// Settling beyond the last id moves the base past it.
+			// Settling beyond the last id moves the base past it, and
+			// empties the file whatever compactMin: the next id (11) after
+			// the records left (5, 6) would be a gap, which ends a queue.
 			if err := q.Settle(10); err != nil {
 				t.Fatal(err)
+			}
+			if got := fileSize(t, path); got != queueHeaderSize {
+				t.Fatalf("file is %d bytes after settling past the last id", got)
 			}
 			q.Close()
 			q = mustOpenQueue(t, path, sync)
