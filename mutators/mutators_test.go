@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/ncruces/go-sqlite3/driver"
+	"pgregory.net/rapid"
 
 	"github.com/sqlrebase/sqlrebase/mutators"
 )
@@ -400,4 +401,46 @@ func TestIsReserved(t *testing.T) {
 			t.Errorf("IsReserved(%q) = false", tbl)
 		}
 	}
+}
+
+// TestSettlementIsLastMutationIDAndRejections: Settlement answers, in one
+// statement, what LastMutationID and then Rejections(after, that id)
+// answer, on a database without the reserved tables, without the client's
+// row, and on any history of acknowledgements and rejections.
+func TestSettlementIsLastMutationIDAndRejections(t *testing.T) {
+	ctx := context.Background()
+	agree := func(t interface{ Fatalf(string, ...any) }, db *sql.DB, client string, after uint64) {
+		lmid, rej, err := mutators.Settlement(ctx, db, client, after)
+		wantID, err1 := mutators.LastMutationID(ctx, db, client)
+		wantRej, err2 := mutators.Rejections(ctx, db, client, after, wantID)
+		if err != nil || err1 != nil || err2 != nil {
+			t.Fatalf("Settlement(%s, %d): %v; the two: %v, %v", client, after, err, err1, err2)
+		}
+		if lmid != wantID || !reflect.DeepEqual(rej, wantRej) {
+			t.Fatalf("Settlement(%s, %d) = %d %v; the two say %d %v", client, after, lmid, rej, wantID, wantRej)
+		}
+	}
+	agree(t, openDB(t), "c1", 0)
+	rapid.Check(t, func(rt *rapid.T) {
+		db := openDB(t)
+		if _, err := db.ExecContext(ctx, mutators.ReservedSchema); err != nil {
+			rt.Fatal(err)
+		}
+		clients := []string{"c0", "c1", "c2"}
+		rt.Repeat(map[string]func(*rapid.T){
+			"ack": func(rt *rapid.T) {
+				if err := mutators.SetLastMutationID(ctx, db, rapid.SampledFrom(clients).Draw(rt, "client"), rapid.Uint64Range(0, 20).Draw(rt, "id")); err != nil {
+					rt.Fatal(err)
+				}
+			},
+			"reject": func(rt *rapid.T) {
+				if err := mutators.RecordRejection(ctx, db, rapid.SampledFrom(clients).Draw(rt, "client"), rapid.Uint64Range(1, 20).Draw(rt, "id"), "m", rapid.StringMatching(`[a-z]{0,8}`).Draw(rt, "msg"), 1); err != nil {
+					rt.Fatal(err)
+				}
+			},
+			"": func(rt *rapid.T) {
+				agree(rt, db, rapid.SampledFrom(append(clients, "nobody")).Draw(rt, "client"), rapid.Uint64Range(0, 22).Draw(rt, "after"))
+			},
+		})
+	})
 }

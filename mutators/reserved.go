@@ -201,6 +201,46 @@ func Rejections(ctx context.Context, q Querier, clientID string, after, upTo uin
 	return out, nil
 }
 
+// Settlement returns what LastMutationID and then Rejections(after, that
+// id) return, in one statement and so one read transaction: a replica
+// settling its mutations after a rebase asks for both, and the first
+// statement after a drop pays for the read transaction (the wal-index and
+// page 1 again). Missing reserved tables are answered as the two would.
+func Settlement(ctx context.Context, q Querier, clientID string, after uint64) (lmid uint64, rejected map[uint64]string, err error) {
+	rows, err := q.QueryContext(ctx, `SELECT c.last_mutation_id, r.mutation_id, r.error FROM `+TableClients+` AS c
+		LEFT JOIN `+TableRejections+` AS r ON r.client_id = c.client_id AND r.mutation_id > ? AND r.mutation_id <= c.last_mutation_id
+		WHERE c.client_id = ? ORDER BY r.mutation_id`, clampInt64(after), clientID)
+	if err != nil {
+		// A table is missing (or something else is wrong): the two
+		// queries say which, as they always have.
+		if lmid, err = LastMutationID(ctx, q, clientID); err != nil {
+			return 0, nil, err
+		}
+		rejected, err = Rejections(ctx, q, clientID, after, lmid)
+		return lmid, rejected, err
+	}
+	defer rows.Close()
+	rejected = make(map[uint64]string)
+	var id int64
+	for rows.Next() {
+		var mid sql.NullInt64
+		var msg sql.NullString
+		if err := rows.Scan(&id, &mid, &msg); err != nil {
+			return 0, nil, fmt.Errorf("mutators: read settlement of %q: %w", clientID, err)
+		}
+		if id < 0 || (mid.Valid && mid.Int64 < 0) {
+			return 0, nil, fmt.Errorf("mutators: read settlement of %q: id %d, rejected %d: %w", clientID, id, mid.Int64, ErrOutOfRange)
+		}
+		if mid.Valid {
+			rejected[uint64(mid.Int64)] = msg.String
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return 0, nil, fmt.Errorf("mutators: read settlement of %q: %w", clientID, err)
+	}
+	return uint64(id), rejected, nil
+}
+
 // ActivityGranularity is what TouchClient rounds a push time down to.
 const ActivityGranularity = 3600 // seconds
 

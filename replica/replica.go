@@ -1028,7 +1028,7 @@ func (r *Replica) settle(ctx context.Context) error {
 		return nil
 	}
 	id := r.queue.ClientID()
-	lmid, err := mutators.LastMutationID(ctx, r.engineQ, id)
+	lmid, rejected, err := mutators.Settlement(ctx, r.engineQ, id, r.lmid)
 	if err != nil {
 		return fmt.Errorf("read acknowledgements: %w", err)
 	}
@@ -1038,10 +1038,6 @@ func (r *Replica) settle(ctx context.Context) error {
 	r.ackRead = lmid
 	if lmid == r.lmid {
 		return nil
-	}
-	rejected, err := mutators.Rejections(ctx, r.engineQ, id, r.lmid, lmid)
-	if err != nil {
-		return fmt.Errorf("read rejections: %w", err)
 	}
 	// The queue first: if its write fails, nothing in memory moved (the
 	// handles stay pending, r.lmid stays), so the next settle tries again
