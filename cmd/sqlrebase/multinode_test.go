@@ -250,13 +250,41 @@ func newClusterNodes(t *testing.T, dir string, n int, leaseTTL time.Duration, ro
 	t.Cleanup(func() {
 		// SQLREBASE_NODE_LOGS=1 prints them after a pass too (to read a
 		// fail-over's timeline).
-		if t.Failed() || os.Getenv("SQLREBASE_NODE_LOGS") != "" {
+		// After a failure NATS's own lines are left out unless it is set:
+		// a test's output is cut to its head and tail in CI's report, and
+		// hundreds of route errors during a partition pushed the nodes'
+		// own lines out of it.
+		all := os.Getenv("SQLREBASE_NODE_LOGS") != ""
+		if t.Failed() || all {
 			for _, n := range nodes {
-				t.Logf("%s's log:\n%s%s", n.name, strings.Join(n.logs, "--- restart ---\n"), n.stderr)
+				log := strings.Join(n.logs, "--- restart ---\n")
+				if n.stderr != nil { // nil: it never started
+					log += n.stderr.String()
+				}
+				left := 0
+				if !all {
+					log, left = withoutNATSLines(log)
+				}
+				t.Logf("%s's log (%d lines of NATS's own left out; SQLREBASE_NODE_LOGS=1 prints them):\n%s", n.name, left, log)
 			}
 		}
 	})
 	return nodes
+}
+
+// withoutNATSLines drops the lines of an embedded NATS server's own log
+// (those with its nats= attribute) from a node's log, and counts them.
+func withoutNATSLines(log string) (string, int) {
+	var keep []string
+	left := 0
+	for _, l := range strings.SplitAfter(log, "\n") {
+		if strings.Contains(l, " nats=") {
+			left++
+			continue
+		}
+		keep = append(keep, l)
+	}
+	return strings.Join(keep, ""), left
 }
 
 func (n *nodeProc) running() bool {
@@ -704,9 +732,16 @@ func settleAndCheck(t *testing.T, nodes []*nodeProc, cfgs []clusterWorkerConfig,
 	// take the database over again while the final syncs run, and its
 	// take-over version then reaches only the replicas that sync after it
 	// (seen once under CI's load: two replicas at 232, the third and every
-	// node at 233). That is a version the others have yet to fetch, not a
-	// divergence: the syncs run again until they end at one version, and
-	// the checks below hold them to one checksum and exact counts.
+	// node at 233). Or a node that has just turned follower is still
+	// catching its copy up from an old version (seen under CI's load and
+	// reproduced once in 20 loaded runs: n2 followed again from version 38
+	// at 16:55:03.6, the three passes ran within the next 1.2 s, and its
+	// copy was at 222 while the owner's was at 223). Either is a version
+	// some have yet to fetch, not a divergence: the syncs run again, a
+	// second apart, until they end at one version or finalSyncWait has
+	// passed, and the checks below hold them to one checksum and exact
+	// counts.
+	deadline := time.Now().Add(finalSyncWait)
 	for pass := 1; ; pass++ {
 		for i, n := range nodes {
 			for j := i; j < len(cfgs); j += len(nodes) {
@@ -718,10 +753,11 @@ func settleAndCheck(t *testing.T, nodes []*nodeProc, cfgs []clusterWorkerConfig,
 				}
 			}
 		}
-		if !finalVersionsDiffer(finals) || pass == finalSyncPasses {
+		if !finalVersionsDiffer(finals) || time.Now().After(deadline) {
 			break
 		}
-		t.Logf("final syncs, pass %d: the replicas ended at different versions (a take-over during the syncs?); syncing again", pass)
+		t.Logf("final syncs, pass %d: the replicas ended at different versions (a take-over during the syncs, or a follower still catching up?); syncing again in %v", pass, finalSyncPause)
+		time.Sleep(finalSyncPause)
 	}
 	for i, r := range finals {
 		if r.Version != finals[0].Version || r.Checksum != finals[0].Checksum || r.Pending != 0 {
@@ -1071,9 +1107,16 @@ func TestClusterPartition(t *testing.T) {
 	settleAndCheck(t, nodes, cfgs, made)
 }
 
-// finalSyncPasses bounds how often settleAndCheck runs the final syncs
-// while the replicas end at different versions.
-const finalSyncPasses = 3
+// settleAndCheck runs the final syncs again, finalSyncPause apart, while
+// the replicas end at different versions, until finalSyncWait has passed:
+// a follower's catch-up after a churn (one direct read per version, then a
+// new consumer, which may wait out its 1 s bound on a cluster that just
+// healed) takes a few seconds; a replica still apart after 30 s is a
+// follower that is stuck, which the checks report.
+const (
+	finalSyncWait  = 30 * time.Second
+	finalSyncPause = time.Second
+)
 
 // finalVersionsDiffer reports whether the final reports name more than one
 // version.
