@@ -95,6 +95,13 @@ type SnapshotSource interface {
 // node that owns fewer (placement.go); node must so be the name of the
 // embedded NATS server, if there is one.
 func NewOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *slog.Logger) *Owner {
+	return newOwner(log, leases, snaps, node, logger, placementEvery)
+}
+
+// newOwner is NewOwner with the period of its leader placement's checks
+// (a test sets an hour, so that a check it sees can only have been one
+// the owner asked for).
+func newOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *slog.Logger, placeEvery time.Duration) *Owner {
 	if logger == nil {
 		logger = slog.Default()
 	}
@@ -110,7 +117,7 @@ func NewOwner(log *Log, leases *Leases, snaps *Snapshots, node string, logger *s
 	o.wg.Add(1)
 	go func() {
 		defer o.wg.Done()
-		o.runPlacement()
+		o.runPlacement(placeEvery)
 	}()
 	return o
 }

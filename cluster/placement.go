@@ -44,6 +44,12 @@ const takeoverDefer = 1500 * time.Millisecond
 // the lease bucket.
 const placementEvery = 5 * time.Second
 
+// placementRetry is how soon a placement check that failed is tried
+// again, instead of a whole placementEvery later: a step-down refused
+// while the chosen peer catches up, or a stream info that timed out during
+// an election, is usually answered a second later.
+const placementRetry = time.Second
+
 // groupState is what the placement decision needs of one Raft group: its
 // leader and the other peers that are current with it (a peer that is
 // offline or behind would have to catch up before it could lead, and
@@ -89,7 +95,8 @@ func leaderHandoff(self string, g groupState, owns map[string]int, prefer string
 	return best, true
 }
 
-// runPlacement checks the log groups' leaders every placementEvery, and
+// runPlacement checks the log groups' leaders every period, a
+// placementRetry after a check that failed, and
 // at once when the owner appends its first version under a new lease
 // (kickPlacement), until the owner closes: the node that wins a free lease
 // is often the lease bucket's leader, and a check up to 5 s later left
@@ -97,19 +104,24 @@ func leaderHandoff(self string, g groupState, owns map[string]int, prefer string
 // Not at the lease's take: moving the leaders while the new owner
 // restores made its reads fail ("JetStream system temporarily
 // unavailable") and the take-over with them.
-func (o *Owner) runPlacement() {
-	t := time.NewTicker(placementEvery)
+func (o *Owner) runPlacement(period time.Duration) {
+	t := time.NewTicker(period)
 	defer t.Stop()
+	retry := time.NewTimer(placementRetry)
+	retry.Stop()
+	defer retry.Stop()
 	for {
 		select {
 		case <-o.ctx.Done():
 			return
 		case <-t.C:
 		case <-o.placeKick:
+		case <-retry.C:
 		}
 		ctx, cancel := context.WithTimeout(o.ctx, placementEvery)
 		if err := o.placeLeaders(ctx); err != nil && o.ctx.Err() == nil {
-			o.logger.Warn("cluster: leader placement", "err", err)
+			o.logger.Warn("cluster: leader placement, trying again", "err", err, "in", placementRetry)
+			retry.Reset(placementRetry)
 		}
 		cancel()
 	}
