@@ -53,6 +53,19 @@ func TestSchemaCookieFollowsTheFile(t *testing.T) {
 			t.Fatal(err)
 		}
 		check(fmt.Sprintf("rows %d", i))
+		// A version that leaves page 1 alone: the cookie known before it
+		// is kept, and must still be the file's.
+		serverExec(t, a, "UPDATE other SET x = randomblob(3000) WHERE rowid = 1")
+		sets := since(t, a, r.Version())
+		for _, ps := range sets {
+			if len(ps.Pages) == 0 || ps.Pages[0].Pgno == 1 {
+				t.Fatalf("update %d: the version writes page 1 (%d pages), want one that does not", i, len(ps.Pages))
+			}
+		}
+		if err := r.Rebase(ctx, sets...); err != nil {
+			t.Fatal(err)
+		}
+		check(fmt.Sprintf("update %d", i))
 	}
 
 	// A snapshot of another database, further on and with another schema,

@@ -108,6 +108,13 @@ type Replica struct {
 	// opening and closing it on every drop was a tenth of a small rebase.
 	// It is reopened if the file was unlinked (see walFile).
 	walf *os.File
+	// walMagic and walSeq are the magic and checkpoint sequence of the
+	// next WAL header a drop writes (walSeqKnown once read from the file):
+	// reading the old header on every drop only to count on from it was a
+	// pread per rebase. Neither is checked against anything; SQLite writes
+	// its own header before its next first frame.
+	walMagic, walSeq uint32
+	walSeqKnown      bool
 	// salts draws the WAL salts of each drop: they need only differ from
 	// the last ones, not be secret, and a getrandom call per drop was a
 	// tenth of the drop's syscalls. Seeded from crypto/rand at first use.
@@ -692,9 +699,7 @@ func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
 	if f == nil || err != nil {
 		return err
 	}
-	var hb [wal.HeaderSize]byte
-	n, _ := f.ReadAt(hb[:], 0)
-	if n == 0 {
+	if st.Size() == 0 {
 		return nil
 	}
 	if truncate || st.Size() > walTruncateMin {
@@ -703,10 +708,18 @@ func (r *Replica) invalidateWAL(truncate bool, salt1, salt2 uint32) error {
 		}
 		return nil
 	}
-	hdr := wal.Header{Magic: wal.MagicLE, Version: wal.FormatVersion, PageSize: r.pageSize}
-	if old, err := wal.DecodeHeader(hb[:]); err == nil {
-		hdr.Magic, hdr.CheckpointSeq = old.Magic, old.CheckpointSeq+1
+	if !r.walSeqKnown {
+		r.walMagic, r.walSeq = wal.MagicLE, 0
+		var hb [wal.HeaderSize]byte
+		if _, err := f.ReadAt(hb[:], 0); err == nil {
+			if old, err := wal.DecodeHeader(hb[:]); err == nil {
+				r.walMagic, r.walSeq = old.Magic, old.CheckpointSeq
+			}
+		}
+		r.walSeqKnown = true
 	}
+	r.walSeq++
+	hdr := wal.Header{Magic: r.walMagic, Version: wal.FormatVersion, PageSize: r.pageSize, CheckpointSeq: r.walSeq}
 	hdr.Salt1, hdr.Salt2 = salt1, salt2
 	enc := hdr.Encode()
 	if _, err := r.faults.writeAt(f, enc[:], 0); err != nil {
@@ -1005,6 +1018,7 @@ func (r *Replica) writeJournal(ps *wal.PageSet, sums []uint64) error {
 func (r *Replica) writePages(ps *wal.PageSet) error {
 	// Until every page is written the cookie and the pages are the file's
 	// business; a failed write poisons the Replica, and Repair rescans.
+	cookieWasKnown := r.cookieKnown
 	r.cookieKnown, r.applied = false, nil
 	size := int64(ps.DBSize) * int64(ps.PageSize)
 	sizeChanges := r.sums == nil || r.pageSize != ps.PageSize || r.sums.Pages() != ps.DBSize
@@ -1042,6 +1056,10 @@ func (r *Replica) writePages(ps *wal.PageSet) error {
 	}
 	if len(ps.Pages) > 0 && ps.Pages[0].Pgno == 1 {
 		r.cookie, r.cookieKnown = binary.BigEndian.Uint32(ps.Pages[0].Data[40:]), true
+	} else {
+		// Page 1 was not written: the cookie is what it was (reading it
+		// again after every such apply was a pread per rebase).
+		r.cookieKnown = cookieWasKnown
 	}
 	if r.durability == Full {
 		return r.faults.sync(r.main)

@@ -180,7 +180,7 @@ func TestEmptyIndex(t *testing.T) {
 	if h != want {
 		t.Fatalf("got %+v want %+v", h, want)
 	}
-	wantCI := CheckpointInfo{ReadMark: [5]uint32{0, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed}}
+	wantCI := CheckpointInfo{ReadMark: [5]uint32{0, 0, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed}}
 	if ci != wantCI {
 		t.Fatalf("got %+v want %+v", ci, wantCI)
 	}

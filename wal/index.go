@@ -167,12 +167,17 @@ func EncodeIndex(h IndexHeader, ci CheckpointInfo) []byte {
 }
 
 // EmptyIndex returns the wal-index state of an empty WAL that follows the
-// header prev, mirroring what SQLite's walIndexRecover produces for a WAL
-// with no valid frames: MxFrame 0, zero frame checksum, nBackfill 0, read
-// mark 0 at slot 0 and unused elsewhere. Change is prev.Change+1 so that
+// header prev, mirroring what SQLite's walRestartHdr leaves when a writer
+// restarts the WAL: MxFrame 0, zero frame checksum, nBackfill 0, read mark
+// 0 at slots 0 and 1 and unused elsewhere. Change is prev.Change+1 so that
 // readers comparing headers notice the database changed underneath them.
-// BigEndCksum is false, as after recovery; SQLite sets it again when it
-// writes the next WAL header.
+// Read mark 1 at 0 (walIndexRecover would leave it unused) is what spares
+// the first writer after a drop two of its lock calls: a write transaction
+// must read through a mark other than 0, and finding none equal to MxFrame
+// it takes an exclusive lock on a mark to set it, then a shared one; with
+// mark 1 at 0 it takes the shared lock only (strace of a rebase with one
+// mutation pending). BigEndCksum is false, as after recovery; SQLite sets
+// it again when it writes the next WAL header.
 func EmptyIndex(prev IndexHeader, pageSize, nPage, salt1, salt2 uint32) (IndexHeader, CheckpointInfo) {
 	h := IndexHeader{
 		Change:   prev.Change + 1,
@@ -181,7 +186,7 @@ func EmptyIndex(prev IndexHeader, pageSize, nPage, salt1, salt2 uint32) (IndexHe
 		NPage:    nPage,
 		Salt:     [2]uint32{salt1, salt2},
 	}
-	ci := CheckpointInfo{ReadMark: [5]uint32{0, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed}}
+	ci := CheckpointInfo{ReadMark: [5]uint32{0, 0, ReadMarkNotUsed, ReadMarkNotUsed, ReadMarkNotUsed}}
 	return h, ci
 }
 
