@@ -43,8 +43,10 @@ func init() {
 	}
 }
 
-// replicaVFS wraps the OS VFS. Only main database files are wrapped: the WAL,
-// the -shm and any attached local database pass through untouched.
+// replicaVFS wraps the OS VFS. Main database files are wrapped to refuse
+// every write (mainFile), and WAL files to write each commit in one pwrite
+// (walFile, walfile.go); the -shm and any attached local database pass
+// through untouched.
 type replicaVFS struct{ inner sqlite3vfs.VFS }
 
 func (v replicaVFS) Open(name string, flags sqlite3vfs.OpenFlag) (sqlite3vfs.File, sqlite3vfs.OpenFlag, error) {
@@ -72,10 +74,15 @@ func (v replicaVFS) Access(name string, flags sqlite3vfs.AccessFlag) (bool, erro
 func (v replicaVFS) FullPathname(name string) (string, error) { return v.inner.FullPathname(name) }
 
 func wrap(f sqlite3vfs.File, flags sqlite3vfs.OpenFlag) sqlite3vfs.File {
-	if f == nil || flags&sqlite3vfs.OPEN_MAIN_DB == 0 {
+	switch {
+	case f == nil:
 		return f
+	case flags&sqlite3vfs.OPEN_MAIN_DB != 0:
+		return &mainFile{forward: forward{File: f}}
+	case flags&sqlite3vfs.OPEN_WAL != 0:
+		return newWALFile(f)
 	}
-	return &mainFile{forward: forward{File: f}}
+	return f
 }
 
 // mainFile is a replica's main database file as SQLite sees it: readable,
